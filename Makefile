@@ -1,0 +1,41 @@
+# authgate: the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint fix typecheck check bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(BIN)/authgate demo
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check addon tests
+	$(BIN)/ruff format --check addon tests
+	$(BIN)/mypy
+
+fix: install
+	$(BIN)/ruff check --fix addon tests
+	$(BIN)/ruff format addon tests
+
+typecheck: install
+	$(BIN)/mypy
+
+check: lint test
+
+bench: install
+	$(BIN)/python -m authgate.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info addon/*.egg-info

@@ -1,0 +1,128 @@
+"""The `authgate` command: run, demo, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .keys import DEMO_AUDIENCE, DEMO_ISSUER, DEMO_KID, load_private_key, mint
+from .policy import parse_duration
+
+DEFAULT_POLICY = "policies/example.yaml"
+
+
+def _serve(policy: str, upstream: str, listen: str, sets: Sequence[str],
+           on_ready: str | None = None) -> int:  # fmt: skip
+    from mitmproxy import exceptions
+
+    from . import runner
+
+    async def main() -> int:
+        logging.getLogger().setLevel(logging.INFO)  # mitmproxy's termlog filters by verbosity
+        def ready(port: int) -> None:
+            if on_ready:
+                print(on_ready, flush=True)
+
+        try:
+            m = await runner.build(policy, upstream, listen, sets, ready=ready)
+        except exceptions.OptionsError as e:
+            print(f"authgate: {e}", file=sys.stderr)
+            return 2
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, m.shutdown)
+        await m.run()
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _serve(args.policy, args.upstream, args.listen, args.set)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    policy = Path(args.policy)
+    keys_dir = demo.prepare(policy)
+    backend_host, _, backend_port = args.backend.rpartition(":")
+    try:
+        server = demo.start_backend(backend_host, int(backend_port))
+    except OSError as e:
+        print(f"authgate demo: cannot start the demo backend on {args.backend}: {e.strerror}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        base = f"http://{args.listen}"
+        return _serve(str(policy), f"http://{args.backend}", args.listen, args.set,
+                      on_ready=demo.banner(base, keys_dir))  # fmt: skip
+    finally:
+        server.shutdown()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    try:
+        key = load_private_key(Path(args.key))
+    except (OSError, ValueError) as e:
+        print(f"authgate token: cannot load the private key {args.key}: {e}", file=sys.stderr)
+        return 2
+    try:
+        ttl = parse_duration(args.ttl.lstrip("-"))
+    except ValueError as e:
+        print(f"authgate token: --ttl: {e}", file=sys.stderr)
+        return 2
+    if args.ttl.startswith("-"):
+        ttl = -ttl
+    print(mint(key, sub=args.sub, roles=args.role, scopes=args.scope, ttl=ttl,
+               iss=args.iss, aud=args.aud, kid=args.kid or None, alg=args.alg))  # fmt: skip
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="authgate", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def gateway_options(sp: argparse.ArgumentParser, listen: str) -> None:
+        sp.add_argument("--policy", default=DEFAULT_POLICY, help="policy file (YAML)")
+        sp.add_argument("--listen", default=listen, help=f"HOST:PORT to listen on ({listen})")
+        sp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a mitmproxy option, as with mitmdump --set (repeatable)")  # fmt: skip
+
+    run = sub.add_parser("run", help="run the gateway in front of a backend")
+    gateway_options(run, "127.0.0.1:8080")
+    run.add_argument("--upstream", required=True, help="the backend, e.g. http://127.0.0.1:9000")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the gateway and a demo backend (what `make run` starts)")
+    gateway_options(demo, "127.0.0.1:8080")
+    demo.add_argument("--backend", default="127.0.0.1:9000", help="HOST:PORT of the demo backend")
+    demo.set_defaults(func=cmd_demo)
+
+    tok = sub.add_parser("token", help="mint a signed JWT (defaults: the demo key and issuer)")
+    tok.add_argument("--key", default="policies/keys/demo-private.pem", help="private key (PEM)")
+    tok.add_argument("--sub", required=True, help="subject")
+    tok.add_argument("--role", action="append", default=[], help="a role (repeatable)")
+    tok.add_argument("--scope", action="append", default=[], help="a scope (repeatable)")
+    tok.add_argument("--ttl", default="1h", help="lifetime: 30s, 5m, 1h; negative for expired")
+    tok.add_argument("--iss", default=DEMO_ISSUER, help=f"issuer ({DEMO_ISSUER})")
+    tok.add_argument("--aud", default=DEMO_AUDIENCE, help=f"audience ({DEMO_AUDIENCE})")
+    tok.add_argument("--kid", default=DEMO_KID, help=f"key id ({DEMO_KID}); empty for none")
+    tok.add_argument("--alg", default="RS256", help="algorithm (RS256)")
+    tok.set_defaults(func=cmd_token)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

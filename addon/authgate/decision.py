@@ -1,0 +1,282 @@
+"""The pure core: `decide(policy, request, now, limiter) -> Decision`.
+
+No I/O, no mitmproxy, no clock but the one given. The mitmproxy addon,
+`authgate explain`, the tests and the benchmark all call this one function,
+so what they report is what the gateway does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import conditions as c
+from .clientip import ClientIP, resolve
+from .identity import Identity
+from .paths import AmbiguousPath, CanonicalPath, canonicalize
+from .policy import LimitSpec, Policy, Rule, normalize_host
+from .ratelimit import Limiter, Verdict
+from .tokens import TokenRejected, verify
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What the core needs to know of a request, independent of mitmproxy."""
+
+    method: str
+    target: str  # origin-form target as received: path and query
+    headers: tuple[tuple[str, str], ...]  # (lower-case name, value), in order
+    peer: str  # socket peer IP address
+    host: str | None = None  # the Host the client asked for, if known
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name]
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    status: int  # the status the gateway answers with; 0 when forwarded
+    reason: str  # machine-readable cause, for logs and metrics
+    rule: str | None = None
+    client_ip: str | None = None
+    path: CanonicalPath | None = None
+    identity: Identity | None = None
+    # Bearer challenge parameters after realm, e.g. (("error", "invalid_token"),)
+    challenge: tuple[tuple[str, str], ...] | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers (429)
+    upstream_headers: tuple[tuple[str, str], ...] = ()  # identity headers to forward
+    detail: str = ""  # internal explanation: logged, never sent to the client
+    trace: tuple[str, ...] = field(default=())
+
+
+# Machine-readable reasons.
+BAD_PATH = "bad_path"
+IP_BLOCKED = "ip_blocked"
+IP_NOT_ALLOWED = "ip_not_allowed"
+RATE_LIMITED = "rate_limited"
+NO_RULE = "no_rule"
+NO_CREDENTIALS = "no_credentials"
+INVALID_TOKEN = "invalid_token"
+INVALID_REQUEST = "invalid_request"
+FORBIDDEN = "forbidden"
+INSUFFICIENT_SCOPE = "insufficient_scope"
+HIDDEN = "hidden"
+ALLOWED = "allowed"
+
+
+class _Trace:
+    __slots__ = ("lines",)
+
+    def __init__(self, on: bool) -> None:
+        self.lines: list[str] | None = [] if on else None
+
+    def __call__(self, line: str) -> None:
+        if self.lines is not None:
+            self.lines.append(line)
+
+    def done(self) -> tuple[str, ...]:
+        return tuple(self.lines) if self.lines is not None else ()
+
+
+def _limit(
+    limiter: Limiter, spec: LimitSpec, key: str, now: float, consume: bool, t: _Trace
+) -> Verdict:
+    verdict = limiter.hit(spec.limiter_id, key, spec.rate, now, consume)
+    t(f"limit {spec.name} ({spec.rate}, key {key}): "
+      + ("ok, " + str(verdict.remaining) + " left" if verdict.allowed
+         else f"exceeded, retry after {verdict.retry_after}s"))  # fmt: skip
+    return verdict
+
+
+def _rate_limited(spec: LimitSpec, verdict: Verdict) -> tuple[tuple[str, str], ...]:
+    return (
+        ("Retry-After", str(verdict.retry_after)),
+        ("RateLimit-Policy", f'"{spec.name}";q={spec.rate.count};w={spec.rate.period}'),
+        ("RateLimit", f'"{spec.name}";r=0;t={verdict.retry_after}'),
+    )
+
+
+def _limit_key(spec: LimitSpec, request: RequestView, ip: ClientIP, who: Identity | None) -> str:
+    if spec.key == "subject" and who is not None:
+        return f"sub:{who.issuer}:{who.subject}"
+    if spec.key == "header" and spec.header is not None:
+        value = request.header(spec.header)
+        if value is not None:
+            return f"hdr:{value}"
+    # ip, or a subject/header limit on a request without one: the client IP,
+    # so leaving the header out never escapes the limit.
+    return f"ip:{ip.address}"
+
+
+def _credentials(
+    policy: Policy, request: RequestView, now: float, t: _Trace
+) -> tuple[Identity | None, str | None, str]:
+    """-> (identity, failure reason, detail). No credentials: (None, None, "")."""
+    values = request.header_all("authorization")
+    if len(values) > 1:
+        t("credentials: more than one Authorization field")
+        return None, INVALID_REQUEST, "duplicate Authorization fields"
+    if not values:
+        t("credentials: none")
+        return None, None, ""
+    scheme, _, rest = values[0].strip(" \t").partition(" ")
+    if scheme.lower() != "bearer":
+        t(f"credentials: unsupported scheme {scheme[:20]!r}, treated as none")
+        return None, None, ""
+    token = rest.strip(" ")
+    try:
+        who = verify(policy.issuers, token, now)
+    except TokenRejected as e:
+        t(f"credentials: bearer token rejected: {e.reason} ({e.detail})")
+        return None, INVALID_TOKEN, e.reason
+    t(f"credentials: bearer token for {who.subject!r} from {who.issuer}")
+    return who, None, ""
+
+
+def _identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
+    if who is None:
+        return ()
+    return (
+        ("X-Auth-Subject", who.subject),
+        ("X-Auth-Roles", ",".join(sorted(who.roles))),
+        ("X-Auth-Scopes", ",".join(sorted(who.scopes))),
+        ("X-Auth-Issuer", who.issuer),
+    )
+
+
+def _match(policy: Policy, method: str, host: str | None, path: CanonicalPath,
+           t: _Trace) -> tuple[Rule | None, dict[str, str]]:  # fmt: skip
+    for rule in policy.rules:
+        params = rule.pattern.match(path.segments)
+        if params is None:
+            t(f"rule {rule.name}: path does not match {rule.pattern.text}")
+            continue
+        if rule.methods is not None and method not in rule.methods:
+            t(f"rule {rule.name}: method {method} not in {sorted(rule.methods)}")
+            continue
+        if rule.host is not None and rule.host != host:
+            t(f"rule {rule.name}: host {host!r} is not {rule.host!r}")
+            continue
+        t(f"rule {rule.name}: matches" + (f" with {params}" if params else ""))
+        return rule, params
+    return None, {}
+
+
+def decide(
+    policy: Policy,
+    request: RequestView,
+    now: float,
+    limiter: Limiter,
+    *,
+    consume: bool = True,
+    trace: bool = False,
+) -> Decision:
+    """Judge one request. Pure apart from the limiter's counters (and
+    `consume=False` leaves those untouched too)."""
+    t = _Trace(trace)
+
+    # 1. The canonical path: the one we judge and the one we forward.
+    try:
+        path = canonicalize(request.target)
+    except AmbiguousPath as e:
+        t(f"path {request.target[:200]!r} rejected: {e}")
+        return Decision(False, 400, BAD_PATH, detail=str(e), trace=t.done())
+    t(f"path {request.target[:200]!r} -> {path.path!r}")
+
+    # 2. Client IP and the IP lists.
+    ip = resolve(policy.trusted_proxies, request.peer, request.header_all("x-forwarded-for"))
+    t(f"client ip {ip.address} (from {ip.via}, peer {request.peer})")
+    if policy.block.contains(ip.family, ip.value):
+        t("ip: on the block list")
+        return Decision(False, 403, IP_BLOCKED, client_ip=ip.address, path=path, trace=t.done())
+    if policy.allow is not None and not policy.allow.contains(ip.family, ip.value):
+        t("ip: not on the allow list")
+        return Decision(False, 403, IP_NOT_ALLOWED, client_ip=ip.address, path=path,
+                        trace=t.done())  # fmt: skip
+
+    # 3. Limits keyed by IP, before any signature is checked.
+    ip_key = f"ip:{ip.address}"
+    for spec in policy.ip_limits:
+        verdict = _limit(limiter, spec, ip_key, now, consume, t)
+        if not verdict.allowed:
+            return Decision(False, 429, RATE_LIMITED, client_ip=ip.address, path=path,
+                            headers=_rate_limited(spec, verdict), detail=spec.name,
+                            trace=t.done())  # fmt: skip
+
+    # 4. The first matching rule.
+    host = normalize_host(request.host) if request.host is not None else None
+    rule, params = _match(policy, request.method, host, path, t)
+    if rule is None:
+        status = 404 if policy.default == "not_found" else 403
+        t(f"no rule matches: default {policy.default}")
+        return Decision(False, status, NO_RULE, client_ip=ip.address, path=path, trace=t.done())
+
+    def deny(status: int, reason: str, **kw: object) -> Decision:
+        if rule.hide:
+            t(f"denied ({reason}); the rule is hidden: answering as an unknown path")
+            return Decision(False, 404, HIDDEN, rule=rule.name, client_ip=ip.address,
+                            path=path, detail=reason, trace=t.done())  # fmt: skip
+        return Decision(False, status, reason, rule=rule.name, client_ip=ip.address,
+                        path=path, trace=t.done(), **kw)  # type: ignore[arg-type]  # fmt: skip
+
+    # The rule's own IP limits also come before credentials (not for hidden
+    # rules: a 429 there would tell that the path exists).
+    late: list[LimitSpec] = list(policy.late_limits)
+    for spec in rule.limits:
+        if spec.key == "ip" and not rule.hide:
+            verdict = _limit(limiter, spec, ip_key, now, consume, t)
+            if not verdict.allowed:
+                return deny(429, RATE_LIMITED, headers=_rate_limited(spec, verdict),
+                            detail=spec.name)  # fmt: skip
+        else:
+            late.append(spec)
+
+    # 5. Credentials, then the rule's condition.
+    who, failure, detail = _credentials(policy, request, now, t)
+    if failure == INVALID_REQUEST:
+        return deny(400, INVALID_REQUEST, challenge=(("error", "invalid_request"),),
+                    detail=detail)  # fmt: skip
+    if failure == INVALID_TOKEN:
+        return deny(401, INVALID_TOKEN, detail=detail,
+                    challenge=(("error", "invalid_token"), ("error_description", detail)))  # fmt: skip
+    if not rule.allow.holds(who, params):
+        if trace:
+            t(f"condition: {describe(rule.allow, who, params)} is false")
+        if who is None:
+            return deny(401, NO_CREDENTIALS, challenge=())
+        missing = c.missing_scopes(rule.allow, who, params)
+        if missing:
+            return deny(403, INSUFFICIENT_SCOPE, identity=who, detail=" ".join(missing),
+                        challenge=(("error", "insufficient_scope"),
+                                   ("scope", " ".join(missing))))  # fmt: skip
+        return deny(403, FORBIDDEN, identity=who)
+    if trace:
+        t(f"condition: {describe(rule.allow, who, params)} is true")
+
+    # 6. Limits keyed by subject or header (and every limit of a hidden rule).
+    for spec in late:
+        verdict = _limit(limiter, spec, _limit_key(spec, request, ip, who), now, consume, t)
+        if not verdict.allowed:
+            return Decision(False, 429, RATE_LIMITED, rule=rule.name, client_ip=ip.address,
+                            path=path, identity=who, headers=_rate_limited(spec, verdict),
+                            detail=spec.name, trace=t.done())  # fmt: skip
+
+    # 7. Forward.
+    t("allowed: forwarding")
+    return Decision(True, 0, ALLOWED, rule=rule.name, client_ip=ip.address, path=path,
+                    identity=who, upstream_headers=_identity_headers(who),
+                    trace=t.done())  # fmt: skip
+
+
+def describe(cond: c.Condition, who: Identity | None, params: dict[str, str]) -> str:
+    """The condition tree with each leaf's value, e.g. `any of(role admin=false, ...)`."""
+    kids = cond.children()
+    if not kids:
+        return f"{cond.describe()}={'true' if cond.holds(who, params) else 'false'}"
+    return f"{cond.describe()}({', '.join(describe(k, who, params) for k in kids)})"

@@ -1,0 +1,108 @@
+"""`make run`: a demo backend, demo keys, and curl commands for every status.
+
+The backend echoes what reached it (method, path, headers) as JSON, so the
+identity headers the gateway adds, and the path it forwards, are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .keys import DEMO_KID, ensure_demo_keys, load_private_key, mint
+
+
+class EchoHandler(BaseHTTPRequestHandler):
+    server_version = "authgate-demo-backend"
+    protocol_version = "HTTP/1.1"
+
+    def _echo(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        data = {
+            "backend": "authgate demo backend",
+            "method": self.command,
+            "path": self.path,
+            "headers": {k: v for k, v in self.headers.items()},
+            "body_bytes": len(body),
+        }
+        out = json.dumps(data, indent=2).encode() + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(out)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _echo
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def start_backend(host: str = "127.0.0.1", port: int = 9000) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), EchoHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="demo-backend", daemon=True).start()
+    return server
+
+
+def curl_lines(base: str, keys_dir: Path) -> list[tuple[str, str]]:
+    """(what it shows, command) for each row of the status table."""
+    key = load_private_key(keys_dir / "demo-private.pem")
+    user = mint(key, sub="alice", roles=["user"], scopes=["profile:read"], ttl=3600)
+    admin = mint(key, sub="root", roles=["admin"], scopes=["reports:write"], ttl=3600)
+    expired = mint(key, sub="alice", roles=["user"], ttl=-3600)
+    q = shlex.quote
+
+    def bearer(token: str) -> str:
+        return q(f"Authorization: Bearer {token}")
+
+    return [
+        ("200 public route", f"curl -i {base}/health"),
+        ("401 no credentials (challenge, no error)", f"curl -i {base}/api/profile"),
+        ("200 with a user token", f"curl -i -H {bearer(user)} {base}/api/profile"),
+        ("401 expired token (error=\"invalid_token\")",
+         f"curl -i -H {bearer(expired)} {base}/api/profile"),
+        ("400 two Authorization fields",
+         f"curl -i -H {bearer(user)} -H {bearer(admin)} {base}/api/profile"),
+        ("200 alice reads her own record", f"curl -i -H {bearer(user)} {base}/api/users/alice"),
+        ("403 alice reads someone else's", f"curl -i -H {bearer(user)} {base}/api/users/bob"),
+        ("403 a user on the admin area", f"curl -i -H {bearer(user)} {base}/api/admin/dashboard"),
+        ("200 an admin on the admin area",
+         f"curl -i -H {bearer(admin)} {base}/api/admin/dashboard"),
+        ("403 insufficient_scope (token lacks reports:write)",
+         f"curl -i -X POST -H {bearer(user)} {base}/api/reports"),
+        ("404 hidden route, same bytes as an unknown path",
+         f"curl -i -H {bearer(user)} {base}/api/secrets/x ; curl -i {base}/no/such/path"),
+        ("400 path trick", f"curl -i --path-as-is {base}/api/admin%2Fdashboard"),
+        ("403 blocked IP (127.0.0.2 is on policies/blocklist.txt)",
+         f"curl -i --interface 127.0.0.2 {base}/health"),
+        ("429 after 5 report writes a minute",
+         f"for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' -X POST "
+         f"-H {bearer(admin)} {base}/api/reports; done; echo"),
+    ]
+
+
+def banner(base: str, keys_dir: Path) -> str:
+    lines = [
+        "",
+        f"authgate demo: gateway on {base}, demo backend behind it.",
+        f"Tokens below are signed with the demo key in {keys_dir}/ (kid {DEMO_KID}),",
+        "valid for an hour; mint more with `authgate token --sub NAME --role R --scope S`.",
+        "",
+    ]
+    for what, cmd in curl_lines(base, keys_dir):
+        lines += [f"# {what}", cmd, ""]
+    lines.append("Ctrl-C stops the gateway and the demo backend.")
+    return "\n".join(lines)
+
+
+def prepare(policy: Path) -> Path:
+    """Create the demo keys beside the policy; return their folder."""
+    keys_dir = policy.parent / "keys"
+    ensure_demo_keys(keys_dir)
+    return keys_dir

@@ -1,0 +1,20 @@
+"""Who the caller is, once credentials have been verified."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    subject: str
+    issuer: str  # the policy's name for the credential source (the issuer URL for JWTs)
+    method: str  # "jwt" (later: "api_key", "basic")
+    roles: frozenset[str]
+    scopes: frozenset[str]
+    claims: dict[str, Any]
+
+    def with_scopes(self, scopes: frozenset[str]) -> Identity:
+        return dataclasses.replace(self, scopes=scopes)

@@ -1,0 +1,158 @@
+"""IP addresses and CIDR sets as sorted integer interval tables.
+
+Built for threat-feed block lists of a million entries: parsing uses
+`socket.inet_pton` (strict, fast) instead of `ipaddress` objects, the table
+is a pair of sorted integer lists per family, and a lookup is one bisect.
+"""
+
+from __future__ import annotations
+
+import bisect
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+V4_MAPPED_PREFIX = 0xFFFF << 32
+V4_MAPPED_MASK = ((1 << 96) - 1) << 32
+
+
+def parse_ip(text: str) -> tuple[int, int]:
+    """Parse an IP address -> (family 4 or 6, integer). Raises ValueError.
+
+    A `%zone` suffix is dropped and IPv4-mapped IPv6 addresses are unwrapped.
+    """
+    text = text.strip()
+    if ":" in text:
+        text = text.split("%", 1)[0]
+        try:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+        except OSError:
+            raise ValueError(f"not an IP address: {text!r}") from None
+        if value & V4_MAPPED_MASK == V4_MAPPED_PREFIX:
+            return 4, value & 0xFFFFFFFF
+        return 6, value
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except OSError:
+        raise ValueError(f"not an IP address: {text!r}") from None
+
+
+def format_ip(family: int, value: int) -> str:
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
+    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
+
+
+def normalize_ip(text: str) -> str:
+    """The canonical text form of an address (mapped IPv4 unwrapped)."""
+    return format_ip(*parse_ip(text))
+
+
+def parse_cidr(text: str) -> tuple[int, int, int]:
+    """Parse an address or CIDR -> (family, first, last). Raises ValueError.
+
+    Host bits set below the prefix are an error, as in `ipaddress.ip_network`
+    (strict): `10.0.0.1/8` is almost always a typo for something else.
+    """
+    addr, slash, prefix_text = text.strip().partition("/")
+    family, value = parse_ip(addr)
+    bits = 32 if family == 4 else 128
+    if ":" in addr and family == 4:
+        bits_given = 128  # an IPv4-mapped network is written with an IPv6 prefix
+    else:
+        bits_given = bits
+    if not slash:
+        return family, value, value
+    if not prefix_text.isdigit() or len(prefix_text) > 3:
+        raise ValueError(f"bad prefix length in {text!r}")
+    prefix = int(prefix_text)
+    if prefix > bits_given:
+        raise ValueError(f"prefix length /{prefix} too long in {text!r}")
+    if bits_given != bits:
+        if prefix < 96:
+            raise ValueError(f"IPv4-mapped network {text!r} is wider than IPv4")
+        prefix -= 96
+    host_bits = bits - prefix
+    mask = (1 << host_bits) - 1
+    if value & mask:
+        net = format_ip(family, value & ~mask)
+        raise ValueError(f"{text!r} has host bits set (did you mean {net}/{prefix}?)")
+    return family, value, value | mask
+
+
+def _merge(intervals: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    intervals.sort()
+    starts: list[int] = []
+    ends: list[int] = []
+    for first, last in intervals:
+        if ends and first <= ends[-1] + 1:
+            if last > ends[-1]:
+                ends[-1] = last
+        else:
+            starts.append(first)
+            ends.append(last)
+    return starts, ends
+
+
+@dataclass(frozen=True, slots=True)
+class IPSet:
+    """An immutable set of IPv4 and IPv6 ranges."""
+
+    v4_starts: list[int]
+    v4_ends: list[int]
+    v6_starts: list[int]
+    v6_ends: list[int]
+    entries: int  # how many entries it was built from (for status and lint)
+
+    @classmethod
+    def build(cls, ranges: Iterable[tuple[int, int, int]]) -> IPSet:
+        v4: list[tuple[int, int]] = []
+        v6: list[tuple[int, int]] = []
+        for family, first, last in ranges:
+            (v4 if family == 4 else v6).append((first, last))
+        count = len(v4) + len(v6)
+        s4, e4 = _merge(v4)
+        s6, e6 = _merge(v6)
+        return cls(s4, e4, s6, e6, count)
+
+    @classmethod
+    def from_strings(cls, items: Iterable[str]) -> IPSet:
+        return cls.build(parse_cidr(s) for s in items)
+
+    @classmethod
+    def empty(cls) -> IPSet:
+        return cls([], [], [], [], 0)
+
+    def __bool__(self) -> bool:
+        return bool(self.v4_starts or self.v6_starts)
+
+    def contains(self, family: int, value: int) -> bool:
+        if family == 4:
+            starts, ends = self.v4_starts, self.v4_ends
+        else:
+            starts, ends = self.v6_starts, self.v6_ends
+        i = bisect.bisect_right(starts, value) - 1
+        return i >= 0 and value <= ends[i]
+
+    def __contains__(self, address: str) -> bool:
+        try:
+            family, value = parse_ip(address)
+        except ValueError:
+            return False
+        return self.contains(family, value)
+
+
+def read_cidr_lines(lines: Iterable[str]) -> Iterable[tuple[int, tuple[int, int, int] | str]]:
+    """Parse a block-list file's lines: one IP or CIDR a line, `#` comments.
+
+    Yields (line number, range) or (line number, error message) so the
+    caller can report the file and line.
+    """
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            yield number, parse_cidr(text)
+        except ValueError as e:
+            yield number, str(e)

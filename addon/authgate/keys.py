@@ -1,0 +1,103 @@
+"""Signing keys and tokens for the demo, the tests and `authgate token`.
+
+The demo key is generated on first use into an ignored folder; no private
+key is ever committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+DEMO_KID = "demo-1"
+DEMO_ISSUER = "https://issuer.example"
+DEMO_AUDIENCE = "api"
+PRIVATE_NAME = "demo-private.pem"
+JWKS_NAME = "jwks.json"
+
+
+def new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def jwks_for(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
+    return {"keys": [jwk]}
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def ensure_demo_keys(folder: Path) -> Path:
+    """Create the demo key pair in `folder` unless it exists; return the private key path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    private = folder / PRIVATE_NAME
+    jwks = folder / JWKS_NAME
+    if private.exists() and jwks.exists():
+        return private
+    key = new_rsa_key()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_atomic(private, pem, 0o600)
+    _write_atomic(jwks, json.dumps(jwks_for(key, DEMO_KID), indent=2).encode() + b"\n")
+    return private
+
+
+def load_private_key(path: Path) -> Any:
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def mint(
+    key: Any,
+    *,
+    sub: str,
+    roles: Iterable[str] = (),
+    scopes: Iterable[str] = (),
+    ttl: float = 3600,
+    iss: str = DEMO_ISSUER,
+    aud: str | list[str] | None = DEMO_AUDIENCE,
+    kid: str | None = DEMO_KID,
+    alg: str = "RS256",
+    now: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Sign a token. A negative ttl makes an expired one."""
+    now = time.time() if now is None else now
+    claims: dict[str, Any] = {
+        "iss": iss,
+        "sub": sub,
+        "iat": int(now),
+        "exp": int(now + ttl),
+        "jti": uuid.uuid4().hex,
+    }
+    if ttl < 0:
+        claims["iat"] = int(now + ttl - 60)
+    if aud is not None:
+        claims["aud"] = aud
+    roles = list(roles)
+    scopes = list(scopes)
+    if roles:
+        claims["roles"] = roles
+    if scopes:
+        claims["scope"] = " ".join(scopes)
+    claims.update(extra or {})
+    headers = {"kid": kid} if kid else None
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)

@@ -1,0 +1,486 @@
+"""The policy: loaded from YAML, validated, compiled once into frozen values.
+
+Everything that can be computed from the policy alone happens here, at load
+time: path patterns, CIDR interval tables, key objects, parsed rates. Every
+problem is a `PolicyError` naming the file, the line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import conditions as c
+from .ipset import IPSet, parse_cidr, read_cidr_lines
+from .paths import PathPattern
+from .ratelimit import Rate
+from .tokens import SUPPORTED_ALGS, HMAC_ALGS, Issuer, VerifyKey, load_jwks, load_public_key_pem
+from .yamlmarks import MarkedDict, MarkedList, PolicyError, load
+
+__all__ = ["Policy", "Rule", "LimitSpec", "PolicyError", "load_policy", "parse_policy"]
+
+IDENTITY_HEADERS = ("x-auth-subject", "x-auth-roles", "x-auth-scopes", "x-auth-issuer")
+_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
+_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Characters allowed inside a quoted-string realm that we generate ourselves.
+_SAFE_REALM = re.compile(r"^[\x20\x21\x23-\x5B\x5D-\x7E]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    name: str
+    key: str  # "ip", "subject" or "header"
+    header: str | None  # lower-case header name for key "header"
+    rate: Rate
+    line: int
+
+    @property
+    def limiter_id(self) -> str:
+        """Counters survive a reload while name, key and rate are unchanged."""
+        return f"{self.name}|{self.key}:{self.header or ''}|{self.rate}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    line: int
+    pattern: PathPattern
+    methods: frozenset[str] | None
+    host: str | None
+    allow: c.Condition
+    hide: bool
+    limits: tuple[LimitSpec, ...]
+    needs_identity: bool
+    scopes: frozenset[str]  # every scope the condition names
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    file: str
+    realm: str
+    trusted_proxies: IPSet
+    block: IPSet
+    allow: IPSet | None  # None: no allow list
+    issuers: tuple[Issuer, ...]
+    limits: tuple[LimitSpec, ...]  # global limits
+    rules: tuple[Rule, ...]
+    default: str  # "not_found" | "forbidden"
+    forward_credentials: bool
+    files: tuple[str, ...] = field(default=())  # every file read to build it
+    uses_host: bool = False
+
+    @property
+    def ip_limits(self) -> tuple[LimitSpec, ...]:
+        return tuple(lim for lim in self.limits if lim.key == "ip")
+
+    @property
+    def late_limits(self) -> tuple[LimitSpec, ...]:
+        return tuple(lim for lim in self.limits if lim.key != "ip")
+
+
+T = TypeVar("T")
+
+
+class _Builder:
+    def __init__(self, file: str, base: Path) -> None:
+        self.file = file
+        self.base = base
+        self.files: list[str] = [file]
+        self.limit_names: set[str] = set()
+
+    def error(self, line: int | None, message: str) -> PolicyError:
+        return PolicyError(self.file, line, message)
+
+    # --- typed access ------------------------------------------------------
+
+    def mapping(self, value: Any, where: str, line: int) -> MarkedDict:
+        if not isinstance(value, MarkedDict):
+            raise self.error(line, f"{where} must be a mapping, not {_kind(value)}")
+        return value
+
+    def keys(self, d: MarkedDict, allowed: set[str], where: str, required: set[str] = set()) -> None:
+        for key in d:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.error(d.key_lines[key], f"unknown key {key!r} in {where} (known: {known})")
+        for key in sorted(required - set(d)):
+            raise self.error(d.line, f"{where} needs {key!r}")
+
+    def get(self, d: MarkedDict, key: str, kind: type[T], where: str, default: Any = None) -> Any:
+        if key not in d:
+            return default
+        value = d[key]
+        line = d.key_lines[key]
+        if kind is list:
+            if not isinstance(value, MarkedList):
+                raise self.error(line, f"{where}.{key} must be a list, not {_kind(value)}")
+        elif kind is str:
+            if not isinstance(value, str):
+                raise self.error(line, f"{where}.{key} must be a string, not {_kind(value)}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise self.error(line, f"{where}.{key} must be true or false, not {_kind(value)}")
+        elif kind is dict:
+            return self.mapping(value, f"{where}.{key}", line)
+        return value
+
+    def line_of(self, d: MarkedDict, key: str) -> int:
+        return d.key_lines.get(key, d.line)
+
+    def strings(self, d: MarkedDict, key: str, where: str) -> list[tuple[int, str]]:
+        items = self.get(d, key, list, where, MarkedList())
+        out = []
+        for value, line in zip(items, getattr(items, "item_lines", []), strict=False):
+            if not isinstance(value, str):
+                raise self.error(line, f"{where}.{key} items must be strings, not {_kind(value)}")
+            out.append((line, value))
+        return out
+
+    def path(self, text: str, line: int) -> Path:
+        p = Path(text)
+        return p if p.is_absolute() else self.base / p
+
+    def read(self, text: str, line: int, what: str) -> bytes:
+        p = self.path(text, line)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise self.error(line, f"cannot read {what} {str(p)!r}: {e.strerror}") from None
+        self.files.append(str(p))
+        return data
+
+    # --- sections ----------------------------------------------------------
+
+    def cidrs(self, entries: list[tuple[int, str]], where: str) -> list[tuple[int, int, int]]:
+        out = []
+        for line, text in entries:
+            try:
+                out.append(parse_cidr(text))
+            except ValueError as e:
+                raise self.error(line, f"{where}: {e}") from None
+        return out
+
+    def block_file(self, text: str, line: int) -> list[tuple[int, int, int]]:
+        data = self.read(text, line, "block file")
+        path = str(self.path(text, line))
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise PolicyError(path, None, "not UTF-8 text") from None
+        out: list[tuple[int, int, int]] = []
+        for number, item in read_cidr_lines(lines):
+            if isinstance(item, str):
+                raise PolicyError(path, number, item)
+            out.append(item)
+        return out
+
+    def duration(self, value: Any, line: int, where: str) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise self.error(line, f"{where}: {e}") from None
+
+    def limit(self, value: Any, line: int, where: str) -> LimitSpec:
+        d = self.mapping(value, where, line)
+        self.keys(d, {"name", "key", "rate"}, where, {"name", "key", "rate"})
+        name = self.get(d, "name", str, where)
+        if name in self.limit_names:
+            raise self.error(self.line_of(d, "name"), f"duplicate limit name {name!r}")
+        self.limit_names.add(name)
+        key_text = self.get(d, "key", str, where)
+        header = None
+        if key_text in ("ip", "subject"):
+            key = key_text
+        elif key_text.startswith("header:") and _HEADER_NAME.match(key_text[7:].strip()):
+            key, header = "header", key_text[7:].strip().lower()
+        else:
+            raise self.error(
+                self.line_of(d, "key"),
+                f"limit key must be ip, subject or header:NAME, not {key_text!r}",
+            )
+        rate_text = self.get(d, "rate", str, where)
+        try:
+            rate = Rate.parse(rate_text)
+        except ValueError as e:
+            raise self.error(self.line_of(d, "rate"), str(e)) from None
+        return LimitSpec(name, key, header, rate, d.line)
+
+    def limits(self, d: MarkedDict, key: str, where: str) -> tuple[LimitSpec, ...]:
+        items = self.get(d, key, list, where, MarkedList())
+        return tuple(
+            self.limit(v, line, f"{where}.{key}[{i}]")
+            for i, (v, line) in enumerate(zip(items, getattr(items, "item_lines", []), strict=False))
+        )
+
+    def issuer(self, value: Any, line: int, where: str) -> Issuer:
+        d = self.mapping(value, where, line)
+        allowed = {"name", "issuer", "audience", "algorithms", "jwks_file", "public_key_file",
+                   "secret_env", "leeway", "roles_claim", "scope_claim", "require_exp"}  # fmt: skip
+        self.keys(d, allowed, where, {"name", "issuer", "algorithms"})
+        name = self.get(d, "name", str, where)
+        iss = self.get(d, "issuer", str, where)
+        aud_value = d.get("audience")
+        if aud_value is None:
+            audience: tuple[str, ...] = ()
+        elif isinstance(aud_value, str):
+            audience = (aud_value,)
+        elif isinstance(aud_value, list) and aud_value and all(isinstance(a, str) for a in aud_value):
+            audience = tuple(aud_value)
+        else:
+            raise self.error(self.line_of(d, "audience"), "audience must be a string or a list of strings")
+        alg_items = self.strings(d, "algorithms", where)
+        if not alg_items:
+            raise self.error(self.line_of(d, "algorithms"), "algorithms must name at least one algorithm")
+        algorithms = frozenset(a for _, a in alg_items)
+        for a_line, a in alg_items:
+            if a not in SUPPORTED_ALGS:
+                raise self.error(a_line, f"algorithm {a!r} is not supported (supported: "
+                                 f"{', '.join(sorted(SUPPORTED_ALGS))})")  # fmt: skip
+        if algorithms & HMAC_ALGS and algorithms - HMAC_ALGS:
+            raise self.error(self.line_of(d, "algorithms"),
+                             "do not mix HMAC (HS*) and public-key algorithms in one issuer")  # fmt: skip
+        sources = [k for k in ("jwks_file", "public_key_file", "secret_env") if k in d]
+        if len(sources) != 1:
+            raise self.error(d.line, f"{where} needs exactly one of jwks_file, public_key_file, secret_env")
+        source = sources[0]
+        source_line = self.line_of(d, source)
+        text = self.get(d, source, str, where)
+        keys: list[VerifyKey]
+        if source == "jwks_file":
+            data = self.read(text, source_line, "JWKS file")
+            try:
+                keys, _notes = load_jwks(data.decode("utf-8", "replace"), algorithms)
+            except ValueError as e:
+                raise self.error(source_line, f"JWKS file {text!r}: {e}") from None
+            if not keys:
+                raise self.error(source_line, f"JWKS file {text!r} has no key usable with "
+                                 f"{sorted(algorithms)}")  # fmt: skip
+        elif source == "public_key_file":
+            data = self.read(text, source_line, "public key file")
+            try:
+                keys = [load_public_key_pem(data, algorithms)]
+            except ValueError as e:
+                raise self.error(source_line, f"public key file {text!r}: {e}") from None
+        else:
+            if algorithms - HMAC_ALGS:
+                raise self.error(source_line, "secret_env is for HS256/HS384/HS512 only")
+            secret = os.environ.get(text)
+            if secret is None:
+                raise self.error(source_line, f"environment variable {text} is not set")
+            if len(secret.encode()) < 32:
+                raise self.error(source_line, f"the secret in {text} is shorter than 32 bytes")
+            keys = [VerifyKey(None, secret.encode(), algorithms)]
+        leeway = self.duration(d.get("leeway", 0), self.line_of(d, "leeway"), f"{where}.leeway")
+        roles_claim = self.get(d, "roles_claim", str, where, "roles")
+        scope_claim = self.get(d, "scope_claim", str, where, "scope")
+        require_exp = self.get(d, "require_exp", bool, where, True)
+        return Issuer(name, iss, audience, algorithms, tuple(keys), leeway,
+                      tuple(roles_claim.split(".")), tuple(scope_claim.split(".")),
+                      require_exp)  # fmt: skip
+
+    def condition(self, value: Any, line: int, where: str) -> c.Condition:
+        if isinstance(value, str):
+            simple = {"anyone": c.Anyone(), "authenticated": c.Authenticated(), "nobody": c.Nobody()}
+            if value in simple:
+                return simple[value]
+            raise self.error(line, f"unknown condition {value!r} (anyone, authenticated, nobody, "
+                             "or a mapping: role, scope, claim, any, all, not)")  # fmt: skip
+        d = self.mapping(value, where, line)
+        kinds = [k for k in ("role", "scope", "claim", "any", "all", "not") if k in d]
+        if len(kinds) != 1:
+            raise self.error(d.line, f"{where} needs exactly one of role, scope, claim, any, all, not")
+        kind = kinds[0]
+        if kind in ("role", "scope"):
+            self.keys(d, {kind}, where)
+            text = self.get(d, kind, str, where)
+            return c.HasRole(text) if kind == "role" else c.HasScope(text)
+        if kind == "claim":
+            self.keys(d, {"claim", "equals", "in", "contains"}, where)
+            ops = [k for k in ("equals", "in", "contains") if k in d]
+            if len(ops) != 1:
+                raise self.error(d.line, f"{where} needs exactly one of equals, in, contains")
+            op = ops[0]
+            path = self.get(d, "claim", str, where)
+            raw = d[op]
+            try:
+                if op == "in":
+                    if not isinstance(raw, list) or not raw:
+                        raise ValueError("'in' needs a non-empty list")
+                    value_t: c.Template | tuple[c.Template, ...] = tuple(c.Template.parse(v) for v in raw)
+                else:
+                    value_t = c.Template.parse(raw)
+            except ValueError as e:
+                raise self.error(self.line_of(d, op), str(e)) from None
+            return c.Claim(tuple(path.split(".")), op, value_t)
+        if kind == "not":
+            self.keys(d, {"not"}, where)
+            return c.Not(self.condition(d["not"], self.line_of(d, "not"), f"{where}.not"))
+        self.keys(d, {kind}, where)
+        items = self.get(d, kind, list, where)
+        if not items:
+            raise self.error(self.line_of(d, kind), f"{where}.{kind} needs at least one condition")
+        children = tuple(
+            self.condition(v, ln, f"{where}.{kind}[{i}]")
+            for i, (v, ln) in enumerate(zip(items, items.item_lines, strict=False))
+        )
+        return c.AnyOf(children) if kind == "any" else c.AllOf(children)
+
+    def rule(self, value: Any, line: int, where: str, names: set[str]) -> Rule:
+        d = self.mapping(value, where, line)
+        self.keys(d, {"name", "match", "allow", "hide", "limits"}, where, {"name", "match", "allow"})
+        name = self.get(d, "name", str, where)
+        if name in names:
+            raise self.error(self.line_of(d, "name"), f"duplicate rule name {name!r}")
+        names.add(name)
+        where = f"rule {name!r}"
+        match = self.get(d, "match", dict, where)
+        self.keys(match, {"path", "methods", "host"}, f"{where} match", {"path"})
+        path_text = self.get(match, "path", str, f"{where} match")
+        try:
+            pattern = PathPattern.parse(path_text)
+        except ValueError as e:
+            raise self.error(self.line_of(match, "path"), str(e)) from None
+        methods = None
+        if "methods" in match:
+            items = self.strings(match, "methods", f"{where} match")
+            if not items:
+                raise self.error(self.line_of(match, "methods"), "methods must not be empty")
+            for m_line, m in items:
+                if not _METHOD.match(m):
+                    raise self.error(m_line, f"method {m!r} must be an upper-case HTTP method")
+            methods = frozenset(m for _, m in items)
+        host = self.get(match, "host", str, f"{where} match")
+        if host is not None:
+            host = normalize_host(host)
+        allow = self.condition(d["allow"], self.line_of(d, "allow"), f"{where} allow")
+        unknown = c.params_named(allow) - pattern.param_names
+        if unknown:
+            raise self.error(self.line_of(d, "allow"), f"{where} uses path parameter(s) "
+                             f"{', '.join(sorted(unknown))} that {path_text!r} does not define")  # fmt: skip
+        hide = self.get(d, "hide", bool, where, False)
+        limits = self.limits(d, "limits", where)
+        return Rule(name, d.line, pattern, methods, host, allow, hide, limits,
+                    c.needs_identity(allow), c.scopes_named(allow))  # fmt: skip
+
+    def policy(self, doc: Any) -> Policy:
+        if doc is None:
+            raise self.error(1, "the policy is empty")
+        top = self.mapping(doc, "the policy", 1)
+        allowed = {"version", "realm", "client_ip", "ip", "authn", "limits", "rules", "default",
+                   "forward_credentials"}  # fmt: skip
+        self.keys(top, allowed, "the policy", {"version", "rules"})
+        if top["version"] != 1:
+            raise self.error(self.line_of(top, "version"), f"version must be 1, not {top['version']!r}")
+        realm = self.get(top, "realm", str, "the policy", "api")
+        if not _SAFE_REALM.match(realm):
+            raise self.error(self.line_of(top, "realm"), "realm must be printable ASCII without '\"' or '\\'")
+        client_ip = self.get(top, "client_ip", dict, "the policy", MarkedDict())
+        self.keys(client_ip, {"trusted_proxies"}, "client_ip")
+        trusted = IPSet.build(self.cidrs(self.strings(client_ip, "trusted_proxies", "client_ip"),
+                                         "client_ip.trusted_proxies"))  # fmt: skip
+        ip = self.get(top, "ip", dict, "the policy", MarkedDict())
+        self.keys(ip, {"block", "block_files", "allow"}, "ip")
+        blocked = self.cidrs(self.strings(ip, "block", "ip"), "ip.block")
+        for f_line, f_name in self.strings(ip, "block_files", "ip"):
+            blocked.extend(self.block_file(f_name, f_line))
+        allow_entries = self.strings(ip, "allow", "ip")
+        allow_set = IPSet.build(self.cidrs(allow_entries, "ip.allow")) if allow_entries else None
+        authn = self.get(top, "authn", dict, "the policy", MarkedDict())
+        self.keys(authn, {"jwt"}, "authn")
+        jwt_items = self.get(authn, "jwt", list, "authn", MarkedList())
+        issuers = tuple(
+            self.issuer(v, ln, f"authn.jwt[{i}]")
+            for i, (v, ln) in enumerate(zip(jwt_items, getattr(jwt_items, "item_lines", []), strict=False))
+        )
+        _unique(issuers, lambda i: i.name, "issuer name", self, jwt_items)
+        _unique(issuers, lambda i: i.issuer, "issuer URL", self, jwt_items)
+        limits = self.limits(top, "limits", "the policy")
+        rule_items = self.get(top, "rules", list, "the policy")
+        names: set[str] = set()
+        rules = tuple(
+            self.rule(v, ln, f"rules[{i}]", names)
+            for i, (v, ln) in enumerate(zip(rule_items, rule_items.item_lines, strict=False))
+        )
+        default = self.get(top, "default", str, "the policy", "not_found")
+        if default not in ("not_found", "forbidden"):
+            raise self.error(self.line_of(top, "default"), "default must be not_found or forbidden")
+        forward = self.get(top, "forward_credentials", bool, "the policy", True)
+        return Policy(
+            file=self.file,
+            realm=realm,
+            trusted_proxies=trusted,
+            block=IPSet.build(blocked),
+            allow=allow_set,
+            issuers=issuers,
+            limits=limits,
+            rules=rules,
+            default=default,
+            forward_credentials=forward,
+            files=tuple(dict.fromkeys(self.files)),
+            uses_host=any(r.host is not None for r in rules),
+        )
+
+
+def _unique(items: tuple[Issuer, ...], key: Callable[[Issuer], str], what: str,
+            b: _Builder, source: MarkedList) -> None:  # fmt: skip
+    seen: set[str] = set()
+    for item, line in zip(items, getattr(source, "item_lines", []), strict=False):
+        k = key(item)
+        if k in seen:
+            raise b.error(line, f"duplicate {what} {k!r}")
+        seen.add(k)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()} (quote it if you meant a string)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return f"{type(value).__name__} {value!r}"
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `30`, `30s`, `5m`, `1h` or `1d`. Raises ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    m = _DURATION.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"expected a duration like 30s, 5m or 1h, not {value!r}")
+    return float(int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, no trailing dot, default ports dropped (RFC 9110 §4.2.3)."""
+    host = host.strip().lower().rstrip(".")
+    for port in (":80", ":443"):
+        if host.endswith(port):
+            host = host[: -len(port)]
+    return host
+
+
+def parse_policy(text: str, file: str = "<policy>", base: Path | None = None) -> Policy:
+    """Build a Policy from YAML text. Raises PolicyError."""
+    b = _Builder(file, base if base is not None else Path(file).parent)
+    return b.policy(load(text, file))
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and build a policy file. Raises PolicyError naming file and line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(str(p), None, f"cannot read the policy: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(str(p), None, "the policy is not UTF-8 text") from None
+    return parse_policy(text, str(p), p.parent)

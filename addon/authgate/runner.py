@@ -1,0 +1,74 @@
+"""`authgate run`: a lean mitmproxy master with the gateway loaded as code.
+
+mitmdump loads about thirty addons, and most of its per-request cost is
+dispatching hooks to them (mitmproxy-facts §8). The gateway needs only the
+proxy core, TLS (for `--mode reverse:https://...` and HTTPS listeners),
+flow saving (`-w` / `save_stream_file`) and the terminal log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mitmproxy import master, options
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, save, tlsconfig
+
+from .addon import Gateway
+
+
+class _Ready:
+    """Calls back with the bound port once the proxy server listens."""
+
+    def __init__(self, callback: Callable[[int], None]) -> None:
+        self.callback = callback
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        ps = ctx.master.addons.get("proxyserver")
+        self.callback(ps.listen_addrs()[0][1])
+
+
+def lean_addons() -> list[Any]:
+    return [
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        save.Save(),
+        errorcheck.ErrorCheck(),
+    ]
+
+
+def mode_spec(upstream: str, listen: str) -> str:
+    """`reverse:UPSTREAM@HOST:PORT` from `--upstream` and `--listen`."""
+    return f"reverse:{upstream}@{listen}"
+
+
+async def build(
+    policy: str,
+    upstream: str,
+    listen: str,
+    sets: Sequence[str] = (),
+    *,
+    ready: Callable[[int], None] | None = None,
+    termlog: bool = True,
+    gateway: Gateway | None = None,
+) -> master.Master:
+    """Build (not run) the gateway's master. Raises OptionsError on bad options
+    or a bad policy; call inside a running event loop."""
+    opts = options.Options()
+    m = master.Master(opts, with_termlog=termlog)
+    m.addons.add(*lean_addons())
+    m.addons.add(gateway or Gateway())
+    if ready is not None:
+        m.addons.add(_Ready(ready))
+    opts.update(
+        mode=[mode_spec(upstream, listen)],
+        connection_strategy="lazy",
+        authgate_policy=policy,
+    )
+    if sets:
+        opts.set(*sets)
+    return m

@@ -1,0 +1,238 @@
+"""JWT bearer tokens: issuer configuration, key sets, verification (PyJWT).
+
+The policy decides everything: which issuers exist, which algorithms each
+accepts, which keys belong to it. The token only says which issuer and key
+it claims; both are looked up in the policy's tables and then verified.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from .conditions import claim_at
+from .identity import Identity
+
+RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+EC_ALGS_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
+EC_CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521",
+                  "secp256k1": "secp256k1"}  # fmt: skip
+HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
+SUPPORTED_ALGS = RSA_ALGS | HMAC_ALGS | frozenset(EC_ALGS_BY_CURVE.values()) | {"EdDSA"}
+B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+
+
+class TokenRejected(Exception):
+    """The token is not acceptable. `reason` is safe to show the client."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail  # internal; logged, never sent
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    kid: str | None
+    key: Any  # a cryptography public key, or bytes for HMAC
+    algorithms: frozenset[str]  # the algorithms this key may be used with
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    name: str
+    issuer: str
+    audience: tuple[str, ...]  # empty: not checked
+    algorithms: frozenset[str]
+    keys: tuple[VerifyKey, ...]
+    leeway: float
+    roles_claim: tuple[str, ...]
+    scope_claim: tuple[str, ...]
+    require_exp: bool
+
+    def key_for(self, kid: Any) -> VerifyKey | None:
+        if kid is None:
+            return self.keys[0] if len(self.keys) == 1 else None
+        if not isinstance(kid, str):
+            return None
+        for k in self.keys:
+            if k.kid == kid or (k.kid is None and len(self.keys) == 1):
+                return k
+        return None
+
+
+def algorithms_for_key(key: Any, declared: str | None, pinned: frozenset[str]) -> frozenset[str]:
+    """Which of the pinned algorithms this key may verify (one key, one family)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        family = RSA_ALGS
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        curve = EC_CURVE_NAMES.get(key.curve.name)
+        family = frozenset({EC_ALGS_BY_CURVE[curve]}) if curve else frozenset()
+    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        family = frozenset({"EdDSA"})
+    elif isinstance(key, bytes):
+        family = HMAC_ALGS
+    else:
+        family = frozenset()
+    allowed = family & pinned
+    if declared is not None:
+        allowed &= {declared}
+    return allowed
+
+
+def load_jwks(text: str, pinned: frozenset[str]) -> tuple[list[VerifyKey], list[str]]:
+    """Parse a JWKS document -> (usable keys, notes on keys skipped).
+
+    Keys of unknown type, keys for encryption and keys that fit none of the
+    pinned algorithms are skipped (RFC 7517 §5), not fatal.
+    Raises ValueError for a document that is not a JWKS at all.
+    """
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError('not a JWKS: expected {"keys": [...]}')
+    keys: list[VerifyKey] = []
+    notes: list[str] = []
+    seen: set[str | None] = set()
+    for index, jwk in enumerate(doc["keys"]):
+        label = f"key {index}" + (f" (kid {jwk.get('kid')!r})" if isinstance(jwk, dict) else "")
+        if not isinstance(jwk, dict):
+            notes.append(f"{label}: not an object")
+            continue
+        if jwk.get("use", "sig") != "sig":
+            notes.append(f"{label}: use is {jwk.get('use')!r}, not 'sig'")
+            continue
+        if "d" in jwk or ("k" in jwk and jwk.get("kty") != "oct"):
+            raise ValueError(f"{label} is a private key; a JWKS for verification holds public keys")
+        kid = jwk.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            notes.append(f"{label}: kid is not a string")
+            continue
+        declared = jwk.get("alg")
+        try:
+            key = jwt.PyJWK(jwk).key
+        except (jwt.PyJWKError, jwt.InvalidKeyError, KeyError, ValueError, TypeError) as e:
+            notes.append(f"{label}: not usable ({e})")
+            continue
+        algs = algorithms_for_key(key, declared if isinstance(declared, str) else None, pinned)
+        if not algs:
+            notes.append(f"{label}: fits none of the algorithms {sorted(pinned)}")
+            continue
+        if kid in seen:
+            raise ValueError(f"two keys with kid {kid!r}")
+        seen.add(kid)
+        keys.append(VerifyKey(kid, key, algs))
+    return keys, notes
+
+
+def load_public_key_pem(data: bytes, pinned: frozenset[str]) -> VerifyKey:
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as e:
+        raise ValueError(f"not a PEM public key: {e}") from e
+    algs = algorithms_for_key(key, None, pinned)
+    if not algs:
+        raise ValueError(f"the key fits none of the algorithms {sorted(pinned)}")
+    return VerifyKey(None, key, algs)
+
+
+_REASONS: list[tuple[type[Exception], str]] = [
+    (jwt.ExpiredSignatureError, "The access token expired"),
+    (jwt.ImmatureSignatureError, "The access token is not valid yet"),
+    (jwt.InvalidAudienceError, "The access token is not meant for this service"),
+    (jwt.InvalidIssuerError, "The access token has the wrong issuer"),
+    (jwt.MissingRequiredClaimError, "The access token lacks a required claim"),
+    (jwt.InvalidSignatureError, "The access token signature is invalid"),
+]
+
+
+def _reason_for(e: jwt.PyJWTError) -> str:
+    for kind, text in _REASONS:
+        if isinstance(e, kind):
+            return text
+    return "The access token is invalid"
+
+
+def _unverified_part(token: str, index: int) -> dict[str, Any]:
+    segment = token.split(".")[index]
+    try:
+        data = jwt.utils.base64url_decode(segment.encode("ascii"))
+        value = json.loads(data)
+    except (ValueError, UnicodeError) as e:
+        raise TokenRejected("The access token is malformed", str(e)) from None
+    if not isinstance(value, dict):
+        raise TokenRejected("The access token is malformed", "segment is not an object")
+    return value
+
+
+def _string_set(value: Any, split: bool) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        return frozenset(value.split()) if split else frozenset({value})
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return frozenset(value)
+    raise TokenRejected("The access token has a malformed claim", "roles/scope claim type")
+
+
+def verify(issuers: tuple[Issuer, ...], token: str, now: float) -> Identity:
+    """Verify a compact JWS and return the identity it proves.
+
+    Raises TokenRejected with a client-safe reason on any failure.
+    """
+    if not B64TOKEN.match(token) or token.count(".") != 2:
+        raise TokenRejected("The access token is malformed", "not a compact JWS")
+    if not issuers:
+        raise TokenRejected("The access token is invalid", "no JWT issuer configured")
+    header = _unverified_part(token, 0)
+    if len(issuers) == 1:
+        issuer = issuers[0]
+    else:
+        # Read `iss` unverified only to choose whose keys to verify with.
+        iss = _unverified_part(token, 1).get("iss")
+        chosen = next((i for i in issuers if i.issuer == iss), None)
+        if chosen is None:
+            raise TokenRejected("The access token has the wrong issuer", f"iss {iss!r}")
+        issuer = chosen
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in issuer.algorithms:
+        raise TokenRejected("The access token algorithm is not accepted", f"alg {alg!r}")
+    key = issuer.key_for(header.get("kid"))
+    if key is None:
+        raise TokenRejected("The access token signing key is unknown", "kid not in key set")
+    if alg not in key.algorithms:
+        raise TokenRejected("The access token algorithm is not accepted", f"alg {alg!r} for key")
+    require = ["iss", "sub"] + (["exp"] if issuer.require_exp else [])
+    if issuer.audience:
+        require.append("aud")
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key=key.key,
+            algorithms=[alg],
+            audience=list(issuer.audience) if issuer.audience else None,
+            issuer=issuer.issuer,
+            leeway=issuer.leeway,
+            options={"require": require, "verify_aud": bool(issuer.audience)},
+        )
+    except jwt.PyJWTError as e:
+        raise TokenRejected(_reason_for(e), f"{type(e).__name__}: {e}") from None
+    # PyJWT checks exp/nbf/iat against its own clock; check against ours too
+    # so that tests and `explain --at` see one time.
+    exp = claims.get("exp")
+    if exp is not None and (not isinstance(exp, int | float) or exp <= now - issuer.leeway):
+        raise TokenRejected("The access token expired", "exp before now")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise TokenRejected("The access token lacks a required claim", "sub is not a string")
+    roles = _string_set(claim_at(claims, issuer.roles_claim), split=False)
+    scopes = _string_set(claim_at(claims, issuer.scope_claim), split=True)
+    return Identity(sub, issuer.issuer, "jwt", roles, scopes, claims)

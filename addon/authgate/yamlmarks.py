@@ -1,0 +1,81 @@
+"""YAML with line numbers, so every policy error can name file and line.
+
+Mappings load as `MarkedDict` (the line of each key), sequences as
+`MarkedList` (the line of each item). Duplicate keys are an error, not a
+silent overwrite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+class PolicyError(ValueError):
+    """A policy problem, located at file:line."""
+
+    def __init__(self, file: str, line: int | None, message: str) -> None:
+        self.file = file
+        self.line = line
+        self.message = message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {message}")
+
+
+class MarkedDict(dict[str, Any]):
+    line: int = 0
+    key_lines: dict[str, int]
+
+
+class MarkedList(list[Any]):
+    line: int = 0
+    item_lines: list[int]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> MarkedDict:
+    loader.flatten_mapping(node)
+    out = MarkedDict()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is not a string", key_node.start_mark
+            )
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = line
+    return out
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> MarkedList:
+    out = MarkedList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line = node.start_mark.line + 1
+    out.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def load(text: str, file: str) -> Any:
+    """Parse YAML text; raise PolicyError with the line of any syntax error."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: TID251 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise PolicyError(file, line, f"YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise PolicyError(file, None, f"YAML: {e}") from None
