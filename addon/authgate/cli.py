@@ -31,7 +31,7 @@ def _serve(policy: str, upstream: str, listen: str, sets: Sequence[str],
         try:
             m = await runner.build(policy, upstream, listen, sets, ready=ready)
         except exceptions.OptionsError as e:
-            print(f"authgate: {e}", file=sys.stderr)
+            print(str(e), file=sys.stderr)  # already "authgate: FILE:LINE: problem"
             return 2
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

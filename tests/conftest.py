@@ -1,0 +1,226 @@
+"""Shared fixtures: demo keys, a recording backend, a real gateway, raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authgate import runner
+from authgate.addon import Gateway
+from authgate.keys import ensure_demo_keys, load_private_key, mint
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "policies"
+EXAMPLE = POLICIES / "example.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_key() -> Any:
+    """The demo signing key (created on first use, like `make run` does)."""
+    return load_private_key(ensure_demo_keys(POLICIES / "keys"))
+
+
+@pytest.fixture(scope="session")
+def token(demo_key: Any) -> Callable[..., str]:
+    """token(sub="alice", roles=[...], scopes=[...], ttl=3600, **kw) -> a signed JWT."""
+
+    def make(sub: str = "alice", **kw: Any) -> str:
+        return mint(demo_key, sub=sub, **kw)
+
+    return make
+
+
+# --- the recording backend ------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    target: str  # the request target exactly as it arrived
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+@dataclass
+class Backend:
+    server: ThreadingHTTPServer
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+
+def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
+    class Recorder(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            backend.seen.append(Seen(self.command, self.path, list(self.headers.items())))
+            body = json.dumps({"path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Recorder
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    """A real HTTP server on 127.0.0.1 that records every request reaching it."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    b = Backend(server)
+    server.RequestHandlerClass = _handler(b)
+    server.daemon_threads = True
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield b
+    server.shutdown()
+    server.server_close()
+
+
+# --- the gateway ----------------------------------------------------------------
+
+
+class RunningGateway:
+    """The real lean mitmproxy master that `authgate run` builds, in a thread."""
+
+    def __init__(self, policy: Path, upstream: str, sets: list[str]) -> None:
+        self.addon = Gateway()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.master: Any = None
+
+        def on_ready(port: int) -> None:
+            self.port = port
+            self._ready.set()
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self.master = await runner.build(
+                str(policy), upstream, "127.0.0.1:0", sets,
+                ready=on_ready, termlog=False, gateway=self.addon,
+            )  # fmt: skip
+            await self.master.run()
+
+        def target() -> None:
+            try:
+                asyncio.run(main())
+            except BaseException as e:  # noqa: BLE001 - reported to the test
+                self._error = e
+                self._ready.set()
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("gateway did not start")
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.loop is None or self.master is None or not self.thread.is_alive():
+            return
+        ps = self.master.addons.get("proxyserver")
+        asyncio.run_coroutine_threadsafe(ps.servers.update([]), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.master.shutdown)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def start_gateway(backend: Backend) -> Iterator[Callable[..., RunningGateway]]:
+    """start_gateway(policy_path, *sets) -> a running gateway in front of `backend`."""
+    running: list[RunningGateway] = []
+
+    def start(policy: Path = EXAMPLE, *sets: str) -> RunningGateway:
+        g = RunningGateway(policy, backend.url, list(sets))
+        running.append(g)
+        return g
+
+    yield start
+    for g in running:
+        g.stop()
+
+
+# --- a raw HTTP client ------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def send(
+    address: tuple[str, int],
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    source: str | None = None,
+) -> Reply:
+    """Send one request exactly as given (no normalization) and read the reply."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {address[0]}:{address[1]}"]
+    for k, v in headers or []:
+        lines.append(f"{k}: {v}")
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+    with socket.create_connection(address, timeout=10, source_address=(source, 0) if source else None) as s:
+        s.sendall(raw)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    data = b"".join(chunks)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split(" ")[1])
+    parsed = [tuple(h.split(": ", 1)) for h in header_lines]
+    return Reply(status, [(k, v) for k, v in parsed], rest)  # type: ignore[misc]
