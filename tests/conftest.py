@@ -128,9 +128,14 @@ class RunningGateway:
         async def main() -> None:
             self.loop = asyncio.get_running_loop()
             self.master = await runner.build(
-                str(policy), upstream, "127.0.0.1:0", sets,
-                ready=on_ready, termlog=False, gateway=self.addon,
-            )  # fmt: skip
+                str(policy),
+                upstream,
+                "127.0.0.1:0",
+                sets,
+                ready=on_ready,
+                termlog=False,
+                gateway=self.addon,
+            )
             await self.master.run()
 
         def target() -> None:
@@ -210,7 +215,9 @@ def send(
         lines.append(f"Content-Length: {len(body)}")
     lines.append("Connection: close")
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
-    with socket.create_connection(address, timeout=10, source_address=(source, 0) if source else None) as s:
+    with socket.create_connection(
+        address, timeout=10, source_address=(source, 0) if source else None
+    ) as s:
         s.sendall(raw)
         chunks = []
         while True:

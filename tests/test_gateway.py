@@ -48,7 +48,9 @@ def test_no_credentials_is_401_with_a_bare_challenge(gw: RunningGateway, backend
     assert backend.seen == []
 
 
-def test_unsupported_scheme_is_treated_as_no_credentials(gw: RunningGateway, backend: Backend) -> None:
+def test_unsupported_scheme_is_treated_as_no_credentials(
+    gw: RunningGateway, backend: Backend
+) -> None:
     r = send(gw.address, "GET", "/api/profile", [("Authorization", 'Digest username="x"')])
     assert_gateway_made(r, 401)
     assert r.header_all("WWW-Authenticate") == ['Bearer realm="api"']
@@ -59,8 +61,10 @@ def test_unsupported_scheme_is_treated_as_no_credentials(gw: RunningGateway, bac
     "make",
     [
         pytest.param(lambda t: t(ttl=-3600), id="expired"),
-        pytest.param(lambda t: t()[:-4] + ("AAAA" if not t().endswith("AAAA") else "BBBB"),
-                     id="bad-signature"),  # fmt: skip
+        pytest.param(
+            lambda t: t()[:-4] + ("AAAA" if not t().endswith("AAAA") else "BBBB"),
+            id="bad-signature",
+        ),
         pytest.param(lambda t: t(kid="nope"), id="unknown-kid"),
         pytest.param(lambda t: t(iss="https://evil.example"), id="wrong-issuer"),
         pytest.param(lambda t: t(aud="other"), id="wrong-audience"),
@@ -77,7 +81,9 @@ def test_invalid_token_is_401_invalid_token(
     assert backend.seen == []
 
 
-def test_two_authorization_fields_are_400(gw: RunningGateway, backend: Backend, token: Token) -> None:
+def test_two_authorization_fields_are_400(
+    gw: RunningGateway, backend: Backend, token: Token
+) -> None:
     r = send(gw.address, "GET", "/api/profile", bearer(token()) + bearer(token(sub="bob")))
     assert_gateway_made(r, 400)
     assert r.header_all("WWW-Authenticate") == ['Bearer realm="api", error="invalid_request"']
@@ -109,7 +115,9 @@ def test_owner_or_admin(gw: RunningGateway, backend: Backend, token: Token) -> N
     assert r.header("WWW-Authenticate") is None
     assert backend.seen == []
     assert send(gw.address, "GET", "/api/users/alice", bearer(user)).status == 200
-    assert send(gw.address, "GET", "/api/users/other-id", bearer(token(roles=["admin"]))).status == 200
+    assert (
+        send(gw.address, "GET", "/api/users/other-id", bearer(token(roles=["admin"]))).status == 200
+    )
     assert [s.target for s in backend.seen] == ["/api/users/alice", "/api/users/other-id"]
 
 
@@ -147,8 +155,12 @@ def test_hidden_route_is_byte_for_byte_the_unknown_path_404(
 ) -> None:
     unknown = send(gw.address, method, "/no/such/path")
     assert_gateway_made(unknown, 404) if method != "HEAD" else None
-    for headers in ([], bearer(token(roles=["user"])), bearer("abc.def.ghi"),
-                    bearer(token()) + bearer(token())):  # fmt: skip
+    for headers in (
+        [],
+        bearer(token(roles=["user"])),
+        bearer("abc.def.ghi"),
+        bearer(token()) + bearer(token()),
+    ):
         hidden = send(gw.address, method, "/api/secrets/x", headers)
         assert _without_date(hidden) == _without_date(unknown)
     assert backend.seen == []
@@ -159,8 +171,11 @@ def test_blocked_ip_is_403_whatever_was_sent(
     gw: RunningGateway, backend: Backend, token: Token
 ) -> None:
     admin = token(roles=["admin"])
-    for path, headers in [("/health", []), ("/api/admin/x", bearer(admin)),
-                          ("/health", [("X-Forwarded-For", "10.9.9.9")])]:  # fmt: skip
+    for path, headers in [
+        ("/health", []),
+        ("/api/admin/x", bearer(admin)),
+        ("/health", [("X-Forwarded-For", "10.9.9.9")]),
+    ]:
         r = send(gw.address, "GET", path, headers, source="127.0.0.2")
         assert_gateway_made(r, 403)
         assert r.header("WWW-Authenticate") is None
@@ -194,8 +209,9 @@ def test_rate_limit_429_and_retry_after_works(
 
 def test_subject_limit_from_the_example(gw: RunningGateway, backend: Backend, token: Token) -> None:
     writer = token(sub="writer", scopes=["reports:write"])
-    statuses = [send(gw.address, "POST", "/api/reports", bearer(writer), b"x").status
-                for _ in range(6)]  # fmt: skip
+    statuses = [
+        send(gw.address, "POST", "/api/reports", bearer(writer), b"x").status for _ in range(6)
+    ]
     assert statuses == [200] * 5 + [429]
     assert len(backend.seen) == 5
     other = token(sub="other-writer", scopes=["reports:write"])
@@ -207,9 +223,16 @@ def test_subject_limit_from_the_example(gw: RunningGateway, backend: Backend, to
 
 @pytest.mark.parametrize(
     "target",
-    ["/api/public/../admin/x", "/api/%61dmin/x", "//api/admin/x", "/api/./admin/x",
-     "/api/public/%2e%2e/admin/x", "/api/admin/x/", "/api/admin//x"],
-)  # fmt: skip
+    [
+        "/api/public/../admin/x",
+        "/api/%61dmin/x",
+        "//api/admin/x",
+        "/api/./admin/x",
+        "/api/public/%2e%2e/admin/x",
+        "/api/admin/x/",
+        "/api/admin//x",
+    ],
+)
 def test_path_tricks_are_judged_as_the_backend_reads_them(
     gw: RunningGateway, backend: Backend, token: Token, target: str
 ) -> None:
@@ -223,10 +246,18 @@ def test_path_tricks_are_judged_as_the_backend_reads_them(
 
 @pytest.mark.parametrize(
     "target",
-    ["/api/admin%2Fx", "/api/admin%2fx", "/api%5Cadmin/x", "/api/public/..;/admin/x",
-     "/api/%252e%252e/admin", "/api/x%00.png", "/../api/admin/x", "/api/admin/x;jsessionid=1",
-     "/api/%zz"],
-)  # fmt: skip
+    [
+        "/api/admin%2Fx",
+        "/api/admin%2fx",
+        "/api%5Cadmin/x",
+        "/api/public/..;/admin/x",
+        "/api/%252e%252e/admin",
+        "/api/x%00.png",
+        "/../api/admin/x",
+        "/api/admin/x;jsessionid=1",
+        "/api/%zz",
+    ],
+)
 def test_ambiguous_paths_are_400(
     gw: RunningGateway, backend: Backend, token: Token, target: str
 ) -> None:
@@ -261,8 +292,12 @@ def test_userinfo_in_the_target_is_400(gw: RunningGateway, backend: Backend, tok
 def test_client_sent_identity_headers_are_replaced(
     gw: RunningGateway, backend: Backend, token: Token
 ) -> None:
-    forged = [("X-Auth-Subject", "root"), ("x-auth-roles", "admin"), ("X-Auth-Scopes", "all"),
-              ("X-AUTH-ISSUER", "me")]  # fmt: skip
+    forged = [
+        ("X-Auth-Subject", "root"),
+        ("x-auth-roles", "admin"),
+        ("X-Auth-Scopes", "all"),
+        ("X-AUTH-ISSUER", "me"),
+    ]
     send(gw.address, "GET", "/health", forged)
     send(gw.address, "GET", "/api/profile", forged + bearer(token(sub="alice")))
     anonymous, alice = backend.seen
@@ -324,7 +359,9 @@ def test_decision_log_has_one_json_line_per_request_and_never_the_token(
     text = log.read_text()
     assert t not in text and t.split(".")[2] not in text
     entries = [json.loads(line) for line in text.splitlines()]
-    assert [(e["decision"], e["status"], e["rule"], e["reason"], e["subject"]) for e in entries] == [
+    assert [
+        (e["decision"], e["status"], e["rule"], e["reason"], e["subject"]) for e in entries
+    ] == [
         ("allow", None, "profile", "allowed", "alice"),
         ("deny", 403, "admin", "forbidden", "alice"),
         ("deny", 401, "profile", "no_credentials", None),

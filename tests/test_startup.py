@@ -53,13 +53,28 @@ def stop(proc: subprocess.Popen[str]) -> str:
 
 
 def authgate_run(policy: Path | str, upstream: str, port: int) -> list[str]:
-    return [str(BIN / "authgate"), "run", "--policy", str(policy), "--upstream", upstream,
-            "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+    return [
+        str(BIN / "authgate"),
+        "run",
+        "--policy",
+        str(policy),
+        "--upstream",
+        upstream,
+        "--listen",
+        f"127.0.0.1:{port}",
+    ]
 
 
 def mitmdump(policy: Path | str | None, upstream: str, port: int) -> list[str]:
-    cmd = [str(BIN / "mitmdump"), "-s", str(ROOT / "addon" / "gateway.py"),
-           "--mode", f"reverse:{upstream}@127.0.0.1:{port}", "--set", "connection_strategy=lazy"]  # fmt: skip
+    cmd = [
+        str(BIN / "mitmdump"),
+        "-s",
+        str(ROOT / "addon" / "gateway.py"),
+        "--mode",
+        f"reverse:{upstream}@127.0.0.1:{port}",
+        "--set",
+        "connection_strategy=lazy",
+    ]
     if policy is not None:
         cmd += ["--set", f"authgate_policy={policy}"]
     return cmd
@@ -69,16 +84,26 @@ def mitmdump(policy: Path | str | None, upstream: str, port: int) -> list[str]:
 def test_a_broken_policy_refuses_to_start_naming_file_and_line(door, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     policy = tmp_path / "broken.yaml"
     policy.write_text(BROKEN)
-    proc = subprocess.run(door(policy, "http://127.0.0.1:9", free_port()), capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        door(policy, "http://127.0.0.1:9", free_port()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert f"{policy}:4: rule 'a' match.methods must be a list" in out
 
 
 def test_mitmdump_without_a_policy_refuses_to_start() -> None:
-    proc = subprocess.run(mitmdump(None, "http://127.0.0.1:9", free_port()), capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        mitmdump(None, "http://127.0.0.1:9", free_port()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0
     assert "authgate: no policy" in proc.stdout + proc.stderr
 
@@ -88,16 +113,27 @@ def test_both_doors_serve_the_example_policy(  # type: ignore[no-untyped-def]
     door, backend: Backend, token, demo_key
 ) -> None:
     port = free_port()
-    proc = subprocess.Popen(door(EXAMPLE, backend.url, port), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        door(EXAMPLE, backend.url, port),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         wait_for_port(port, proc)
         address = ("127.0.0.1", port)
         assert send(address, "GET", "/api/profile").status == 401
         user = token(sub="alice", roles=["user"])
-        assert send(address, "GET", "/api/admin/x", [("Authorization", f"Bearer {user}")]).status == 403
+        assert (
+            send(address, "GET", "/api/admin/x", [("Authorization", f"Bearer {user}")]).status
+            == 403
+        )
         assert backend.seen == []
-        assert send(address, "GET", "/api/profile", [("Authorization", f"Bearer {user}")]).status == 200
+        assert (
+            send(address, "GET", "/api/profile", [("Authorization", f"Bearer {user}")]).status
+            == 200
+        )
         assert [s.header("X-Auth-Subject") for s in backend.seen] == ["alice"]
     finally:
         stop(proc)
@@ -110,10 +146,20 @@ def test_make_run_pieces_demo_command_prints_a_curl_for_every_status(tmp_path: P
     port, backend_port = free_port(), free_port()
     env = dict(os.environ)
     proc = subprocess.Popen(
-        [str(BIN / "authgate"), "demo", "--listen", f"127.0.0.1:{port}",
-         "--backend", f"127.0.0.1:{backend_port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
-    )  # fmt: skip
+        [
+            str(BIN / "authgate"),
+            "demo",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--backend",
+            f"127.0.0.1:{backend_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     try:
         wait_for_port(port, proc)
         assert send(("127.0.0.1", port), "GET", "/health").status == 200

@@ -57,9 +57,7 @@ class Gateway:
     # --- options -----------------------------------------------------------
 
     def load(self, loader: Any) -> None:
-        loader.add_option(
-            "authgate_policy", str, "", "The authgate policy file (YAML). Required."
-        )
+        loader.add_option("authgate_policy", str, "", "The authgate policy file (YAML). Required.")
         loader.add_option(
             "authgate_log",
             str,
@@ -194,7 +192,9 @@ class Gateway:
         if d.allowed:
             flow.comment = f"authgate: allowed by rule {d.rule}"
         else:
-            flow.comment = f"authgate: {d.status} {d.reason}" + (f" (rule {d.rule})" if d.rule else "")
+            flow.comment = f"authgate: {d.status} {d.reason}" + (
+                f" (rule {d.rule})" if d.rule else ""
+            )
         line = json.dumps(entry, separators=(",", ":"))
         if self._log_file is not None:
             self._log_file.write(line + "\n")

@@ -16,14 +16,16 @@ from .policy import parse_duration
 DEFAULT_POLICY = "policies/example.yaml"
 
 
-def _serve(policy: str, upstream: str, listen: str, sets: Sequence[str],
-           on_ready: str | None = None) -> int:  # fmt: skip
+def _serve(
+    policy: str, upstream: str, listen: str, sets: Sequence[str], on_ready: str | None = None
+) -> int:
     from mitmproxy import exceptions
 
     from . import runner
 
     async def main() -> int:
         logging.getLogger().setLevel(logging.INFO)  # mitmproxy's termlog filters by verbosity
+
         def ready(port: int) -> None:
             if on_ready:
                 print(on_ready, flush=True)
@@ -55,13 +57,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         server = demo.start_backend(backend_host, int(backend_port))
     except OSError as e:
-        print(f"authgate demo: cannot start the demo backend on {args.backend}: {e.strerror}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"authgate demo: cannot start the demo backend on {args.backend}: {e.strerror}",
+            file=sys.stderr,
+        )
         return 2
     try:
         base = f"http://{args.listen}"
-        return _serve(str(policy), f"http://{args.backend}", args.listen, args.set,
-                      on_ready=demo.banner(base, keys_dir))  # fmt: skip
+        return _serve(
+            str(policy),
+            f"http://{args.backend}",
+            args.listen,
+            args.set,
+            on_ready=demo.banner(base, keys_dir),
+        )
     finally:
         server.shutdown()
 
@@ -79,8 +88,19 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 2
     if args.ttl.startswith("-"):
         ttl = -ttl
-    print(mint(key, sub=args.sub, roles=args.role, scopes=args.scope, ttl=ttl,
-               iss=args.iss, aud=args.aud, kid=args.kid or None, alg=args.alg))  # fmt: skip
+    print(
+        mint(
+            key,
+            sub=args.sub,
+            roles=args.role,
+            scopes=args.scope,
+            ttl=ttl,
+            iss=args.iss,
+            aud=args.aud,
+            kid=args.kid or None,
+            alg=args.alg,
+        )
+    )
     return 0
 
 
@@ -91,8 +111,13 @@ def parser() -> argparse.ArgumentParser:
     def gateway_options(sp: argparse.ArgumentParser, listen: str) -> None:
         sp.add_argument("--policy", default=DEFAULT_POLICY, help="policy file (YAML)")
         sp.add_argument("--listen", default=listen, help=f"HOST:PORT to listen on ({listen})")
-        sp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a mitmproxy option, as with mitmdump --set (repeatable)")  # fmt: skip
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="a mitmproxy option, as with mitmdump --set (repeatable)",
+        )
 
     run = sub.add_parser("run", help="run the gateway in front of a backend")
     gateway_options(run, "127.0.0.1:8080")

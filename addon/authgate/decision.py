@@ -88,9 +88,14 @@ def _limit(
     limiter: Limiter, spec: LimitSpec, key: str, now: float, consume: bool, t: _Trace
 ) -> Verdict:
     verdict = limiter.hit(spec.limiter_id, key, spec.rate, now, consume)
-    t(f"limit {spec.name} ({spec.rate}, key {key}): "
-      + ("ok, " + str(verdict.remaining) + " left" if verdict.allowed
-         else f"exceeded, retry after {verdict.retry_after}s"))  # fmt: skip
+    t(
+        f"limit {spec.name} ({spec.rate}, key {key}): "
+        + (
+            "ok, " + str(verdict.remaining) + " left"
+            if verdict.allowed
+            else f"exceeded, retry after {verdict.retry_after}s"
+        )
+    )
     return verdict
 
 
@@ -150,8 +155,9 @@ def _identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
     )
 
 
-def _match(policy: Policy, method: str, host: str | None, path: CanonicalPath,
-           t: _Trace) -> tuple[Rule | None, dict[str, str]]:  # fmt: skip
+def _match(
+    policy: Policy, method: str, host: str | None, path: CanonicalPath, t: _Trace
+) -> tuple[Rule | None, dict[str, str]]:
     for rule in policy.rules:
         params = rule.pattern.match(path.segments)
         if params is None:
@@ -197,17 +203,23 @@ def decide(
         return Decision(False, 403, IP_BLOCKED, client_ip=ip.address, path=path, trace=t.done())
     if policy.allow is not None and not policy.allow.contains(ip.family, ip.value):
         t("ip: not on the allow list")
-        return Decision(False, 403, IP_NOT_ALLOWED, client_ip=ip.address, path=path,
-                        trace=t.done())  # fmt: skip
+        return Decision(False, 403, IP_NOT_ALLOWED, client_ip=ip.address, path=path, trace=t.done())
 
     # 3. Limits keyed by IP, before any signature is checked.
     ip_key = f"ip:{ip.address}"
     for spec in policy.ip_limits:
         verdict = _limit(limiter, spec, ip_key, now, consume, t)
         if not verdict.allowed:
-            return Decision(False, 429, RATE_LIMITED, client_ip=ip.address, path=path,
-                            headers=_rate_limited(spec, verdict), detail=spec.name,
-                            trace=t.done())  # fmt: skip
+            return Decision(
+                False,
+                429,
+                RATE_LIMITED,
+                client_ip=ip.address,
+                path=path,
+                headers=_rate_limited(spec, verdict),
+                detail=spec.name,
+                trace=t.done(),
+            )
 
     # 4. The first matching rule.
     host = normalize_host(request.host) if request.host is not None else None
@@ -217,13 +229,40 @@ def decide(
         t(f"no rule matches: default {policy.default}")
         return Decision(False, status, NO_RULE, client_ip=ip.address, path=path, trace=t.done())
 
-    def deny(status: int, reason: str, **kw: object) -> Decision:
+    def deny(
+        status: int,
+        reason: str,
+        *,
+        identity: Identity | None = None,
+        challenge: tuple[tuple[str, str], ...] | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        detail: str = "",
+    ) -> Decision:
         if rule.hide:
             t(f"denied ({reason}); the rule is hidden: answering as an unknown path")
-            return Decision(False, 404, HIDDEN, rule=rule.name, client_ip=ip.address,
-                            path=path, detail=reason, trace=t.done())  # fmt: skip
-        return Decision(False, status, reason, rule=rule.name, client_ip=ip.address,
-                        path=path, trace=t.done(), **kw)  # type: ignore[arg-type]  # fmt: skip
+            return Decision(
+                False,
+                404,
+                HIDDEN,
+                rule=rule.name,
+                client_ip=ip.address,
+                path=path,
+                detail=reason,
+                trace=t.done(),
+            )
+        return Decision(
+            False,
+            status,
+            reason,
+            rule=rule.name,
+            client_ip=ip.address,
+            path=path,
+            identity=identity,
+            challenge=challenge,
+            headers=headers,
+            detail=detail,
+            trace=t.done(),
+        )
 
     # The rule's own IP limits also come before credentials (not for hidden
     # rules: a 429 there would tell that the path exists).
@@ -232,19 +271,23 @@ def decide(
         if spec.key == "ip" and not rule.hide:
             verdict = _limit(limiter, spec, ip_key, now, consume, t)
             if not verdict.allowed:
-                return deny(429, RATE_LIMITED, headers=_rate_limited(spec, verdict),
-                            detail=spec.name)  # fmt: skip
+                return deny(
+                    429, RATE_LIMITED, headers=_rate_limited(spec, verdict), detail=spec.name
+                )
         else:
             late.append(spec)
 
     # 5. Credentials, then the rule's condition.
     who, failure, detail = _credentials(policy, request, now, t)
     if failure == INVALID_REQUEST:
-        return deny(400, INVALID_REQUEST, challenge=(("error", "invalid_request"),),
-                    detail=detail)  # fmt: skip
+        return deny(400, INVALID_REQUEST, challenge=(("error", "invalid_request"),), detail=detail)
     if failure == INVALID_TOKEN:
-        return deny(401, INVALID_TOKEN, detail=detail,
-                    challenge=(("error", "invalid_token"), ("error_description", detail)))  # fmt: skip
+        return deny(
+            401,
+            INVALID_TOKEN,
+            detail=detail,
+            challenge=(("error", "invalid_token"), ("error_description", detail)),
+        )
     if not rule.allow.holds(who, params):
         if trace:
             t(f"condition: {describe(rule.allow, who, params)} is false")
@@ -252,9 +295,13 @@ def decide(
             return deny(401, NO_CREDENTIALS, challenge=())
         missing = c.missing_scopes(rule.allow, who, params)
         if missing:
-            return deny(403, INSUFFICIENT_SCOPE, identity=who, detail=" ".join(missing),
-                        challenge=(("error", "insufficient_scope"),
-                                   ("scope", " ".join(missing))))  # fmt: skip
+            return deny(
+                403,
+                INSUFFICIENT_SCOPE,
+                identity=who,
+                detail=" ".join(missing),
+                challenge=(("error", "insufficient_scope"), ("scope", " ".join(missing))),
+            )
         return deny(403, FORBIDDEN, identity=who)
     if trace:
         t(f"condition: {describe(rule.allow, who, params)} is true")
@@ -263,15 +310,32 @@ def decide(
     for spec in late:
         verdict = _limit(limiter, spec, _limit_key(spec, request, ip, who), now, consume, t)
         if not verdict.allowed:
-            return Decision(False, 429, RATE_LIMITED, rule=rule.name, client_ip=ip.address,
-                            path=path, identity=who, headers=_rate_limited(spec, verdict),
-                            detail=spec.name, trace=t.done())  # fmt: skip
+            return Decision(
+                False,
+                429,
+                RATE_LIMITED,
+                rule=rule.name,
+                client_ip=ip.address,
+                path=path,
+                identity=who,
+                headers=_rate_limited(spec, verdict),
+                detail=spec.name,
+                trace=t.done(),
+            )
 
     # 7. Forward.
     t("allowed: forwarding")
-    return Decision(True, 0, ALLOWED, rule=rule.name, client_ip=ip.address, path=path,
-                    identity=who, upstream_headers=_identity_headers(who),
-                    trace=t.done())  # fmt: skip
+    return Decision(
+        True,
+        0,
+        ALLOWED,
+        rule=rule.name,
+        client_ip=ip.address,
+        path=path,
+        identity=who,
+        upstream_headers=_identity_headers(who),
+        trace=t.done(),
+    )
 
 
 def describe(cond: c.Condition, who: Identity | None, params: dict[str, str]) -> str:

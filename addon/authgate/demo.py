@@ -65,25 +65,39 @@ def curl_lines(base: str, keys_dir: Path) -> list[tuple[str, str]]:
         ("200 public route", f"curl -i {base}/health"),
         ("401 no credentials (challenge, no error)", f"curl -i {base}/api/profile"),
         ("200 with a user token", f"curl -i -H {bearer(user)} {base}/api/profile"),
-        ("401 expired token (error=\"invalid_token\")",
-         f"curl -i -H {bearer(expired)} {base}/api/profile"),
-        ("400 two Authorization fields",
-         f"curl -i -H {bearer(user)} -H {bearer(admin)} {base}/api/profile"),
+        (
+            '401 expired token (error="invalid_token")',
+            f"curl -i -H {bearer(expired)} {base}/api/profile",
+        ),
+        (
+            "400 two Authorization fields",
+            f"curl -i -H {bearer(user)} -H {bearer(admin)} {base}/api/profile",
+        ),
         ("200 alice reads her own record", f"curl -i -H {bearer(user)} {base}/api/users/alice"),
         ("403 alice reads someone else's", f"curl -i -H {bearer(user)} {base}/api/users/bob"),
         ("403 a user on the admin area", f"curl -i -H {bearer(user)} {base}/api/admin/dashboard"),
-        ("200 an admin on the admin area",
-         f"curl -i -H {bearer(admin)} {base}/api/admin/dashboard"),
-        ("403 insufficient_scope (token lacks reports:write)",
-         f"curl -i -X POST -H {bearer(user)} {base}/api/reports"),
-        ("404 hidden route, same bytes as an unknown path",
-         f"curl -i -H {bearer(user)} {base}/api/secrets/x ; curl -i {base}/no/such/path"),
+        (
+            "200 an admin on the admin area",
+            f"curl -i -H {bearer(admin)} {base}/api/admin/dashboard",
+        ),
+        (
+            "403 insufficient_scope (token lacks reports:write)",
+            f"curl -i -X POST -H {bearer(user)} {base}/api/reports",
+        ),
+        (
+            "404 hidden route, same bytes as an unknown path",
+            f"curl -i -H {bearer(user)} {base}/api/secrets/x ; curl -i {base}/no/such/path",
+        ),
         ("400 path trick", f"curl -i --path-as-is {base}/api/admin%2Fdashboard"),
-        ("403 blocked IP (127.0.0.2 is on policies/blocklist.txt)",
-         f"curl -i --interface 127.0.0.2 {base}/health"),
-        ("429 after 5 report writes a minute",
-         f"for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' -X POST "
-         f"-H {bearer(admin)} {base}/api/reports; done; echo"),
+        (
+            "403 blocked IP (127.0.0.2 is on policies/blocklist.txt)",
+            f"curl -i --interface 127.0.0.2 {base}/health",
+        ),
+        (
+            "429 after 5 report writes a minute",
+            f"for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' -X POST "
+            f"-H {bearer(admin)} {base}/api/reports; done; echo",
+        ),
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from . import conditions as c
 from .ipset import IPSet, parse_cidr, read_cidr_lines
 from .paths import PathPattern
 from .ratelimit import Rate
-from .tokens import SUPPORTED_ALGS, HMAC_ALGS, Issuer, VerifyKey, load_jwks, load_public_key_pem
+from .tokens import HMAC_ALGS, SUPPORTED_ALGS, Issuer, VerifyKey, load_jwks, load_public_key_pem
 from .yamlmarks import MarkedDict, MarkedList, PolicyError, load
 
 __all__ = ["Policy", "Rule", "LimitSpec", "PolicyError", "load_policy", "parse_policy"]
@@ -104,11 +105,19 @@ class _Builder:
             raise self.error(line, f"{where} must be a mapping, not {_kind(value)}")
         return value
 
-    def keys(self, d: MarkedDict, allowed: set[str], where: str, required: set[str] = set()) -> None:
+    def keys(
+        self,
+        d: MarkedDict,
+        allowed: AbstractSet[str],
+        where: str,
+        required: AbstractSet[str] = frozenset(),
+    ) -> None:
         for key in d:
             if key not in allowed:
                 known = ", ".join(sorted(allowed))
-                raise self.error(d.key_lines[key], f"unknown key {key!r} in {where} (known: {known})")
+                raise self.error(
+                    d.key_lines[key], f"unknown key {key!r} in {where} (known: {known})"
+                )
         for key in sorted(required - set(d)):
             raise self.error(d.line, f"{where} needs {key!r}")
 
@@ -215,13 +224,26 @@ class _Builder:
         items = self.get(d, key, list, where, MarkedList())
         return tuple(
             self.limit(v, line, f"{where}.{key}[{i}]")
-            for i, (v, line) in enumerate(zip(items, getattr(items, "item_lines", []), strict=False))
+            for i, (v, line) in enumerate(
+                zip(items, getattr(items, "item_lines", []), strict=False)
+            )
         )
 
     def issuer(self, value: Any, line: int, where: str) -> Issuer:
         d = self.mapping(value, where, line)
-        allowed = {"name", "issuer", "audience", "algorithms", "jwks_file", "public_key_file",
-                   "secret_env", "leeway", "roles_claim", "scope_claim", "require_exp"}  # fmt: skip
+        allowed = {
+            "name",
+            "issuer",
+            "audience",
+            "algorithms",
+            "jwks_file",
+            "public_key_file",
+            "secret_env",
+            "leeway",
+            "roles_claim",
+            "scope_claim",
+            "require_exp",
+        }
         self.keys(d, allowed, where, {"name", "issuer", "algorithms"})
         name = self.get(d, "name", str, where)
         iss = self.get(d, "issuer", str, where)
@@ -230,24 +252,37 @@ class _Builder:
             audience: tuple[str, ...] = ()
         elif isinstance(aud_value, str):
             audience = (aud_value,)
-        elif isinstance(aud_value, list) and aud_value and all(isinstance(a, str) for a in aud_value):
+        elif (
+            isinstance(aud_value, list) and aud_value and all(isinstance(a, str) for a in aud_value)
+        ):
             audience = tuple(aud_value)
         else:
-            raise self.error(self.line_of(d, "audience"), "audience must be a string or a list of strings")
+            raise self.error(
+                self.line_of(d, "audience"), "audience must be a string or a list of strings"
+            )
         alg_items = self.strings(d, "algorithms", where)
         if not alg_items:
-            raise self.error(self.line_of(d, "algorithms"), "algorithms must name at least one algorithm")
+            raise self.error(
+                self.line_of(d, "algorithms"), "algorithms must name at least one algorithm"
+            )
         algorithms = frozenset(a for _, a in alg_items)
         for a_line, a in alg_items:
             if a not in SUPPORTED_ALGS:
-                raise self.error(a_line, f"algorithm {a!r} is not supported (supported: "
-                                 f"{', '.join(sorted(SUPPORTED_ALGS))})")  # fmt: skip
+                raise self.error(
+                    a_line,
+                    f"algorithm {a!r} is not supported (supported: "
+                    f"{', '.join(sorted(SUPPORTED_ALGS))})",
+                )
         if algorithms & HMAC_ALGS and algorithms - HMAC_ALGS:
-            raise self.error(self.line_of(d, "algorithms"),
-                             "do not mix HMAC (HS*) and public-key algorithms in one issuer")  # fmt: skip
+            raise self.error(
+                self.line_of(d, "algorithms"),
+                "do not mix HMAC (HS*) and public-key algorithms in one issuer",
+            )
         sources = [k for k in ("jwks_file", "public_key_file", "secret_env") if k in d]
         if len(sources) != 1:
-            raise self.error(d.line, f"{where} needs exactly one of jwks_file, public_key_file, secret_env")
+            raise self.error(
+                d.line, f"{where} needs exactly one of jwks_file, public_key_file, secret_env"
+            )
         source = sources[0]
         source_line = self.line_of(d, source)
         text = self.get(d, source, str, where)
@@ -259,8 +294,9 @@ class _Builder:
             except ValueError as e:
                 raise self.error(source_line, f"JWKS file {text!r}: {e}") from None
             if not keys:
-                raise self.error(source_line, f"JWKS file {text!r} has no key usable with "
-                                 f"{sorted(algorithms)}")  # fmt: skip
+                raise self.error(
+                    source_line, f"JWKS file {text!r} has no key usable with {sorted(algorithms)}"
+                )
         elif source == "public_key_file":
             data = self.read(text, source_line, "public key file")
             try:
@@ -280,21 +316,38 @@ class _Builder:
         roles_claim = self.get(d, "roles_claim", str, where, "roles")
         scope_claim = self.get(d, "scope_claim", str, where, "scope")
         require_exp = self.get(d, "require_exp", bool, where, True)
-        return Issuer(name, iss, audience, algorithms, tuple(keys), leeway,
-                      tuple(roles_claim.split(".")), tuple(scope_claim.split(".")),
-                      require_exp)  # fmt: skip
+        return Issuer(
+            name,
+            iss,
+            audience,
+            algorithms,
+            tuple(keys),
+            leeway,
+            tuple(roles_claim.split(".")),
+            tuple(scope_claim.split(".")),
+            require_exp,
+        )
 
     def condition(self, value: Any, line: int, where: str) -> c.Condition:
         if isinstance(value, str):
-            simple = {"anyone": c.Anyone(), "authenticated": c.Authenticated(), "nobody": c.Nobody()}
+            simple = {
+                "anyone": c.Anyone(),
+                "authenticated": c.Authenticated(),
+                "nobody": c.Nobody(),
+            }
             if value in simple:
                 return simple[value]
-            raise self.error(line, f"unknown condition {value!r} (anyone, authenticated, nobody, "
-                             "or a mapping: role, scope, claim, any, all, not)")  # fmt: skip
+            raise self.error(
+                line,
+                f"unknown condition {value!r} (anyone, authenticated, nobody, "
+                "or a mapping: role, scope, claim, any, all, not)",
+            )
         d = self.mapping(value, where, line)
         kinds = [k for k in ("role", "scope", "claim", "any", "all", "not") if k in d]
         if len(kinds) != 1:
-            raise self.error(d.line, f"{where} needs exactly one of role, scope, claim, any, all, not")
+            raise self.error(
+                d.line, f"{where} needs exactly one of role, scope, claim, any, all, not"
+            )
         kind = kinds[0]
         if kind in ("role", "scope"):
             self.keys(d, {kind}, where)
@@ -312,7 +365,9 @@ class _Builder:
                 if op == "in":
                     if not isinstance(raw, list) or not raw:
                         raise ValueError("'in' needs a non-empty list")
-                    value_t: c.Template | tuple[c.Template, ...] = tuple(c.Template.parse(v) for v in raw)
+                    value_t: c.Template | tuple[c.Template, ...] = tuple(
+                        c.Template.parse(v) for v in raw
+                    )
                 else:
                     value_t = c.Template.parse(raw)
             except ValueError as e:
@@ -333,7 +388,9 @@ class _Builder:
 
     def rule(self, value: Any, line: int, where: str, names: set[str]) -> Rule:
         d = self.mapping(value, where, line)
-        self.keys(d, {"name", "match", "allow", "hide", "limits"}, where, {"name", "match", "allow"})
+        self.keys(
+            d, {"name", "match", "allow", "hide", "limits"}, where, {"name", "match", "allow"}
+        )
         name = self.get(d, "name", str, where)
         if name in names:
             raise self.error(self.line_of(d, "name"), f"duplicate rule name {name!r}")
@@ -361,29 +418,58 @@ class _Builder:
         allow = self.condition(d["allow"], self.line_of(d, "allow"), f"{where} allow")
         unknown = c.params_named(allow) - pattern.param_names
         if unknown:
-            raise self.error(self.line_of(d, "allow"), f"{where} uses path parameter(s) "
-                             f"{', '.join(sorted(unknown))} that {path_text!r} does not define")  # fmt: skip
+            raise self.error(
+                self.line_of(d, "allow"),
+                f"{where} uses path parameter(s) "
+                f"{', '.join(sorted(unknown))} that {path_text!r} does not define",
+            )
         hide = self.get(d, "hide", bool, where, False)
         limits = self.limits(d, "limits", where)
-        return Rule(name, d.line, pattern, methods, host, allow, hide, limits,
-                    c.needs_identity(allow), c.scopes_named(allow))  # fmt: skip
+        return Rule(
+            name,
+            d.line,
+            pattern,
+            methods,
+            host,
+            allow,
+            hide,
+            limits,
+            c.needs_identity(allow),
+            c.scopes_named(allow),
+        )
 
     def policy(self, doc: Any) -> Policy:
         if doc is None:
             raise self.error(1, "the policy is empty")
         top = self.mapping(doc, "the policy", 1)
-        allowed = {"version", "realm", "client_ip", "ip", "authn", "limits", "rules", "default",
-                   "forward_credentials"}  # fmt: skip
+        allowed = {
+            "version",
+            "realm",
+            "client_ip",
+            "ip",
+            "authn",
+            "limits",
+            "rules",
+            "default",
+            "forward_credentials",
+        }
         self.keys(top, allowed, "the policy", {"version", "rules"})
         if top["version"] != 1:
-            raise self.error(self.line_of(top, "version"), f"version must be 1, not {top['version']!r}")
+            raise self.error(
+                self.line_of(top, "version"), f"version must be 1, not {top['version']!r}"
+            )
         realm = self.get(top, "realm", str, "the policy", "api")
         if not _SAFE_REALM.match(realm):
-            raise self.error(self.line_of(top, "realm"), "realm must be printable ASCII without '\"' or '\\'")
+            raise self.error(
+                self.line_of(top, "realm"), "realm must be printable ASCII without '\"' or '\\'"
+            )
         client_ip = self.get(top, "client_ip", dict, "the policy", MarkedDict())
         self.keys(client_ip, {"trusted_proxies"}, "client_ip")
-        trusted = IPSet.build(self.cidrs(self.strings(client_ip, "trusted_proxies", "client_ip"),
-                                         "client_ip.trusted_proxies"))  # fmt: skip
+        trusted = IPSet.build(
+            self.cidrs(
+                self.strings(client_ip, "trusted_proxies", "client_ip"), "client_ip.trusted_proxies"
+            )
+        )
         ip = self.get(top, "ip", dict, "the policy", MarkedDict())
         self.keys(ip, {"block", "block_files", "allow"}, "ip")
         blocked = self.cidrs(self.strings(ip, "block", "ip"), "ip.block")
@@ -396,7 +482,9 @@ class _Builder:
         jwt_items = self.get(authn, "jwt", list, "authn", MarkedList())
         issuers = tuple(
             self.issuer(v, ln, f"authn.jwt[{i}]")
-            for i, (v, ln) in enumerate(zip(jwt_items, getattr(jwt_items, "item_lines", []), strict=False))
+            for i, (v, ln) in enumerate(
+                zip(jwt_items, getattr(jwt_items, "item_lines", []), strict=False)
+            )
         )
         _unique(issuers, lambda i: i.name, "issuer name", self, jwt_items)
         _unique(issuers, lambda i: i.issuer, "issuer URL", self, jwt_items)
@@ -427,8 +515,13 @@ class _Builder:
         )
 
 
-def _unique(items: tuple[Issuer, ...], key: Callable[[Issuer], str], what: str,
-            b: _Builder, source: MarkedList) -> None:  # fmt: skip
+def _unique(
+    items: tuple[Issuer, ...],
+    key: Callable[[Issuer], str],
+    what: str,
+    b: _Builder,
+    source: MarkedList,
+) -> None:
     seen: set[str] = set()
     for item, line in zip(items, getattr(source, "item_lines", []), strict=False):
         k = key(item)

@@ -19,7 +19,10 @@ _TEXTS: dict[int, tuple[str, str]] = {
     403: ("Forbidden", "You are not allowed to access this resource."),
     404: ("Not Found", "There is nothing at this address."),
     429: ("Too Many Requests", "Too many requests. Retry after the time in Retry-After."),
-    500: ("Internal Server Error", "The gateway could not judge this request and did not forward it."),
+    500: (
+        "Internal Server Error",
+        "The gateway could not judge this request and did not forward it.",
+    ),
     503: ("Service Unavailable", "The gateway cannot judge requests right now. Retry later."),
 }
 # A few reasons get their own sentence; the status alone decides everything else,
@@ -78,8 +81,9 @@ def render(decision: Decision, realm: str, method: str, now: float | None = None
     return Rendered(status, tuple(headers), b"" if method == "HEAD" else body)
 
 
-def render_error(status: int, method: str, now: float | None = None,
-                 retry_after: int | None = None) -> Rendered:  # fmt: skip
+def render_error(
+    status: int, method: str, now: float | None = None, retry_after: int | None = None
+) -> Rendered:
     """The response when the gateway itself failed (500, or 503 with Retry-After)."""
     headers: list[tuple[str, str]] = [
         ("Date", formatdate(now, usegmt=True)),

@@ -21,8 +21,12 @@ from .identity import Identity
 
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGS_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
-EC_CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521",
-                  "secp256k1": "secp256k1"}  # fmt: skip
+EC_CURVE_NAMES = {
+    "secp256r1": "P-256",
+    "secp384r1": "P-384",
+    "secp521r1": "P-521",
+    "secp256k1": "secp256k1",
+}
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 SUPPORTED_ALGS = RSA_ALGS | HMAC_ALGS | frozenset(EC_ALGS_BY_CURVE.values()) | {"EdDSA"}
 B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
