@@ -454,7 +454,7 @@ class _Builder:
             "forward_credentials",
         }
         self.keys(top, allowed, "the policy", {"version", "rules"})
-        if top["version"] != 1:
+        if type(top["version"]) is not int or top["version"] != 1:
             raise self.error(
                 self.line_of(top, "version"), f"version must be 1, not {top['version']!r}"
             )

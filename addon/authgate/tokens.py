@@ -177,14 +177,47 @@ def _unverified_part(token: str, index: int) -> dict[str, Any]:
     return value
 
 
+# Subjects, roles and scopes travel to the backend in headers: no control
+# characters (header injection), and no commas inside a role or scope
+# (X-Auth-Roles is a comma-separated list).
+_HEADER_SAFE = re.compile(r"^[^\x00-\x1f\x7f]+$")
+_LIST_ITEM_SAFE = re.compile(r"^[^\x00-\x20\x7f,]+$")
+
+
 def _string_set(value: Any, split: bool) -> frozenset[str]:
     if value is None:
         return frozenset()
     if isinstance(value, str):
-        return frozenset(value.split()) if split else frozenset({value})
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return frozenset(value)
-    raise TokenRejected("The access token has a malformed claim", "roles/scope claim type")
+        items = value.split() if split else [value]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = value
+    else:
+        raise TokenRejected("The access token has a malformed claim", "roles/scope claim type")
+    if not all(_LIST_ITEM_SAFE.match(v) for v in items):
+        raise TokenRejected("The access token has a malformed claim", "roles/scope characters")
+    return frozenset(items)
+
+
+def _numeric(claims: dict[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenRejected("The access token has a malformed claim", f"{name} is not a number")
+    return float(value)
+
+
+def _check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
+    """exp, nbf and iat (RFC 7519 §4.1.4-6), with the issuer's leeway."""
+    exp = _numeric(claims, "exp")
+    if exp is not None and now >= exp + leeway:
+        raise TokenRejected("The access token expired", f"exp {exp} <= now {now}")
+    nbf = _numeric(claims, "nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise TokenRejected("The access token is not valid yet", f"nbf {nbf} > now {now}")
+    iat = _numeric(claims, "iat")
+    if iat is not None and now + leeway < iat:
+        raise TokenRejected("The access token is not valid yet", f"iat {iat} > now {now}")
 
 
 def verify(issuers: tuple[Issuer, ...], token: str, now: float) -> Identity:
@@ -225,18 +258,22 @@ def verify(issuers: tuple[Issuer, ...], token: str, now: float) -> Identity:
             audience=list(issuer.audience) if issuer.audience else None,
             issuer=issuer.issuer,
             leeway=issuer.leeway,
-            options={"require": require, "verify_aud": bool(issuer.audience)},
+            # Time claims are checked below against the caller's clock, so that
+            # tests, `explain --at` and the gateway all see one time.
+            options={
+                "require": require,
+                "verify_aud": bool(issuer.audience),
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
         )
     except jwt.PyJWTError as e:
         raise TokenRejected(_reason_for(e), f"{type(e).__name__}: {e}") from None
-    # PyJWT checks exp/nbf/iat against its own clock; check against ours too
-    # so that tests and `explain --at` see one time.
-    exp = claims.get("exp")
-    if exp is not None and (not isinstance(exp, int | float) or exp <= now - issuer.leeway):
-        raise TokenRejected("The access token expired", "exp before now")
+    _check_times(claims, now, issuer.leeway)
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise TokenRejected("The access token lacks a required claim", "sub is not a string")
+    if not isinstance(sub, str) or not _HEADER_SAFE.match(sub):
+        raise TokenRejected("The access token has a malformed claim", "sub is not a plain string")
     roles = _string_set(claim_at(claims, issuer.roles_claim), split=False)
     scopes = _string_set(claim_at(claims, issuer.scope_claim), split=True)
     return Identity(sub, issuer.issuer, "jwt", roles, scopes, claims)
