@@ -36,7 +36,8 @@ def resolve(trusted: IPSet, peer: str, forwarded_for: Sequence[str]) -> ClientIP
     family, value = parse_ip(peer)
     if not trusted or not trusted.contains(family, value) or not forwarded_for:
         return ClientIP(format_ip(family, value), family, value, "peer")
-    items = [i for line in forwarded_for for i in line.split(",")]
+    # Empty list elements ("a,,b", a trailing comma) are ignored (RFC 9110 §5.6.1).
+    items = [i for line in forwarded_for for i in line.split(",") if i.strip()]
     current = (family, value)
     via = "peer"
     for item in reversed(items):

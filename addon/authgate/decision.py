@@ -71,31 +71,36 @@ ALLOWED = "allowed"
 
 
 class _Trace:
-    __slots__ = ("lines",)
+    """The story of a decision, for `explain` and tests. When off, callers
+    test `t.on` first so that no message is even formatted."""
+
+    __slots__ = ("lines", "on")
 
     def __init__(self, on: bool) -> None:
-        self.lines: list[str] | None = [] if on else None
+        self.on = on
+        self.lines: list[str] = []
 
     def __call__(self, line: str) -> None:
-        if self.lines is not None:
+        if self.on:
             self.lines.append(line)
 
     def done(self) -> tuple[str, ...]:
-        return tuple(self.lines) if self.lines is not None else ()
+        return tuple(self.lines)
 
 
 def _limit(
     limiter: Limiter, spec: LimitSpec, key: str, now: float, consume: bool, t: _Trace
 ) -> Verdict:
     verdict = limiter.hit(spec.limiter_id, key, spec.rate, now, consume)
-    t(
-        f"limit {spec.name} ({spec.rate}, key {key}): "
-        + (
-            "ok, " + str(verdict.remaining) + " left"
-            if verdict.allowed
-            else f"exceeded, retry after {verdict.retry_after}s"
+    if t.on:
+        t(
+            f"limit {spec.name} ({spec.rate}, key {key}): "
+            + (
+                "ok, " + str(verdict.remaining) + " left"
+                if verdict.allowed
+                else f"exceeded, retry after {verdict.retry_after}s"
+            )
         )
-    )
     return verdict
 
 
@@ -132,15 +137,18 @@ def _credentials(
         return None, None, ""
     scheme, _, rest = values[0].strip(" \t").partition(" ")
     if scheme.lower() != "bearer":
-        t(f"credentials: unsupported scheme {scheme[:20]!r}, treated as none")
+        if t.on:
+            t(f"credentials: unsupported scheme {scheme[:20]!r}, treated as none")
         return None, None, ""
     token = rest.strip(" ")
     try:
-        who = verify(policy.issuers, token, now)
+        who = verify(policy.issuers, token, now, policy.token_cache)
     except TokenRejected as e:
-        t(f"credentials: bearer token rejected: {e.reason} ({e.detail})")
+        if t.on:
+            t(f"credentials: bearer token rejected: {e.reason} ({e.detail})")
         return None, INVALID_TOKEN, e.reason
-    t(f"credentials: bearer token for {who.subject!r} from {who.issuer}")
+    if t.on:
+        t(f"credentials: bearer token for {who.subject!r} from {who.issuer}")
     return who, None, ""
 
 
@@ -161,15 +169,19 @@ def _match(
     for rule in policy.rules:
         params = rule.pattern.match(path.segments)
         if params is None:
-            t(f"rule {rule.name}: path does not match {rule.pattern.text}")
+            if t.on:
+                t(f"rule {rule.name}: path does not match {rule.pattern.text}")
             continue
         if rule.methods is not None and method not in rule.methods:
-            t(f"rule {rule.name}: method {method} not in {sorted(rule.methods)}")
+            if t.on:
+                t(f"rule {rule.name}: method {method} not in {sorted(rule.methods)}")
             continue
         if rule.host is not None and rule.host != host:
-            t(f"rule {rule.name}: host {host!r} is not {rule.host!r}")
+            if t.on:
+                t(f"rule {rule.name}: host {host!r} is not {rule.host!r}")
             continue
-        t(f"rule {rule.name}: matches" + (f" with {params}" if params else ""))
+        if t.on:
+            t(f"rule {rule.name}: matches" + (f" with {params}" if params else ""))
         return rule, params
     return None, {}
 
@@ -191,13 +203,16 @@ def decide(
     try:
         path = canonicalize(request.target)
     except AmbiguousPath as e:
-        t(f"path {request.target[:200]!r} rejected: {e}")
+        if t.on:
+            t(f"path {request.target[:200]!r} rejected: {e}")
         return Decision(False, 400, BAD_PATH, detail=str(e), trace=t.done())
-    t(f"path {request.target[:200]!r} -> {path.path!r}")
+    if t.on:
+        t(f"path {request.target[:200]!r} -> {path.path!r}")
 
     # 2. Client IP and the IP lists.
     ip = resolve(policy.trusted_proxies, request.peer, request.header_all("x-forwarded-for"))
-    t(f"client ip {ip.address} (from {ip.via}, peer {request.peer})")
+    if t.on:
+        t(f"client ip {ip.address} (from {ip.via}, peer {request.peer})")
     if policy.block.contains(ip.family, ip.value):
         t("ip: on the block list")
         return Decision(False, 403, IP_BLOCKED, client_ip=ip.address, path=path, trace=t.done())
@@ -226,7 +241,8 @@ def decide(
     rule, params = _match(policy, request.method, host, path, t)
     if rule is None:
         status = 404 if policy.default == "not_found" else 403
-        t(f"no rule matches: default {policy.default}")
+        if t.on:
+            t(f"no rule matches: default {policy.default}")
         return Decision(False, status, NO_RULE, client_ip=ip.address, path=path, trace=t.done())
 
     def deny(
@@ -239,7 +255,8 @@ def decide(
         detail: str = "",
     ) -> Decision:
         if rule.hide:
-            t(f"denied ({reason}); the rule is hidden: answering as an unknown path")
+            if t.on:
+                t(f"denied ({reason}); the rule is hidden: answering as an unknown path")
             return Decision(
                 False,
                 404,
@@ -290,7 +307,8 @@ def decide(
         )
     if not rule.allow.holds(who, params):
         if trace:
-            t(f"condition: {describe(rule.allow, who, params)} is false")
+            if t.on:
+                t(f"condition: {describe(rule.allow, who, params)} is false")
         if who is None:
             return deny(401, NO_CREDENTIALS, challenge=())
         missing = c.missing_scopes(rule.allow, who, params)
@@ -304,7 +322,8 @@ def decide(
             )
         return deny(403, FORBIDDEN, identity=who)
     if trace:
-        t(f"condition: {describe(rule.allow, who, params)} is true")
+        if t.on:
+            t(f"condition: {describe(rule.allow, who, params)} is true")
 
     # 6. Limits keyed by subject or header (and every limit of a hidden rule).
     for spec in late:

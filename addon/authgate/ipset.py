@@ -63,7 +63,7 @@ def parse_cidr(text: str) -> tuple[int, int, int]:
         bits_given = bits
     if not slash:
         return family, value, value
-    if not prefix_text.isdigit() or len(prefix_text) > 3:
+    if not (prefix_text.isascii() and prefix_text.isdigit()) or len(prefix_text) > 3:
         raise ValueError(f"bad prefix length in {text!r}")
     prefix = int(prefix_text)
     if prefix > bits_given:
@@ -80,17 +80,24 @@ def parse_cidr(text: str) -> tuple[int, int, int]:
     return family, value, value | mask
 
 
-def _merge(intervals: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    intervals.sort()
+def _merge(packed: list[int], width: int) -> tuple[list[int], list[int]]:
+    """Merge ranges packed as `first << width | last` (ints sort far faster
+    than tuples: a million entries in well under a second)."""
+    packed.sort()
+    mask = (1 << width) - 1
     starts: list[int] = []
     ends: list[int] = []
-    for first, last in intervals:
-        if ends and first <= ends[-1] + 1:
-            if last > ends[-1]:
-                ends[-1] = last
+    last_end = -2
+    for item in packed:
+        first = item >> width
+        last = item & mask
+        if first <= last_end + 1:
+            if last > last_end:
+                ends[-1] = last_end = last
         else:
             starts.append(first)
             ends.append(last)
+            last_end = last
     return starts, ends
 
 
@@ -106,13 +113,16 @@ class IPSet:
 
     @classmethod
     def build(cls, ranges: Iterable[tuple[int, int, int]]) -> IPSet:
-        v4: list[tuple[int, int]] = []
-        v6: list[tuple[int, int]] = []
+        v4: list[int] = []
+        v6: list[int] = []
         for family, first, last in ranges:
-            (v4 if family == 4 else v6).append((first, last))
+            if family == 4:
+                v4.append(first << 32 | last)
+            else:
+                v6.append(first << 128 | last)
         count = len(v4) + len(v6)
-        s4, e4 = _merge(v4)
-        s6, e6 = _merge(v6)
+        s4, e4 = _merge(v4, 32)
+        s6, e6 = _merge(v6, 128)
         return cls(s4, e4, s6, e6, count)
 
     @classmethod
@@ -142,17 +152,42 @@ class IPSet:
         return self.contains(family, value)
 
 
-def read_cidr_lines(lines: Iterable[str]) -> Iterable[tuple[int, tuple[int, int, int] | str]]:
+def read_cidr_lines(
+    lines: Iterable[str],
+) -> tuple[list[tuple[int, int, int]], tuple[int, str] | None]:
     """Parse a block-list file's lines: one IP or CIDR a line, `#` comments.
 
-    Yields (line number, range) or (line number, error message) so the
-    caller can report the file and line.
+    Returns (ranges, None), or (ranges so far, (line number, problem)) at the
+    first bad line, so the caller can name the file and line. Plain IPv4
+    addresses, the bulk of threat feeds, take a fast path.
     """
+    out: list[tuple[int, int, int]] = []
+    append = out.append
+    pton = socket.inet_pton
+    af4 = socket.AF_INET
+    from_bytes = int.from_bytes
     for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
+        if "#" in line:
+            line = line.split("#", 1)[0]
+        text = line.strip()
         if not text:
             continue
+        if ":" not in text:
+            addr, slash, prefix = text.partition("/")
+            try:
+                value = from_bytes(pton(af4, addr), "big")
+            except OSError:
+                return out, (number, f"not an IP address: {addr!r}")
+            if not slash:
+                append((4, value, value))
+                continue
+            if prefix.isascii() and prefix.isdigit() and len(prefix) <= 2 and int(prefix) <= 32:
+                host = (1 << (32 - int(prefix))) - 1
+                if not value & host:
+                    append((4, value, value | host))
+                    continue
         try:
-            yield number, parse_cidr(text)
+            append(parse_cidr(text))
         except ValueError as e:
-            yield number, str(e)
+            return out, (number, str(e))
+    return out, None

@@ -15,9 +15,6 @@ UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 HEX = frozenset("0123456789abcdefABCDEF")
 # Octets that must never appear percent-encoded: "/", "\" and NUL.
 FORBIDDEN_ENCODED = frozenset({"2F", "5C", "00"})
-# After one decoding of "%25", these would become an encoded dot, slash,
-# backslash or NUL: a double encoding some backend decodes twice.
-DOUBLE_ENCODED = frozenset({"2E", "2F", "5C", "00"})
 # Characters allowed raw in a path, besides "%" (RFC 3986 pchar and "/").
 RAW_ALLOWED = frozenset(UNRESERVED | set("!$&'()*+,=:@/"))
 
@@ -39,10 +36,17 @@ class CanonicalPath:
         return f"{self.path}?{self.query}" if self.has_query else self.path
 
 
+_DOUBLE_ENCODED = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
+
+
 def _normalize_segment(raw: str) -> tuple[str, str]:
-    """One raw segment -> (normalized encoded form, decoded form)."""
+    """One raw segment -> (normalized encoded form, decoded form).
+
+    Percent-encoded octets decode as UTF-8 (RFC 3986 §2.5); octets that are
+    not UTF-8 stay distinct (surrogate escapes) and never equal a literal.
+    """
     out: list[str] = []
-    decoded: list[str] = []
+    octets = bytearray()
     i = 0
     n = len(raw)
     while i < n:
@@ -54,14 +58,10 @@ def _normalize_segment(raw: str) -> tuple[str, str]:
             h = h.upper()
             if h in FORBIDDEN_ENCODED:
                 raise AmbiguousPath(f"encoded %{h} in path")
-            if h == "25" and raw[i + 3 : i + 5].upper() in DOUBLE_ENCODED:
-                raise AmbiguousPath("double percent-encoding in path")
-            ch = chr(int(h, 16))
-            if ch in UNRESERVED:
-                out.append(ch)
-            else:
-                out.append("%" + h)
-            decoded.append(ch)
+            value = int(h, 16)
+            ch = chr(value)
+            out.append(ch if ch in UNRESERVED else "%" + h)
+            octets.append(value)
             i += 3
             continue
         if c not in RAW_ALLOWED:
@@ -71,9 +71,19 @@ def _normalize_segment(raw: str) -> tuple[str, str]:
                 raise AmbiguousPath("';' parameters in path")
             raise AmbiguousPath("character not allowed in a path")
         out.append(c)
-        decoded.append(c)
+        octets.append(ord(c))
         i += 1
-    return "".join(out), "".join(decoded)
+    decoded = octets.decode("utf-8", "surrogateescape")
+    # Decoded once, does it still hold an encoded dot, slash, backslash or
+    # NUL? Then some backend that decodes twice reads something else.
+    if "%" in decoded and _DOUBLE_ENCODED.search(decoded):
+        raise AmbiguousPath("double percent-encoding in path")
+    return "".join(out), decoded
+
+
+# A path of plain characters only (no "%", ";" or "\\"): nothing to decode.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
+_PLAIN_QUERY = re.compile(r"[\x21-\x7e]*")
 
 
 def canonicalize(target: str) -> CanonicalPath:
@@ -86,23 +96,32 @@ def canonicalize(target: str) -> CanonicalPath:
     path, sep, query = target.partition("?")
     if "#" in target:
         raise AmbiguousPath("fragment in request target")
-    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in query):
+    if not _PLAIN_QUERY.fullmatch(query):
         raise AmbiguousPath("character not allowed in the query")
     trailing_slash = len(path) > 1 and path.endswith("/")
+    if _PLAIN_PATH.fullmatch(path):
+        plain = [seg for seg in path.split("/") if seg]
+        if "." not in plain and ".." not in plain:
+            canonical = "/" + "/".join(plain)
+            if trailing_slash and plain:
+                canonical += "/"
+            return CanonicalPath(canonical, query, bool(sep), tuple(plain))
     encoded: list[str] = []
     decoded: list[str] = []
     for raw in path.split("/"):
         if raw == "":
             continue  # "//" collapses: many backends read it as "/"
         enc, dec = _normalize_segment(raw)
-        if dec == ".":
+        if dec in (".", ".."):
+            # remove_dot_segments (RFC 3986 §5.2.4): "/a/b/.." is "/a/"
+            trailing_slash = True
+            if dec == "..":
+                if not encoded:
+                    raise AmbiguousPath("dot segment climbs above the root")
+                encoded.pop()
+                decoded.pop()
             continue
-        if dec == "..":
-            if not encoded:
-                raise AmbiguousPath("dot segment climbs above the root")
-            encoded.pop()
-            decoded.pop()
-            continue
+        trailing_slash = len(path) > 1 and path.endswith("/")
         encoded.append(enc)
         decoded.append(dec)
     canonical = "/" + "/".join(encoded)
@@ -160,6 +179,8 @@ class PathPattern:
                 _, dec = _normalize_segment(seg)
             except AmbiguousPath as e:
                 raise ValueError(f"bad segment {seg!r} in path pattern {text!r}: {e}") from e
+            if dec in (".", ".."):
+                raise ValueError(f"dot segment in path pattern {text!r}")
             parts.append(dec)
         return cls(text, tuple(parts), tuple(params), rest)
 

@@ -19,7 +19,15 @@ from . import conditions as c
 from .ipset import IPSet, parse_cidr, read_cidr_lines
 from .paths import PathPattern
 from .ratelimit import Rate
-from .tokens import HMAC_ALGS, SUPPORTED_ALGS, Issuer, VerifyKey, load_jwks, load_public_key_pem
+from .tokens import (
+    HMAC_ALGS,
+    SUPPORTED_ALGS,
+    Issuer,
+    TokenCache,
+    VerifyKey,
+    load_jwks,
+    load_public_key_pem,
+)
 from .yamlmarks import MarkedDict, MarkedList, PolicyError, load
 
 __all__ = ["Policy", "Rule", "LimitSpec", "PolicyError", "load_policy", "parse_policy"]
@@ -40,11 +48,12 @@ class LimitSpec:
     header: str | None  # lower-case header name for key "header"
     rate: Rate
     line: int
+    # Counters survive a reload while name, key and rate are unchanged.
+    limiter_id: str = ""
 
-    @property
-    def limiter_id(self) -> str:
-        """Counters survive a reload while name, key and rate are unchanged."""
-        return f"{self.name}|{self.key}:{self.header or ''}|{self.rate}"
+    def __post_init__(self) -> None:
+        ident = f"{self.name}|{self.key}:{self.header or ''}|{self.rate}"
+        object.__setattr__(self, "limiter_id", ident)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +84,17 @@ class Policy:
     forward_credentials: bool
     files: tuple[str, ...] = field(default=())  # every file read to build it
     uses_host: bool = False
+    # Derived at construction: global limits checked before / after credentials.
+    ip_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
+    late_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
+    # Tokens already verified against this policy's keys (see tokens.verify).
+    token_cache: TokenCache = field(
+        default_factory=TokenCache, init=False, compare=False, repr=False
+    )
 
-    @property
-    def ip_limits(self) -> tuple[LimitSpec, ...]:
-        return tuple(lim for lim in self.limits if lim.key == "ip")
-
-    @property
-    def late_limits(self) -> tuple[LimitSpec, ...]:
-        return tuple(lim for lim in self.limits if lim.key != "ip")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
+        object.__setattr__(self, "late_limits", tuple(x for x in self.limits if x.key != "ip"))
 
 
 T = TypeVar("T")
@@ -182,12 +194,10 @@ class _Builder:
             lines = data.decode("utf-8").splitlines()
         except UnicodeDecodeError:
             raise PolicyError(path, None, "not UTF-8 text") from None
-        out: list[tuple[int, int, int]] = []
-        for number, item in read_cidr_lines(lines):
-            if isinstance(item, str):
-                raise PolicyError(path, number, item)
-            out.append(item)
-        return out
+        ranges, problem = read_cidr_lines(lines)
+        if problem is not None:
+            raise PolicyError(path, problem[0], problem[1])
+        return ranges
 
     def duration(self, value: Any, line: int, where: str) -> float:
         try:

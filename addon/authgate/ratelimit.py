@@ -8,7 +8,6 @@ is what `Retry-After` promises.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -54,38 +53,42 @@ class Verdict:
     reset: int  # whole seconds until the quota is fully back
 
 
+NS = 1_000_000_000
+
+
 class Limiter:
     """In-memory GCRA state. Keys are (limit identity, key value).
 
-    Single-threaded by design: mitmproxy calls hooks on one event loop.
+    Times are integer nanoseconds, so a burst of N is exactly N (floats lose
+    a request to rounding). Single-threaded by design: mitmproxy calls hooks
+    on one event loop.
     """
 
     def __init__(self, max_keys: int = 1_000_000) -> None:
-        self._tat: dict[tuple[str, str], float] = {}
-        self._max_keys = max_keys
+        self._tat: dict[tuple[str, str], int] = {}
+        self._max_keys = max(1, max_keys)
 
     def __len__(self) -> int:
         return len(self._tat)
 
     def hit(self, limit_id: str, key: str, rate: Rate, now: float, consume: bool = True) -> Verdict:
-        interval = rate.interval
+        t = round(now * NS)
+        period = rate.period * NS
+        interval = period // rate.count  # rounded down: the whole burst always fits
         store_key = (limit_id, key)
-        tat = self._tat.get(store_key, now)
-        if tat < now:
-            tat = now
+        tat = max(self._tat.get(store_key, t), t)
         new_tat = tat + interval
-        allow_at = new_tat - rate.period  # the earliest time this request fits
-        if allow_at > now:
-            wait = allow_at - now
-            return Verdict(False, 0, max(1, math.ceil(wait)), max(1, math.ceil(tat - now)))
+        allow_at = new_tat - period  # the earliest time this request fits
+        if allow_at > t:
+            return Verdict(False, 0, max(1, -(-(allow_at - t) // NS)), max(1, -(-(tat - t) // NS)))
         if consume:
             if len(self._tat) >= self._max_keys and store_key not in self._tat:
-                self._sweep(now)
+                self._sweep(t)
             self._tat[store_key] = new_tat
-        remaining = int((now - allow_at) // interval)
-        return Verdict(True, remaining, 0, math.ceil(new_tat - now))
+        remaining = (t - allow_at) // interval
+        return Verdict(True, remaining, 0, -(-(new_tat - t) // NS))
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, now: int) -> None:
         """Forget keys whose quota is fully back; they carry no state."""
         expired = [k for k, t in self._tat.items() if t <= now]
         for k in expired:
@@ -93,5 +96,6 @@ class Limiter:
         if len(self._tat) >= self._max_keys:
             # Still full of active keys: drop the oldest half rather than grow
             # without bound. Those keys get a fresh quota (documented).
-            for k in sorted(self._tat, key=self._tat.__getitem__)[: self._max_keys // 2]:
+            drop = max(1, len(self._tat) - self._max_keys // 2)
+            for k in sorted(self._tat, key=self._tat.__getitem__)[:drop]:
                 del self._tat[k]

@@ -220,11 +220,43 @@ def _check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
         raise TokenRejected("The access token is not valid yet", f"iat {iat} > now {now}")
 
 
-def verify(issuers: tuple[Issuer, ...], token: str, now: float) -> Identity:
+class TokenCache:
+    """Tokens whose signature and claims were verified, so that a client
+    reusing its token does not pay for the signature check every time.
+
+    Time claims are checked again on every use. Only verified tokens enter,
+    so an attacker cannot fill it with garbage; it lives in one Policy, so a
+    reload (new keys) starts empty. Bounded: the oldest entry goes first.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._entries: dict[str, Identity] = {}
+
+    def get(self, token: str) -> Identity | None:
+        return self._entries.get(token)
+
+    def put(self, token: str, who: Identity) -> None:
+        if len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]
+        self._entries[token] = who
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def verify(
+    issuers: tuple[Issuer, ...], token: str, now: float, cache: TokenCache | None = None
+) -> Identity:
     """Verify a compact JWS and return the identity it proves.
 
     Raises TokenRejected with a client-safe reason on any failure.
     """
+    if cache is not None:
+        known = cache.get(token)
+        if known is not None:
+            _check_times(known.claims, now, known.leeway)
+            return known
     if not B64TOKEN.match(token) or token.count(".") != 2:
         raise TokenRejected("The access token is malformed", "not a compact JWS")
     if not issuers:
@@ -276,4 +308,7 @@ def verify(issuers: tuple[Issuer, ...], token: str, now: float) -> Identity:
         raise TokenRejected("The access token has a malformed claim", "sub is not a plain string")
     roles = _string_set(claim_at(claims, issuer.roles_claim), split=False)
     scopes = _string_set(claim_at(claims, issuer.scope_claim), split=True)
-    return Identity(sub, issuer.issuer, "jwt", roles, scopes, claims)
+    who = Identity(sub, issuer.issuer, "jwt", roles, scopes, claims, issuer.leeway)
+    if cache is not None:
+        cache.put(token, who)
+    return who

@@ -1,0 +1,321 @@
+"""Rate.parse and the GCRA Limiter with an injected clock (R-01, R-02, Part 1 item 10)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authgate.ratelimit import Limiter, Rate, Verdict
+
+P = pytest.param
+
+# --- Rate.parse -------------------------------------------------------------
+
+GOOD_RATES = [
+    P("5/minute", 5, 60, "5/minute", id="per-minute"),
+    P("600/minute", 600, 60, "600/minute", id="600-per-minute"),
+    P("1/second", 1, 1, "1/second", id="per-second"),
+    P("10 per hour", 10, 3600, "10/hour", id="per-word"),
+    P("3/days", 3, 86400, "3/day", id="plural-days"),
+    P("2/day", 2, 86400, "2/day", id="per-day"),
+    P("100/hours", 100, 3600, "100/hour", id="plural-hours"),
+    P("7/seconds", 7, 1, "7/second", id="plural-seconds"),
+    P("5 per minutes", 5, 60, "5/minute", id="per-word-plural"),
+    P("5 / minute", 5, 60, "5/minute", id="spaces-around-slash"),
+    P("  5/minute  ", 5, 60, "5/minute", id="surrounding-spaces"),
+    P("5\tper\tminute", 5, 60, "5/minute", id="tabs"),
+    P("5 per  minute", 5, 60, "5/minute", id="two-spaces"),
+    P("999999999/second", 999999999, 1, "999999999/second", id="nine-digits"),
+    P("10/minute\n", 10, 60, "10/minute", id="trailing-newline"),
+]
+
+
+@pytest.mark.parametrize(("text", "count", "period", "canonical"), GOOD_RATES)
+def test_rate_parse(text: str, count: int, period: int, canonical: str) -> None:
+    rate = Rate.parse(text)
+    assert rate == Rate(count, period)
+    assert str(rate) == canonical
+    assert Rate.parse(str(rate)) == rate
+
+
+BAD_RATES = [
+    P("0/minute", id="zero"),
+    P("5", id="no-period"),
+    P("5/fortnight", id="unknown-period"),
+    P("1/second; 5/minute", id="two-rates"),
+    P("1/second, 5/minute", id="two-rates-comma"),
+    P("-1/minute", id="negative"),
+    P("+5/minute", id="plus-sign"),
+    P("", id="empty"),
+    P("   ", id="blank"),
+    P("/minute", id="no-count"),
+    P("05/minute", id="leading-zero"),
+    P("1000000000/second", id="ten-digits"),
+    P("5.0/minute", id="decimal"),
+    P("1e3/minute", id="exponent"),
+    P("five/minute", id="word-count"),
+    P("\u0665/minute", id="arabic-indic-digit"),
+    P("5/Minute", id="capitalised"),
+    P("5/MINUTE", id="upper-case"),
+    P("5/min", id="abbreviated-min"),
+    P("5/sec", id="abbreviated-sec"),
+    P("5/m", id="single-letter"),
+    P("5/minutess", id="double-plural"),
+    P("5//minute", id="double-slash"),
+    P("5per minute", id="per-without-space-before"),
+    P("5 perminute", id="per-without-space-after"),
+    P("5 PER minute", id="upper-per"),
+    P("5/minute/second", id="two-periods"),
+    P("5/2minutes", id="period-multiplier"),
+    P("5/minute x", id="trailing-junk"),
+    P("5 every minute", id="every"),
+]
+
+
+@pytest.mark.parametrize("text", BAD_RATES)
+def test_rate_parse_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^bad rate "):
+        Rate.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "interval"),
+    [
+        P("5/minute", 12.0, id="5-per-minute"),
+        P("1/second", 1.0, id="1-per-second"),
+        P("600/minute", 0.1, id="600-per-minute"),
+        P("2/day", 43200.0, id="2-per-day"),
+    ],
+)
+def test_rate_interval(text: str, interval: float) -> None:
+    assert Rate.parse(text).interval == interval
+
+
+# --- Limiter.hit ------------------------------------------------------------
+
+T0 = 1000.0
+
+
+def test_burst_then_denied_exact_verdicts() -> None:
+    lim = Limiter()
+    rate = Rate.parse("3/minute")  # one every 20 s, burst of 3
+    got = [lim.hit("L", "k", rate, T0) for _ in range(5)]
+    assert got == [
+        Verdict(True, 2, 0, 20),
+        Verdict(True, 1, 0, 40),
+        Verdict(True, 0, 0, 60),
+        Verdict(False, 0, 20, 60),
+        Verdict(False, 0, 20, 60),
+    ]
+
+
+# (rate, burst size, Retry-After once the burst is spent)
+BURSTS = [
+    P("1/second", 1, 1, id="1-per-second"),
+    P("3/minute", 3, 20, id="3-per-minute"),
+    P("5/minute", 5, 12, id="5-per-minute"),
+    P("7/minute", 7, 9, id="7-per-minute-fractional-interval"),
+    P("10 per hour", 10, 360, id="10-per-hour"),
+    P("600/minute", 600, 1, id="600-per-minute-sub-second-wait"),
+    P("2/day", 2, 43200, id="2-per-day"),
+]
+
+
+@pytest.mark.parametrize(("text", "burst", "retry_after"), BURSTS)
+def test_burst_then_retry_after(text: str, burst: int, retry_after: int) -> None:
+    lim = Limiter()
+    rate = Rate.parse(text)
+    remaining = [lim.hit("L", "k", rate, T0).remaining for _ in range(burst)]
+    assert remaining == list(range(burst - 1, -1, -1))  # counts down to 0
+    denied = lim.hit("L", "k", rate, T0)
+    assert denied.allowed is False
+    assert denied.remaining == 0
+    assert type(denied.retry_after) is int
+    assert denied.retry_after == retry_after
+    # R-01: a second early is still too early; exactly Retry-After later succeeds.
+    assert lim.hit("L", "k", rate, T0 + retry_after - 1).allowed is False
+    assert lim.hit("L", "k", rate, T0 + retry_after).allowed is True
+
+
+# (rate, clock): the whole burst of N fits at one instant, whatever the clock reads.
+@pytest.mark.parametrize(
+    ("text", "now"),
+    [
+        P("3/minute", 1000.0, id="3-per-minute"),
+        P("5/minute", 1.7e9, id="5-per-minute-wall-clock"),
+        P("7/minute", 1000.0, id="7-per-minute"),
+        P("53/second", 2.0, id="53-per-second"),
+        P("600/minute", 0.0, id="600-per-minute-at-zero"),
+        P("600/minute", 1000.0, id="600-per-minute"),
+        P("3/hour", 1_700_000_000.5, id="3-per-hour-wall-clock"),
+    ],
+)
+def test_full_burst_fits(text: str, now: float) -> None:
+    lim = Limiter()
+    rate = Rate.parse(text)
+    assert spend(lim, rate, now) == rate.count
+
+
+# A fresh key always gets its first request, whatever the clock reads.
+@pytest.mark.parametrize(
+    ("text", "now", "reset"),
+    [
+        P("1/minute", 1000.0, 60, id="1-per-minute"),
+        P("1/minute", 0.1, 60, id="1-per-minute-at-0.1"),
+        P("1/minute", 1e-05, 60, id="1-per-minute-at-1e-5"),
+        P("1/hour", 0.1, 3600, id="1-per-hour-at-0.1"),
+        P("1/second", 0.1, 1, id="1-per-second-at-0.1"),
+    ],
+)
+def test_first_request_is_allowed(text: str, now: float, reset: int) -> None:
+    assert Limiter().hit("L", "k", Rate.parse(text), now) == Verdict(True, 0, 0, reset)
+
+
+def test_exact_retry_after_for_integer_interval() -> None:
+    lim = Limiter()
+    rate = Rate.parse("3/minute")
+    for _ in range(3):
+        lim.hit("L", "k", rate, T0)
+    assert lim.hit("L", "k", rate, T0 + 20) == Verdict(True, 0, 0, 60)
+    assert lim.hit("L", "k", rate, T0 + 20) == Verdict(False, 0, 20, 60)
+
+
+def test_refill_over_time() -> None:
+    lim = Limiter()
+    rate = Rate.parse("3/minute")
+    for _ in range(3):
+        lim.hit("L", "k", rate, T0)
+    assert lim.hit("L", "k", rate, T0 + 19.5) == Verdict(False, 0, 1, 41)
+    assert lim.hit("L", "k", rate, T0 + 20) == Verdict(True, 0, 0, 60)
+    assert lim.hit("L", "k", rate, T0 + 45) == Verdict(True, 0, 0, 55)  # tat was 1080
+    assert lim.hit("L", "k", rate, T0 + 200) == Verdict(True, 2, 0, 20)  # fully back
+
+
+def test_partial_refill_gives_partial_remaining() -> None:
+    lim = Limiter()
+    rate = Rate.parse("3/minute")
+    for _ in range(3):
+        lim.hit("L", "k", rate, T0)  # theoretical arrival time now T0 + 60
+    assert lim.hit("L", "k", rate, T0 + 45) == Verdict(True, 1, 0, 35)
+
+
+def test_keys_are_independent() -> None:
+    lim = Limiter()
+    rate = Rate.parse("2/minute")
+    assert [lim.hit("L", "a", rate, T0).allowed for _ in range(3)] == [True, True, False]
+    assert lim.hit("L", "b", rate, T0) == Verdict(True, 1, 0, 30)
+    assert lim.hit("other", "a", rate, T0) == Verdict(True, 1, 0, 30)
+    assert lim.hit("L", "a", rate, T0) == Verdict(False, 0, 30, 60)
+    assert len(lim) == 3
+
+
+def test_consume_false_does_not_change_state() -> None:
+    lim = Limiter()
+    rate = Rate.parse("3/minute")
+    peeks = [lim.hit("L", "k", rate, T0, consume=False) for _ in range(5)]
+    assert peeks == [Verdict(True, 2, 0, 20)] * 5
+    assert len(lim) == 0
+    lim.hit("L", "k", rate, T0)
+    lim.hit("L", "k", rate, T0)
+    assert lim.hit("L", "k", rate, T0, consume=False) == Verdict(True, 0, 0, 60)
+    assert lim.hit("L", "k", rate, T0, consume=False) == Verdict(True, 0, 0, 60)
+    assert lim.hit("L", "k", rate, T0) == Verdict(True, 0, 0, 60)
+    assert lim.hit("L", "k", rate, T0, consume=False) == Verdict(False, 0, 20, 60)
+    assert lim.hit("L", "k", rate, T0 + 20, consume=False) == Verdict(True, 0, 0, 60)
+    assert lim.hit("L", "k", rate, T0 + 20, consume=False) == Verdict(True, 0, 0, 60)
+    assert len(lim) == 1
+
+
+def test_denied_hit_does_not_push_the_wait_further() -> None:
+    lim = Limiter()
+    rate = Rate.parse("1/minute")
+    lim.hit("L", "k", rate, T0)
+    assert [lim.hit("L", "k", rate, T0 + 1).retry_after for _ in range(10)] == [59] * 10
+    assert lim.hit("L", "k", rate, T0 + 60).allowed is True
+
+
+# --- memory bound -----------------------------------------------------------
+
+
+def test_sweep_forgets_expired_keys() -> None:
+    lim = Limiter(max_keys=3)
+    fast = Rate.parse("1/second")
+    for k in ("a", "b", "c"):
+        lim.hit("L", k, fast, 0.0)
+    assert len(lim) == 3
+    assert lim.hit("L", "d", fast, 5.0) == Verdict(True, 0, 0, 1)
+    assert len(lim) == 1
+
+
+def test_sweep_keeps_active_keys() -> None:
+    lim = Limiter(max_keys=3)
+    fast, slow = Rate.parse("1/second"), Rate.parse("1/hour")
+    lim.hit("L", "expired", fast, 0.0)
+    lim.hit("L", "busy1", slow, 0.0)
+    lim.hit("L", "busy2", slow, 0.0)
+    lim.hit("L", "new", slow, 10.0)
+    assert len(lim) == 3
+    assert lim.hit("L", "busy1", slow, 10.0, consume=False) == Verdict(False, 0, 3590, 3590)
+    assert lim.hit("L", "busy2", slow, 10.0, consume=False) == Verdict(False, 0, 3590, 3590)
+
+
+def test_full_of_active_keys_drops_the_oldest_half() -> None:
+    lim = Limiter(max_keys=4)
+    slow = Rate.parse("1/hour")
+    for t, k in enumerate(("k0", "k1", "k2", "k3")):
+        lim.hit("L", k, slow, float(t))
+    lim.hit("L", "k4", slow, 4.0)
+    assert len(lim) == 3
+    allowed = {k: lim.hit("L", k, slow, 5.0, consume=False).allowed for k in ("k0", "k1", "k2")}
+    assert allowed == {"k0": True, "k1": True, "k2": False}  # k0, k1 forgotten
+
+
+@pytest.mark.parametrize("max_keys", [1, 2, 3, 4, 10])
+def test_memory_stays_bounded(max_keys: int) -> None:
+    lim = Limiter(max_keys=max_keys)
+    slow = Rate.parse("1/hour")  # nothing expires during the test
+    sizes = []
+    for i in range(50):
+        lim.hit("L", f"client-{i}", slow, T0 + i)
+        sizes.append(len(lim))
+    assert max(sizes) <= max_keys
+
+
+# --- properties -------------------------------------------------------------
+
+RATES = st.builds(Rate, count=st.integers(1, 1000), period=st.sampled_from([1, 60, 3600, 86400]))
+CLOCKS = st.floats(0, 2e9, allow_nan=False, allow_infinity=False)
+
+
+def spend(lim: Limiter, rate: Rate, now: float) -> int:
+    """Hit until denied (at most count + 1 times); how many were allowed."""
+    allowed = 0
+    while allowed <= rate.count and lim.hit("L", "k", rate, now).allowed:
+        allowed += 1
+    return allowed
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(rate=RATES, now=CLOCKS, extra=st.integers(1, 5))
+def test_retry_after_is_honest(rate: Rate, now: float, extra: int) -> None:
+    """R-01/R-02: Retry-After is a whole number >= 1 and waiting that long is enough."""
+    lim = Limiter()
+    spend(lim, rate, now)
+    for _ in range(extra):  # denied hits do not move the goalposts
+        v = lim.hit("L", "k", rate, now)
+        assert v.allowed is False
+        assert type(v.retry_after) is int and v.retry_after >= 1
+        # at most ceil(period / count), plus one second of slack for float rounding
+        assert v.retry_after <= -(-rate.period // rate.count) + 1
+    assert lim.hit("L", "k", rate, now + v.retry_after).allowed is True
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(rate=RATES, now=CLOCKS)
+def test_whole_quota_is_usable(rate: Rate, now: float) -> None:
+    """N/period allows a burst of exactly N, with `remaining` counting N-1 .. 0."""
+    lim = Limiter()
+    remaining = [lim.hit("L", "k", rate, now).remaining for _ in range(rate.count)]
+    assert remaining == list(range(rate.count - 1, -1, -1))
+    assert lim.hit("L", "k", rate, now).allowed is False
