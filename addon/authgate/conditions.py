@@ -230,12 +230,20 @@ class _AnyParams(dict[str, str]):
         return ""
 
 
+def _wanted_scopes(cond: Condition, negated: bool = False) -> frozenset[str]:
+    """Scopes the condition asks for (not those it forbids under a `not`)."""
+    if isinstance(cond, HasScope):
+        return frozenset() if negated else frozenset({cond.scope})
+    inner = negated != isinstance(cond, Not)
+    return frozenset().union(*(_wanted_scopes(k, inner) for k in cond.children()))
+
+
 def missing_scopes(cond: Condition, who: Identity, params: dict[str, str]) -> tuple[str, ...]:
     """Scopes which, added to this token, would make the condition hold.
 
     Empty when more scope would not help (then the denial is a plain 403).
     """
-    wanted = scopes_named(cond)
+    wanted = _wanted_scopes(cond)
     if not wanted or wanted <= who.scopes:
         return ()
     richer = who.with_scopes(who.scopes | wanted)

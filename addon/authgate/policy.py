@@ -39,6 +39,11 @@ _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Characters allowed inside a quoted-string realm that we generate ourselves.
 _SAFE_REALM = re.compile(r"^[\x20\x21\x23-\x5B\x5D-\x7E]+$")
+# Names that appear in response headers must need no quoting or escaping:
+# limit names in RateLimit-Policy (RFC 9651 sf-string), scopes in the
+# insufficient_scope challenge (RFC 6749 scope-token).
+_LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +214,11 @@ class _Builder:
         d = self.mapping(value, where, line)
         self.keys(d, {"name", "key", "rate"}, where, {"name", "key", "rate"})
         name = self.get(d, "name", str, where)
+        if not _LIMIT_NAME.match(name):
+            raise self.error(
+                self.line_of(d, "name"),
+                f"limit name {name!r} may hold only letters, digits and _ . : -",
+            )
         if name in self.limit_names:
             raise self.error(self.line_of(d, "name"), f"duplicate limit name {name!r}")
         self.limit_names.add(name)
@@ -362,6 +372,11 @@ class _Builder:
         if kind in ("role", "scope"):
             self.keys(d, {kind}, where)
             text = self.get(d, kind, str, where)
+            if kind == "scope" and not _SCOPE_TOKEN.match(text):
+                raise self.error(
+                    self.line_of(d, kind),
+                    f"scope {text!r} is not a valid scope token (no spaces, quotes or backslashes)",
+                )
             return c.HasRole(text) if kind == "role" else c.HasScope(text)
         if kind == "claim":
             self.keys(d, {"claim", "equals", "in", "contains"}, where)
@@ -563,12 +578,13 @@ def parse_duration(value: Any) -> float:
 
 
 def normalize_host(host: str) -> str:
-    """Lower-case, no trailing dot, default ports dropped (RFC 9110 §4.2.3)."""
-    host = host.strip().lower().rstrip(".")
+    """Lower-case, default ports dropped, no trailing dot (RFC 9110 §4.2.3)."""
+    host = host.strip().lower()
     for port in (":80", ":443"):
         if host.endswith(port):
             host = host[: -len(port)]
-    return host
+            break
+    return host.rstrip(".")
 
 
 def parse_policy(text: str, file: str = "<policy>", base: Path | None = None) -> Policy:
