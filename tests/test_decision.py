@@ -165,15 +165,15 @@ def test_allowed_decision_carries_the_canonical_target_and_identity_headers(poli
 
 def test_insufficient_scope_names_the_missing_scope(policy: Policy) -> None:
     d = run(policy, req("/w", tok(extra=ROLES)))
-    assert d.challenge == (("error", "insufficient_scope"), ("scope", "write"))
+    assert d.challenges == (("Bearer", (("error", "insufficient_scope"), ("scope", "write"))),)
 
 
 def test_role_denial_has_no_challenge(policy: Policy) -> None:
-    assert run(policy, req("/w", tok(scopes=["write"]))).challenge is None
+    assert run(policy, req("/w", tok(scopes=["write"]))).challenges == ()
 
 
 def test_no_credentials_challenge_has_no_error(policy: Policy) -> None:
-    assert run(policy, req("/r")).challenge == ()
+    assert run(policy, req("/r")).challenges == (("Bearer", ()),)
 
 
 def test_header_limit_falls_back_to_the_ip_when_the_header_is_missing(policy: Policy) -> None:

@@ -294,6 +294,8 @@ def test_minimal_policy_defaults(folder: Path) -> None:
 def test_condition_forms(folder: Path, allow: str, expected: c.Condition) -> None:
     path = write(folder, f"""
         version: 1
+        authn:
+          api_keys: {{keys: []}}
         rules:
           - name: r
             match: {{path: "/x/{{id}}"}}
@@ -355,8 +357,8 @@ BROKEN = [
      """, "unknown key 'verb' in rule 'r' match"),
     ("unknown-key-in-jwt-entry", issuer("audiences: api", mark="audiences"),
      "unknown key 'audiences' in authn.jwt[0]"),
-    ("unknown-key-in-authn", "version: 1\nauthn:\n  basic: []  # <-\nrules: []\n",
-     "unknown key 'basic' in authn"),
+    ("unknown-key-in-authn", "version: 1\nauthn:\n  passwords: []  # <-\nrules: []\n",
+     "unknown key 'passwords' in authn"),
     ("unknown-key-in-ip", "version: 1\nip:\n  deny: [192.0.2.1]  # <-\nrules: []\n",
      "unknown key 'deny' in ip"),
     ("unknown-key-in-client-ip", "version: 1\nclient_ip:\n  trusted: []  # <-\nrules: []\n",

@@ -112,23 +112,29 @@ def check_common(rendered: Any, status: int) -> dict[str, Any]:
     return body
 
 
+def bearer(*params: tuple[str, str]) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    return (("Bearer", tuple(params)),)
+
+
 # --- render() for each status ------------------------------------------------------
 
 CASES = [
     pytest.param(Decision(False, 400, BAD_PATH, detail="encoded %2F in path"), 400, None,
                  "The request is malformed; the gateway did not forward it.", id="400-bad-path"),
-    pytest.param(Decision(False, 400, INVALID_REQUEST, challenge=(("error", "invalid_request"),),
+    pytest.param(Decision(False, 400, INVALID_REQUEST,
+                          challenges=bearer(("error", "invalid_request")),
                           detail="duplicate Authorization fields"),
                  400, 'Bearer realm="api", error="invalid_request"',
                  "The request is malformed; the gateway did not forward it.",
                  id="400-invalid-request"),
-    pytest.param(Decision(False, 401, NO_CREDENTIALS, rule="rule-members", challenge=()), 401,
+    pytest.param(Decision(False, 401, NO_CREDENTIALS, rule="rule-members",
+                          challenges=bearer()), 401,
                  'Bearer realm="api"', "This resource needs valid credentials.",
                  id="401-no-credentials"),
     pytest.param(Decision(False, 401, INVALID_TOKEN, rule="rule-members",
                           detail="The access token expired",
-                          challenge=(("error", "invalid_token"),
-                                     ("error_description", "The access token expired"))),
+                          challenges=bearer(("error", "invalid_token"),
+                                            ("error_description", "The access token expired"))),
                  401, 'Bearer realm="api", error="invalid_token", '
                       'error_description="The access token expired"',
                  "The credentials sent are not valid.", id="401-invalid-token"),
@@ -137,7 +143,8 @@ CASES = [
     pytest.param(Decision(False, 403, IP_BLOCKED, client_ip="192.0.2.1"), 403, None,
                  "You are not allowed to access this resource.", id="403-ip-blocked"),
     pytest.param(Decision(False, 403, INSUFFICIENT_SCOPE, rule="rule-members", detail="read write",
-                          challenge=(("error", "insufficient_scope"), ("scope", "read write"))),
+                          challenges=bearer(("error", "insufficient_scope"),
+                                            ("scope", "read write"))),
                  403, 'Bearer realm="api", error="insufficient_scope", scope="read write"',
                  "The access token lacks the scope this resource needs.",
                  id="403-insufficient-scope"),
@@ -193,7 +200,7 @@ def test_challenge_syntax(
 ) -> None:
     rendered = render(decision, "my realm!", "GET", now=NOW)
     value = one_header(rendered, "WWW-Authenticate")
-    if decision.challenge is None:
+    if not decision.challenges:
         assert value is None
         return
     assert value is not None
@@ -203,7 +210,7 @@ def test_challenge_syntax(
     names = [name.lower() for name, _, _ in params]
     assert len(names) == len(set(names)), f"H-05/B-09: parameter twice in {value!r}"
     assert params[0][0] == "realm" and params[0][1] == '"my realm!"'
-    assert [(n, v) for n, _, v in params[1:]] == list(decision.challenge)
+    assert [(n, v) for n, _, v in params[1:]] == list(decision.challenges[0][1])
     for name, raw, text in params:
         assert raw.startswith('"'), f"{name} is not a quoted-string"
         if name in ("error", "error_description"):
@@ -216,7 +223,7 @@ def test_challenge_syntax(
 
 def test_no_credentials_challenge_has_no_error() -> None:
     """B-03: no error, error_description or error_uri without credentials."""
-    rendered = render(Decision(False, 401, NO_CREDENTIALS, challenge=()), "api", "GET", NOW)
+    rendered = render(Decision(False, 401, NO_CREDENTIALS, challenges=bearer()), "api", "GET", NOW)
     assert header_values(rendered, "WWW-Authenticate") == ['Bearer realm="api"']
 
 
@@ -230,7 +237,7 @@ def test_no_credentials_challenge_has_no_error() -> None:
     ],
 )
 def test_realm_is_always_quoted(realm: str, header: str) -> None:
-    rendered = render(Decision(False, 401, NO_CREDENTIALS, challenge=()), realm, "GET", NOW)
+    rendered = render(Decision(False, 401, NO_CREDENTIALS, challenges=bearer()), realm, "GET", NOW)
     assert one_header(rendered, "WWW-Authenticate") == header
     _, params = parse_challenge(header)
     assert params == [("realm", header[len("Bearer realm=") :], realm)]

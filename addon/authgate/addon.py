@@ -8,6 +8,7 @@ and the request never reaches the backend.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,11 +17,13 @@ from typing import IO, Any
 
 from mitmproxy import ctx, exceptions, http
 
-from .decision import FORBIDDEN, Decision, RequestView, decide
+from .credentials import BASIC, JWT, Ambiguous, find
+from .decision import FORBIDDEN, Decision, RequestView, decide, passes_ip_checks
 from .ipset import normalize_ip
 from .policy import IDENTITY_HEADERS, Policy, PolicyError, load_policy
 from .ratelimit import Limiter
 from .responses import Rendered, render, render_error
+from .tokens import unverified_kid
 
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
@@ -53,6 +56,8 @@ class Gateway:
         self.clock = clock
         self._log_file: IO[str] | None = None
         self.decide = decide  # replaced in fail-closed tests only
+        self._keys_task: asyncio.Task[None] | None = None
+        self._bcrypt_slots = asyncio.Semaphore(2)  # bcrypt is CPU-bound: two at a time
 
     # --- options -----------------------------------------------------------
 
@@ -106,22 +111,99 @@ class Gateway:
                 "authgate: no policy; pass --set authgate_policy=FILE "
                 "(for example policies/example.yaml). Every request is answered 503."
             )
+            return
+        self._warn_basic_in_clear(self.policy)
+        self._keys_task = asyncio.get_running_loop().create_task(self._keep_keys_fresh())
 
     def done(self) -> None:
+        if self._keys_task is not None:
+            self._keys_task.cancel()
+            self._keys_task = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
 
+    @staticmethod
+    def _warn_basic_in_clear(policy: Policy) -> None:
+        if policy.basic is None:
+            return
+        for mode in ctx.options.mode:
+            listen = mode.rpartition("@")[2] if "@" in mode else ""
+            host = listen.rpartition(":")[0].strip("[]") if ":" in listen else ""
+            if host in ("127.0.0.1", "localhost", "::1"):
+                continue
+            logger.warning(
+                f"authgate: Basic credentials are accepted on {listen or 'all interfaces'}; "
+                "unless clients connect with TLS, passwords cross the network in clear text"
+            )
+
+    async def _keep_keys_fresh(self) -> None:
+        """Fetch remote key sets at start and whenever they expire (or, after
+        a failure, when the backoff says). Off the request path."""
+        while True:
+            policy = self.policy
+            sources = [i.remote for i in policy.issuers if i.remote] if policy else []
+            for source in sources:
+                if source.due():
+                    await source.refresh()
+            wait = min((s.next_attempt - s.clock() for s in sources), default=60.0)
+            await asyncio.sleep(min(max(wait, 0.5), 60.0))
+
     # --- hooks -------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
         try:
+            if self.policy is not None:
+                await self._prepare(self.policy, request_view(flow, self.policy.uses_host))
             self._judge(flow)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             logger.exception("authgate: error while judging a request; answering 500")
             self._fail(flow, 500, "internal_error")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        # RFC 6750 §2.3: a response to a request authenticated by a query
+        # token must not be stored by shared caches.
+        entry = flow.metadata.get(METADATA_KEY)
+        if flow.response is not None and isinstance(entry, dict) and entry.get("via") == "query":
+            if "cache-control" not in flow.response.headers:
+                flow.response.headers["Cache-Control"] = "private"
+
+    async def _prepare(self, policy: Policy, view: RequestView) -> None:
+        """The slow or remote parts of checking credentials, done before the
+        pure decision so that it finds their results: a bcrypt check (in a
+        thread), a JWKS refresh for a key id we do not know yet."""
+        try:
+            presented, _ = find(
+                policy.issuers,
+                policy.api_keys,
+                policy.basic,
+                view.headers,
+                view.target.partition("?")[2],
+            )
+        except Ambiguous:
+            return
+        if presented is None:
+            return
+        if presented.kind == BASIC and policy.basic is not None:
+            user, _, password = presented.value.partition(":")
+            now = time.monotonic()
+            if policy.basic.cached(user, password, now) is None and passes_ip_checks(
+                policy, view, self.clock(), self.limiter
+            ):
+                async with self._bcrypt_slots:
+                    await asyncio.to_thread(policy.basic.check, user, password, now)
+        elif presented.kind == JWT:
+            iss, kid = unverified_kid(presented.value)
+            for issuer in presented.issuers:
+                source = issuer.remote
+                if source is None or (len(presented.issuers) > 1 and issuer.issuer != iss):
+                    continue
+                if not source.loaded and source.due():
+                    await source.refresh("cold start")
+                elif kid is not None and source.lookup(kid) is None and source.may_refresh_for(kid):
+                    await source.refresh("unknown kid", kid=kid)
 
     def request(self, flow: http.HTTPFlow) -> None:
         # Fail closed: a request that reaches here unjudged is never forwarded.
@@ -135,7 +217,8 @@ class Gateway:
     def _fail(self, flow: http.HTTPFlow, status: int, reason: str) -> None:
         """The gateway itself cannot judge: answer 500/503, never forward."""
         retry = 60 if status == 503 else None
-        _respond(flow, render_error(status, flow.request.method, retry_after=retry))
+        accept = flow.request.headers.get("accept")
+        _respond(flow, render_error(status, flow.request.method, retry_after=retry, accept=accept))
         flow.metadata[METADATA_KEY] = {"status": status, "reason": reason}
         flow.comment = f"authgate: {status} {reason}"
 
@@ -153,14 +236,14 @@ class Gateway:
         if decision.allowed:
             self._forward(flow, policy, decision, view.peer)
         else:
-            _respond(flow, render(decision, policy.realm, req.method))
+            accept = req.headers.get("accept")
+            _respond(flow, render(decision, policy.realm, req.method, accept=accept))
         self._record(flow, decision)
 
     def _forward(self, flow: http.HTTPFlow, policy: Policy, d: Decision, peer: str) -> None:
         req = flow.request
-        assert d.path is not None
-        if req.path != d.path.target:
-            req.path = d.path.target
+        if req.path != d.target:
+            req.path = d.target
         if req.authority and req.http_version.startswith("HTTP/1"):
             req.authority = ""  # absolute-form: forward as origin-form, judged path only
         headers = req.headers
@@ -187,6 +270,7 @@ class Gateway:
             "status": d.status or None,
             "reason": d.reason,
             "subject": subject,
+            "via": d.via,
         }
         flow.metadata[METADATA_KEY] = entry
         if d.allowed:

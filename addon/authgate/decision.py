@@ -8,14 +8,16 @@ so what they report is what the gateway does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote_plus
 
 from . import conditions as c
 from .clientip import ClientIP, resolve
+from .credentials import API_KEY, BASIC, JWT, Ambiguous, check, find
 from .identity import Identity
+from .negotiation import is_browser_navigation
 from .paths import AmbiguousPath, CanonicalPath, canonicalize
 from .policy import LimitSpec, Policy, Rule, normalize_host
 from .ratelimit import Limiter, Verdict
-from .tokens import TokenRejected, verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +50,12 @@ class Decision:
     path: CanonicalPath | None = None
     identity: Identity | None = None
     # Bearer challenge parameters after realm, e.g. (("error", "invalid_token"),)
-    challenge: tuple[tuple[str, str], ...] | None = None
+    # WWW-Authenticate challenges: (scheme, parameters after realm), in order
+    challenges: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()  # extra response headers (429)
     upstream_headers: tuple[tuple[str, str], ...] = ()  # identity headers to forward
+    target: str = ""  # the request target to forward (canonical path, query)
+    via: str | None = None  # where the credential came from: authorization, cookie, query, ...
     detail: str = ""  # internal explanation: logged, never sent to the client
     trace: tuple[str, ...] = field(default=())
 
@@ -64,6 +69,10 @@ NO_RULE = "no_rule"
 NO_CREDENTIALS = "no_credentials"
 INVALID_TOKEN = "invalid_token"
 INVALID_REQUEST = "invalid_request"
+INVALID_CREDENTIALS = "invalid_credentials"
+KEYS_UNAVAILABLE = "keys_unavailable"
+LOGIN_REDIRECT = "login_redirect"
+PREFLIGHT = "preflight"
 FORBIDDEN = "forbidden"
 INSUFFICIENT_SCOPE = "insufficient_scope"
 HIDDEN = "hidden"
@@ -124,32 +133,32 @@ def _limit_key(spec: LimitSpec, request: RequestView, ip: ClientIP, who: Identit
     return f"ip:{ip.address}"
 
 
-def _credentials(
-    policy: Policy, request: RequestView, now: float, t: _Trace
-) -> tuple[Identity | None, str | None, str]:
-    """-> (identity, failure reason, detail). No credentials: (None, None, "")."""
-    values = request.header_all("authorization")
-    if len(values) > 1:
-        t("credentials: more than one Authorization field")
-        return None, INVALID_REQUEST, "duplicate Authorization fields"
-    if not values:
-        t("credentials: none")
-        return None, None, ""
-    scheme, _, rest = values[0].strip(" \t").partition(" ")
-    if scheme.lower() != "bearer":
-        if t.on:
-            t(f"credentials: unsupported scheme {scheme[:20]!r}, treated as none")
-        return None, None, ""
-    token = rest.strip(" ")
-    try:
-        who = verify(policy.issuers, token, now, policy.token_cache)
-    except TokenRejected as e:
-        if t.on:
-            t(f"credentials: bearer token rejected: {e.reason} ({e.detail})")
-        return None, INVALID_TOKEN, e.reason
-    if t.on:
-        t(f"credentials: bearer token for {who.subject!r} from {who.issuer}")
-    return who, None, ""
+Challenge = tuple[str, tuple[tuple[str, str], ...]]  # (scheme, parameters after realm)
+
+
+def _challenges(
+    policy: Policy, rule: Rule, bearer: tuple[tuple[str, str], ...] = ()
+) -> tuple[Challenge, ...]:
+    """One challenge per scheme the rule accepts, Basic first (RFC 9110 §11.6.1)."""
+    out: list[Challenge] = []
+    if BASIC in rule.accept:
+        out.append(("Basic", (("charset", "UTF-8"),)))
+    if JWT in rule.accept:
+        out.append(("Bearer", bearer))
+    if API_KEY in rule.accept and policy.api_keys is not None:
+        out.append(("ApiKey", (("header", policy.api_keys.header),)))
+    return tuple(out)
+
+
+def _without_param(query: str, name: str) -> str:
+    """The query with every `name=...` item removed, the rest kept verbatim."""
+    kept = [item for item in query.split("&") if unquote_plus(item.split("=", 1)[0]) != name]
+    return "&".join(kept)
+
+
+def _login_location(login_url: str, target: str) -> str:
+    separator = "&" if "?" in login_url else "?"
+    return f"{login_url}{separator}next={quote(target, safe='')}"
 
 
 def _identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
@@ -186,19 +195,10 @@ def _match(
     return None, {}
 
 
-def decide(
-    policy: Policy,
-    request: RequestView,
-    now: float,
-    limiter: Limiter,
-    *,
-    consume: bool = True,
-    trace: bool = False,
-) -> Decision:
-    """Judge one request. Pure apart from the limiter's counters (and
-    `consume=False` leaves those untouched too)."""
-    t = _Trace(trace)
-
+def _front(
+    policy: Policy, request: RequestView, now: float, limiter: Limiter, consume: bool, t: _Trace
+) -> Decision | tuple[CanonicalPath, ClientIP]:
+    """Steps 1-3, which need no rule and no credentials."""
     # 1. The canonical path: the one we judge and the one we forward.
     try:
         path = canonicalize(request.target)
@@ -235,6 +235,33 @@ def decide(
                 detail=spec.name,
                 trace=t.done(),
             )
+    return path, ip
+
+
+def passes_ip_checks(policy: Policy, request: RequestView, now: float, limiter: Limiter) -> bool:
+    """Would the request get past the path, IP list and IP limit checks? (Nothing
+    consumed.) The addon asks before doing slow work such as bcrypt."""
+    return not isinstance(_front(policy, request, now, limiter, False, _Trace(False)), Decision)
+
+
+def decide(
+    policy: Policy,
+    request: RequestView,
+    now: float,
+    limiter: Limiter,
+    *,
+    consume: bool = True,
+    trace: bool = False,
+) -> Decision:
+    """Judge one request. Pure apart from the limiter's counters (and
+    `consume=False` leaves those untouched too)."""
+    t = _Trace(trace)
+
+    front = _front(policy, request, now, limiter, consume, t)
+    if isinstance(front, Decision):
+        return front
+    path, ip = front
+    ip_key = f"ip:{ip.address}"
 
     # 4. The first matching rule.
     host = normalize_host(request.host) if request.host is not None else None
@@ -250,7 +277,7 @@ def decide(
         reason: str,
         *,
         identity: Identity | None = None,
-        challenge: tuple[tuple[str, str], ...] | None = None,
+        challenges: tuple[Challenge, ...] = (),
         headers: tuple[tuple[str, str], ...] = (),
         detail: str = "",
     ) -> Decision:
@@ -275,7 +302,7 @@ def decide(
             client_ip=ip.address,
             path=path,
             identity=identity,
-            challenge=challenge,
+            challenges=challenges,
             headers=headers,
             detail=detail,
             trace=t.done(),
@@ -294,36 +321,121 @@ def decide(
         else:
             late.append(spec)
 
+    # CORS preflights carry no credentials (browsers never send them); a rule
+    # may let them through to the backend, which answers them itself.
+    if (
+        rule.preflight_pass
+        and request.method == "OPTIONS"
+        and request.header("origin") is not None
+        and request.header("access-control-request-method") is not None
+    ):
+        t("CORS preflight: passed to the backend (cors.preflight: pass)")
+        return Decision(
+            True,
+            0,
+            PREFLIGHT,
+            rule=rule.name,
+            client_ip=ip.address,
+            path=path,
+            target=path.target,
+            trace=t.done(),
+        )
+
     # 5. Credentials, then the rule's condition.
-    who, failure, detail = _credentials(policy, request, now, t)
-    if failure == INVALID_REQUEST:
-        return deny(400, INVALID_REQUEST, challenge=(("error", "invalid_request"),), detail=detail)
-    if failure == INVALID_TOKEN:
+    accept = rule.accept
+    try:
+        presented, malformed = find(
+            policy.issuers if JWT in accept else (),
+            policy.api_keys if API_KEY in accept else None,
+            policy.basic if BASIC in accept else None,
+            request.headers,
+            path.query,
+        )
+    except Ambiguous as e:
+        if t.on:
+            t(f"credentials: {e}")
+        return deny(
+            400,
+            INVALID_REQUEST,
+            detail=str(e),
+            challenges=_challenges(policy, rule, (("error", "invalid_request"),)),
+        )
+    who: Identity | None = None
+    if malformed is not None:
+        t("credentials: Basic credentials that do not decode to user:password")
         return deny(
             401,
-            INVALID_TOKEN,
-            detail=detail,
-            challenge=(("error", "invalid_token"), ("error_description", detail)),
+            INVALID_CREDENTIALS,
+            challenges=_challenges(policy, rule),
+            detail="malformed Basic credentials",
         )
-    if not rule.allow.holds(who, params):
-        if trace:
+    if presented is None:
+        t("credentials: none the rule accepts")
+    else:
+        outcome = check(presented, policy.api_keys, policy.basic, policy.token_cache, now)
+        if outcome.unavailable is not None:
             if t.on:
-                t(f"condition: {describe(rule.allow, who, params)} is false")
+                t(f"credentials: cannot verify, {outcome.detail}")
+            retry = str(outcome.unavailable.retry_after)
+            return deny(
+                503, KEYS_UNAVAILABLE, headers=(("Retry-After", retry),), detail=outcome.detail
+            )
+        if outcome.failed is not None:
+            if t.on:
+                t(
+                    f"credentials: {presented.kind} from {presented.via} rejected: "
+                    f"{outcome.reason} ({outcome.detail})"
+                )
+            if outcome.failed == JWT:
+                bearer = (("error", "invalid_token"), ("error_description", outcome.reason))
+                return deny(
+                    401,
+                    INVALID_TOKEN,
+                    detail=outcome.reason,
+                    challenges=_challenges(policy, rule, bearer),
+                )
+            return deny(
+                401,
+                INVALID_CREDENTIALS,
+                detail=outcome.reason,
+                challenges=_challenges(policy, rule),
+            )
+        who = outcome.identity
+        assert who is not None
+        if t.on:
+            t(f"credentials: {presented.kind} from {presented.via}: {who.subject!r} ({who.issuer})")
+    if not rule.allow.holds(who, params):
+        if t.on:
+            t(f"condition: {describe(rule.allow, who, params)} is false")
         if who is None:
-            return deny(401, NO_CREDENTIALS, challenge=())
+            if (
+                rule.login_url is not None
+                and not rule.hide
+                and is_browser_navigation(request.method, request.headers)
+            ):
+                t("a browser navigation without credentials: redirect to the login page")
+                location = _login_location(rule.login_url, path.target)
+                return deny(303, LOGIN_REDIRECT, headers=(("Location", location),))
+            return deny(401, NO_CREDENTIALS, challenges=_challenges(policy, rule))
         missing = c.missing_scopes(rule.allow, who, params)
-        if missing:
+        if missing and who.method == JWT:
+            bearer = (("error", "insufficient_scope"), ("scope", " ".join(missing)))
             return deny(
                 403,
                 INSUFFICIENT_SCOPE,
                 identity=who,
                 detail=" ".join(missing),
-                challenge=(("error", "insufficient_scope"), ("scope", " ".join(missing))),
+                challenges=(("Bearer", bearer),),
             )
         return deny(403, FORBIDDEN, identity=who)
-    if trace:
-        if t.on:
-            t(f"condition: {describe(rule.allow, who, params)} is true")
+    if t.on:
+        t(f"condition: {describe(rule.allow, who, params)} is true")
+    via = presented.via if presented is not None else None
+    target = path.target
+    if via == "query" and presented is not None:
+        name = next(i.query_param for i in presented.issuers if i.query_param)
+        query = _without_param(path.query, name)
+        target = f"{path.path}?{query}" if query else path.path
 
     # 6. Limits keyed by subject or header (and every limit of a hidden rule).
     for spec in late:
@@ -353,6 +465,8 @@ def decide(
         path=path,
         identity=who,
         upstream_headers=_identity_headers(who),
+        target=target,
+        via=via,
         trace=t.done(),
     )
 

@@ -15,7 +15,6 @@ class Identity:
     roles: frozenset[str]
     scopes: frozenset[str]
     claims: dict[str, Any]
-    leeway: float = 0.0  # the issuer's clock leeway, for re-checking time claims
 
     def with_scopes(self, scopes: frozenset[str]) -> Identity:
         return dataclasses.replace(self, scopes=scopes)

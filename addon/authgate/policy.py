@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -16,7 +17,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import conditions as c
+from .credentials import (
+    API_KEY,
+    BASIC,
+    JWT,
+    KINDS,
+    ApiKey,
+    ApiKeys,
+    BasicUser,
+    BasicUsers,
+    parse_htpasswd,
+)
 from .ipset import IPSet, parse_cidr, read_cidr_lines
+from .jwks import RemoteKeys, check_url
 from .paths import PathPattern
 from .ratelimit import Rate
 from .tokens import (
@@ -43,6 +56,7 @@ _SAFE_REALM = re.compile(r"^[\x20\x21\x23-\x5B\x5D-\x7E]+$")
 # limit names in RateLimit-Policy (RFC 9651 sf-string), scopes in the
 # insufficient_scope challenge (RFC 6749 scope-token).
 _LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_CONTROL_OR_COMMA = re.compile(r"[\x00-\x1f\x7f,]")
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
 
 
@@ -73,6 +87,9 @@ class Rule:
     limits: tuple[LimitSpec, ...]
     needs_identity: bool
     scopes: frozenset[str]  # every scope the condition names
+    accept: frozenset[str] = frozenset()  # credential kinds this rule accepts
+    login_url: str | None = None  # where a browser without credentials is sent
+    preflight_pass: bool = False  # CORS preflights go to the backend unjudged
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +106,8 @@ class Policy:
     forward_credentials: bool
     files: tuple[str, ...] = field(default=())  # every file read to build it
     uses_host: bool = False
+    api_keys: ApiKeys | None = None
+    basic: BasicUsers | None = field(default=None, compare=False)
     # Derived at construction: global limits checked before / after credentials.
     ip_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
     late_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
@@ -111,6 +130,8 @@ class _Builder:
         self.base = base
         self.files: list[str] = [file]
         self.limit_names: set[str] = set()
+        self.configured: frozenset[str] = frozenset()
+        self.default_login_url: str | None = None
 
     def error(self, line: int | None, message: str) -> PolicyError:
         return PolicyError(self.file, line, message)
@@ -263,6 +284,17 @@ class _Builder:
             "roles_claim",
             "scope_claim",
             "require_exp",
+            "jwks_url",
+            "discovery",
+            "allow_http",
+            "jwks_min_ttl",
+            "jwks_max_ttl",
+            "jwks_refresh_cooldown",
+            "cookie",
+            "query_param",
+            "required_claims",
+            "typ",
+            "max_token_age",
         }
         self.keys(d, allowed, where, {"name", "issuer", "algorithms"})
         name = self.get(d, "name", str, where)
@@ -298,16 +330,50 @@ class _Builder:
                 self.line_of(d, "algorithms"),
                 "do not mix HMAC (HS*) and public-key algorithms in one issuer",
             )
-        sources = [k for k in ("jwks_file", "public_key_file", "secret_env") if k in d]
+        kinds = ("jwks_file", "public_key_file", "secret_env", "jwks_url", "discovery")
+        sources = [k for k in kinds if k in d]
         if len(sources) != 1:
-            raise self.error(
-                d.line, f"{where} needs exactly one of jwks_file, public_key_file, secret_env"
-            )
+            raise self.error(d.line, f"{where} needs exactly one of {', '.join(kinds)}")
         source = sources[0]
         source_line = self.line_of(d, source)
-        text = self.get(d, source, str, where)
-        keys: list[VerifyKey]
-        if source == "jwks_file":
+        keys: list[VerifyKey] = []
+        remote: RemoteKeys | None = None
+        allow_http = self.get(d, "allow_http", bool, where, False)
+        text = "" if source == "discovery" else self.get(d, source, str, where)
+        if source in ("jwks_url", "discovery"):
+            if source == "discovery" and self.get(d, "discovery", bool, where) is not True:
+                raise self.error(source_line, "discovery must be true (or left out)")
+            try:
+                check_url(text if source == "jwks_url" else iss, allow_http)
+            except ValueError as e:
+                raise self.error(source_line, str(e)) from None
+            if algorithms & HMAC_ALGS:
+                raise self.error(
+                    source_line, "a JWKS address serves public keys: no HS* algorithms"
+                )
+            remote = RemoteKeys(
+                issuer=iss,
+                url=text or None,
+                discovery=source == "discovery",
+                pinned=algorithms,
+                min_ttl=self.duration(
+                    d.get("jwks_min_ttl", "5m"),
+                    self.line_of(d, "jwks_min_ttl"),
+                    f"{where}.jwks_min_ttl",
+                ),
+                max_ttl=self.duration(
+                    d.get("jwks_max_ttl", "24h"),
+                    self.line_of(d, "jwks_max_ttl"),
+                    f"{where}.jwks_max_ttl",
+                ),
+                cooldown=self.duration(
+                    d.get("jwks_refresh_cooldown", "30s"),
+                    self.line_of(d, "jwks_refresh_cooldown"),
+                    f"{where}.jwks_refresh_cooldown",
+                ),
+                allow_http=allow_http,
+            )
+        elif source == "jwks_file":
             data = self.read(text, source_line, "JWKS file")
             try:
                 keys, _notes = load_jwks(data.decode("utf-8", "replace"), algorithms)
@@ -336,6 +402,19 @@ class _Builder:
         roles_claim = self.get(d, "roles_claim", str, where, "roles")
         scope_claim = self.get(d, "scope_claim", str, where, "scope")
         require_exp = self.get(d, "require_exp", bool, where, True)
+        cookie = self.get(d, "cookie", str, where)
+        if cookie is not None and not _HEADER_NAME.match(cookie):
+            raise self.error(self.line_of(d, "cookie"), f"{cookie!r} is not a cookie name")
+        query_param = self.get(d, "query_param", str, where)
+        if query_param is not None and not query_param:
+            raise self.error(self.line_of(d, "query_param"), "query_param must not be empty")
+        required = tuple(c for _, c in self.strings(d, "required_claims", where))
+        typ = self.get(d, "typ", str, where)
+        max_age = None
+        if "max_token_age" in d:
+            max_age = self.duration(
+                d["max_token_age"], self.line_of(d, "max_token_age"), f"{where}.max_token_age"
+            )
         return Issuer(
             name,
             iss,
@@ -346,7 +425,79 @@ class _Builder:
             tuple(roles_claim.split(".")),
             tuple(scope_claim.split(".")),
             require_exp,
+            remote=remote,
+            cookie=cookie,
+            query_param=query_param,
+            required_claims=required,
+            typ=typ,
+            max_token_age=max_age,
         )
+
+    def string_set(self, d: MarkedDict, key: str, where: str) -> frozenset[str]:
+        return frozenset(v for _, v in self.strings(d, key, where))
+
+    def api_keys(self, value: Any, line: int) -> ApiKeys:
+        d = self.mapping(value, "authn.api_keys", line)
+        self.keys(d, {"header", "keys"}, "authn.api_keys", {"keys"})
+        header = self.get(d, "header", str, "authn.api_keys", "X-API-Key")
+        if not _HEADER_NAME.match(header) or header.lower() in ("authorization", "cookie"):
+            raise self.error(self.line_of(d, "header"), f"{header!r} cannot carry API keys")
+        items = self.get(d, "keys", list, "authn.api_keys")
+        by_digest: dict[bytes, ApiKey] = {}
+        names: set[str] = set()
+        for i, (item, item_line) in enumerate(zip(items, items.item_lines, strict=False)):
+            where = f"authn.api_keys.keys[{i}]"
+            k = self.mapping(item, where, item_line)
+            self.keys(k, {"name", "sha256", "roles", "scopes"}, where, {"name", "sha256"})
+            name = self.get(k, "name", str, where)
+            if name in names or _CONTROL_OR_COMMA.search(name):
+                raise self.error(
+                    self.line_of(k, "name"),
+                    f"API key name {name!r} is a duplicate or holds a comma or control character",
+                )
+            names.add(name)
+            hexdigest = self.get(k, "sha256", str, where)
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
+                raise self.error(
+                    self.line_of(k, "sha256"),
+                    "sha256 must be 64 hex digits "
+                    "(authgate hash-key prints it); never put the key itself here",
+                )
+            digest = bytes.fromhex(hexdigest)
+            if digest in by_digest:
+                raise self.error(self.line_of(k, "sha256"), "two API keys with the same digest")
+            by_digest[digest] = ApiKey(
+                name,
+                digest,
+                self.string_set(k, "roles", where),
+                self.string_set(k, "scopes", where),
+            )
+        return ApiKeys(header.lower(), by_digest)
+
+    def basic(self, value: Any, line: int) -> BasicUsers:
+        d = self.mapping(value, "authn.basic", line)
+        self.keys(d, {"htpasswd", "users"}, "authn.basic", {"htpasswd"})
+        name = self.get(d, "htpasswd", str, "authn.basic")
+        data = self.read(name, self.line_of(d, "htpasswd"), "htpasswd file")
+        path = str(self.path(name, self.line_of(d, "htpasswd")))
+        hashes, problem = parse_htpasswd(data.decode("utf-8", "replace"))
+        if problem is not None:
+            raise PolicyError(path, problem[0], problem[1])
+        extra = self.get(d, "users", dict, "authn.basic", MarkedDict())
+        users: dict[str, BasicUser] = {}
+        for user, hashed in hashes.items():
+            roles: frozenset[str] = frozenset()
+            scopes: frozenset[str] = frozenset()
+            if user in extra:
+                u = self.mapping(extra[user], f"authn.basic.users.{user}", extra.key_lines[user])
+                self.keys(u, {"roles", "scopes"}, f"authn.basic.users.{user}")
+                roles = self.string_set(u, "roles", f"authn.basic.users.{user}")
+                scopes = self.string_set(u, "scopes", f"authn.basic.users.{user}")
+            users[user] = BasicUser(user, hashed, roles, scopes)
+        for user in extra:
+            if user not in hashes:
+                raise self.error(extra.key_lines[user], f"user {user!r} is not in {name}")
+        return BasicUsers(users)
 
     def condition(self, value: Any, line: int, where: str) -> c.Condition:
         if isinstance(value, str):
@@ -414,7 +565,10 @@ class _Builder:
     def rule(self, value: Any, line: int, where: str, names: set[str]) -> Rule:
         d = self.mapping(value, where, line)
         self.keys(
-            d, {"name", "match", "allow", "hide", "limits"}, where, {"name", "match", "allow"}
+            d,
+            {"name", "match", "allow", "hide", "limits", "accept", "login_url", "cors"},
+            where,
+            {"name", "match", "allow"},
         )
         name = self.get(d, "name", str, where)
         if name in names:
@@ -450,6 +604,27 @@ class _Builder:
             )
         hide = self.get(d, "hide", bool, where, False)
         limits = self.limits(d, "limits", where)
+        accept = self.configured
+        if "accept" in d:
+            items = self.strings(d, "accept", where)
+            for a_line, kind in items:
+                if kind not in KINDS:
+                    raise self.error(a_line, f"accept: {kind!r} is not one of {', '.join(KINDS)}")
+                if kind not in self.configured:
+                    raise self.error(a_line, f"accept: {kind!r} is not configured under authn")
+            accept = frozenset(k for _, k in items)
+        needs_identity = c.needs_identity(allow)
+        if needs_identity and not accept and not isinstance(allow, c.Nobody):
+            raise self.error(
+                self.line_of(d, "allow"),
+                f"{where} needs credentials, but accepts none that authn configures",
+            )
+        login_url = self.login_url(d, where) or self.default_login_url
+        cors = self.get(d, "cors", dict, where, MarkedDict())
+        self.keys(cors, {"preflight"}, f"{where} cors")
+        preflight = self.get(cors, "preflight", str, f"{where} cors", "authorize")
+        if preflight not in ("authorize", "pass"):
+            raise self.error(self.line_of(cors, "preflight"), "cors.preflight is authorize or pass")
         return Rule(
             name,
             d.line,
@@ -459,9 +634,27 @@ class _Builder:
             allow,
             hide,
             limits,
-            c.needs_identity(allow),
+            needs_identity,
             c.scopes_named(allow),
+            accept=accept,
+            login_url=login_url,
+            preflight_pass=preflight == "pass",
         )
+
+    def login_url(self, d: MarkedDict, where: str) -> str | None:
+        url: str | None = self.get(d, "login_url", str, where)
+        if url is None:
+            return None
+        parts = urllib.parse.urlsplit(url)
+        ok = (parts.scheme in ("https", "http") and parts.netloc) or (
+            not parts.scheme and not parts.netloc and url.startswith("/") and "//" not in url
+        )
+        if not ok or any(ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in url) or parts.fragment:
+            raise self.error(
+                self.line_of(d, "login_url"),
+                f"login_url {url!r} must be an http(s) URL or a path starting with /",
+            )
+        return url
 
     def policy(self, doc: Any) -> Policy:
         if doc is None:
@@ -477,6 +670,7 @@ class _Builder:
             "rules",
             "default",
             "forward_credentials",
+            "login_url",
         }
         self.keys(top, allowed, "the policy", {"version", "rules"})
         if type(top["version"]) is not int or top["version"] != 1:
@@ -503,7 +697,7 @@ class _Builder:
         allow_entries = self.strings(ip, "allow", "ip")
         allow_set = IPSet.build(self.cidrs(allow_entries, "ip.allow")) if allow_entries else None
         authn = self.get(top, "authn", dict, "the policy", MarkedDict())
-        self.keys(authn, {"jwt"}, "authn")
+        self.keys(authn, {"jwt", "api_keys", "basic"}, "authn")
         jwt_items = self.get(authn, "jwt", list, "authn", MarkedList())
         issuers = tuple(
             self.issuer(v, ln, f"authn.jwt[{i}]")
@@ -513,6 +707,18 @@ class _Builder:
         )
         _unique(issuers, lambda i: i.name, "issuer name", self, jwt_items)
         _unique(issuers, lambda i: i.issuer, "issuer URL", self, jwt_items)
+        api_keys = (
+            self.api_keys(authn["api_keys"], authn.key_lines["api_keys"])
+            if "api_keys" in authn
+            else None
+        )
+        basic = self.basic(authn["basic"], authn.key_lines["basic"]) if "basic" in authn else None
+        self.configured = frozenset(
+            kind
+            for kind, present in ((JWT, issuers), (API_KEY, api_keys), (BASIC, basic))
+            if present
+        )
+        self.default_login_url = self.login_url(top, "the policy")
         limits = self.limits(top, "limits", "the policy")
         rule_items = self.get(top, "rules", list, "the policy")
         names: set[str] = set()
@@ -525,6 +731,8 @@ class _Builder:
             raise self.error(self.line_of(top, "default"), "default must be not_found or forbidden")
         forward = self.get(top, "forward_credentials", bool, "the policy", True)
         return Policy(
+            api_keys=api_keys,
+            basic=basic,
             file=self.file,
             realm=realm,
             trusted_proxies=trusted,

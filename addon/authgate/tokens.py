@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .conditions import claim_at
 from .identity import Identity
+
+if TYPE_CHECKING:
+    from .jwks import RemoteKeys
 
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGS_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
@@ -30,6 +33,15 @@ EC_CURVE_NAMES = {
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 SUPPORTED_ALGS = RSA_ALGS | HMAC_ALGS | frozenset(EC_ALGS_BY_CURVE.values()) | {"EdDSA"}
 B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+
+
+class KeysUnavailable(Exception):
+    """The issuer's keys could not be fetched yet: answer 503, never 401."""
+
+    def __init__(self, issuer: str, retry_after: int, error: str | None) -> None:
+        super().__init__(f"no keys for {issuer}: {error}")
+        self.issuer = issuer
+        self.retry_after = retry_after
 
 
 class TokenRejected(Exception):
@@ -59,8 +71,20 @@ class Issuer:
     roles_claim: tuple[str, ...]
     scope_claim: tuple[str, ...]
     require_exp: bool
+    remote: RemoteKeys | None = None  # jwks_url / discovery: keys fetched at run time
+    cookie: str | None = None  # also accept the token from this cookie
+    query_param: str | None = None  # also accept it from this query parameter
+    required_claims: tuple[str, ...] = ()
+    typ: str | None = None  # required `typ` header, e.g. "at+jwt" (RFC 9068)
+    max_token_age: float | None = None  # seconds since `iat`
 
     def key_for(self, kid: Any) -> VerifyKey | None:
+        if self.remote is not None:
+            if not self.remote.loaded:
+                raise KeysUnavailable(
+                    self.issuer, self.remote.retry_after(), self.remote.last_error
+                )
+            return self.remote.lookup(kid) if kid is None or isinstance(kid, str) else None
         if kid is None:
             return self.keys[0] if len(self.keys) == 1 else None
         if not isinstance(kid, str):
@@ -210,8 +234,9 @@ def _numeric(claims: dict[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def _check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
+def _check_times(claims: dict[str, Any], now: float, issuer: Issuer) -> None:
     """exp, nbf and iat (RFC 7519 §4.1.4-6), with the issuer's leeway."""
+    leeway = issuer.leeway
     exp = _numeric(claims, "exp")
     if exp is not None and now >= exp + leeway:
         raise TokenRejected("The access token expired", f"exp {exp} <= now {now}")
@@ -221,7 +246,11 @@ def _check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
     # iat must be a number, but a future iat alone is no reason to refuse
     # (RFC 7519 sets no rule; exp and nbf say when a token is valid), and a
     # strict check would fail fresh tokens over a second of clock skew.
-    _numeric(claims, "iat")
+    iat = _numeric(claims, "iat")
+    if issuer.max_token_age is not None and (
+        iat is None or now - iat > issuer.max_token_age + leeway
+    ):
+        raise TokenRejected("The access token is too old", f"iat {iat}, max age")
 
 
 class TokenCache:
@@ -235,18 +264,39 @@ class TokenCache:
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._entries: dict[str, Identity] = {}
+        self._entries: dict[str, tuple[Identity, Issuer]] = {}
 
-    def get(self, token: str) -> Identity | None:
+    def get(self, token: str) -> tuple[Identity, Issuer] | None:
         return self._entries.get(token)
 
-    def put(self, token: str, who: Identity) -> None:
+    def put(self, token: str, who: Identity, issuer: Issuer) -> None:
         if len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]
-        self._entries[token] = who
+        self._entries[token] = (who, issuer)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _typ_matches(typ: Any, wanted: str) -> bool:
+    """RFC 7515 §4.1.9: media types compare case-insensitively, and the
+    `application/` prefix may be left out."""
+    if not isinstance(typ, str):
+        return False
+    typ = typ.lower()
+    return typ in (wanted.lower(), "application/" + wanted.lower())
+
+
+def unverified_kid(token: str) -> tuple[str | None, str | None]:
+    """(iss, kid) read without verification, only to decide whether an
+    unknown key is worth a JWKS refresh. (None, None) when unreadable."""
+    try:
+        header = _unverified_part(token, 0)
+        payload = _unverified_part(token, 1) if token.count(".") == 2 else {}
+    except (TokenRejected, IndexError):
+        return None, None
+    iss, kid = payload.get("iss"), header.get("kid")
+    return (iss if isinstance(iss, str) else None), (kid if isinstance(kid, str) else None)
 
 
 def verify(
@@ -258,9 +308,9 @@ def verify(
     """
     if cache is not None:
         known = cache.get(token)
-        if known is not None:
-            _check_times(known.claims, now, known.leeway)
-            return known
+        if known is not None and known[1] in issuers:
+            _check_times(known[0].claims, now, known[1])
+            return known[0]
     if not B64TOKEN.match(token) or token.count(".") != 2:
         raise TokenRejected("The access token is malformed", "not a compact JWS")
     if not issuers:
@@ -278,12 +328,14 @@ def verify(
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in issuer.algorithms:
         raise TokenRejected("The access token algorithm is not accepted", f"alg {alg!r}")
+    if issuer.typ is not None and not _typ_matches(header.get("typ"), issuer.typ):
+        raise TokenRejected("The access token has the wrong type", f"typ {header.get('typ')!r}")
     key = issuer.key_for(header.get("kid"))
     if key is None:
         raise TokenRejected("The access token signing key is unknown", "kid not in key set")
     if alg not in key.algorithms:
         raise TokenRejected("The access token algorithm is not accepted", f"alg {alg!r} for key")
-    require = ["iss", "sub"] + (["exp"] if issuer.require_exp else [])
+    require = ["iss", "sub", *issuer.required_claims] + (["exp"] if issuer.require_exp else [])
     if issuer.audience:
         require.append("aud")
     try:
@@ -306,13 +358,13 @@ def verify(
         )
     except jwt.PyJWTError as e:
         raise TokenRejected(_reason_for(e), f"{type(e).__name__}: {e}") from None
-    _check_times(claims, now, issuer.leeway)
+    _check_times(claims, now, issuer)
     sub = claims.get("sub")
     if not isinstance(sub, str) or not _HEADER_SAFE.match(sub):
         raise TokenRejected("The access token has a malformed claim", "sub is not a plain string")
     roles = _string_set(claim_at(claims, issuer.roles_claim), split=False)
     scopes = _string_set(claim_at(claims, issuer.scope_claim), split=True)
-    who = Identity(sub, issuer.issuer, "jwt", roles, scopes, claims, issuer.leeway)
+    who = Identity(sub, issuer.issuer, "jwt", roles, scopes, claims)
     if cache is not None:
-        cache.put(token, who)
+        cache.put(token, who, issuer)
     return who

@@ -1,0 +1,274 @@
+"""Finding and verifying credentials: bearer JWTs (header, cookie, query),
+API keys and Basic.
+
+`authenticate()` is pure given the verifiers' state; the slow or remote parts
+(bcrypt, JWKS fetches) are warmed by the addon before `decide()` runs, and
+called directly, blocking, by the command-line tools.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qsl
+
+import bcrypt
+
+from .identity import Identity
+from .tokens import Issuer, KeysUnavailable, TokenCache, TokenRejected, verify
+
+JWT = "jwt"
+API_KEY = "api_key"
+BASIC = "basic"
+KINDS = (JWT, API_KEY, BASIC)
+
+_BCRYPT = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# --- API keys -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    digest: bytes  # SHA-256 of the key
+    roles: frozenset[str]
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeys:
+    header: str  # lower-case header name
+    by_digest: dict[bytes, ApiKey]
+
+    def verify(self, presented: str) -> Identity | None:
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        # The lookup is on a digest of what the client sent, so its timing says
+        # nothing about stored keys; the final comparison is constant-time.
+        key = self.by_digest.get(digest)
+        if key is None or not hmac.compare_digest(key.digest, digest):
+            return None
+        return Identity(key.name, "api-key", API_KEY, key.roles, key.scopes, {"sub": key.name})
+
+
+def hash_key(key: str) -> str:
+    """The hex SHA-256 digest to put in a policy for this API key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+# --- Basic ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BasicUser:
+    name: str
+    hash: bytes  # bcrypt
+    roles: frozenset[str]
+    scopes: frozenset[str]
+
+
+@dataclass(slots=True)
+class BasicUsers:
+    """htpasswd users (bcrypt only). Checking a password costs tens of
+    milliseconds by design, so results are remembered briefly, keyed by a
+    salted digest of the exact credentials (never the password itself)."""
+
+    users: dict[str, BasicUser]
+    remember: float = 300.0  # seconds a verified password is trusted without bcrypt
+    _salt: bytes = field(default_factory=lambda: bcrypt.gensalt())
+    _known: dict[bytes, tuple[bool, float]] = field(default_factory=dict)
+
+    def _key(self, user: str, password: str) -> bytes:
+        data = f"{user}\x00{password}".encode("utf-8", "surrogateescape")
+        return hmac.new(self._salt, data, hashlib.sha256).digest()
+
+    def cached(self, user: str, password: str, now: float) -> bool | None:
+        entry = self._known.get(self._key(user, password))
+        if entry is None or entry[1] < now:
+            return None
+        return entry[0]
+
+    def check(self, user: str, password: str, now: float) -> bool:
+        """bcrypt (slow: call from a thread on the request path), remembered."""
+        known = self.cached(user, password, now)
+        if known is not None:
+            return known
+        entry = self.users.get(user)
+        ok = entry is not None and bcrypt.checkpw(
+            password.encode("utf-8", "surrogateescape"), entry.hash
+        )
+        if len(self._known) > 10_000:
+            self._known.clear()
+        # Failures are remembered for less time: enough to make guessing with
+        # one password in a loop cheap for us, short enough to fix a typo.
+        self._known[self._key(user, password)] = (ok, now + (self.remember if ok else 10.0))
+        return ok
+
+    def identity(self, user: str) -> Identity:
+        entry = self.users[user]
+        return Identity(user, "basic", BASIC, entry.roles, entry.scopes, {"sub": user})
+
+
+def parse_htpasswd(text: str) -> tuple[dict[str, bytes], tuple[int, str] | None]:
+    """user -> bcrypt hash, or the first problem as (line, message)."""
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, hashed = line.strip().partition(":")
+        if not sep or not user:
+            return users, (number, "expected user:hash")
+        if user in users:
+            return users, (number, f"user {user!r} appears twice")
+        m = _BCRYPT.match(hashed)
+        if not m:
+            kind = (
+                "an apr1/MD5"
+                if hashed.startswith("$apr1$")
+                else ("a SHA-1" if hashed.startswith("{SHA}") else "a crypt/plain-text")
+            )
+            return users, (
+                number,
+                f"user {user!r} has {kind} hash; only bcrypt is accepted (htpasswd -B)",
+            )
+        if int(m.group(1)) < 8:
+            return users, (number, f"user {user!r}: bcrypt cost {m.group(1)} is too low (>= 8)")
+        users[user] = hashed.encode()
+    return users, None
+
+
+# --- what the request carries ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    kind: str  # JWT | API_KEY | BASIC
+    via: str  # "authorization", "cookie", "query", or the API key header
+    value: str  # the token, the key, or "user:password"
+    issuers: tuple[Issuer, ...] = ()  # for JWTs: the issuers that may have signed it
+
+
+class Ambiguous(Exception):
+    """Credentials sent two ways at once, or repeated: 400 invalid_request."""
+
+
+def _cookie(values: Sequence[str], name: str) -> list[str]:
+    found: list[str] = []
+    for value in values:
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(value)
+        except CookieError:
+            continue
+        if name in jar:
+            found.append(jar[name].value)
+    return found
+
+
+def find(
+    issuers: tuple[Issuer, ...],
+    api_keys: ApiKeys | None,
+    basic: BasicUsers | None,
+    headers: Sequence[tuple[str, str]],
+    query: str,
+) -> tuple[Presented | None, Presented | None]:
+    """-> (the credential to use, a malformed one). Raises Ambiguous.
+
+    Unsupported schemes count as no credentials. A cookie is used only when
+    nothing else is sent (a browser's session cookie beside an explicit
+    token is normal, and the explicit one wins).
+    """
+    auth = [v for k, v in headers if k == "authorization"]
+    if len(auth) > 1:
+        raise Ambiguous("more than one Authorization field")
+    explicit: list[Presented] = []
+    malformed: Presented | None = None
+    if auth:
+        scheme, _, rest = auth[0].strip(" \t").partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer" and issuers:
+            explicit.append(Presented(JWT, "authorization", rest.strip(" "), issuers))
+        elif scheme == "basic" and basic is not None:
+            try:
+                decoded = base64.b64decode(rest.strip(" "), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                decoded = ""
+            if ":" not in decoded or _CONTROL.search(decoded):
+                malformed = Presented(BASIC, "authorization", "")
+            else:
+                explicit.append(Presented(BASIC, "authorization", decoded))
+    if api_keys is not None:
+        keys = [v for k, v in headers if k == api_keys.header]
+        if len(keys) > 1:
+            raise Ambiguous(f"more than one {api_keys.header} field")
+        if keys:
+            explicit.append(Presented(API_KEY, api_keys.header, keys[0].strip()))
+    query_names = {i.query_param for i in issuers if i.query_param}
+    if query_names and query:
+        for name in query_names:
+            values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == name]
+            if len(values) > 1:
+                raise Ambiguous(f"more than one {name} query parameter")
+            if values:
+                chosen = tuple(i for i in issuers if i.query_param == name)
+                explicit.append(Presented(JWT, "query", values[0], chosen))
+    if len(explicit) + (malformed is not None) > 1:
+        raise Ambiguous("credentials sent in more than one way")
+    if explicit or malformed:
+        return (explicit[0] if explicit else None), malformed
+    cookies = [v for k, v in headers if k == "cookie"]
+    if cookies:
+        for name in {i.cookie for i in issuers if i.cookie}:
+            found = _cookie(cookies, name)
+            if len(found) > 1:
+                raise Ambiguous(f"more than one {name} cookie")
+            if found:
+                chosen = tuple(i for i in issuers if i.cookie == name)
+                return Presented(JWT, "cookie", found[0], chosen), None
+    return None, None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    identity: Identity | None = None
+    failed: str | None = None  # kind of the credential that failed
+    reason: str = ""  # client-safe
+    detail: str = ""  # internal
+    unavailable: KeysUnavailable | None = None
+
+
+def check(
+    presented: Presented,
+    api_keys: ApiKeys | None,
+    basic: BasicUsers | None,
+    cache: TokenCache,
+    now: float,
+) -> Outcome:
+    if presented.kind == JWT:
+        try:
+            return Outcome(verify(presented.issuers, presented.value, now, cache))
+        except TokenRejected as e:
+            return Outcome(failed=JWT, reason=e.reason, detail=e.detail)
+        except KeysUnavailable as e:
+            return Outcome(failed=JWT, reason="keys unavailable", detail=str(e), unavailable=e)
+    if presented.kind == API_KEY:
+        assert api_keys is not None
+        who = api_keys.verify(presented.value)
+        if who is None:
+            return Outcome(failed=API_KEY, reason="The API key is not valid", detail="unknown key")
+        return Outcome(who)
+    assert basic is not None
+    user, _, password = presented.value.partition(":")
+    if not basic.check(user, password, time.monotonic()):
+        return Outcome(
+            failed=BASIC, reason="The user name or password is wrong", detail=f"user {user[:40]!r}"
+        )
+    return Outcome(basic.identity(user))
