@@ -112,7 +112,9 @@ def check_common(rendered: Any, status: int) -> dict[str, Any]:
     return body
 
 
-def bearer(*params: tuple[str, str]) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+def bearer_challenge(
+    *params: tuple[str, str],
+) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
     return (("Bearer", tuple(params)),)
 
 
@@ -122,18 +124,18 @@ CASES = [
     pytest.param(Decision(False, 400, BAD_PATH, detail="encoded %2F in path"), 400, None,
                  "The request is malformed; the gateway did not forward it.", id="400-bad-path"),
     pytest.param(Decision(False, 400, INVALID_REQUEST,
-                          challenges=bearer(("error", "invalid_request")),
+                          challenges=bearer_challenge(("error", "invalid_request")),
                           detail="duplicate Authorization fields"),
                  400, 'Bearer realm="api", error="invalid_request"',
                  "The request is malformed; the gateway did not forward it.",
                  id="400-invalid-request"),
     pytest.param(Decision(False, 401, NO_CREDENTIALS, rule="rule-members",
-                          challenges=bearer()), 401,
+                          challenges=bearer_challenge()), 401,
                  'Bearer realm="api"', "This resource needs valid credentials.",
                  id="401-no-credentials"),
     pytest.param(Decision(False, 401, INVALID_TOKEN, rule="rule-members",
                           detail="The access token expired",
-                          challenges=bearer(("error", "invalid_token"),
+                          challenges=bearer_challenge(("error", "invalid_token"),
                                             ("error_description", "The access token expired"))),
                  401, 'Bearer realm="api", error="invalid_token", '
                       'error_description="The access token expired"',
@@ -143,7 +145,7 @@ CASES = [
     pytest.param(Decision(False, 403, IP_BLOCKED, client_ip="192.0.2.1"), 403, None,
                  "You are not allowed to access this resource.", id="403-ip-blocked"),
     pytest.param(Decision(False, 403, INSUFFICIENT_SCOPE, rule="rule-members", detail="read write",
-                          challenges=bearer(("error", "insufficient_scope"),
+                          challenges=bearer_challenge(("error", "insufficient_scope"),
                                             ("scope", "read write"))),
                  403, 'Bearer realm="api", error="insufficient_scope", scope="read write"',
                  "The access token lacks the scope this resource needs.",
@@ -223,7 +225,9 @@ def test_challenge_syntax(
 
 def test_no_credentials_challenge_has_no_error() -> None:
     """B-03: no error, error_description or error_uri without credentials."""
-    rendered = render(Decision(False, 401, NO_CREDENTIALS, challenges=bearer()), "api", "GET", NOW)
+    rendered = render(
+        Decision(False, 401, NO_CREDENTIALS, challenges=bearer_challenge()), "api", "GET", NOW
+    )
     assert header_values(rendered, "WWW-Authenticate") == ['Bearer realm="api"']
 
 
@@ -237,7 +241,9 @@ def test_no_credentials_challenge_has_no_error() -> None:
     ],
 )
 def test_realm_is_always_quoted(realm: str, header: str) -> None:
-    rendered = render(Decision(False, 401, NO_CREDENTIALS, challenges=bearer()), realm, "GET", NOW)
+    rendered = render(
+        Decision(False, 401, NO_CREDENTIALS, challenges=bearer_challenge()), realm, "GET", NOW
+    )
     assert one_header(rendered, "WWW-Authenticate") == header
     _, params = parse_challenge(header)
     assert params == [("realm", header[len("Bearer realm=") :], realm)]
