@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .credentials import hash_key
 from .keys import DEMO_AUDIENCE, DEMO_ISSUER, DEMO_KID, load_private_key, mint
 from .policy import parse_duration
 
@@ -104,6 +106,20 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    if args.generate:
+        key = secrets.token_urlsafe(32)
+        print(f"key:    {key}", file=sys.stderr)
+        print("Give the key to its client; put only the digest in the policy:", file=sys.stderr)
+    else:
+        key = sys.stdin.readline().rstrip("\r\n")
+        if not key:
+            print("authgate hash-key: no key on standard input", file=sys.stderr)
+            return 2
+    print(hash_key(key))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="authgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,6 +156,12 @@ def parser() -> argparse.ArgumentParser:
     tok.add_argument("--kid", default=DEMO_KID, help=f"key id ({DEMO_KID}); empty for none")
     tok.add_argument("--alg", default="RS256", help="algorithm (RS256)")
     tok.set_defaults(func=cmd_token)
+
+    hk = sub.add_parser(
+        "hash-key", help="print the SHA-256 digest of an API key read from standard input"
+    )
+    hk.add_argument("--generate", action="store_true", help="make a new random key instead")
+    hk.set_defaults(func=cmd_hash_key)
     return p
 
 

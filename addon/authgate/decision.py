@@ -354,12 +354,9 @@ def decide(
     except Ambiguous as e:
         if t.on:
             t(f"credentials: {e}")
-        return deny(
-            400,
-            INVALID_REQUEST,
-            detail=str(e),
-            challenges=_challenges(policy, rule, (("error", "invalid_request"),)),
-        )
+        # RFC 6750 §3.1 invalid_request: a Bearer matter; other schemes have no such code.
+        bad = (("Bearer", (("error", "invalid_request"),)),) if JWT in accept else ()
+        return deny(400, INVALID_REQUEST, detail=str(e), challenges=bad)
     who: Identity | None = None
     if malformed is not None:
         t("credentials: Basic credentials that do not decode to user:password")

@@ -78,6 +78,7 @@ def mint(
     alg: str = "RS256",
     now: float | None = None,
     extra: dict[str, Any] | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> str:
     """Sign a token. A negative ttl makes an expired one."""
     now = time.time() if now is None else now
@@ -99,5 +100,6 @@ def mint(
     if scopes:
         claims["scope"] = " ".join(scopes)
     claims.update(extra or {})
-    headers = {"kid": kid} if kid else None
-    return jwt.encode(claims, key, algorithm=alg, headers=headers)
+    header: dict[str, Any] = {"kid": kid} if kid else {}
+    header.update(headers or {})
+    return jwt.encode(claims, key, algorithm=alg, headers=header or None)
