@@ -130,16 +130,16 @@ def basic_users() -> BasicUsers:
 
 # --- hash_key / ApiKeys ------------------------------------------------------------------
 
+P = pytest.param
+
 
 @pytest.mark.parametrize(
     ("key", "digest"),
     [
-        ("abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
-        ("", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
-        # UTF-8 bytes of "£" are c2 a3
-        ("£", hashlib.sha256(b"\xc2\xa3").hexdigest()),
+        P("abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", id="abc"),
+        P("", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", id="empty"),
+        P("£", hashlib.sha256(b"\xc2\xa3").hexdigest(), id="utf8"),  # "£" is c2 a3 in UTF-8
     ],
-    ids=["abc-vector", "empty-vector", "utf8"],
 )
 def test_hash_key(key: str, digest: str) -> None:
     assert hash_key(key) == digest
@@ -164,22 +164,14 @@ def test_api_key_right_key_gives_identity() -> None:
 @pytest.mark.parametrize(
     "presented",
     [
-        "k-0123456789abcdeX",
-        "",
-        "k-0123456789abcde",
-        API_KEY_VALUE + " ",
-        API_KEY_VALUE.upper(),
-        API_KEY_DIGEST.hex(),
-        "\udcff",  # a lone surrogate (undecodable header byte) must not crash
-    ],
-    ids=[
-        "last-char-differs",
-        "empty",
-        "truncated",
-        "trailing-space",
-        "upper-case",
-        "the-digest-itself",
-        "surrogate",
+        P("k-0123456789abcdeX", id="last-char-differs"),
+        P("K-0123456789abcdef", id="first-char-differs"),
+        P("", id="empty"),
+        P("k-0123456789abcde", id="truncated"),
+        P(API_KEY_VALUE + " ", id="trailing-space"),
+        P(API_KEY_VALUE.upper(), id="upper-case"),
+        P(API_KEY_DIGEST.hex(), id="the-digest-itself"),
+        P("\udcff", id="lone-surrogate"),  # an undecodable header byte must not crash
     ],
 )
 def test_api_key_wrong_key_is_none(presented: str) -> None:
@@ -191,38 +183,27 @@ def test_api_key_wrong_key_is_none(presented: str) -> None:
 
 H = HASH_PW.decode()
 H2 = HASH_COLON.decode()
+ONLY_BCRYPT = "hash; only bcrypt is accepted (htpasswd -B)"
 
 
 @pytest.mark.parametrize(
     ("text", "users"),
     [
-        (f"alice:{H}\n", {"alice": H}),
-        (f"alice:$2y${H[4:]}\n", {"alice": f"$2y${H[4:]}"}),
-        (f"alice:$2a${H[4:]}\n", {"alice": f"$2a${H[4:]}"}),
-        (f"alice:{H}", {"alice": H}),
-        (f"alice:{H}\r\nbob:{H2}\r\n", {"alice": H, "bob": H2}),
-        (
+        P(f"alice:{H}\n", {"alice": H}, id="bcrypt-2b"),
+        P(f"alice:$2y${H[4:]}\n", {"alice": f"$2y${H[4:]}"}, id="bcrypt-2y"),
+        P(f"alice:$2a${H[4:]}\n", {"alice": f"$2a${H[4:]}"}, id="bcrypt-2a"),
+        P(f"alice:{H}", {"alice": H}, id="no-final-newline"),
+        P(f"alice:{H}\r\nbob:{H2}\r\n", {"alice": H, "bob": H2}, id="crlf"),
+        P(
             f"# users\n\n   \nalice:{H}\n  # indented comment\n\t\nbob:{H2}\n",
             {"alice": H, "bob": H2},
+            id="comments-and-blank-lines",
         ),
-        (f"  alice:{H}  \n", {"alice": H}),
-        ("", {}),
-        ("# only a comment\n", {}),
-        (f"alice:$2b$08${H[7:]}\n", {"alice": f"$2b$08${H[7:]}"}),
-        (f"alice:$2b$12${H[7:]}\n", {"alice": f"$2b$12${H[7:]}"}),
-    ],
-    ids=[
-        "bcrypt-2b",
-        "bcrypt-2y",
-        "bcrypt-2a",
-        "no-final-newline",
-        "crlf",
-        "comments-and-blank-lines",
-        "surrounding-spaces",
-        "empty-file",
-        "only-comments",
-        "cost-8-is-enough",
-        "cost-12",
+        P(f"  alice:{H}  \n", {"alice": H}, id="surrounding-spaces"),
+        P("", {}, id="empty-file"),
+        P("# only a comment\n", {}, id="only-comments"),
+        P(f"alice:$2b$08${H[7:]}\n", {"alice": f"$2b$08${H[7:]}"}, id="cost-08-is-enough"),
+        P(f"alice:$2b$12${H[7:]}\n", {"alice": f"$2b$12${H[7:]}"}, id="cost-12"),
     ],
 )
 def test_parse_htpasswd_accepts(text: str, users: dict[str, str]) -> None:
@@ -234,56 +215,50 @@ def test_parse_htpasswd_accepts(text: str, users: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        (
+        P(
             "alice:$apr1$JxSX5TkP$fJOXOsAvW.0x4jr0U8V7a0\n",
-            (1, "user 'alice' has an apr1/MD5 hash; only bcrypt is accepted (htpasswd -B)"),
+            (1, f"user 'alice' has an apr1/MD5 {ONLY_BCRYPT}"),
+            id="apr1",
         ),
-        (
+        P(
             "alice:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=\n",
-            (1, "user 'alice' has a SHA-1 hash; only bcrypt is accepted (htpasswd -B)"),
+            (1, f"user 'alice' has a SHA-1 {ONLY_BCRYPT}"),
+            id="sha1",
         ),
-        (
+        P(
             "alice:rqXexS6ZhobKA\n",
-            (1, "user 'alice' has a crypt/plain-text hash; only bcrypt is accepted (htpasswd -B)"),
+            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}"),
+            id="crypt",
         ),
-        (
+        P(
             "alice:secret\n",
-            (1, "user 'alice' has a crypt/plain-text hash; only bcrypt is accepted (htpasswd -B)"),
+            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}"),
+            id="plain-text",
         ),
-        (
-            "alice:\n",
-            (1, "user 'alice' has a crypt/plain-text hash; only bcrypt is accepted (htpasswd -B)"),
-        ),
-        (
+        P("alice:\n", (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}"), id="empty-hash"),
+        P(
             f"alice:$2x${H[4:]}\n",
-            (1, "user 'alice' has a crypt/plain-text hash; only bcrypt is accepted (htpasswd -B)"),
+            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}"),
+            id="bcrypt-2x-prefix",
         ),
-        ("alice\n", (1, "expected user:hash")),
-        (f":{H}\n", (1, "expected user:hash")),
-        (f"alice:{H}\nalice:{H2}\n", (2, "user 'alice' appears twice")),
-        (
+        P("alice\n", (1, "expected user:hash"), id="missing-colon"),
+        P(f":{H}\n", (1, "expected user:hash"), id="empty-user"),
+        P(f"alice:{H}\nalice:{H2}\n", (2, "user 'alice' appears twice"), id="duplicate-user"),
+        P(
             f"alice:{HASH_LOW_COST.decode()}\n",
             (1, "user 'alice': bcrypt cost 04 is too low (>= 8)"),
+            id="cost-04",
         ),
-        (f"alice:$2b$07${H[7:]}\n", (1, "user 'alice': bcrypt cost 07 is too low (>= 8)")),
-        (
+        P(
+            f"alice:$2b$07${H[7:]}\n",
+            (1, "user 'alice': bcrypt cost 07 is too low (>= 8)"),
+            id="cost-07",
+        ),
+        P(
             f"# comment\n\nalice:{H}\nbob:secret\n",
-            (4, "user 'bob' has a crypt/plain-text hash; only bcrypt is accepted (htpasswd -B)"),
+            (4, f"user 'bob' has a crypt/plain-text {ONLY_BCRYPT}"),
+            id="line-number-counts-comments-and-blanks",
         ),
-    ],
-    ids=[
-        "apr1",
-        "sha1",
-        "crypt",
-        "plain-text",
-        "empty-hash",
-        "bcrypt-2x-prefix",
-        "missing-colon",
-        "empty-user",
-        "duplicate-user",
-        "cost-04",
-        "cost-07",
-        "line-number-counts-comments-and-blanks",
     ],
 )
 def test_parse_htpasswd_refuses(text: str, problem: tuple[int, str]) -> None:
@@ -309,34 +284,20 @@ def test_parse_htpasswd_refuses_a_cost_bcrypt_cannot_check() -> None:
 @pytest.mark.parametrize(
     ("user", "password", "ok"),
     [
-        ("alice", "pw", True),
-        ("bob", "pa:ss", True),
-        ("test", "123£", True),
-        ("yves", "pw", True),
-        ("ada", "pw", True),
-        ("alice", "PW", False),
-        ("alice", "pw ", False),
-        ("alice", "", False),
-        ("bob", "pa", False),
-        ("test", "123", False),
-        ("mallory", "pw", False),
-        ("", "pw", False),
-        ("Alice", "pw", False),
-    ],
-    ids=[
-        "right-password",
-        "password-with-colon",
-        "utf8-password",
-        "hash-2y",
-        "hash-2a",
-        "wrong-case",
-        "trailing-space",
-        "empty-password",
-        "colon-password-cut-short",
-        "utf8-password-cut-short",
-        "unknown-user",
-        "empty-user",
-        "user-name-is-case-sensitive",
+        P("alice", "pw", True, id="right-password"),
+        P("bob", "pa:ss", True, id="password-with-colon"),
+        P("test", "123£", True, id="utf8-password"),
+        P("yves", "pw", True, id="hash-2y"),
+        P("ada", "pw", True, id="hash-2a"),
+        P("alice", "PW", False, id="wrong-case"),
+        P("alice", "pw ", False, id="trailing-space"),
+        P("alice", "", False, id="empty-password"),
+        P("bob", "pa", False, id="colon-password-cut-short"),
+        P("test", "123", False, id="utf8-password-cut-short"),
+        P("test", "123\xa3", True, id="utf8-password-as-str"),  # same text as "123£"
+        P("mallory", "pw", False, id="unknown-user"),
+        P("", "pw", False, id="empty-user"),
+        P("Alice", "pw", False, id="user-name-is-case-sensitive"),
     ],
 )
 def test_basic_check(user: str, password: str, ok: bool) -> None:
@@ -413,440 +374,192 @@ def test_basic_cache_keys_do_not_hold_the_password() -> None:
 
 # --- find() -------------------------------------------------------------------------------
 
-BEARER = [("authorization", "Bearer tok")]
+BEARER = ("authorization", "Bearer tok")
+BASIC_ALICE = ("authorization", f"Basic {b64('alice:pw')}")
+API_KEY_HEADER = ("x-api-key", API_KEY_VALUE)
 NOT_UTF8 = b64(b"alice:\xa3")  # latin-1 "£": not UTF-8
 
-# (id, issuer set, basic accepted, api keys accepted, headers, query,
-#  expected presented as (kind, via, value, issuer names) or None, malformed)
-FOUND: list[tuple[Any, ...]] = [
-    ("bearer", "plain", True, True, BEARER, "", (JWT, "authorization", "tok", ("t",)), False),
-    (
-        "bearer-lower-case",
-        "plain",
-        True,
-        True,
-        [("authorization", "bearer tok")],
-        "",
-        (JWT, "authorization", "tok", ("t",)),
-        False,
-    ),
-    (
-        "bearer-upper-case",
-        "plain",
-        True,
-        True,
-        [("authorization", "BEARER tok")],
-        "",
-        (JWT, "authorization", "tok", ("t",)),
-        False,
-    ),
-    (
-        "bearer-mixed-case",
-        "plain",
-        True,
-        True,
-        [("authorization", "bEaReR tok")],
-        "",
-        (JWT, "authorization", "tok", ("t",)),
-        False,
-    ),
-    (
-        "bearer-two-spaces",
-        "plain",
-        True,
-        True,
-        [("authorization", "Bearer  tok")],
-        "",
-        (JWT, "authorization", "tok", ("t",)),
-        False,
-    ),
-    (
-        "bearer-surrounding-spaces",
-        "plain",
-        True,
-        True,
-        [("authorization", "  Bearer tok  ")],
-        "",
-        (JWT, "authorization", "tok", ("t",)),
-        False,
-    ),
-    (
-        "bearer-token68-padding",
-        "plain",
-        True,
-        True,
-        [("authorization", "Bearer abc==")],
-        "",
-        (JWT, "authorization", "abc==", ("t",)),
-        False,
-    ),
-    (
-        "bearer-without-token",
-        "plain",
-        True,
-        True,
-        [("authorization", "Bearer")],
-        "",
-        (JWT, "authorization", "", ("t",)),
-        False,
-    ),
-    (
-        "bearer-all-issuers",
-        "two",
-        True,
-        True,
-        BEARER,
-        "",
-        (JWT, "authorization", "tok", ("qc", "other")),
-        False,
-    ),
-    ("bearer-not-accepted-by-rule", "none", True, True, BEARER, "", None, False),
-    (
-        "basic",
-        "plain",
-        True,
-        True,
-        [("authorization", f"Basic {b64('alice:pw')}")],
-        "",
-        (BASIC, "authorization", "alice:pw", ()),
-        False,
-    ),
-    (
-        "basic-lower-case",
-        "plain",
-        True,
-        True,
-        [("authorization", f"basic {b64('alice:pw')}")],
-        "",
-        (BASIC, "authorization", "alice:pw", ()),
-        False,
-    ),
-    (
+Expected = tuple[str, str, str, tuple[str, ...]] | None  # kind, via, value, issuer names
+
+
+def found(
+    id: str,
+    headers: list[tuple[str, str]],
+    expected: Expected,
+    *,
+    query: str = "",
+    on: str = "plain",
+    basic: bool = True,
+    keys: bool = True,
+    malformed: bool = False,
+) -> Any:
+    """A find() case: `on` names the issuer set the rule accepts (see `issuers`)."""
+    return pytest.param(on, basic, keys, headers, query, expected, malformed, id=id)
+
+
+def auth(value: str) -> tuple[str, str]:
+    return ("authorization", value)
+
+
+def jwt_via(via: str, value: str, *names: str) -> Expected:
+    return (JWT, via, value, names)
+
+
+ALICE_BASIC = (BASIC, "authorization", "alice:pw", ())
+KEY_FOUND = (API_KEY, "x-api-key", API_KEY_VALUE, ())
+
+FOUND = [
+    # Bearer: the scheme is case-insensitive, then 1*SP (H-04)
+    found("bearer", [BEARER], jwt_via("authorization", "tok", "t")),
+    found("bearer-lower-case", [auth("bearer tok")], jwt_via("authorization", "tok", "t")),
+    found("bearer-upper-case", [auth("BEARER tok")], jwt_via("authorization", "tok", "t")),
+    found("bearer-mixed-case", [auth("bEaReR tok")], jwt_via("authorization", "tok", "t")),
+    found("bearer-two-spaces", [auth("Bearer  tok")], jwt_via("authorization", "tok", "t")),
+    found("bearer-outer-spaces", [auth("  Bearer tok  ")], jwt_via("authorization", "tok", "t")),
+    found("bearer-token68-padding", [auth("Bearer ab==")], jwt_via("authorization", "ab==", "t")),
+    found("bearer-without-token", [auth("Bearer")], jwt_via("authorization", "", "t")),
+    found("bearer-all-issuers", [BEARER], jwt_via("authorization", "tok", "qc", "other"), on="two"),
+    found("bearer-rule-takes-no-jwt", [BEARER], None, on="none"),
+    # Basic (BA-02, BA-03)
+    found("basic", [BASIC_ALICE], ALICE_BASIC),
+    found("basic-lower-case", [auth(f"basic {b64('alice:pw')}")], ALICE_BASIC),
+    found(
         "basic-password-with-colon",
-        "plain",
-        True,
-        True,
-        [("authorization", "Basic YWxpY2U6cGE6c3M=")],
-        "",
+        [auth("Basic YWxpY2U6cGE6c3M=")],
         (BASIC, "authorization", "alice:pa:ss", ()),
-        False,
     ),
-    (
-        "basic-utf8",
-        "plain",
-        True,
-        True,
-        [("authorization", "Basic dGVzdDoxMjPCow==")],
-        "",
-        (BASIC, "authorization", "test:123£", ()),
-        False,
+    found(
+        "basic-utf8", [auth("Basic dGVzdDoxMjPCow==")], (BASIC, "authorization", "test:123£", ())
     ),
-    (
+    found(
         "basic-empty-password",
-        "plain",
-        True,
-        True,
-        [("authorization", f"Basic {b64('alice:')}")],
-        "",
+        [auth(f"Basic {b64('alice:')}")],
         (BASIC, "authorization", "alice:", ()),
-        False,
     ),
-    ("basic-no-colon", "plain", True, True, [("authorization", "Basic Zm9v")], "", None, True),
-    ("basic-not-base64", "plain", True, True, [("authorization", "Basic !!!")], "", None, True),
-    (
-        "basic-nul",
-        "plain",
-        True,
-        True,
-        [("authorization", f"Basic {b64('a' + chr(0) + ':b')}")],
-        "",
-        None,
-        True,
-    ),
-    (
-        "basic-newline-in-password",
-        "plain",
-        True,
-        True,
-        [("authorization", f"Basic {b64('a:b' + chr(10))}")],
-        "",
-        None,
-        True,
-    ),
-    (
-        "basic-del",
-        "plain",
-        True,
-        True,
-        [("authorization", f"Basic {b64('a:b' + chr(127))}")],
-        "",
-        None,
-        True,
-    ),
-    (
-        "basic-not-utf8",
-        "plain",
-        True,
-        True,
-        [("authorization", f"Basic {NOT_UTF8}")],
-        "",
-        None,
-        True,
-    ),
-    ("basic-empty", "plain", True, True, [("authorization", "Basic")], "", None, True),
-    (
-        "basic-not-accepted-by-rule",
-        "plain",
-        False,
-        True,
-        [("authorization", f"Basic {b64('alice:pw')}")],
-        "",
-        None,
-        False,
-    ),
-    (
-        "digest",
-        "plain",
-        True,
-        True,
-        [("authorization", 'Digest username="alice"')],
-        "",
-        None,
-        False,
-    ),
-    ("negotiate", "plain", True, True, [("authorization", "Negotiate YII=")], "", None, False),
-    ("empty-authorization", "plain", True, True, [("authorization", "")], "", None, False),
-    (
-        "api-key",
-        "plain",
-        True,
-        True,
-        [("x-api-key", API_KEY_VALUE)],
-        "",
-        (API_KEY, "x-api-key", API_KEY_VALUE, ()),
-        False,
-    ),
-    (
-        "api-key-padded",
-        "plain",
-        True,
-        True,
-        [("x-api-key", f"  {API_KEY_VALUE} ")],
-        "",
-        (API_KEY, "x-api-key", API_KEY_VALUE, ()),
-        False,
-    ),
-    (
-        "api-key-not-accepted-by-rule",
-        "plain",
-        True,
-        False,
-        [("x-api-key", API_KEY_VALUE)],
-        "",
-        None,
-        False,
-    ),
-    (
-        "api-key-beside-unsupported-scheme",
-        "plain",
-        True,
-        True,
-        [("authorization", "Digest x"), ("x-api-key", API_KEY_VALUE)],
-        "",
-        (API_KEY, "x-api-key", API_KEY_VALUE, ()),
-        False,
-    ),
-    (
-        "query-token",
-        "query",
-        True,
-        True,
+    found("basic-no-colon", [auth("Basic Zm9v")], None, malformed=True),
+    found("basic-not-base64", [auth("Basic !!!")], None, malformed=True),
+    found("basic-nul", [auth(f"Basic {b64('a' + chr(0) + ':b')}")], None, malformed=True),
+    found("basic-newline", [auth(f"Basic {b64('a:b' + chr(10))}")], None, malformed=True),
+    found("basic-del", [auth(f"Basic {b64('a:b' + chr(127))}")], None, malformed=True),
+    found("basic-not-utf8", [auth(f"Basic {NOT_UTF8}")], None, malformed=True),
+    found("basic-empty", [auth("Basic")], None, malformed=True),
+    found("basic-rule-takes-no-basic", [BASIC_ALICE], None, basic=False),
+    # Unsupported schemes count as no credentials
+    found("digest", [auth('Digest username="alice"')], None),
+    found("negotiate", [auth("Negotiate YII=")], None),
+    found("empty-authorization", [auth("")], None),
+    # API keys
+    found("api-key", [API_KEY_HEADER], KEY_FOUND),
+    found("api-key-padded", [("x-api-key", f"  {API_KEY_VALUE} ")], KEY_FOUND),
+    found("api-key-rule-takes-no-keys", [API_KEY_HEADER], None, keys=False),
+    found("api-key-beside-digest", [auth("Digest x"), API_KEY_HEADER], KEY_FOUND),
+    # Query tokens only where an issuer configured the parameter (B-08)
+    found("query", [], jwt_via("query", "tok", "q"), query="access_token=tok", on="query"),
+    found(
+        "query-among-others",
         [],
-        "access_token=tok",
-        (JWT, "query", "tok", ("q",)),
-        False,
+        jwt_via("query", "tok", "q"),
+        query="a=1&access_token=tok&b=2",
+        on="query",
     ),
-    (
-        "query-token-among-others",
-        "query",
-        True,
-        True,
+    found(
+        "query-percent-encoded-name",
         [],
-        "a=1&access_token=tok&b=2",
-        (JWT, "query", "tok", ("q",)),
-        False,
+        jwt_via("query", "tok", "q"),
+        query="access%5Ftoken=tok",
+        on="query",
     ),
-    (
-        "query-token-percent-encoded-name",
-        "query",
-        True,
-        True,
-        [],
-        "access%5Ftoken=tok",
-        (JWT, "query", "tok", ("q",)),
-        False,
-    ),
-    ("query-token-not-configured", "plain", True, True, [], "access_token=tok", None, False),
-    ("query-token-other-name", "query", True, True, [], "token=tok", None, False),
-    (
-        "query-token-picks-its-issuer",
-        "two",
-        True,
-        True,
-        [],
-        "token=tok",
-        (JWT, "query", "tok", ("other",)),
-        False,
-    ),
-    ("query-token-not-accepted-by-rule", "none", True, True, [], "access_token=tok", None, False),
-    (
-        "cookie-token",
-        "cookie",
-        True,
-        True,
-        [("cookie", "at=tok")],
-        "",
-        (JWT, "cookie", "tok", ("c",)),
-        False,
-    ),
-    (
-        "cookie-token-among-others",
-        "cookie",
-        True,
-        True,
+    found("query-not-configured", [], None, query="access_token=tok"),
+    found("query-other-name", [], None, query="token=tok", on="query"),
+    found("query-its-issuer-only", [], jwt_via("query", "t", "other"), query="token=t", on="two"),
+    found("query-rule-takes-no-jwt", [], None, query="access_token=tok", on="none"),
+    # Cookies: only when nothing else is sent, only where configured
+    found("cookie", [("cookie", "at=tok")], jwt_via("cookie", "tok", "c"), on="cookie"),
+    found(
+        "cookie-among-others",
         [("cookie", "theme=dark; at=tok; x=1")],
-        "",
-        (JWT, "cookie", "tok", ("c",)),
-        False,
+        jwt_via("cookie", "tok", "c"),
+        on="cookie",
     ),
-    (
-        "cookie-token-second-field",
-        "cookie",
-        True,
-        True,
+    found(
+        "cookie-in-second-field",
         [("cookie", "theme=dark"), ("cookie", "at=tok")],
-        "",
-        (JWT, "cookie", "tok", ("c",)),
-        False,
+        jwt_via("cookie", "tok", "c"),
+        on="cookie",
     ),
-    (
-        "cookie-token-picks-its-issuer",
-        "two",
-        True,
-        True,
+    found(
+        "cookie-its-issuer-only",
         [("cookie", "sid=tok")],
-        "",
-        (JWT, "cookie", "tok", ("other",)),
-        False,
+        jwt_via("cookie", "tok", "other"),
+        on="two",
     ),
-    ("cookie-token-not-configured", "plain", True, True, [("cookie", "at=tok")], "", None, False),
-    ("cookie-other-name", "cookie", True, True, [("cookie", "session=tok")], "", None, False),
-    ("cookie-not-accepted-by-rule", "none", True, True, [("cookie", "at=tok")], "", None, False),
+    found(
+        "cookie-other-repeated",
+        [("cookie", "x=1"), ("cookie", "x=2; at=tok")],
+        jwt_via("cookie", "tok", "c"),
+        on="cookie",
+    ),
+    found("cookie-not-configured", [("cookie", "at=tok")], None),
+    found("cookie-other-name", [("cookie", "session=tok")], None, on="cookie"),
+    found("cookie-rule-takes-no-jwt", [("cookie", "at=tok")], None, on="none"),
     # Browsers store and send cookie values with spaces, quotes or braces; an
     # unrelated cookie like that must not hide the token cookie.
-    (
-        "cookie-token-beside-cookie-with-space",
-        "cookie",
-        True,
-        True,
+    found(
+        "cookie-beside-cookie-with-space",
         [("cookie", "at=tok; prefs=a b")],
-        "",
-        (JWT, "cookie", "tok", ("c",)),
-        False,
+        jwt_via("cookie", "tok", "c"),
+        on="cookie",
     ),
-    (
-        "cookie-token-beside-json-cookie",
-        "cookie",
-        True,
-        True,
+    found(
+        "cookie-beside-json-cookie",
         [("cookie", 'consent={"ads":false}; at=tok')],
-        "",
-        (JWT, "cookie", "tok", ("c",)),
-        False,
+        jwt_via("cookie", "tok", "c"),
+        on="cookie",
     ),
-    (
-        "cookie-and-bearer-bearer-wins",
-        "cookie",
-        True,
-        True,
-        [("cookie", "at=ck"), ("authorization", "Bearer tok")],
-        "",
-        (JWT, "authorization", "tok", ("c",)),
-        False,
+    # ...and an explicit credential beside the cookie wins
+    found(
+        "cookie-and-bearer",
+        [("cookie", "at=ck"), BEARER],
+        jwt_via("authorization", "tok", "c"),
+        on="cookie",
     ),
-    (
-        "cookie-and-api-key-key-wins",
-        "cookie",
-        True,
-        True,
-        [("cookie", "at=ck"), ("x-api-key", API_KEY_VALUE)],
-        "",
-        (API_KEY, "x-api-key", API_KEY_VALUE, ()),
-        False,
-    ),
-    (
-        "cookie-and-basic-basic-wins",
-        "cookie",
-        True,
-        True,
-        [("cookie", "at=ck"), ("authorization", f"Basic {b64('alice:pw')}")],
-        "",
-        (BASIC, "authorization", "alice:pw", ()),
-        False,
-    ),
-    (
-        "cookie-and-query-query-wins",
-        "both",
-        True,
-        True,
+    found("cookie-and-api-key", [("cookie", "at=ck"), API_KEY_HEADER], KEY_FOUND, on="cookie"),
+    found("cookie-and-basic", [("cookie", "at=ck"), BASIC_ALICE], ALICE_BASIC, on="cookie"),
+    found(
+        "cookie-and-query",
         [("cookie", "at=ck")],
-        "access_token=tok",
-        (JWT, "query", "tok", ("qc",)),
-        False,
+        jwt_via("query", "tok", "qc"),
+        query="access_token=tok",
+        on="both",
     ),
-    (
+    found(
         "cookie-and-malformed-basic",
-        "cookie",
-        True,
-        True,
-        [("cookie", "at=ck"), ("authorization", "Basic Zm9v")],
-        "",
+        [("cookie", "at=ck"), auth("Basic Zm9v")],
         None,
-        True,
+        on="cookie",
+        malformed=True,
     ),
-    (
-        "cookie-twice-not-a-token-cookie",
-        "cookie",
-        True,
-        True,
-        [("cookie", "x=1"), ("cookie", "x=2; at=tok")],
-        "",
-        (JWT, "cookie", "tok", ("c",)),
-        False,
-    ),
-    ("nothing", "two", True, True, [("accept", "*/*")], "a=1", None, False),
+    found("nothing", [("accept", "*/*")], None, query="a=1", on="two"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("issuer_set", "with_basic", "with_keys", "headers", "query", "expected", "malformed"),
-    [c[1:] for c in FOUND],
-    ids=[c[0] for c in FOUND],
+    ("on", "basic", "keys", "headers", "query", "expected", "malformed"), FOUND
 )
 def test_find(
     issuers: dict[str, tuple[Issuer, ...]],
-    issuer_set: str,
-    with_basic: bool,
-    with_keys: bool,
+    on: str,
+    basic: bool,
+    keys: bool,
     headers: list[tuple[str, str]],
     query: str,
-    expected: tuple[str, str, str, tuple[str, ...]] | None,
+    expected: Expected,
     malformed: bool,
 ) -> None:
     presented, bad = find(
-        issuers[issuer_set],
-        API_KEYS if with_keys else None,
-        basic_users() if with_basic else None,
+        issuers[on],
+        API_KEYS if keys else None,
+        basic_users() if basic else None,
         headers,
         query,
     )
@@ -854,153 +567,124 @@ def test_find(
         assert presented is None
     else:
         assert presented is not None
-        assert (
-            presented.kind,
-            presented.via,
-            presented.value,
-            tuple(i.name for i in presented.issuers),
-        ) == expected
-    if malformed:
-        assert bad == Presented(BASIC, "authorization", "")
-    else:
-        assert bad is None
+        got = (presented.kind, presented.via, presented.value, presented.issuers)
+        assert got[:3] == expected[:3]
+        assert tuple(i.name for i in got[3]) == expected[3]
+    assert bad == (Presented(BASIC, "authorization", "") if malformed else None)
 
 
-AMBIGUOUS: list[tuple[Any, ...]] = [
-    (
+def ambiguous(
+    id: str, headers: list[tuple[str, str]], message: str, *, query: str = "", on: str = "plain"
+) -> Any:
+    return pytest.param(on, headers, query, message, id=id)
+
+
+AMBIGUOUS = [
+    # H-07, B-05: 400 invalid_request
+    ambiguous(
         "two-authorization-fields",
-        "plain",
-        [("authorization", "Bearer a"), ("authorization", "Bearer b")],
-        "",
+        [auth("Bearer a"), auth("Bearer b")],
         "more than one Authorization field",
     ),
-    (
-        "two-authorization-fields-different-schemes",
-        "plain",
-        [("authorization", f"Basic {b64('alice:pw')}"), ("authorization", "Bearer b")],
-        "",
+    ambiguous(
+        "two-authorization-fields-two-schemes",
+        [BASIC_ALICE, BEARER],
         "more than one Authorization field",
     ),
-    (
-        "two-authorization-fields-rule-takes-no-jwt",
-        "none",
-        [("authorization", "Digest a"), ("authorization", "Digest b")],
-        "",
+    ambiguous(
+        "two-authorization-fields-unsupported",
+        [auth("Digest a"), auth("Digest b")],
         "more than one Authorization field",
+        on="none",
     ),
-    (
-        "api-key-twice",
-        "plain",
-        [("x-api-key", "a"), ("x-api-key", "b")],
-        "",
-        "more than one x-api-key field",
+    ambiguous(
+        "api-key-twice", [("x-api-key", "a"), ("x-api-key", "b")], "more than one x-api-key field"
     ),
-    (
+    ambiguous(
         "api-key-twice-same-value",
-        "plain",
-        [("x-api-key", API_KEY_VALUE), ("x-api-key", API_KEY_VALUE)],
-        "",
+        [API_KEY_HEADER, API_KEY_HEADER],
         "more than one x-api-key field",
     ),
-    (
-        "bearer-and-api-key",
-        "plain",
-        [*BEARER, ("x-api-key", API_KEY_VALUE)],
-        "",
-        "credentials sent in more than one way",
+    ambiguous(
+        "bearer-and-api-key", [BEARER, API_KEY_HEADER], "credentials sent in more than one way"
     ),
-    (
-        "basic-and-api-key",
-        "plain",
-        [("authorization", f"Basic {b64('alice:pw')}"), ("x-api-key", API_KEY_VALUE)],
-        "",
-        "credentials sent in more than one way",
+    ambiguous(
+        "basic-and-api-key", [BASIC_ALICE, API_KEY_HEADER], "credentials sent in more than one way"
     ),
-    (
+    ambiguous(
         "malformed-basic-and-api-key",
-        "plain",
-        [("authorization", "Basic Zm9v"), ("x-api-key", API_KEY_VALUE)],
-        "",
+        [auth("Basic Zm9v"), API_KEY_HEADER],
         "credentials sent in more than one way",
     ),
-    (
-        "bearer-and-query-token",
-        "query",
-        BEARER,
-        "access_token=tok2",
+    ambiguous(
+        "bearer-and-query",
+        [BEARER],
         "credentials sent in more than one way",
+        query="access_token=tok2",
+        on="query",
     ),
-    (
-        "basic-and-query-token",
-        "query",
-        [("authorization", f"Basic {b64('alice:pw')}")],
-        "access_token=tok",
+    ambiguous(
+        "basic-and-query",
+        [BASIC_ALICE],
         "credentials sent in more than one way",
+        query="access_token=tok",
+        on="query",
     ),
-    (
-        "api-key-and-query-token",
-        "query",
-        [("x-api-key", API_KEY_VALUE)],
-        "access_token=tok",
+    ambiguous(
+        "api-key-and-query",
+        [API_KEY_HEADER],
         "credentials sent in more than one way",
+        query="access_token=tok",
+        on="query",
     ),
-    (
-        "query-token-twice",
-        "query",
+    ambiguous(
+        "query-twice",
         [],
-        "access_token=a&access_token=b",
         "more than one access_token query parameter",
+        query="access_token=a&access_token=b",
+        on="query",
     ),
-    (
-        "query-token-twice-one-empty",
-        "query",
+    ambiguous(
+        "query-twice-one-empty",
         [],
-        "access_token=&access_token=b",
         "more than one access_token query parameter",
+        query="access_token=&access_token=b",
+        on="query",
     ),
-    (
-        "query-tokens-for-two-issuers",
-        "two",
+    ambiguous(
+        "query-for-two-issuers",
         [],
-        "access_token=a&token=b",
         "credentials sent in more than one way",
+        query="access_token=a&token=b",
+        on="two",
     ),
-    (
-        "cookie-token-twice-two-fields",
-        "cookie",
+    ambiguous(
+        "cookie-twice-two-fields",
         [("cookie", "at=a"), ("cookie", "at=b")],
-        "",
         "more than one at cookie",
+        on="cookie",
     ),
     # One Cookie field is how HTTP/1.1 browsers send every cookie: the same
     # name twice there (two paths or domains) is as ambiguous as in two fields.
-    (
-        "cookie-token-twice-one-field",
-        "cookie",
-        [("cookie", "at=a; at=b")],
-        "",
-        "more than one at cookie",
+    ambiguous(
+        "cookie-twice-one-field", [("cookie", "at=a; at=b")], "more than one at cookie", on="cookie"
     ),
     # Query tokens for two issuers are ambiguous (above); cookies for two
-    # issuers must not be settled by set iteration order (hash seed).
-    ("cookie-tokens-for-two-issuers", "two", [("cookie", "at=a; sid=b")], "", "more than one"),
+    # issuers must not be settled by set iteration order (the hash seed).
+    ambiguous("cookie-for-two-issuers", [("cookie", "at=a; sid=b")], "more than one", on="two"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("issuer_set", "headers", "query", "message"),
-    [c[1:] for c in AMBIGUOUS],
-    ids=[c[0] for c in AMBIGUOUS],
-)
+@pytest.mark.parametrize(("on", "headers", "query", "message"), AMBIGUOUS)
 def test_find_ambiguous(
     issuers: dict[str, tuple[Issuer, ...]],
-    issuer_set: str,
+    on: str,
     headers: list[tuple[str, str]],
     query: str,
     message: str,
 ) -> None:
     with pytest.raises(Ambiguous) as caught:
-        find(issuers[issuer_set], API_KEYS, basic_users(), headers, query)
+        find(issuers[on], API_KEYS, basic_users(), headers, query)
     assert str(caught.value).startswith(message)
 
 
