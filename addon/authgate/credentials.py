@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qsl
 
 import bcrypt
@@ -102,9 +102,11 @@ class BasicUsers:
         if known is not None:
             return known
         entry = self.users.get(user)
-        ok = entry is not None and bcrypt.checkpw(
-            password.encode("utf-8", "surrogateescape"), entry.hash
-        )
+        # An unknown user costs a bcrypt check too, so timing does not tell
+        # which user names exist.
+        hashed = entry.hash if entry is not None else _dummy_hash()
+        ok = bcrypt.checkpw(password.encode("utf-8", "surrogateescape"), hashed)
+        ok = ok and entry is not None
         if len(self._known) > 10_000:
             self._known.clear()
         # Failures are remembered for less time: enough to make guessing with
@@ -115,6 +117,11 @@ class BasicUsers:
     def identity(self, user: str) -> Identity:
         entry = self.users[user]
         return Identity(user, "basic", BASIC, entry.roles, entry.scopes, {"sub": user})
+
+
+@functools.cache
+def _dummy_hash() -> bytes:
+    return bcrypt.hashpw(b"no such user", bcrypt.gensalt(10))
 
 
 def parse_htpasswd(text: str) -> tuple[dict[str, bytes], tuple[int, str] | None]:
@@ -139,8 +146,11 @@ def parse_htpasswd(text: str) -> tuple[dict[str, bytes], tuple[int, str] | None]
                 number,
                 f"user {user!r} has {kind} hash; only bcrypt is accepted (htpasswd -B)",
             )
-        if int(m.group(1)) < 8:
+        cost = int(m.group(1))
+        if cost < 8:
             return users, (number, f"user {user!r}: bcrypt cost {m.group(1)} is too low (>= 8)")
+        if cost > 31:
+            return users, (number, f"user {user!r}: bcrypt cost {cost} is not valid (<= 31)")
         users[user] = hashed.encode()
     return users, None
 
@@ -160,16 +170,22 @@ class Ambiguous(Exception):
     """Credentials sent two ways at once, or repeated: 400 invalid_request."""
 
 
-def _cookie(values: Sequence[str], name: str) -> list[str]:
-    found: list[str] = []
+def _cookies(values: Sequence[str], names: set[str]) -> dict[str, list[str]]:
+    """Values of the wanted cookies, in every Cookie field (RFC 6265 §5.4).
+
+    Lenient on purpose: one odd cookie elsewhere on the domain (a space, JSON)
+    must not hide the session cookie.
+    """
+    found: dict[str, list[str]] = {}
     for value in values:
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(value)
-        except CookieError:
-            continue
-        if name in jar:
-            found.append(jar[name].value)
+        for pair in value.split(";"):
+            name, sep, cookie = pair.partition("=")
+            name = name.strip()
+            if sep and name in names:
+                cookie = cookie.strip()
+                if len(cookie) >= 2 and cookie[0] == cookie[-1] == '"':
+                    cookie = cookie[1:-1]
+                found.setdefault(name, []).append(cookie)
     return found
 
 
@@ -224,15 +240,18 @@ def find(
         raise Ambiguous("credentials sent in more than one way")
     if explicit or malformed:
         return (explicit[0] if explicit else None), malformed
-    cookies = [v for k, v in headers if k == "cookie"]
+    cookie_names = {i.cookie for i in issuers if i.cookie}
+    cookies = [v for k, v in headers if k == "cookie"] if cookie_names else []
     if cookies:
-        for name in {i.cookie for i in issuers if i.cookie}:
-            found = _cookie(cookies, name)
-            if len(found) > 1:
+        found = _cookies(cookies, cookie_names)
+        for name, values in found.items():
+            if len(values) > 1:
                 raise Ambiguous(f"more than one {name} cookie")
-            if found:
-                chosen = tuple(i for i in issuers if i.cookie == name)
-                return Presented(JWT, "cookie", found[0], chosen), None
+        if len(found) > 1:
+            raise Ambiguous(f"more than one token cookie: {', '.join(sorted(found))}")
+        for name, (token,) in found.items():
+            chosen = tuple(i for i in issuers if i.cookie == name)
+            return Presented(JWT, "cookie", token, chosen), None
     return None, None
 
 

@@ -57,11 +57,21 @@ def check_url(url: str, allow_http: bool) -> None:
         raise ValueError(f"{url!r} is plain http to a non-loopback host (set allow_http: true)")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect could lead around the https/loopback rule: follow none."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
+
+
 def http_get(url: str, timeout: float) -> tuple[bytes, str | None]:
     """GET -> (body, Cache-Control). Blocking: call it in a thread."""
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with _OPENER.open(request, timeout=timeout) as response:
             body: bytes = response.read(MAX_BODY + 1)
             cache_control = response.headers.get("Cache-Control")
     except (urllib.error.URLError, OSError, ValueError) as e:
@@ -180,6 +190,11 @@ class RemoteKeys:
             body, _ = self._get(config_url)
             try:
                 doc = json.loads(body)
+                if not isinstance(doc, dict):
+                    raise TypeError("not a JSON object")
+                # OpenID Connect Discovery §4.3: the document must be the issuer's own.
+                if doc.get("issuer") != self.issuer:
+                    raise ValueError(f"it names issuer {doc.get('issuer')!r}")
                 url = doc["jwks_uri"]
                 if not isinstance(url, str):
                     raise TypeError
