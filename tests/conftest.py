@@ -55,10 +55,15 @@ class Seen:
         return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
+Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
 @dataclass
 class Backend:
     server: ThreadingHTTPServer
     seen: list[Seen] = field(default_factory=list)
+    # A test may make the backend answer otherwise: (status, headers, body) by request.
+    answer: Callable[[Seen], Answer | None] | None = None
 
     @property
     def url(self) -> str:
@@ -76,10 +81,17 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             if length:
                 self.rfile.read(length)
-            backend.seen.append(Seen(self.command, self.path, list(self.headers.items())))
-            body = json.dumps({"path": self.path}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+            seen = Seen(self.command, self.path, list(self.headers.items()))
+            backend.seen.append(seen)
+            custom = backend.answer(seen) if backend.answer is not None else None
+            status, headers, body = custom or (
+                200,
+                [("Content-Type", "application/json")],
+                json.dumps({"path": self.path}).encode(),
+            )
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if self.command != "HEAD":
@@ -113,8 +125,10 @@ def backend() -> Iterator[Backend]:
 class RunningGateway:
     """The real lean mitmproxy master that `authgate run` builds, in a thread."""
 
-    def __init__(self, policy: Path, upstream: str, sets: list[str]) -> None:
-        self.addon = Gateway()
+    def __init__(
+        self, policy: Path, upstream: str, sets: list[str], gateway: Gateway | None = None
+    ) -> None:
+        self.addon = gateway or Gateway()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.port = 0
@@ -155,6 +169,15 @@ class RunningGateway:
     @property
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
+
+    def call(self, command: str, *args: str) -> Any:
+        """Run a mitmproxy command on the gateway's event loop."""
+        assert self.loop is not None
+
+        async def run() -> Any:
+            return self.master.commands.call(command, *args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def stop(self) -> None:
         if self.loop is None or self.master is None or not self.thread.is_alive():

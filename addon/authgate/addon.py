@@ -1,9 +1,10 @@
 """The mitmproxy adapter: options in, flows to `decide()`, decisions back out.
 
-Everything interesting happens in the pure core; this module only converts a
-flow to a `RequestView`, a `Decision` to a response or a rewritten request,
-and keeps the gateway failing closed: an exception while judging answers 500
-and the request never reaches the backend.
+Everything interesting happens in the pure core; this module converts a flow
+to a `RequestView` and a `Decision` to a response or a rewritten request,
+runs what needs I/O off the request path (policy reloads, key fetches,
+bcrypt), and keeps the gateway failing closed: an exception while judging
+answers 500 and the request never reaches the backend.
 """
 
 from __future__ import annotations
@@ -15,18 +16,34 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 
+from . import upstream_lint
 from .credentials import BASIC, JWT, Ambiguous, find
-from .decision import FORBIDDEN, Decision, RequestView, decide, passes_ip_checks
+from .decision import (
+    ALLOWED,
+    FORBIDDEN,
+    RATE_LIMITED,
+    Decision,
+    RequestView,
+    challenges_for,
+    decide,
+    identity_headers,
+    passes_ip_checks,
+)
 from .ipset import normalize_ip
-from .policy import IDENTITY_HEADERS, Policy, PolicyError, load_policy
+from .metrics import Metrics
+from .policy import IDENTITY_HEADERS, Policy, PolicyError, Rule, load_policy
 from .ratelimit import Limiter
-from .responses import Rendered, render, render_error
+from .reload import Fingerprint, carry_over, fingerprint
+from .responses import Rendered, challenge, render, render_error
 from .tokens import unverified_kid
 
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
+DENIED_MARKER = ":no_entry:"
+WOULD_DENY_MARKER = ":warning:"
+LINT_MARKER = ":triangular_flag_on_post:"
 
 
 def request_view(flow: http.HTTPFlow, with_host: bool) -> RequestView:
@@ -47,6 +64,19 @@ def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
     flow.request.stream = False
 
 
+def load_checked(path: str, keep_host_header: bool) -> Policy:
+    """Load a policy and check it against how mitmproxy runs. Raises PolicyError."""
+    policy = load_policy(path)
+    if policy.uses_host and not keep_host_header:
+        raise PolicyError(
+            path,
+            None,
+            "rules match on host, but in reverse mode mitmproxy replaces the "
+            "client's Host unless keep_host_header=true is set",
+        )
+    return policy
+
+
 class Gateway:
     """The authgate addon. One instance per mitmproxy master."""
 
@@ -54,9 +84,17 @@ class Gateway:
         self.policy: Policy | None = None
         self.limiter = Limiter()
         self.clock = clock
-        self._log_file: IO[str] | None = None
         self.decide = decide  # replaced in fail-closed tests only
-        self._keys_task: asyncio.Task[None] | None = None
+        self.metrics = Metrics(lambda: self.policy)
+        self.lint = upstream_lint.Ledger()
+        self.would_deny: dict[str, int] = {}
+        self.loaded_at = 0.0
+        self.reload_error: str | None = None
+        self.reloads = 0
+        self._log_file: IO[str] | None = None
+        self._fingerprint: Fingerprint = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reloading: asyncio.Lock | None = None
         self._bcrypt_slots = asyncio.Semaphore(2)  # bcrypt is CPU-bound: two at a time
 
     # --- options -----------------------------------------------------------
@@ -69,6 +107,32 @@ class Gateway:
             "",
             "Append one JSON line per decision to this file (default: mitmproxy's log).",
         )
+        loader.add_option(
+            "authgate_mode",
+            str,
+            "",
+            "Override the policy's mode for the whole gateway: enforce or report.",
+            choices=["", "enforce", "report"],
+        )
+        loader.add_option(
+            "authgate_lint_upstream",
+            str,
+            "warn",
+            "Inspect the backend's answers for 401/403/429 mistakes: warn, repair or off.",
+            choices=["warn", "repair", "off"],
+        )
+        loader.add_option(
+            "authgate_metrics",
+            str,
+            "",
+            "Serve Prometheus metrics on HOST:PORT (off when empty).",
+        )
+        loader.add_option(
+            "authgate_watch",
+            bool,
+            True,
+            "Reload the policy when it or a file it reads changes.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "authgate_policy" in updated or "keep_host_header" in updated:
@@ -79,19 +143,10 @@ class Gateway:
                 self.policy = None
                 return
             try:
-                policy = load_policy(path)
+                policy = load_checked(path, ctx.options.keep_host_header)
             except PolicyError as e:
                 raise exceptions.OptionsError(f"authgate: {e}") from e
-            if policy.uses_host and not ctx.options.keep_host_header:
-                raise exceptions.OptionsError(
-                    f"authgate: {path} matches rules on host, but in reverse mode mitmproxy "
-                    "replaces the client's Host unless keep_host_header=true is set"
-                )
-            self.policy = policy  # one assignment: the old policy serves until here
-            logger.info(
-                f"authgate: policy {path} loaded ({len(policy.rules)} rules, "
-                f"{policy.block.entries} blocked ranges, {len(policy.issuers)} issuers)"
-            )
+            self._install(policy, "loaded")
         if "authgate_log" in updated:
             if self._log_file is not None:
                 self._log_file.close()
@@ -104,6 +159,14 @@ class Gateway:
                         f"authgate: cannot open authgate_log {ctx.options.authgate_log}: "
                         f"{e.strerror}"
                     ) from e
+        if "authgate_metrics" in updated:
+            self.metrics.stop()
+            if ctx.options.authgate_metrics:
+                try:
+                    self.metrics.serve(ctx.options.authgate_metrics)
+                except (OSError, ValueError) as e:
+                    raise exceptions.OptionsError(f"authgate: metrics: {e}") from e
+                logger.info(f"authgate: metrics on http://{ctx.options.authgate_metrics}/metrics")
 
     def running(self) -> None:
         if self.policy is None:
@@ -113,15 +176,80 @@ class Gateway:
             )
             return
         self._warn_basic_in_clear(self.policy)
-        self._keys_task = asyncio.get_running_loop().create_task(self._keep_keys_fresh())
+        loop = asyncio.get_running_loop()
+        self._reloading = asyncio.Lock()
+        self._tasks = [loop.create_task(self._keep_keys_fresh()), loop.create_task(self._watch())]
 
     def done(self) -> None:
-        if self._keys_task is not None:
-            self._keys_task.cancel()
-            self._keys_task = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        self.metrics.stop()
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    # --- policy lifecycle ------------------------------------------------------
+
+    def _install(self, policy: Policy, how: str) -> None:
+        old = self.policy
+        if old is not None:
+            policy = carry_over(old, policy)
+        self._fingerprint = fingerprint(policy.files)
+        self.policy = policy  # one assignment: requests in flight keep the one they took
+        self.loaded_at = time.time()
+        self.reload_error = None
+        logger.info(
+            f"authgate: policy {policy.file} {how} ({len(policy.rules)} rules, "
+            f"{policy.block.entries} blocked ranges, {len(policy.issuers)} issuers"
+            f"{', mode ' + policy.mode if policy.mode != 'enforce' else ''})"
+        )
+
+    async def reload(self, why: str) -> bool:
+        """Build the new policy in a thread and swap it in; keep the last good
+        one if it does not load. True when the new policy took effect."""
+        assert self._reloading is not None
+        async with self._reloading:
+            path = ctx.options.authgate_policy
+            keep_host = ctx.options.keep_host_header
+            try:
+                policy = await asyncio.to_thread(load_checked, path, keep_host)
+            except PolicyError as e:
+                self.reload_error = str(e)
+                self.metrics.reload_failures.inc()
+                # Watch what we have plus the file the error names, so fixing
+                # either one triggers the next attempt.
+                files = list(self.policy.files if self.policy else ()) + [e.file]
+                self._fingerprint = fingerprint(files)
+                logger.error(
+                    f"authgate: reload ({why}) refused, the last good policy keeps serving: {e}"
+                )
+                return False
+            self.reloads += 1
+            self.metrics.reloads.inc()
+            self._install(policy, f"reloaded ({why})")
+            return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if not ctx.options.authgate_watch or not self._fingerprint:
+                continue
+            now = await asyncio.to_thread(fingerprint, list(self._fingerprint))
+            if now != self._fingerprint:
+                await self.reload("a file changed")
+
+    async def _keep_keys_fresh(self) -> None:
+        """Fetch remote key sets at start and whenever they expire (or, after
+        a failure, when the backoff says). Off the request path."""
+        while True:
+            policy = self.policy
+            sources = [i.remote for i in policy.issuers if i.remote] if policy else []
+            for source in sources:
+                if source.due():
+                    await source.refresh()
+            wait = min((s.next_attempt - s.clock() for s in sources), default=60.0)
+            await asyncio.sleep(min(max(wait, 0.5), 60.0))
 
     @staticmethod
     def _warn_basic_in_clear(policy: Policy) -> None:
@@ -137,17 +265,52 @@ class Gateway:
                 "unless clients connect with TLS, passwords cross the network in clear text"
             )
 
-    async def _keep_keys_fresh(self) -> None:
-        """Fetch remote key sets at start and whenever they expire (or, after
-        a failure, when the backoff says). Off the request path."""
-        while True:
-            policy = self.policy
-            sources = [i.remote for i in policy.issuers if i.remote] if policy else []
-            for source in sources:
-                if source.due():
-                    await source.refresh()
-            wait = min((s.next_attempt - s.clock() for s in sources), default=60.0)
-            await asyncio.sleep(min(max(wait, 0.5), 60.0))
+    # --- commands ----------------------------------------------------------------
+
+    @command.command("authgate.reload")
+    def reload_command(self) -> str:
+        """Reload the policy now (the result shows in authgate.status and the log)."""
+        if self._reloading is None:
+            return "authgate: not running yet"
+        task = asyncio.get_running_loop().create_task(self._run_reload("requested"))
+        self._tasks.append(task)
+        return "authgate: reload started; see authgate.status"
+
+    async def _run_reload(self, why: str) -> None:
+        await self.reload(why)
+
+    @command.command("authgate.status")
+    def status_command(self) -> str:
+        """The policy in force, the last reload error, report-mode and lint counts."""
+        return json.dumps(self.status(), indent=2)
+
+    def status(self) -> dict[str, Any]:
+        policy = self.policy
+        keys = {
+            i.issuer: {
+                "keys": len(i.remote.keys),
+                "last_error": i.remote.last_error,
+                "fetches": i.remote.fetches,
+            }
+            for i in (policy.issuers if policy else ())
+            if i.remote is not None
+        }
+        return {
+            "policy": policy.file if policy else None,
+            "rules": len(policy.rules) if policy else 0,
+            "mode": self._mode_override() or (policy.mode if policy else None),
+            "loaded_at": self.loaded_at,
+            "reloads": self.reloads,
+            "reload_error": self.reload_error,
+            "would_deny": dict(sorted(self.would_deny.items())),
+            "upstream_lint": self.lint.summary(),
+            "jwks": keys,
+        }
+
+    @command.command("authgate.lint")
+    def lint_command(self) -> str:
+        """Backend auth mistakes seen so far, per rule and kind."""
+        return json.dumps(self.lint.summary(), indent=2)
 
     # --- hooks -------------------------------------------------------------
 
@@ -155,20 +318,45 @@ class Gateway:
         if flow.response is not None or flow.error is not None:
             return
         try:
-            if self.policy is not None:
-                await self._prepare(self.policy, request_view(flow, self.policy.uses_host))
-            self._judge(flow)
+            policy = self.policy  # this request's policy, even if a reload swaps it
+            if policy is None:
+                self._fail(flow, 503, "no_policy")
+                return
+            await self._prepare(policy, request_view(flow, policy.uses_host))
+            self._judge(flow, policy)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             logger.exception("authgate: error while judging a request; answering 500")
             self._fail(flow, 500, "internal_error")
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        # Fail closed: a request that reaches here unjudged is never forwarded.
+        if flow.response is not None or METADATA_KEY in flow.metadata:
+            return
+        logger.error("authgate: a request reached the request hook unjudged; answering 500")
+        self._fail(flow, 500, "unjudged")
+
     def response(self, flow: http.HTTPFlow) -> None:
+        entry = flow.metadata.get(METADATA_KEY)
+        if flow.response is None or not isinstance(entry, dict) or not entry.get("forwarded"):
+            return
         # RFC 6750 §2.3: a response to a request authenticated by a query
         # token must not be stored by shared caches.
-        entry = flow.metadata.get(METADATA_KEY)
-        if flow.response is not None and isinstance(entry, dict) and entry.get("via") == "query":
-            if "cache-control" not in flow.response.headers:
-                flow.response.headers["Cache-Control"] = "private"
+        if entry.get("via") == "query" and "cache-control" not in flow.response.headers:
+            flow.response.headers["Cache-Control"] = "private"
+        mode = ctx.options.authgate_lint_upstream
+        if mode != "off":
+            self._lint(flow, entry, repair=mode == "repair")
+
+    # --- the work ------------------------------------------------------------
+
+    def _fail(self, flow: http.HTTPFlow, status: int, reason: str) -> None:
+        """The gateway itself cannot judge: answer 500/503, never forward."""
+        retry = 60 if status == 503 else None
+        accept = flow.request.headers.get("accept")
+        _respond(flow, render_error(status, flow.request.method, retry_after=retry, accept=accept))
+        flow.metadata[METADATA_KEY] = {"status": status, "reason": reason}
+        flow.comment = f"authgate: {status} {reason}"
+        flow.marked = DENIED_MARKER
 
     async def _prepare(self, policy: Policy, view: RequestView) -> None:
         """The slow or remote parts of checking credentials, done before the
@@ -205,52 +393,65 @@ class Gateway:
                 elif kid is not None and source.lookup(kid) is None and source.may_refresh_for(kid):
                     await source.refresh("unknown kid", kid=kid)
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        # Fail closed: a request that reaches here unjudged is never forwarded.
-        if flow.response is not None or METADATA_KEY in flow.metadata:
-            return
-        logger.error("authgate: a request reached the request hook unjudged; answering 500")
-        self._fail(flow, 500, "unjudged")
+    def _mode_override(self) -> str:
+        return str(ctx.options.authgate_mode) if ctx.options.authgate_mode else ""
 
-    # --- the work ------------------------------------------------------------
+    def _report_only(self, policy: Policy, d: Decision) -> bool:
+        override = self._mode_override()
+        if override:
+            return override == "report"
+        rule = policy.rule_index.get(d.rule) if d.rule else None
+        mode = rule.mode if rule is not None and rule.mode else policy.mode
+        return mode == "report"
 
-    def _fail(self, flow: http.HTTPFlow, status: int, reason: str) -> None:
-        """The gateway itself cannot judge: answer 500/503, never forward."""
-        retry = 60 if status == 503 else None
-        accept = flow.request.headers.get("accept")
-        _respond(flow, render_error(status, flow.request.method, retry_after=retry, accept=accept))
-        flow.metadata[METADATA_KEY] = {"status": status, "reason": reason}
-        flow.comment = f"authgate: {status} {reason}"
-
-    def _judge(self, flow: http.HTTPFlow) -> None:
-        policy = self.policy
-        if policy is None:
-            self._fail(flow, 503, "no_policy")
-            return
+    def _judge(self, flow: http.HTTPFlow, policy: Policy) -> None:
         req = flow.request
         view = request_view(flow, policy.uses_host)
+        start = time.perf_counter()
         if req.authority and "@" in req.authority:
             decision = Decision(False, 400, "bad_target", detail="userinfo in the target")
         else:
             decision = self.decide(policy, view, self.clock(), self.limiter)
+        self.metrics.decision_seconds.observe(time.perf_counter() - start)
         if decision.allowed:
-            self._forward(flow, policy, decision, view.peer)
+            self._forward(flow, policy, decision, view.peer, decision.target, decision)
+            self._record(flow, decision, "allow")
+        elif self._report_only(policy, decision):
+            # Report mode: judged and logged, forwarded as if allowed, and
+            # nothing of the would-be denial reaches the client.
+            target = decision.path.target if decision.path is not None else req.path
+            self._forward(flow, policy, decision, view.peer, target, None)
+            key = decision.rule or "-"
+            self.would_deny[key] = self.would_deny.get(key, 0) + 1
+            self.metrics.would_deny.labels(key, str(decision.status), decision.reason).inc()
+            self._record(flow, decision, "would_deny")
         else:
             accept = req.headers.get("accept")
             _respond(flow, render(decision, policy.realm, req.method, accept=accept))
-        self._record(flow, decision)
+            self._record(flow, decision, "deny")
 
-    def _forward(self, flow: http.HTTPFlow, policy: Policy, d: Decision, peer: str) -> None:
+    def _forward(
+        self,
+        flow: http.HTTPFlow,
+        policy: Policy,
+        d: Decision,
+        peer: str,
+        target: str,
+        allowed: Decision | None,
+    ) -> None:
         req = flow.request
-        if req.path != d.target:
-            req.path = d.target
+        if req.path != target:
+            req.path = target
         if req.authority and req.http_version.startswith("HTTP/1"):
             req.authority = ""  # absolute-form: forward as origin-form, judged path only
         headers = req.headers
         for name in IDENTITY_HEADERS:
             if name in headers:
                 del headers[name]
-        for name, value in d.upstream_headers:
+        # In report mode a denied request still carries an identity that was
+        # proven (a 403 has one); an unproven one is never forwarded.
+        upstream = allowed.upstream_headers if allowed else identity_headers(d.identity)
+        for name, value in upstream:
             headers[name] = value
         if not policy.forward_credentials and "authorization" in headers:
             del headers["authorization"]
@@ -258,31 +459,84 @@ class Gateway:
         chain.append(normalize_ip(peer))
         headers.set_all("X-Forwarded-For", [", ".join(chain)])
 
-    def _record(self, flow: http.HTTPFlow, d: Decision) -> None:
+    def _record(self, flow: http.HTTPFlow, d: Decision, outcome: str) -> None:
         subject = d.identity.subject if d.identity is not None else None
-        entry = {
+        entry: dict[str, Any] = {
             "time": round(time.time(), 3),
             "client_ip": d.client_ip,
             "method": flow.request.method,
             "path": d.path.path if d.path is not None else flow.request.path.split("?")[0][:200],
             "rule": d.rule,
-            "decision": "allow" if d.allowed else "deny",
+            "decision": outcome,
             "status": d.status or None,
             "reason": d.reason,
             "subject": subject,
             "via": d.via,
         }
-        flow.metadata[METADATA_KEY] = entry
-        if d.allowed:
-            flow.comment = f"authgate: allowed by rule {d.rule}"
-        else:
-            flow.comment = f"authgate: {d.status} {d.reason}" + (
-                f" (rule {d.rule})" if d.rule else ""
-            )
+        self.metrics.decisions.labels(str(d.status), d.rule or "-", d.reason).inc()
+        if d.reason == RATE_LIMITED:
+            self.metrics.rate_limited.labels(d.detail or "-").inc()
         line = json.dumps(entry, separators=(",", ":"))
+        entry["forwarded"] = outcome != "deny"
+        flow.metadata[METADATA_KEY] = entry
+        rule = f" by rule {d.rule}" if d.rule else ""
+        if outcome == "allow":
+            flow.comment = (
+                f"authgate: allowed{rule}"
+                if d.reason == ALLOWED
+                else (f"authgate: {d.reason}{rule}")
+            )
+        elif outcome == "would_deny":
+            flow.comment = f"authgate: would deny: {d.status}{rule} ({d.reason})"
+            flow.marked = WOULD_DENY_MARKER
+        else:
+            flow.comment = f"authgate: {d.status}{rule} ({d.reason})"
+            flow.marked = DENIED_MARKER
         if self._log_file is not None:
             self._log_file.write(line + "\n")
         if d.reason == FORBIDDEN:
             logger.warning(line)  # an authenticated caller was refused: worth a look
         elif self._log_file is None:
             logger.info(line)
+
+    def _lint(self, flow: http.HTTPFlow, entry: dict[str, Any], repair: bool) -> None:
+        response = flow.response
+        assert response is not None
+        headers = [(k.lower(), v) for k, v in response.headers.items(multi=True)]
+        found = upstream_lint.findings(response.status_code, headers, bool(entry.get("subject")))
+        if not found:
+            return
+        policy = self.policy
+        fixed = upstream_lint.repairable(found) if repair and policy is not None else []
+        rule = entry.get("rule") or "-"
+        if fixed and policy is not None:
+            rule_obj = policy.rule_index.get(rule)
+            lines = self._challenge_lines(policy, rule_obj)
+            if lines:
+                original = response.status_code
+                response.status_code = 401
+                response.reason = "Unauthorized"
+                for line in lines:
+                    response.headers.add("WWW-Authenticate", line)
+                entry["lint_repaired"] = fixed
+                flow.comment += f"; backend {original} repaired to 401 with a challenge"
+            else:
+                fixed = []
+        for finding in found:
+            first = self.lint.add(rule, finding, finding in fixed)
+            self.metrics.lint.labels(rule, finding, str(finding in fixed).lower()).inc()
+            if first:
+                logger.warning(
+                    f"authgate: backend mistake on rule {rule}: {finding} "
+                    f"({upstream_lint.EXPLAIN[finding]})"
+                )
+        entry["lint"] = found
+        flow.marked = flow.marked or LINT_MARKER
+        if not fixed:
+            flow.comment += f"; backend mistake: {', '.join(found)}"
+
+    @staticmethod
+    def _challenge_lines(policy: Policy, rule: Rule | None) -> list[str]:
+        if rule is None:
+            return []
+        return [challenge(policy.realm, s, p) for s, p in challenges_for(policy, rule)]

@@ -19,7 +19,12 @@ DEFAULT_POLICY = "policies/example.yaml"
 
 
 def _serve(
-    policy: str, upstream: str, listen: str, sets: Sequence[str], on_ready: str | None = None
+    policy: str,
+    upstream: str,
+    listen: str,
+    sets: Sequence[str],
+    on_ready: str | None = None,
+    web: str | None = None,
 ) -> int:
     from mitmproxy import exceptions
 
@@ -33,7 +38,7 @@ def _serve(
                 print(on_ready, flush=True)
 
         try:
-            m = await runner.build(policy, upstream, listen, sets, ready=ready)
+            m = await runner.build(policy, upstream, listen, sets, ready=ready, web=web)
         except exceptions.OptionsError as e:
             print(str(e), file=sys.stderr)  # already "authgate: FILE:LINE: problem"
             return 2
@@ -47,7 +52,10 @@ def _serve(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _serve(args.policy, args.upstream, args.listen, args.set)
+    web = args.web_listen if args.web else None
+    if web:
+        print(f"authgate: mitmweb on http://{web}/ (each flow shows its decision)", flush=True)
+    return _serve(args.policy, args.upstream, args.listen, args.set, web=web)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -138,6 +146,13 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway in front of a backend")
     gateway_options(run, "127.0.0.1:8080")
     run.add_argument("--upstream", required=True, help="the backend, e.g. http://127.0.0.1:9000")
+    run.add_argument("--web", action="store_true", help="also serve the mitmweb UI")
+    run.add_argument(
+        "--web-listen",
+        default="127.0.0.1:8081",
+        metavar="HOST:PORT",
+        help="where the mitmweb UI listens (127.0.0.1:8081)",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="the gateway and a demo backend (what `make run` starts)")

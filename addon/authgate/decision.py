@@ -136,7 +136,7 @@ def _limit_key(spec: LimitSpec, request: RequestView, ip: ClientIP, who: Identit
 Challenge = tuple[str, tuple[tuple[str, str], ...]]  # (scheme, parameters after realm)
 
 
-def _challenges(
+def challenges_for(
     policy: Policy, rule: Rule, bearer: tuple[tuple[str, str], ...] = ()
 ) -> tuple[Challenge, ...]:
     """One challenge per scheme the rule accepts, Basic first (RFC 9110 §11.6.1)."""
@@ -161,7 +161,7 @@ def _login_location(login_url: str, target: str) -> str:
     return f"{login_url}{separator}next={quote(target, safe='')}"
 
 
-def _identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
+def identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
     if who is None:
         return ()
     return (
@@ -363,7 +363,7 @@ def decide(
         return deny(
             401,
             INVALID_CREDENTIALS,
-            challenges=_challenges(policy, rule),
+            challenges=challenges_for(policy, rule),
             detail="malformed Basic credentials",
         )
     if presented is None:
@@ -389,13 +389,13 @@ def decide(
                     401,
                     INVALID_TOKEN,
                     detail=outcome.reason,
-                    challenges=_challenges(policy, rule, bearer),
+                    challenges=challenges_for(policy, rule, bearer),
                 )
             return deny(
                 401,
                 INVALID_CREDENTIALS,
                 detail=outcome.reason,
-                challenges=_challenges(policy, rule),
+                challenges=challenges_for(policy, rule),
             )
         who = outcome.identity
         assert who is not None
@@ -413,7 +413,7 @@ def decide(
                 t("a browser navigation without credentials: redirect to the login page")
                 location = _login_location(rule.login_url, path.target)
                 return deny(303, LOGIN_REDIRECT, headers=(("Location", location),))
-            return deny(401, NO_CREDENTIALS, challenges=_challenges(policy, rule))
+            return deny(401, NO_CREDENTIALS, challenges=challenges_for(policy, rule))
         missing = c.missing_scopes(rule.allow, who, params)
         if missing and who.method == JWT:
             bearer = (("error", "insufficient_scope"), ("scope", " ".join(missing)))
@@ -461,7 +461,7 @@ def decide(
         client_ip=ip.address,
         path=path,
         identity=who,
-        upstream_headers=_identity_headers(who),
+        upstream_headers=identity_headers(who),
         target=target,
         via=via,
         trace=t.done(),

@@ -126,7 +126,8 @@ class RemoteKeys:
         self.expires_at = 0.0
         self.next_attempt = 0.0  # after a failure: backoff
         self.last_attempt = float("-inf")
-        self.failures = 0
+        self.failures = 0  # in a row, for the backoff
+        self.failures_total = 0
         self.fetches = 0  # HTTP requests made (for tests and metrics)
         self.last_error: str | None = None
         self._unknown: dict[str, float] = {}  # kid -> remembered until
@@ -142,6 +143,21 @@ class RemoteKeys:
 
     def retry_after(self) -> int:
         return max(1, int(self.next_attempt - self.clock() + 0.999))
+
+    def same_source(self, other: RemoteKeys) -> bool:
+        """Configured alike: a reloaded policy can keep this one's keys."""
+        return (self.issuer, self.url, self.discovery, self.pinned, self.allow_http) == (
+            other.issuer,
+            other.url,
+            other.discovery,
+            other.pinned,
+            other.allow_http,
+        )
+
+    def adopt_settings(self, other: RemoteKeys) -> None:
+        """Take the cache and cooldown settings of a reloaded policy."""
+        self.min_ttl, self.max_ttl = other.min_ttl, other.max_ttl
+        self.cooldown, self.negative_ttl = other.cooldown, other.negative_ttl
 
     # --- refreshing (the addon's job) ------------------------------------------------
 
@@ -232,6 +248,7 @@ class RemoteKeys:
 
     def _failed(self, error: str) -> None:
         self.failures += 1
+        self.failures_total += 1
         self.last_error = error
         backoff = min(self.cooldown * 2 ** min(self.failures - 1, 6), 300.0)
         self.next_attempt = self.clock() + backoff

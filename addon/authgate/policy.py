@@ -90,6 +90,7 @@ class Rule:
     accept: frozenset[str] = frozenset()  # credential kinds this rule accepts
     login_url: str | None = None  # where a browser without credentials is sent
     preflight_pass: bool = False  # CORS preflights go to the backend unjudged
+    mode: str | None = None  # "enforce" | "report"; None: the policy's mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ class Policy:
     uses_host: bool = False
     api_keys: ApiKeys | None = None
     basic: BasicUsers | None = field(default=None, compare=False)
+    mode: str = "enforce"  # "report": decide and log, but forward everything
     # Derived at construction: global limits checked before / after credentials.
     ip_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
     late_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
@@ -116,7 +118,10 @@ class Policy:
         default_factory=TokenCache, init=False, compare=False, repr=False
     )
 
+    rule_index: dict[str, Rule] = field(default_factory=dict, init=False, compare=False, repr=False)
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rule_index", {r.name: r for r in self.rules})
         object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
         object.__setattr__(self, "late_limits", tuple(x for x in self.limits if x.key != "ip"))
 
@@ -566,7 +571,7 @@ class _Builder:
         d = self.mapping(value, where, line)
         self.keys(
             d,
-            {"name", "match", "allow", "hide", "limits", "accept", "login_url", "cors"},
+            {"name", "match", "allow", "hide", "limits", "accept", "login_url", "cors", "mode"},
             where,
             {"name", "match", "allow"},
         )
@@ -639,7 +644,16 @@ class _Builder:
             accept=accept,
             login_url=login_url,
             preflight_pass=preflight == "pass",
+            mode=self.mode(d, where),
         )
+
+    def mode(self, d: MarkedDict, where: str) -> str | None:
+        mode: str | None = self.get(d, "mode", str, where)
+        if mode is not None and mode not in ("enforce", "report"):
+            raise self.error(
+                self.line_of(d, "mode"), f"mode must be enforce or report, not {mode!r}"
+            )
+        return mode
 
     def login_url(self, d: MarkedDict, where: str) -> str | None:
         url: str | None = self.get(d, "login_url", str, where)
@@ -671,6 +685,7 @@ class _Builder:
             "default",
             "forward_credentials",
             "login_url",
+            "mode",
         }
         self.keys(top, allowed, "the policy", {"version", "rules"})
         if type(top["version"]) is not int or top["version"] != 1:
@@ -731,6 +746,7 @@ class _Builder:
             raise self.error(self.line_of(top, "default"), "default must be not_found or forbidden")
         forward = self.get(top, "forward_credentials", bool, "the policy", True)
         return Policy(
+            mode=self.mode(top, "the policy") or "enforce",
             api_keys=api_keys,
             basic=basic,
             file=self.file,

@@ -55,12 +55,23 @@ async def build(
     ready: Callable[[int], None] | None = None,
     termlog: bool = True,
     gateway: Gateway | None = None,
+    web: str | None = None,
 ) -> master.Master:
     """Build (not run) the gateway's master. Raises OptionsError on bad options
-    or a bad policy; call inside a running event loop."""
+    or a bad policy; call inside a running event loop.
+
+    `web="HOST:PORT"` builds mitmweb's master instead (all of mitmproxy's
+    addons, the flow list in a browser): for watching decisions, not for speed.
+    """
     opts = options.Options()
-    m = master.Master(opts, with_termlog=termlog)
-    m.addons.add(*lean_addons())
+    m: master.Master
+    if web is not None:
+        from mitmproxy.tools.web.master import WebMaster
+
+        m = WebMaster(opts, with_termlog=termlog)
+    else:
+        m = master.Master(opts, with_termlog=termlog)
+        m.addons.add(*lean_addons())
     m.addons.add(gateway or Gateway())
     if ready is not None:
         m.addons.add(_Ready(ready))
@@ -69,6 +80,16 @@ async def build(
         connection_strategy="lazy",
         authgate_policy=policy,
     )
+    if web is not None:
+        host, _, port = web.rpartition(":")
+        # mitmweb's own block_global would drop public clients before the
+        # gateway sees them; the lean master has no such addon either.
+        opts.update(
+            web_host=host.strip("[]") or "127.0.0.1",
+            web_port=int(port),
+            web_open_browser=False,
+            block_global=False,
+        )
     if sets:
         opts.set(*sets)
     return m

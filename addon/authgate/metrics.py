@@ -1,0 +1,103 @@
+"""Prometheus metrics (`--set authgate_metrics=HOST:PORT`), with the official
+client library. Each gateway has its own registry, so several can live in
+one process (the tests run many)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .policy import Policy
+
+
+class _KeySets(Collector):
+    """JWKS fetch counts, read from the live key sets at scrape time."""
+
+    def __init__(self, policy: Callable[[], Policy | None]) -> None:
+        self.policy = policy
+
+    def collect(self) -> Iterator[Any]:
+        fetches = CounterMetricFamily(
+            "authgate_jwks_fetches",
+            "HTTP fetches of JWKS and discovery documents",
+            labels=["issuer"],
+        )
+        failures = CounterMetricFamily(
+            "authgate_jwks_fetch_failures", "Failed JWKS refreshes", labels=["issuer"]
+        )
+        keys = GaugeMetricFamily("authgate_jwks_keys", "Usable keys per issuer", labels=["issuer"])
+        policy = self.policy()
+        for issuer in policy.issuers if policy is not None else ():
+            if issuer.remote is not None:
+                fetches.add_metric([issuer.issuer], issuer.remote.fetches)
+                failures.add_metric([issuer.issuer], issuer.remote.failures_total)
+                keys.add_metric([issuer.issuer], len(issuer.remote.keys))
+        yield fetches
+        yield failures
+        yield keys
+
+
+class Metrics:
+    def __init__(self, policy: Callable[[], Policy | None]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "authgate_decisions",
+            "Decisions by status (0: forwarded), rule and reason",
+            ["status", "rule", "reason"],
+            registry=r,
+        )
+        self.would_deny = Counter(
+            "authgate_would_deny",
+            "Denials not enforced (report mode), by rule and status",
+            ["rule", "status", "reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "authgate_rate_limited", "Requests refused with 429, by limit", ["limit"], registry=r
+        )
+        self.reloads = Counter(
+            "authgate_policy_reloads", "Policy reloads that took effect", registry=r
+        )
+        self.reload_failures = Counter(
+            "authgate_policy_reload_failures",
+            "Policy reloads refused (last good kept)",
+            registry=r,
+        )
+        self.lint = Counter(
+            "authgate_upstream_lint_findings",
+            "Backend auth mistakes seen, by rule and finding",
+            ["rule", "finding", "repaired"],
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "authgate_decision_seconds",
+            "Time to decide one request",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            registry=r,
+        )
+        r.register(_KeySets(policy))
+        self._server: Any = None
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"authgate_metrics must be HOST:PORT, not {address!r}")
+        server, _thread = start_http_server(
+            int(port), host.strip("[]") or "127.0.0.1", registry=self.registry
+        )
+        self._server = server
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server is not None else 0
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
