@@ -15,7 +15,7 @@ from .identity import Identity
 from .paths import AmbiguousPath, CanonicalPath, canonicalize
 from .policy import LimitSpec, Policy, Rule, normalize_host
 from .ratelimit import Limiter, Verdict
-from .tokens import TokenRejected, verify
+from .tokens import TokenRejected, describe_token, verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +141,8 @@ def _credentials(
             t(f"credentials: unsupported scheme {scheme[:20]!r}, treated as none")
         return None, None, ""
     token = rest.strip(" ")
+    if t.on:
+        t(f"credentials: bearer token {describe_token(token)}")
     try:
         who = verify(policy.issuers, token, now, policy.token_cache)
     except TokenRejected as e:
@@ -213,12 +215,21 @@ def decide(
     ip = resolve(policy.trusted_proxies, request.peer, request.header_all("x-forwarded-for"))
     if t.on:
         t(f"client ip {ip.address} (from {ip.via}, peer {request.peer})")
+        xff = ", ".join(request.header_all("x-forwarded-for"))
+        if xff and ip.via == "x-forwarded-for":
+            t(f"x-forwarded-for {xff[:200]!r} walked right to left past trusted proxies")
+        elif xff and policy.trusted_proxies.contains(ip.family, ip.value):
+            t(f"x-forwarded-for {xff[:200]!r} unusable: the trusted peer is the client")
+        elif xff:
+            t(f"x-forwarded-for {xff[:200]!r} ignored: the peer is not a trusted proxy")
     if policy.block.contains(ip.family, ip.value):
         t("ip: on the block list")
         return Decision(False, 403, IP_BLOCKED, client_ip=ip.address, path=path, trace=t.done())
     if policy.allow is not None and not policy.allow.contains(ip.family, ip.value):
         t("ip: not on the allow list")
         return Decision(False, 403, IP_NOT_ALLOWED, client_ip=ip.address, path=path, trace=t.done())
+    if t.on:
+        t("ip: not on the block list; " + ("no allow list" if policy.allow is None else "on the allow list"))
 
     # 3. Limits keyed by IP, before any signature is checked.
     ip_key = f"ip:{ip.address}"
@@ -309,6 +320,7 @@ def decide(
         if trace:
             if t.on:
                 t(f"condition: {describe(rule.allow, who, params)} is false")
+                t.lines.extend(c.condition_tree(rule.allow, who, params))
         if who is None:
             return deny(401, NO_CREDENTIALS, challenge=())
         missing = c.missing_scopes(rule.allow, who, params)
@@ -324,6 +336,7 @@ def decide(
     if trace:
         if t.on:
             t(f"condition: {describe(rule.allow, who, params)} is true")
+            t.lines.extend(c.condition_tree(rule.allow, who, params))
 
     # 6. Limits keyed by subject or header (and every limit of a hidden rule).
     for spec in late:

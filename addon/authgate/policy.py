@@ -19,6 +19,7 @@ from . import conditions as c
 from .ipset import IPSet, parse_cidr, read_cidr_lines
 from .paths import PathPattern
 from .ratelimit import Rate
+from .testcases import Case, parse_cases
 from .tokens import (
     HMAC_ALGS,
     SUPPORTED_ALGS,
@@ -89,6 +90,8 @@ class Policy:
     forward_credentials: bool
     files: tuple[str, ...] = field(default=())  # every file read to build it
     uses_host: bool = False
+    # The policy's own test cases (`tests:`), run by `authgate test`; never by the gateway.
+    tests: tuple[Case, ...] = field(default=(), compare=False, repr=False)
     # Derived at construction: global limits checked before / after credentials.
     ip_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
     late_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
@@ -477,6 +480,7 @@ class _Builder:
             "rules",
             "default",
             "forward_credentials",
+            "tests",
         }
         self.keys(top, allowed, "the policy", {"version", "rules"})
         if type(top["version"]) is not int or top["version"] != 1:
@@ -524,6 +528,11 @@ class _Builder:
         if default not in ("not_found", "forbidden"):
             raise self.error(self.line_of(top, "default"), "default must be not_found or forbidden")
         forward = self.get(top, "forward_credentials", bool, "the policy", True)
+        tests = (
+            parse_cases(top["tests"], self.line_of(top, "tests"), self.file, names)
+            if "tests" in top
+            else ()
+        )
         return Policy(
             file=self.file,
             realm=realm,
@@ -537,6 +546,7 @@ class _Builder:
             forward_credentials=forward,
             files=tuple(dict.fromkeys(self.files)),
             uses_host=any(r.host is not None for r in rules),
+            tests=tests,
         )
 
 
