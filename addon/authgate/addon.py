@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, flow, http
 
 from .decision import FORBIDDEN, Decision, RequestView, decide
+from .explain import explain as explain_request
 from .ipset import normalize_ip
 from .policy import IDENTITY_HEADERS, Policy, PolicyError, load_policy
 from .ratelimit import Limiter
@@ -129,6 +130,22 @@ class Gateway:
             return
         logger.error("authgate: a request reached the request hook unjudged; answering 500")
         self._fail(flow, 500, "unjudged")
+
+    # --- commands ------------------------------------------------------------
+
+    @command.command("authgate.explain")
+    def explain(self, flows: Sequence[flow.Flow]) -> None:
+        """Log how authgate decides each flow's request, step by step (as the
+        request is now: a forwarded one carries the path and headers the gateway
+        gave it). Rate limits are read, not counted. Try `authgate.explain @focus`."""
+        policy = self.policy
+        if policy is None:
+            raise exceptions.CommandError("authgate: no policy loaded")
+        for f in flows:
+            if isinstance(f, http.HTTPFlow):
+                view = request_view(f, policy.uses_host)
+                told = explain_request(policy, view, self.clock(), self.limiter)
+                logger.info("authgate.explain:\n" + told.text().rstrip("\n"))
 
     # --- the work ------------------------------------------------------------
 

@@ -273,7 +273,7 @@ def _leaf_detail(cond: Condition, who: Identity | None, params: dict[str, str]) 
         values = cond.value if isinstance(cond.value, tuple) else (cond.value,)
         wanted = ", ".join(_short(t.value(params)) for t in values if t.params)
         shown = "absent" if actual is None else _short(actual)
-        return (f" ({'wanted ' + wanted + ', ' if wanted else ''}{name} is {shown})")
+        return f" ({'wanted ' + wanted + ', ' if wanted else ''}{name} is {shown})"
     return ""
 
 

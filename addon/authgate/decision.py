@@ -229,7 +229,10 @@ def decide(
         t("ip: not on the allow list")
         return Decision(False, 403, IP_NOT_ALLOWED, client_ip=ip.address, path=path, trace=t.done())
     if t.on:
-        t("ip: not on the block list; " + ("no allow list" if policy.allow is None else "on the allow list"))
+        t(
+            "ip: not on the block list; "
+            + ("no allow list" if policy.allow is None else "on the allow list")
+        )
 
     # 3. Limits keyed by IP, before any signature is checked.
     ip_key = f"ip:{ip.address}"

@@ -9,9 +9,9 @@ never shown beyond its first 10 characters.
 from __future__ import annotations
 
 import http
-from datetime import datetime, timezone
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from .decision import Decision, RequestView, decide
@@ -91,7 +91,7 @@ def explain(
     lines += [f"  {name}: {redact(name, value)}" for name, value in request.headers]
     if request.host is not None:
         lines.append(f"  (host {request.host})")
-    when = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     lines.append(f"  (judged as of {when}; rate limits are read, not counted)")
     lines.append("")
     lines += ["  " + step for step in _steps(d.trace)]
@@ -99,7 +99,9 @@ def explain(
     response = None
     if d.allowed:
         assert d.path is not None
-        lines.append(f"=> forwarded to the backend (rule {d.rule}): {request.method} {d.path.target}")
+        lines.append(
+            f"=> forwarded to the backend (rule {d.rule}): {request.method} {d.path.target}"
+        )
         lines += [f"  {name}: {value}" for name, value in d.upstream_headers]
         if d.identity is None:
             lines.append("  (anonymous: no X-Auth-* headers; any the client sent are removed)")

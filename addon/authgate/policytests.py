@@ -92,9 +92,7 @@ def with_test_keys(policy: Policy) -> tuple[Policy, dict[str, SigningKey]]:
     for issuer in policy.issuers:
         alg = next(a for a in _PREFERENCE if a in issuer.algorithms)
         private, public = _throwaway(alg)
-        swapped = dataclasses.replace(
-            issuer, keys=(VerifyKey(TEST_KID, public, frozenset({alg})),)
-        )
+        swapped = dataclasses.replace(issuer, keys=(VerifyKey(TEST_KID, public, frozenset({alg})),))
         issuers.append(swapped)
         signing[issuer.name] = SigningKey(swapped, alg, private)
     return dataclasses.replace(policy, issuers=tuple(issuers)), signing
@@ -205,8 +203,7 @@ def _check(case: Case, e: Explanation) -> list[str]:
                 problems.append(f"expected no {name} {where}, got {got[0]!r}")
             elif value is not None and got != [value]:
                 problems.append(
-                    f"expected {name}: {value!r} {where}, got "
-                    + (repr(got[0]) if got else "none")
+                    f"expected {name}: {value!r} {where}, got " + (repr(got[0]) if got else "none")
                 )
     return problems
 
@@ -221,8 +218,8 @@ def run_case(policy: Policy, keys: dict[str, SigningKey], case: Case, now: float
     limiter = Limiter()
     for _ in range(case.repeat - 1):
         decide(policy, request, now, limiter)
-    e = explain(policy, request, now, limiter)
-    return Outcome(case, e, tuple(_check(case, e)))
+    told = explain(policy, request, now, limiter)
+    return Outcome(case, told, tuple(_check(case, told)))
 
 
 def run_policy(policy: Policy, cases: Iterable[Case] | None = None,

@@ -14,7 +14,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,8 +68,13 @@ def read_flows(path: Path, peer: str) -> list[Recorded]:
                 address = flow.client_conn.peername
                 out.append(
                     Recorded(
-                        _view(req.method, req.path, list(req.headers.items(multi=True)),
-                              address[0] if address else peer, req.host_header),  # fmt: skip
+                        _view(
+                            req.method,
+                            req.path,
+                            list(req.headers.items(multi=True)),
+                            address[0] if address else peer,
+                            req.host_header,
+                        ),  # fmt: skip
                         req.timestamp_start,
                     )
                 )
@@ -129,7 +134,7 @@ def parse_at(text: str | None) -> float | str | None:
         pass
     when = datetime.fromisoformat(text)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return when.timestamp()
 
 

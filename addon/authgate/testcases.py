@@ -117,12 +117,16 @@ class _Parser:
         for key in d:
             if key not in allowed:
                 known = ", ".join(sorted(allowed))
-                raise self.error(d.key_lines[key], f"unknown key {key!r} in {where} (known: {known})")
+                raise self.error(
+                    d.key_lines[key], f"unknown key {key!r} in {where} (known: {known})"
+                )
 
     def string(self, d: MarkedDict, key: str, where: str) -> str:
         value = d[key]
         if not isinstance(value, str):
-            raise self.error(d.key_lines[key], f"{where}.{key} must be a string, not {_kind(value)}")
+            raise self.error(
+                d.key_lines[key], f"{where}.{key} must be a string, not {_kind(value)}"
+            )
         return value
 
     def cases(self, value: Any, line: int) -> tuple[Case, ...]:
