@@ -133,7 +133,7 @@ class Gateway:
 
     # --- commands ------------------------------------------------------------
 
-    @command.command("authgate.explain")
+    @command.command("authgate.explain")  # type: ignore[untyped-decorator]
     def explain(self, flows: Sequence[flow.Flow]) -> None:
         """Log how authgate decides each flow's request, step by step (as the
         request is now: a forwarded one carries the path and headers the gateway
