@@ -121,14 +121,12 @@ def sign(keys: dict[str, SigningKey], spec: CaseToken, now: float) -> str:
     if name not in keys:
         raise ValueError(f"the policy has no issuer named {name!r} (has: {', '.join(keys)})")
     key = keys[name]
-    claims: dict[str, Any] = {}
+    claims: dict[str, Any] = {k: v for k, v in spec.claims if k not in ("roles", "scopes")}
     for claim, value in spec.claims:
         if claim == "roles":
             _put(claims, key.issuer.roles_claim, list(value))
         elif claim == "scopes":
             _put(claims, key.issuer.scope_claim, " ".join(value))
-        else:
-            claims[claim] = value
     sub = claims.pop("sub", DEFAULT_SUBJECT)
     aud = key.issuer.audience[0] if key.issuer.audience else None
     return mint(key.private, sub=sub, ttl=spec.ttl, iss=key.issuer.issuer, aud=aud,
