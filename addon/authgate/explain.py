@@ -102,7 +102,7 @@ def explain(
         lines.append(
             f"=> forwarded to the backend (rule {d.rule}): {request.method} {d.path.target}"
         )
-        lines += [f"  {name}: {value}" for name, value in d.upstream_headers]
+        lines += [f"  {name}: {value or '(empty)'}" for name, value in d.upstream_headers]
         if d.identity is None:
             lines.append("  (anonymous: no X-Auth-* headers; any the client sent are removed)")
         if request.header("authorization") is not None:
