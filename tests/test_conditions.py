@@ -19,6 +19,7 @@ from authgate.conditions import (
     Not,
     Template,
     claim_at,
+    condition_tree,
     missing_scopes,
     needs_identity,
     params_named,
@@ -387,3 +388,33 @@ def test_missing_scopes_leaves_identity_unchanged() -> None:
 )
 def test_describe(cond: Condition, text: str) -> None:
     assert cond.describe() == text
+
+
+TREES = [
+    # (condition, identity, params, lines)
+    (HasRole("admin"), ALICE, {}, ["  role admin: false (roles: user)"]),
+    (HasRole("admin"), None, {}, ["  role admin: false (no credentials)"]),
+    (HasScope("write"), NO_SCOPES, {}, ["  scope write: false (scopes: none)"]),
+    (Anyone(), None, {}, ["  anyone: true"]),
+    (Nobody(), ADMIN, {}, ["  nobody: false"]),
+    (Authenticated(), ALICE, {}, ["  authenticated: true"]),
+    (claim("org.id", "equals", "{org}"), ALICE, {"org": "o2"},
+     ["  claim org.id equals '{org}': false (wanted 'o2', org.id is 'o1')"]),
+    (claim("tenant", "in", ["t1", "t2"]), ALICE, {},
+     ["  claim tenant in 't1', 't2': true (tenant is 't1')"]),
+    (claim("missing", "equals", 1), ALICE, {},
+     ["  claim missing equals 1: false (missing is absent)"]),
+    (claim("groups", "contains", "x" * 80), who(groups=["y" * 80]), {},
+     [f"  claim groups contains '{'x' * 80}': false (groups is ['{'y' * 57}…)"]),
+    (AnyOf((claim("sub", "equals", "{id}"), Not(HasRole("guest")))), ALICE, {"id": "bob"},
+     ["  any of: true",
+      "    claim sub equals '{id}': false (wanted 'bob', sub is 'alice')",
+      "    not: true",
+      "      role guest: false (roles: user)"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cond, identity, params, lines", TREES)
+def test_condition_tree(cond: Condition, identity: Identity | None, params: dict[str, str],
+                        lines: list[str]) -> None:  # fmt: skip
+    assert condition_tree(cond, identity, params) == lines

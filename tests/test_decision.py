@@ -250,3 +250,30 @@ def test_policy_file_relative_paths(tmp_path: Path) -> None:
         tmp_path,
     )
     assert run(p, req("/x", peer="192.0.2.200")).reason == "ip_blocked"
+
+
+TRACE_LINES = [
+    # (request, a line the trace must hold)
+    (req("/pub/x"), "ip: not on the block list; no allow list"),
+    (req("/pub/x", peer="10.1.1.1", headers=(("x-forwarded-for", "198.51.100.9"),)),
+     "x-forwarded-for '198.51.100.9' walked right to left past trusted proxies"),
+    (req("/pub/x", headers=(("x-forwarded-for", "10.9.9.9"),)),
+     "x-forwarded-for '10.9.9.9' ignored: the peer is not a trusted proxy"),
+    (req("/pub/x", peer="10.1.1.1", headers=(("x-forwarded-for", "garbage"),)),
+     "x-forwarded-for 'garbage' unusable: the trusted peer is the client"),
+    (req("/r", tok(kid="k9")),
+     "credentials: bearer token eyJhbGciOi… (alg RS256, kid 'k9', iss 'https://as.test')"),
+    (req("/w", tok(scopes=["write"])), "    scope write: true (scopes: write)"),
+    (req("/w", tok(scopes=["write"])), "    role editor: false (roles: none)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("request_, line", TRACE_LINES)
+def test_trace_lines(policy: Policy, request_: RequestView, line: str) -> None:
+    assert line in run(policy, request_).trace
+
+
+def test_trace_never_holds_a_token(policy: Policy) -> None:
+    token = tok(scopes=["read"])
+    for r in (req("/r", token), req("/r", token + "x"), req("/priv/x", token)):
+        assert not any(token[10:] in line for line in run(policy, r).trace)

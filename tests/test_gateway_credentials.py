@@ -165,17 +165,17 @@ def test_session_cookie(
     app_gw: RunningGateway, backend: Backend, token: Callable[..., str]
 ) -> None:
     cookie = [("Cookie", f"theme=dark; session={token(sub='carol')}")]
-    assert send(app_gw.address, "GET", "/dashboard", cookie).status == 200
+    assert send(app_gw.address, "GET", "/app/dashboard", cookie).status == 200
     assert backend.seen[0].header("X-Auth-Subject") == "carol"
 
 
 def test_a_browser_without_a_session_is_sent_to_the_login_page(
     app_gw: RunningGateway, backend: Backend
 ) -> None:
-    r = send(app_gw.address, "GET", "/reports/2026?tab=q3", [("Accept", BROWSER_ACCEPT)])
+    r = send(app_gw.address, "GET", "/app/reports/2026?tab=q3", [("Accept", BROWSER_ACCEPT)])
     assert r.status == 303
     assert r.header("Location") == (
-        "https://login.example/sign-in?next=%2Freports%2F2026%3Ftab%3Dq3"
+        "https://login.example/sign-in?next=%2Fapp%2Freports%2F2026%3Ftab%3Dq3"
     )
     assert r.header("Cache-Control") == "no-store"
     assert backend.seen == []
@@ -185,8 +185,8 @@ def test_the_return_address_cannot_leave_the_gateway(
     app_gw: RunningGateway, backend: Backend
 ) -> None:
     # The canonical path collapses "//", so "next" is always a path on this gateway.
-    r = send(app_gw.address, "GET", "//evil.example/x", [("Accept", BROWSER_ACCEPT)])
-    assert r.header("Location") == "https://login.example/sign-in?next=%2Fevil.example%2Fx"
+    r = send(app_gw.address, "GET", "//app//evil.example/x", [("Accept", BROWSER_ACCEPT)])
+    assert r.header("Location") == "https://login.example/sign-in?next=%2Fapp%2Fevil.example%2Fx"
 
 
 @pytest.mark.parametrize(
@@ -203,7 +203,7 @@ def test_the_return_address_cannot_leave_the_gateway(
 def test_scripts_and_api_clients_get_the_401(
     app_gw: RunningGateway, backend: Backend, headers: list[tuple[str, str]]
 ) -> None:
-    r = send(app_gw.address, "GET", "/dashboard", headers)
+    r = send(app_gw.address, "GET", "/app/dashboard", headers)
     assert r.status == 401
     assert r.header_all("WWW-Authenticate") == ['Bearer realm="api"']
     assert backend.seen == []
@@ -213,7 +213,7 @@ def test_failed_credentials_get_the_401_not_a_redirect(
     app_gw: RunningGateway, backend: Backend, token: Callable[..., str]
 ) -> None:
     expired = [("Cookie", f"session={token(ttl=-60)}"), ("Accept", BROWSER_ACCEPT)]
-    r = send(app_gw.address, "GET", "/dashboard", expired)
+    r = send(app_gw.address, "GET", "/app/dashboard", expired)
     assert r.status == 401
     assert 'error="invalid_token"' in (r.header("WWW-Authenticate") or "")
     assert r.header("Content-Type") == "text/html; charset=utf-8"

@@ -29,6 +29,7 @@ from authgate.tokens import (
     TokenRejected,
     VerifyKey,
     algorithms_for_key,
+    describe_token,
     load_jwks,
     load_public_key_pem,
     verify,
@@ -912,3 +913,22 @@ def test_a_future_iat_alone_is_not_a_reason_to_refuse() -> None:
     now = 1_800_000_000.0
     token = sign(claims(now, iat=int(now) + 3600, exp=int(now) + 7200))
     assert verify((ISSUER_A,), token, now).subject == "alice"
+
+
+def _segment(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "token, text",
+    [(f"{_segment({'alg': 'RS256', 'kid': 'k1'})}.{_segment({'iss': ISS_A})}.sig",
+      "eyJhbGciOi… (alg RS256, kid 'k1', iss 'https://as.test')"),
+     (f"{_segment({'alg': 'HS256'})}.{_segment({'sub': 'x'})}.sig",
+      "eyJhbGciOi… (alg HS256, no kid, no iss)"),
+     ("abc.def.ghi", "abc.def.gh… (unreadable header or payload)"),
+     ("short", "short (not a compact JWS)"),
+     ("a" * 50, "aaaaaaaaaa… (not a compact JWS)")],
+)  # fmt: skip
+def test_describe_token_shows_the_start_and_the_header_only(token: str, text: str) -> None:
+    assert describe_token(token) == text
+    assert token[10:] not in describe_token(token) or len(token) <= 10

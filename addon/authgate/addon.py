@@ -13,10 +13,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, flow, http
 
 from . import upstream_lint
 from .credentials import BASIC, JWT, Ambiguous, find
@@ -31,6 +31,7 @@ from .decision import (
     identity_headers,
     passes_ip_checks,
 )
+from .explain import explain as explain_request
 from .ipset import normalize_ip
 from .metrics import Metrics
 from .policy import IDENTITY_HEADERS, Policy, PolicyError, Rule, load_policy
@@ -75,6 +76,10 @@ def load_checked(path: str, keep_host_header: bool) -> Policy:
             "client's Host unless keep_host_header=true is set",
         )
     return policy
+
+
+def _keep_host_header() -> bool:
+    return "keep_host_header" in ctx.options and bool(ctx.options.keep_host_header)
 
 
 class Gateway:
@@ -143,7 +148,7 @@ class Gateway:
                 self.policy = None
                 return
             try:
-                policy = load_checked(path, ctx.options.keep_host_header)
+                policy = load_checked(path, _keep_host_header())
             except PolicyError as e:
                 raise exceptions.OptionsError(f"authgate: {e}") from e
             self._install(policy, "loaded")
@@ -211,7 +216,7 @@ class Gateway:
         assert self._reloading is not None
         async with self._reloading:
             path = ctx.options.authgate_policy
-            keep_host = ctx.options.keep_host_header
+            keep_host = _keep_host_header()
             try:
                 policy = await asyncio.to_thread(load_checked, path, keep_host)
             except PolicyError as e:
@@ -346,6 +351,22 @@ class Gateway:
         mode = ctx.options.authgate_lint_upstream
         if mode != "off":
             self._lint(flow, entry, repair=mode == "repair")
+
+    # --- commands ------------------------------------------------------------
+
+    @command.command("authgate.explain")
+    def explain(self, flows: Sequence[flow.Flow]) -> None:
+        """Log how authgate decides each flow's request, step by step (as the
+        request is now: a forwarded one carries the path and headers the gateway
+        gave it). Rate limits are read, not counted. Try `authgate.explain @focus`."""
+        policy = self.policy
+        if policy is None:
+            raise exceptions.CommandError("authgate: no policy loaded")
+        for f in flows:
+            if isinstance(f, http.HTTPFlow):
+                view = request_view(f, policy.uses_host)
+                told = explain_request(policy, view, self.clock(), self.limiter)
+                logger.info("authgate.explain:\n" + told.text().rstrip("\n"))
 
     # --- the work ------------------------------------------------------------
 

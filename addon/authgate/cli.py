@@ -1,4 +1,5 @@
-"""The `authgate` command: run, demo, token."""
+"""The `authgate` command: run, demo, token, and the policy tools check,
+explain, test and replay."""
 
 from __future__ import annotations
 
@@ -128,6 +129,30 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .tools import check
+
+    return check(args.policies, strict=args.strict, fmt=args.format, listen=args.listen)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .tools import explain_command
+
+    return explain_command(args)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from .tools import test
+
+    return test(args.policies, strict=args.strict, verbose=args.verbose)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .tools import replay_command
+
+    return replay_command(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="authgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +202,62 @@ def parser() -> argparse.ArgumentParser:
     )
     hk.add_argument("--generate", action="store_true", help="make a new random key instead")
     hk.set_defaults(func=cmd_hash_key)
+
+    chk = sub.add_parser(
+        "check", help="validate policies and warn about rules that may not mean what they say"
+    )
+    chk.add_argument("policies", nargs="+", metavar="POLICY", help="policy files (YAML)")
+    chk.add_argument("--strict", action="store_true", help="exit 1 when there are warnings")
+    chk.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    chk.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help="the gateway's listener (HOST:PORT or http(s)://HOST:PORT), to check "
+        "credentials sent in clear",
+    )
+    chk.set_defaults(func=cmd_check)
+
+    exp = sub.add_parser("explain", help="how the gateway would decide one request, step by step")
+    exp.add_argument("policy", metavar="POLICY", help="policy file (YAML)")
+    exp.add_argument("method", metavar="METHOD", help="GET, POST, ...")
+    exp.add_argument("url", metavar="URL", help="a path (/api/x?q=1) or an absolute URL")
+    exp.add_argument(
+        "-H", dest="headers", action="append", default=[], metavar="'Name: value'",
+        help="a request header (repeatable)",
+    )  # fmt: skip
+    exp.add_argument(
+        "--ip", help="the client's address (with --peer: sent in X-Forwarded-For by that proxy)"
+    )
+    exp.add_argument("--peer", help="the socket peer (default: --ip, else 127.0.0.1)")
+    exp.add_argument("--token", metavar="JWT", help="shorthand for -H 'Authorization: Bearer JWT'")
+    exp.add_argument("--at", metavar="TIME", help="judge as of this ISO 8601 time (default: now)")
+    exp.set_defaults(func=cmd_explain)
+
+    tst = sub.add_parser("test", help="run the test cases of policies")
+    tst.add_argument("policies", nargs="+", metavar="POLICY", help="policy files (YAML)")
+    tst.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
+    tst.add_argument(
+        "--strict", action="store_true", help="also fail on rules no test reaches, or no tests"
+    )
+    tst.set_defaults(func=cmd_test)
+
+    rep = sub.add_parser("replay", help="what a policy would decide for recorded traffic")
+    rep.add_argument("policy", metavar="POLICY", help="policy file (YAML)")
+    rep.add_argument("capture", metavar="CAPTURE", help="mitmproxy flow file (-w) or HAR file")
+    rep.add_argument(
+        "--against", metavar="OLD_POLICY", help="report only the requests whose decision changes"
+    )
+    rep.add_argument(
+        "--at",
+        metavar="TIME",
+        help="judge time-dependent checks (token expiry) as of this ISO 8601 time, or "
+        "'capture' for each request's recorded time (default: now)",
+    )
+    rep.add_argument(
+        "--peer", default="127.0.0.1", help="client address for HAR entries (127.0.0.1)"
+    )
+    rep.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    rep.set_defaults(func=cmd_replay)
     return p
 
 

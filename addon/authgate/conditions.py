@@ -250,3 +250,44 @@ def missing_scopes(cond: Condition, who: Identity, params: dict[str, str]) -> tu
     if not cond.holds(richer, params):
         return ()
     return tuple(sorted(wanted - who.scopes))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _leaf_detail(cond: Condition, who: Identity | None, params: dict[str, str]) -> str:
+    """What the caller had, for a leaf of the tree (empty when nothing helps)."""
+    if isinstance(cond, Anyone | Nobody):
+        return ""
+    if who is None:
+        return " (no credentials)"
+    if isinstance(cond, HasRole):
+        return f" (roles: {', '.join(sorted(who.roles)) or 'none'})"
+    if isinstance(cond, HasScope):
+        return f" (scopes: {', '.join(sorted(who.scopes)) or 'none'})"
+    if isinstance(cond, Claim):
+        name = ".".join(cond.path)
+        actual = claim_at(who.claims, cond.path)
+        values = cond.value if isinstance(cond.value, tuple) else (cond.value,)
+        wanted = ", ".join(_short(t.value(params)) for t in values if t.params)
+        shown = "absent" if actual is None else _short(actual)
+        return f" ({'wanted ' + wanted + ', ' if wanted else ''}{name} is {shown})"
+    return ""
+
+
+def condition_tree(
+    cond: Condition, who: Identity | None, params: dict[str, str], depth: int = 1
+) -> list[str]:
+    """The condition as an indented tree, each node with its value and each
+    leaf with what the caller had, e.g. `  role admin: false (roles: user)`."""
+    value = "true" if cond.holds(who, params) else "false"
+    kids = cond.children()
+    line = "  " * depth + f"{cond.describe()}: {value}"
+    if not kids:
+        return [line + _leaf_detail(cond, who, params)]
+    out = [line]
+    for k in kids:
+        out.extend(condition_tree(k, who, params, depth + 1))
+    return out

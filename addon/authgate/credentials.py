@@ -83,6 +83,7 @@ class BasicUsers:
 
     users: dict[str, BasicUser]
     remember: float = 300.0  # seconds a verified password is trusted without bcrypt
+    line: int = 0  # where the policy configures it
     _salt: bytes = field(default_factory=lambda: bcrypt.gensalt())
     _known: dict[bytes, tuple[bool, float]] = field(default_factory=dict)
 

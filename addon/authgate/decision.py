@@ -12,12 +12,13 @@ from urllib.parse import quote, unquote_plus
 
 from . import conditions as c
 from .clientip import ClientIP, resolve
-from .credentials import API_KEY, BASIC, JWT, Ambiguous, check, find
+from .credentials import API_KEY, BASIC, JWT, Ambiguous, Presented, check, find
 from .identity import Identity
 from .negotiation import is_browser_navigation
 from .paths import AmbiguousPath, CanonicalPath, canonicalize
 from .policy import LimitSpec, Policy, Rule, normalize_host
 from .ratelimit import Limiter, Verdict
+from .tokens import describe_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,19 @@ def _login_location(login_url: str, target: str) -> str:
     return f"{login_url}{separator}next={quote(target, safe='')}"
 
 
+_KIND_NAMES = {JWT: "bearer token", API_KEY: "API key", BASIC: "Basic credentials"}
+
+
+def _describe(presented: Presented) -> str:
+    """What was sent, for traces: never a whole token, key or password."""
+    if presented.kind == JWT:
+        where = "" if presented.via == "authorization" else f" from the {presented.via}"
+        return f"bearer token {describe_token(presented.value)}{where}"
+    if presented.kind == API_KEY:
+        return f"API key {presented.value[:4]}… in {presented.via}"
+    return f"Basic credentials for user {presented.value.partition(':')[0][:40]!r}"
+
+
 def identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
     if who is None:
         return ()
@@ -213,12 +227,24 @@ def _front(
     ip = resolve(policy.trusted_proxies, request.peer, request.header_all("x-forwarded-for"))
     if t.on:
         t(f"client ip {ip.address} (from {ip.via}, peer {request.peer})")
+        xff = ", ".join(request.header_all("x-forwarded-for"))
+        if xff and ip.via == "x-forwarded-for":
+            t(f"x-forwarded-for {xff[:200]!r} walked right to left past trusted proxies")
+        elif xff and policy.trusted_proxies.contains(ip.family, ip.value):
+            t(f"x-forwarded-for {xff[:200]!r} unusable: the trusted peer is the client")
+        elif xff:
+            t(f"x-forwarded-for {xff[:200]!r} ignored: the peer is not a trusted proxy")
     if policy.block.contains(ip.family, ip.value):
         t("ip: on the block list")
         return Decision(False, 403, IP_BLOCKED, client_ip=ip.address, path=path, trace=t.done())
     if policy.allow is not None and not policy.allow.contains(ip.family, ip.value):
         t("ip: not on the allow list")
         return Decision(False, 403, IP_NOT_ALLOWED, client_ip=ip.address, path=path, trace=t.done())
+    if t.on:
+        t(
+            "ip: not on the block list; "
+            + ("no allow list" if policy.allow is None else "on the allow list")
+        )
 
     # 3. Limits keyed by IP, before any signature is checked.
     ip_key = f"ip:{ip.address}"
@@ -367,8 +393,17 @@ def decide(
             detail="malformed Basic credentials",
         )
     if presented is None:
-        t("credentials: none the rule accepts")
+        if t.on:
+            auth = request.header("authorization")
+            scheme = auth.strip().partition(" ")[0][:20] if auth else ""
+            t(
+                f"credentials: {scheme!r} is not a scheme this rule accepts, treated as none"
+                if scheme
+                else "credentials: none the rule accepts"
+            )
     else:
+        if t.on:
+            t(f"credentials: {_describe(presented)}")
         outcome = check(presented, policy.api_keys, policy.basic, policy.token_cache, now)
         if outcome.unavailable is not None:
             if t.on:
@@ -380,7 +415,7 @@ def decide(
         if outcome.failed is not None:
             if t.on:
                 t(
-                    f"credentials: {presented.kind} from {presented.via} rejected: "
+                    f"credentials: {_KIND_NAMES[presented.kind]} rejected: "
                     f"{outcome.reason} ({outcome.detail})"
                 )
             if outcome.failed == JWT:
@@ -400,10 +435,19 @@ def decide(
         who = outcome.identity
         assert who is not None
         if t.on:
-            t(f"credentials: {presented.kind} from {presented.via}: {who.subject!r} ({who.issuer})")
+            where = (
+                ""
+                if presented.via in ("authorization", API_KEY)
+                else f" (from the {presented.via})"
+            )
+            t(
+                f"credentials: {_KIND_NAMES[presented.kind]} for {who.subject!r} from "
+                f"{who.issuer}{where}"
+            )
     if not rule.allow.holds(who, params):
         if t.on:
             t(f"condition: {describe(rule.allow, who, params)} is false")
+            t.lines.extend(c.condition_tree(rule.allow, who, params))
         if who is None:
             if (
                 rule.login_url is not None
@@ -413,6 +457,11 @@ def decide(
                 t("a browser navigation without credentials: redirect to the login page")
                 location = _login_location(rule.login_url, path.target)
                 return deny(303, LOGIN_REDIRECT, headers=(("Location", location),))
+            if not rule.accept:
+                # No credentials could help (the rule accepts no kind that is
+                # configured), and a 401 without a challenge would be wrong.
+                t("no credential kind is accepted here: nobody can qualify")
+                return deny(403, FORBIDDEN)
             return deny(401, NO_CREDENTIALS, challenges=challenges_for(policy, rule))
         missing = c.missing_scopes(rule.allow, who, params)
         if missing and who.method == JWT:
@@ -427,6 +476,7 @@ def decide(
         return deny(403, FORBIDDEN, identity=who)
     if t.on:
         t(f"condition: {describe(rule.allow, who, params)} is true")
+        t.lines.extend(c.condition_tree(rule.allow, who, params))
     via = presented.via if presented is not None else None
     target = path.target
     if via == "query" and presented is not None:

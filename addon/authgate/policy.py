@@ -32,6 +32,7 @@ from .ipset import IPSet, parse_cidr, read_cidr_lines
 from .jwks import RemoteKeys, check_url
 from .paths import PathPattern
 from .ratelimit import Rate
+from .testcases import Case, parse_cases
 from .tokens import (
     HMAC_ALGS,
     SUPPORTED_ALGS,
@@ -110,6 +111,8 @@ class Policy:
     api_keys: ApiKeys | None = None
     basic: BasicUsers | None = field(default=None, compare=False)
     mode: str = "enforce"  # "report": decide and log, but forward everything
+    # The policy's own test cases (`tests:`), run by `authgate test`; never by the gateway.
+    tests: tuple[Case, ...] = field(default=(), compare=False, repr=False)
     # Derived at construction: global limits checked before / after credentials.
     ip_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
     late_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
@@ -436,6 +439,7 @@ class _Builder:
             required_claims=required,
             typ=typ,
             max_token_age=max_age,
+            line=d.line,
         )
 
     def string_set(self, d: MarkedDict, key: str, where: str) -> frozenset[str]:
@@ -502,7 +506,7 @@ class _Builder:
         for user in extra:
             if user not in hashes:
                 raise self.error(extra.key_lines[user], f"user {user!r} is not in {name}")
-        return BasicUsers(users)
+        return BasicUsers(users, line=d.line)
 
     def condition(self, value: Any, line: int, where: str) -> c.Condition:
         if isinstance(value, str):
@@ -619,11 +623,6 @@ class _Builder:
                     raise self.error(a_line, f"accept: {kind!r} is not configured under authn")
             accept = frozenset(k for _, k in items)
         needs_identity = c.needs_identity(allow)
-        if needs_identity and not accept and not isinstance(allow, c.Nobody):
-            raise self.error(
-                self.line_of(d, "allow"),
-                f"{where} needs credentials, but accepts none that authn configures",
-            )
         login_url = self.login_url(d, where) or self.default_login_url
         cors = self.get(d, "cors", dict, where, MarkedDict())
         self.keys(cors, {"preflight"}, f"{where} cors")
@@ -686,6 +685,7 @@ class _Builder:
             "forward_credentials",
             "login_url",
             "mode",
+            "tests",
         }
         self.keys(top, allowed, "the policy", {"version", "rules"})
         if type(top["version"]) is not int or top["version"] != 1:
@@ -745,6 +745,11 @@ class _Builder:
         if default not in ("not_found", "forbidden"):
             raise self.error(self.line_of(top, "default"), "default must be not_found or forbidden")
         forward = self.get(top, "forward_credentials", bool, "the policy", True)
+        tests = (
+            parse_cases(top["tests"], self.line_of(top, "tests"), self.file, names)
+            if "tests" in top
+            else ()
+        )
         return Policy(
             mode=self.mode(top, "the policy") or "enforce",
             api_keys=api_keys,
@@ -761,6 +766,7 @@ class _Builder:
             forward_credentials=forward,
             files=tuple(dict.fromkeys(self.files)),
             uses_host=any(r.host is not None for r in rules),
+            tests=tests,
         )
 
 

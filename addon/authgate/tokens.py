@@ -77,6 +77,7 @@ class Issuer:
     required_claims: tuple[str, ...] = ()
     typ: str | None = None  # required `typ` header, e.g. "at+jwt" (RFC 9068)
     max_token_age: float | None = None  # seconds since `iat`
+    line: int = 0  # where the policy defines it
 
     def key_for(self, kid: Any) -> VerifyKey | None:
         if self.remote is not None:
@@ -368,3 +369,22 @@ def verify(
     if cache is not None:
         cache.put(token, who, issuer)
     return who
+
+
+def describe_token(token: str) -> str:
+    """For traces: the token's first characters and its unverified header and
+    issuer, e.g. `eyJhbGciOi… (alg RS256, kid 'demo-1', iss 'https://…')`.
+    Never the whole token."""
+    shown = token[:10] + ("…" if len(token) > 10 else "")
+    parts = token.split(".")
+    if len(parts) != 3:
+        return f"{shown} (not a compact JWS)"
+    try:
+        header = _unverified_part(token, 0)
+        iss = _unverified_part(token, 1).get("iss")
+    except TokenRejected:
+        return f"{shown} (unreadable header or payload)"
+    alg, kid = header.get("alg"), header.get("kid")
+    about = [f"alg {str(alg)[:20]}", f"kid {str(kid)[:40]!r}" if kid is not None else "no kid"]
+    about.append(f"iss {str(iss)[:80]!r}" if iss is not None else "no iss")
+    return f"{shown} ({', '.join(about)})"

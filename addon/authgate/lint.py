@@ -1,0 +1,332 @@
+"""`authgate check`: warnings about a policy that loads but may not mean what
+its author thinks. Every check is exact (no heuristics) and pure: it reads
+the compiled Policy, never a request.
+
+Rules are compared as request sets: path patterns segment by segment
+(literal, one-segment wildcard `{p}`/`*`, trailing `**`), methods (absent:
+all) and host (absent: any).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from . import conditions as c
+from .paths import PathPattern
+from .policy import LimitSpec, Policy, Rule
+from .ratelimit import NS
+
+__all__ = [
+    "Finding",
+    "covers",
+    "lint",
+    "overlaps",
+    "plain_http",
+    "rule_covers",
+    "rules_overlap",
+]
+
+_PARAM_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    file: str
+    line: int | None
+    code: str  # stable, for tools: shadowed, anyone-overlaps, ...
+    message: str
+    severity: str = "warning"  # or "error" (the policy does not load)
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.severity}: {self.message} [{self.code}]"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "file": self.file,
+            "line": self.line,
+            "severity": self.severity,
+            "code": self.code,
+            "message": self.message,
+        }
+
+
+# --- request sets ------------------------------------------------------------
+
+
+def _lengths_within(a: PathPattern, b: PathPattern) -> bool:
+    """Every segment count `b` accepts, `a` accepts too."""
+    na, nb = len(a.parts), len(b.parts)
+    if b.rest:
+        return a.rest and na <= nb
+    return nb == na or (a.rest and na <= nb)
+
+
+def covers(a: PathPattern, b: PathPattern) -> bool:
+    """Every canonical path `b` matches, `a` matches too."""
+    if not _lengths_within(a, b):
+        return False
+    # a's fixed positions all lie within b's fixed ones (na <= nb).
+    return all(x is None or x == y for x, y in zip(a.parts, b.parts, strict=False))
+
+
+def overlaps(a: PathPattern, b: PathPattern) -> bool:
+    """Some canonical path matches both."""
+    na, nb = len(a.parts), len(b.parts)
+    if not (na == nb or (a.rest and na <= nb) or (b.rest and nb <= na)):
+        return False
+    return all(x is None or y is None or x == y for x, y in zip(a.parts, b.parts, strict=False))
+
+
+def rule_covers(a: Rule, b: Rule) -> bool:
+    """`a` matches every request `b` matches (path, methods and host)."""
+    methods = a.methods is None or (b.methods is not None and b.methods <= a.methods)
+    host = a.host is None or a.host == b.host
+    return methods and host and covers(a.pattern, b.pattern)
+
+
+def rules_overlap(a: Rule, b: Rule) -> bool:
+    """Some request matches both rules' `match`."""
+    methods = a.methods is None or b.methods is None or bool(a.methods & b.methods)
+    host = a.host is None or b.host is None or a.host == b.host
+    return methods and host and overlaps(a.pattern, b.pattern)
+
+
+def _where(rule: Rule) -> str:
+    return f"rule {rule.name!r} (line {rule.line})"
+
+
+# --- the checks ------------------------------------------------------------------
+
+
+def _shadowed(policy: Policy) -> tuple[list[Finding], set[str]]:
+    out, names = [], set()
+    for j, later in enumerate(policy.rules):
+        earlier = next((r for r in policy.rules[:j] if rule_covers(r, later)), None)
+        if earlier is not None:
+            names.add(later.name)
+            out.append(
+                Finding(
+                    policy.file,
+                    later.line,
+                    "shadowed",
+                    f"rule {later.name!r} can never match: {_where(earlier)} comes first "
+                    f"and matches every request it would",
+                )
+            )
+    return out, names
+
+
+def _anyone_overlaps(policy: Policy, shadowed: set[str]) -> list[Finding]:
+    out = []
+    for i, open_rule in enumerate(policy.rules):
+        if not isinstance(open_rule.allow, c.Anyone) or open_rule.name in shadowed:
+            continue
+        for later in policy.rules[i + 1 :]:
+            if isinstance(later.allow, c.Anyone) or not rules_overlap(open_rule, later):
+                continue
+            out.append(
+                Finding(
+                    policy.file,
+                    open_rule.line,
+                    "anyone-overlaps",
+                    f"rule {open_rule.name!r} allows anyone on requests that the later, "
+                    f"stricter {_where(later)} also covers; first match wins, so "
+                    f"{later.name!r} is never asked about them",
+                )
+            )
+    return out
+
+
+def _parameters(policy: Policy) -> list[Finding]:
+    out = []
+    for rule in policy.rules:
+        unused = sorted(rule.pattern.param_names - c.params_named(rule.allow))
+        for name in unused:
+            out.append(
+                Finding(
+                    policy.file,
+                    rule.line,
+                    "unused-parameter",
+                    f"rule {rule.name!r}: path parameter {{{name}}} is not used by the "
+                    f"condition; write * if any segment will do",
+                )
+            )
+        # A parameter reference where none is substituted: role and scope
+        # values and claim names are compared as written.
+        for cond in rule.allow.walk():
+            if isinstance(cond, c.HasRole | c.HasScope):
+                kind, text = ("role", cond.role) if isinstance(cond, c.HasRole) else (
+                    "scope", cond.scope)  # fmt: skip
+            elif isinstance(cond, c.Claim):
+                kind, text = "claim name", ".".join(cond.path)
+            else:
+                continue
+            for ref in _PARAM_REF.findall(text):
+                out.append(
+                    Finding(
+                        policy.file,
+                        rule.line,
+                        "parameter-not-substituted",
+                        f"rule {rule.name!r}: {kind} {text!r} names {{{ref}}}, but only claim "
+                        f"values (equals, in, contains) take path parameters; this compares "
+                        f"the literal text",
+                    )
+                )
+    return out
+
+
+def _hidden(policy: Policy) -> list[Finding]:
+    out = []
+    for i, rule in enumerate(policy.rules):
+        if not rule.hide:
+            continue
+        if policy.default == "forbidden":
+            out.append(
+                Finding(
+                    policy.file,
+                    rule.line,
+                    "hidden-distinguishable",
+                    f"rule {rule.name!r} is hidden, but with default: forbidden an unknown "
+                    f"path gets 403 and its denials 404, which tells its paths exist; use "
+                    f"default: not_found",
+                )
+            )
+        for later in policy.rules[i + 1 :]:
+            if not later.hide and covers(later.pattern, rule.pattern):
+                out.append(
+                    Finding(
+                        policy.file,
+                        rule.line,
+                        "hidden-distinguishable",
+                        f"rule {rule.name!r} is hidden, but the paths around it belong to "
+                        f"{_where(later)} ({later.pattern.text}), which does not answer with "
+                        f"the unknown-path 404; a caller who gets that 404 here and another "
+                        f"answer next door learns the hidden paths exist",
+                    )
+                )
+                break
+    return out
+
+
+def _gcra(spec: LimitSpec) -> tuple[int, int]:
+    """(emission interval, burst tolerance) in ns, exactly as the Limiter counts."""
+    period = spec.rate.period * NS
+    interval = period // spec.rate.count
+    return interval, period - interval
+
+
+def at_least_as_strict(k: LimitSpec, l_: LimitSpec) -> bool:
+    """Every stream of requests that `k` lets through, `l_` lets through too."""
+    tk, tau_k = _gcra(k)
+    tl, tau_l = _gcra(l_)
+    return tl <= tk and tau_l >= tau_k
+
+
+def _same_key(a: LimitSpec, b: LimitSpec) -> bool:
+    return a.key == b.key and a.header == b.header
+
+
+def _limits(policy: Policy, shadowed: set[str]) -> list[Finding]:
+    out = []
+
+    def never(spec: LimitSpec, why: str) -> None:
+        out.append(
+            Finding(
+                policy.file, spec.line, "limit-never-triggers",
+                f"limit {spec.name!r} ({spec.rate}) can never trigger: {why}",
+            )
+        )  # fmt: skip
+
+    def dominated(spec: LimitSpec, before: Iterable[LimitSpec]) -> bool:
+        for k in before:
+            if _same_key(k, spec) and at_least_as_strict(k, spec):
+                never(
+                    spec,
+                    f"every request it counts has passed limit {k.name!r} ({k.rate}, line "
+                    f"{k.line}) first, with the same key, and that one is at least as strict",
+                )
+                return True
+        return False
+
+    for i, spec in enumerate(policy.ip_limits):
+        dominated(spec, policy.ip_limits[:i])
+    for i, spec in enumerate(policy.late_limits):
+        dominated(spec, policy.late_limits[:i])
+    for rule in policy.rules:
+        if rule.name in shadowed:
+            continue  # the shadowed warning says it all
+        early = [s for s in rule.limits if s.key == "ip" and not rule.hide]
+        late = [s for s in rule.limits if not (s.key == "ip" and not rule.hide)]
+        for i, spec in enumerate(early):
+            dominated(spec, [*policy.ip_limits, *early[:i]])
+        for i, spec in enumerate(late):
+            if isinstance(rule.allow, c.Nobody):
+                never(
+                    spec,
+                    f"rule {rule.name!r} allows nobody, and "
+                    + ("a hidden rule's limits" if rule.hide else "subject and header limits")
+                    + " count only allowed requests",
+                )
+                continue
+            before = [*policy.late_limits, *late[:i]]
+            if spec.key == "ip":  # a hidden rule's ip limit: global ip limits came first
+                before = [*policy.ip_limits, *before]
+            dominated(spec, before)
+    return out
+
+
+def plain_http(listen: str) -> bool:
+    """Whether a listener address takes plain HTTP: `http://…` or a bare
+    `HOST:PORT` (what `authgate run --listen` takes) yes, `https://…` no."""
+    return not listen.strip().lower().startswith("https://")
+
+
+def _reusable_in_clear(policy: Policy) -> list[tuple[str, int | None]]:
+    """(credential kind, line) of credentials a policy accepts that an
+    eavesdropper can replay as they are: HTTP Basic passwords and tokens in the
+    query string (which also end up in proxy and server logs)."""
+    out: list[tuple[str, int | None]] = []
+    if policy.basic is not None:
+        out.append(("Basic credentials", policy.basic.line or None))
+    for issuer in policy.issuers:
+        if issuer.query_param:
+            out.append((f"query-string tokens ({issuer.query_param})", issuer.line or None))
+    return out
+
+
+def _loopback(listen: str) -> bool:
+    host = listen.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]").lower()
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def _in_clear(policy: Policy, listen: str | None) -> list[Finding]:
+    if listen is None or not plain_http(listen) or _loopback(listen):
+        return []
+    return [
+        Finding(
+            policy.file,
+            line,
+            "credentials-in-clear",
+            f"{kind} are accepted on the plain-HTTP listener {listen}: anyone on the path "
+            f"can read and replay them; listen with TLS",
+        )
+        for kind, line in _reusable_in_clear(policy)
+    ]
+
+
+def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
+    """Every warning for a loaded policy, in file order.
+    `listen`: the gateway's listener address, when known."""
+    shadow_findings, shadowed = _shadowed(policy)
+    found = [
+        *shadow_findings,
+        *_anyone_overlaps(policy, shadowed),
+        *_parameters(policy),
+        *_hidden(policy),
+        *_limits(policy, shadowed),
+        *_in_clear(policy, listen),
+    ]
+    return sorted(found, key=lambda f: (f.line or 0, f.code))

@@ -1,0 +1,164 @@
+"""The policy tools on the command line: `authgate check`, `explain`, `test`
+and `replay`. Each loads policies the way the gateway does (same errors,
+file:line) and prints; the work is done by lint, explain, policytests and
+replay. Exit codes: 0 fine, 1 warnings (`check --strict`) or failed tests,
+2 errors (a policy that does not load, bad arguments, unreadable capture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .lint import Finding, lint
+from .policy import Policy, PolicyError, load_policy
+from .policytests import load_cases
+from .testcases import Case
+
+OK, WARNINGS, ERRORS = 0, 1, 2
+
+
+def policy_files(paths: Sequence[str]) -> list[str]:
+    """Policy paths, in order, once each. A `NAME.tests.yaml` stands for the
+    policy beside it, so `authgate test policies/*.yaml` does the right thing."""
+    out: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if p.name.endswith(".tests.yaml"):
+            path = str(p.with_name(p.name.removesuffix(".tests.yaml") + ".yaml"))
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def _load(path: str) -> tuple[Policy, tuple[Case, ...]]:
+    """A policy and all its test cases (so errors in either show)."""
+    policy = load_policy(path)
+    return policy, load_cases(policy)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def check(paths: Sequence[str], *, strict: bool = False, fmt: str = "text",
+          listen: str | None = None) -> int:  # fmt: skip
+    findings: list[Finding] = []
+    summaries: list[str] = []
+    for path in policy_files(paths):
+        try:
+            policy, cases = _load(path)
+        except PolicyError as e:
+            findings.append(Finding(e.file, e.line, "invalid", e.message, "error"))
+            summaries.append(f"{path}: does not load")
+            continue
+        found = lint(policy, listen)
+        findings.extend(found)
+        about = f"{_plural(len(policy.rules), 'rule')}, {_plural(len(cases), 'test')}"
+        summaries.append(
+            f"{path}: {_plural(len(found), 'warning')} ({about})"
+            if found
+            else f"{path}: ok ({about})"
+        )
+    errors = sum(1 for f in findings if f.severity == "error")
+    warnings = len(findings) - errors
+    code = ERRORS if errors else (WARNINGS if warnings and strict else OK)
+    if fmt == "json":
+        out = {
+            "findings": [f.as_dict() for f in findings],
+            "errors": errors,
+            "warnings": warnings,
+            "exit": code,
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        for f in findings:
+            print(str(f))
+        for line in summaries:
+            print(line)
+    return code
+
+
+def _error(command: str, message: str) -> int:
+    print(f"authgate {command}: {message}", file=sys.stderr)
+    return ERRORS
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    from .explain import explain, request_from_args
+    from .replay import parse_at
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as e:
+        return _error("explain", str(e))
+    try:
+        at = parse_at(args.at) if args.at else None
+        if at == "capture":
+            raise ValueError("'capture' is for replay; give an ISO 8601 time")
+        request = request_from_args(args.method, args.url, args.headers, ip=args.ip,
+                                    peer=args.peer, token=args.token)  # fmt: skip
+    except ValueError as e:
+        return _error("explain", str(e))
+    now = time.time() if at is None else float(at)
+    print(explain(policy, request, now).text(), end="")
+    return OK
+
+
+def test(paths: Sequence[str], *, strict: bool = False, verbose: bool = False) -> int:
+    from .policytests import format_report, run_policy
+
+    code = OK
+    for path in policy_files(paths):
+        try:
+            policy, cases = _load(path)
+        except PolicyError as e:
+            print(f"authgate test: {e}", file=sys.stderr)
+            code = ERRORS
+            continue
+        report = run_policy(policy, cases)
+        print(format_report(report, verbose), end="")
+        failed = bool(report.failed) or (strict and (not report.outcomes or report.uncovered))
+        if failed and code == OK:
+            code = WARNINGS
+    return code
+
+
+def replay_command(args: argparse.Namespace) -> int:
+    from . import replay as r
+
+    try:
+        policy = load_policy(args.policy)
+        old = load_policy(args.against) if args.against else None
+    except PolicyError as e:
+        return _error("replay", str(e))
+    try:
+        at = r.parse_at(args.at)
+        records = r.read_capture(args.capture, args.peer)
+    except ValueError as e:
+        return _error("replay", str(e))
+    when = "as of now" if at is None else (
+        "as of each request's recorded time" if at == "capture"
+        else f"as of {args.at}")  # fmt: skip
+    new_decisions = r.judge(policy, records, at)
+    if old is None:
+        summary = r.report(records, new_decisions)
+        if args.format == "json":
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"{args.capture}: {len(records)} requests judged by {args.policy} {when}")
+            print(r.format_report(summary, new_decisions), end="")
+        return OK
+    old_decisions = r.judge(old, records, at)
+    changes = r.report_changes(records, old_decisions, new_decisions)
+    if args.format == "json":
+        out = {"requests": len(records), "changes": r.changes_as_dict(changes)}
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.capture}: {args.against} → {args.policy}, {when}")
+        print(r.format_changes(changes, len(records), new_decisions), end="")
+    return OK
