@@ -19,9 +19,28 @@ class EchoHandler(BaseHTTPRequestHandler):
     server_version = "authgate-demo-backend"
     protocol_version = "HTTP/1.1"
 
+    # Under /legacy/ the demo backend makes the auth mistakes old services make,
+    # so that the gateway's backend lint has something to find (README,
+    # "Fronting a legacy service").
+    MISTAKES: dict[str, tuple[int, list[tuple[str, str]]]] = {
+        "/legacy/login-required": (401, []),
+        "/legacy/members-only": (403, []),
+        "/legacy/slow-down": (403, [("Retry-After", "30")]),
+        "/legacy/busy": (503, [("X-RateLimit-Remaining", "0")]),
+    }
+
     def _echo(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        mistake = self.MISTAKES.get(self.path.split("?")[0])
+        if mistake is not None:
+            status, headers = mistake
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = {
             "backend": "authgate demo backend",
             "method": self.command,
