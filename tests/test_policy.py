@@ -949,8 +949,8 @@ def test_example_policy_values() -> None:
     p = load_policy(REPO / "policies" / "example.yaml")
     assert p.realm == "api"
     assert [r.name for r in p.rules] == [
-        "health", "profile", "user-record", "secrets", "admin", "reports"]  # fmt: skip
-    assert [r.hide for r in p.rules] == [False, False, False, True, False, False]
+        "health", "profile", "user-record", "secrets", "admin", "reports", "legacy"]  # fmt: skip
+    assert [r.hide for r in p.rules] == [False, False, False, True, False, False, False]
     assert p.issuers[0].issuer == keys.DEMO_ISSUER
     assert p.issuers[0].audience == (keys.DEMO_AUDIENCE,)
     assert p.issuers[0].leeway == 30.0

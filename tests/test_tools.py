@@ -125,7 +125,7 @@ def test_check_the_shipped_policies(capsys: pytest.CaptureFixture[str], demo_key
     code, out, _ = run(capsys, "check", "--strict", "--listen", "127.0.0.1:8080",
                        *sorted(str(p) for p in POLICIES.glob("*.yaml")))  # fmt: skip
     assert code == 0, out
-    assert f"{EXAMPLE}: ok (6 rules, 21 tests)\n" in out
+    assert f"{EXAMPLE}: ok (7 rules, 22 tests)\n" in out
 
 
 # --- test ------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_test_the_shipped_policies(capsys: pytest.CaptureFixture[str], demo_key:
     assert code == 0, out
     policies = [p for p in POLICIES.glob("*.yaml") if not p.name.endswith(".tests.yaml")]
     assert len(out.splitlines()) == len(policies)
-    assert f"{EXAMPLE}: 21 tests, 21 passed\n" in out
+    assert f"{EXAMPLE}: 22 tests, 22 passed\n" in out
 
 
 def test_test_needs_no_real_key(capsys: pytest.CaptureFixture[str], tmp_path: Path,

@@ -331,9 +331,11 @@ def decide(
             challenges=challenges,
             headers=headers,
             detail=detail,
+            via=presented.via if presented is not None else None,
             trace=t.done(),
         )
 
+    presented: Presented | None = None  # read by deny() once credentials are found
     # The rule's own IP limits also come before credentials (not for hidden
     # rules: a 429 there would tell that the path exists).
     late: list[LimitSpec] = list(policy.late_limits)
