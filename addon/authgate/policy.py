@@ -43,6 +43,7 @@ from .tokens import (
     load_public_key_pem,
 )
 from .yamlmarks import MarkedDict, MarkedList, PolicyError, load
+from .yamlmarks import describe_value as _kind
 
 __all__ = ["Policy", "Rule", "LimitSpec", "PolicyError", "load_policy", "parse_policy"]
 
@@ -783,18 +784,6 @@ def _unique(
         if k in seen:
             raise b.error(line, f"duplicate {what} {k!r}")
         seen.add(k)
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()} (quote it if you meant a string)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "nothing"
-    return f"{type(value).__name__} {value!r}"
 
 
 def parse_duration(value: Any) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 
 from .ipset import parse_ip
 from .yamlmarks import MarkedDict, MarkedList, PolicyError, load
+from .yamlmarks import describe_value as _kind
 
 __all__ = [
     "Case",
@@ -275,18 +276,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "nothing"
-    return f"{type(value).__name__} {value!r}"
 
 
 def parse_cases(value: Any, line: int, file: str, rules: AbstractSet[str]) -> tuple[Case, ...]:

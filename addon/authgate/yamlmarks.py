@@ -69,6 +69,19 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
+def describe_value(value: Any) -> str:
+    """A YAML value as an error message names it ("a list", "str 'GET'")."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()} (quote it if you meant a string)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return f"{type(value).__name__} {value!r}"
+
+
 def load(text: str, file: str) -> Any:
     """Parse YAML text; raise PolicyError with the line of any syntax error."""
     try:
