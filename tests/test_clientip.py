@@ -113,3 +113,47 @@ def test_garbage_never_chooses_the_client() -> None:
 def test_peer_must_be_an_address(peer: str) -> None:
     with pytest.raises(ValueError):
         resolve(TRUSTED, peer, ["1.1.1.1"])
+
+
+# --- RFC 7239 Forwarded (client_ip.header: Forwarded) ---------------------------------
+
+PROXIES = IPSet.from_strings(["10.0.0.0/8"])
+
+
+@pytest.mark.parametrize(
+    "lines, expected",
+    [
+        pytest.param(
+            ['for="[2001:db8:cafe::17]:4711"'], "2001:db8:cafe::17", id="quoted-ipv6-port"
+        ),
+        pytest.param(["for=192.0.2.60;proto=http;by=203.0.113.43"], "192.0.2.60", id="params"),
+        pytest.param(['For="192.0.2.43:47011"'], "192.0.2.43", id="name-case-and-port"),
+        pytest.param(["for=192.0.2.43, for=10.0.0.5"], "192.0.2.43", id="trusted-hop-skipped"),
+        pytest.param(["for=192.0.2.43", "for=10.0.0.5"], "192.0.2.43", id="two-lines"),
+        pytest.param(["for=unknown"], "10.0.0.1", id="unknown-stops-at-the-peer"),
+        pytest.param(["for=198.51.100.7, for=_hidden"], "10.0.0.1", id="obfuscated-stops"),
+        pytest.param(
+            ["for=198.51.100.7, for=10.0.0.9, for=unknown"], "10.0.0.1", id="unknown-last-hop"
+        ),
+        pytest.param(["for=192.0.2.1;for=192.0.2.2"], "10.0.0.1", id="duplicate-for-is-malformed"),
+        pytest.param(["for=2001:db8::1"], "10.0.0.1", id="unquoted-ipv6-is-malformed"),
+        pytest.param(['for="192.0.2.1'], "10.0.0.1", id="open-quote-is-malformed"),
+        pytest.param(["proto=https"], "10.0.0.1", id="no-for-is-malformed"),
+        pytest.param(
+            ['for="192.0.2.9", for="[::ffff:10.0.0.3]"'], "192.0.2.9", id="mapped-trusted-hop"
+        ),
+    ],
+)
+def test_forwarded(lines: list[str], expected: str) -> None:
+    assert resolve(PROXIES, "10.0.0.1", lines, "forwarded").address == expected
+
+
+def test_forwarded_from_an_untrusted_peer_is_ignored() -> None:
+    got = resolve(PROXIES, "198.51.100.1", ["for=192.0.2.60"], "forwarded")
+    assert (got.address, got.via) == ("198.51.100.1", "peer")
+
+
+def test_forwarded_is_read_only_when_configured() -> None:
+    # The default header is X-Forwarded-For: a Forwarded header's value would
+    # not parse as an X-Forwarded-For list, so it stops the walk at the peer.
+    assert resolve(PROXIES, "10.0.0.1", ["for=192.0.2.60"]).address == "10.0.0.1"

@@ -277,3 +277,17 @@ def test_trace_never_holds_a_token(policy: Policy) -> None:
     token = tok(scopes=["read"])
     for r in (req("/r", token), req("/r", token + "x"), req("/priv/x", token)):
         assert not any(token[10:] in line for line in run(policy, r).trace)
+
+
+def test_client_ip_from_rfc7239_forwarded(tmp_path: Path) -> None:
+    p = parse_policy(
+        "version: 1\nclient_ip: {trusted_proxies: [10.0.0.0/8], header: Forwarded}\n"
+        "ip: {block: [192.0.2.0/24]}\nrules: [{name: a, match: {path: /**}, allow: anyone}]\n",
+        str(tmp_path / "p.yaml"),
+        tmp_path,
+    )
+    blocked = req("/x", peer="10.0.0.2", headers=(("forwarded", 'for="192.0.2.7:5000"'),))
+    assert run(p, blocked).reason == "ip_blocked"
+    # X-Forwarded-For is not read when the policy names Forwarded.
+    other = req("/x", peer="10.0.0.2", headers=(("x-forwarded-for", "192.0.2.7"),))
+    assert (run(p, other).status, run(p, other).client_ip) == (0, "10.0.0.2")

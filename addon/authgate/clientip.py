@@ -1,9 +1,11 @@
-"""The client IP: the socket peer, or X-Forwarded-For read from trusted proxies.
+"""The client IP: the socket peer, or X-Forwarded-For (or RFC 7239
+Forwarded) read from trusted proxies.
 
-The walk goes right to left over every X-Forwarded-For line (RFC 9110 §5.3:
+The walk goes right to left over every line of the header (RFC 9110 §5.3:
 several lines are one list), skipping addresses of trusted proxies; the first
 untrusted address is the client. Anything unparsable stops the walk and the
-last address we could trust to have told the truth is used (fail closed).
+last address we could trust to have told the truth is used (fail closed); a
+Forwarded header that is malformed as a whole is not used at all.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class ClientIP:
     address: str  # canonical text form
     family: int
     value: int
-    via: str  # "peer", or "x-forwarded-for" when taken from the header
+    via: str  # "peer", or the header it was taken from
 
 
 def _parse_xff_item(item: str) -> tuple[int, int]:
@@ -31,21 +33,86 @@ def _parse_xff_item(item: str) -> tuple[int, int]:
     return parse_ip(item)
 
 
-def resolve(trusted: IPSet, peer: str, forwarded_for: Sequence[str]) -> ClientIP:
-    """Derive the client IP. `peer` must be an IP address (mitmproxy's peername)."""
+def _quoted_split(text: str, sep: str) -> list[str] | None:
+    """Split on `sep` outside quoted-strings; None if a quote is left open."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    if quoted:
+        return None
+    parts.append("".join(current))
+    return parts
+
+
+def forwarded_for(lines: Sequence[str]) -> list[str] | None:
+    """The `for=` node of each RFC 7239 Forwarded element, left to right;
+    None when the header is malformed (then it is not used at all)."""
+    elements = _quoted_split(",".join(lines), ",")
+    if elements is None:
+        return None
+    out: list[str] = []
+    for element in elements:
+        if not element.strip():
+            continue
+        pairs = _quoted_split(element, ";")
+        if pairs is None:
+            return None
+        nodes = []
+        for pair in pairs:
+            name, sep, raw = pair.strip().partition("=")
+            if not sep or not name:
+                return None
+            if name.strip().lower() == "for":
+                nodes.append(raw.strip())
+        if len(nodes) != 1:
+            return None  # no for=, or two in one element
+        node = nodes[0]
+        if node.startswith('"'):
+            if len(node) < 2 or not node.endswith('"'):
+                return None
+            node = node[1:-1].replace("\\", "")
+        elif ":" in node:
+            return None  # RFC 7239 §6: an IPv6 node (or a port) must be quoted
+        out.append(node)
+    return out
+
+
+def resolve(
+    trusted: IPSet, peer: str, header_lines: Sequence[str], header: str = "x-forwarded-for"
+) -> ClientIP:
+    """Derive the client IP. `peer` must be an IP address (mitmproxy's peername);
+    `header_lines` are the lines of `header` (x-forwarded-for or forwarded)."""
     family, value = parse_ip(peer)
-    if not trusted or not trusted.contains(family, value) or not forwarded_for:
+    if not trusted or not trusted.contains(family, value) or not header_lines:
         return ClientIP(format_ip(family, value), family, value, "peer")
-    # Empty list elements ("a,,b", a trailing comma) are ignored (RFC 9110 §5.6.1).
-    items = [i for line in forwarded_for for i in line.split(",") if i.strip()]
+    if header == "forwarded":
+        nodes = forwarded_for(header_lines)
+        if nodes is None:
+            return ClientIP(format_ip(family, value), family, value, "peer")
+        items = nodes
+    else:
+        # Empty list elements ("a,,b", a trailing comma) are ignored (RFC 9110 §5.6.1).
+        items = [i for line in header_lines for i in line.split(",") if i.strip()]
     current = (family, value)
     via = "peer"
     for item in reversed(items):
         if not trusted.contains(*current):
             break
         try:
-            current = _parse_xff_item(item)
+            current = _parse_xff_item(item)  # "unknown", "_hidden": not an address
         except ValueError:
             break  # garbage from here on: keep the last trusted hop's word
-        via = "x-forwarded-for"
+        via = header
     return ClientIP(format_ip(*current), current[0], current[1], via)

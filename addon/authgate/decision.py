@@ -14,6 +14,7 @@ from . import conditions as c
 from .clientip import ClientIP, resolve
 from .credentials import API_KEY, BASIC, JWT, Ambiguous, Presented, check, find
 from .identity import Identity
+from .ipset import parse_ip
 from .negotiation import is_browser_navigation
 from .paths import AmbiguousPath, CanonicalPath, canonicalize
 from .policy import LimitSpec, Policy, Rule, normalize_host
@@ -224,16 +225,17 @@ def _front(
         t(f"path {request.target[:200]!r} -> {path.path!r}")
 
     # 2. Client IP and the IP lists.
-    ip = resolve(policy.trusted_proxies, request.peer, request.header_all("x-forwarded-for"))
+    header = policy.client_ip_header
+    ip = resolve(policy.trusted_proxies, request.peer, request.header_all(header), header)
     if t.on:
         t(f"client ip {ip.address} (from {ip.via}, peer {request.peer})")
-        xff = ", ".join(request.header_all("x-forwarded-for"))
-        if xff and ip.via == "x-forwarded-for":
-            t(f"x-forwarded-for {xff[:200]!r} walked right to left past trusted proxies")
-        elif xff and policy.trusted_proxies.contains(ip.family, ip.value):
-            t(f"x-forwarded-for {xff[:200]!r} unusable: the trusted peer is the client")
-        elif xff:
-            t(f"x-forwarded-for {xff[:200]!r} ignored: the peer is not a trusted proxy")
+        chain = ", ".join(request.header_all(header))
+        if chain and ip.via == header:
+            t(f"{header} {chain[:200]!r} walked right to left past trusted proxies")
+        elif chain and policy.trusted_proxies.contains(*parse_ip(request.peer)):
+            t(f"{header} {chain[:200]!r} unusable: the trusted peer is the client")
+        elif chain:
+            t(f"{header} {chain[:200]!r} ignored: the peer is not a trusted proxy")
     if policy.block.contains(ip.family, ip.value):
         t("ip: on the block list")
         return Decision(False, 403, IP_BLOCKED, client_ip=ip.address, path=path, trace=t.done())

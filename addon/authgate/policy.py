@@ -112,6 +112,7 @@ class Policy:
     api_keys: ApiKeys | None = None
     basic: BasicUsers | None = field(default=None, compare=False)
     mode: str = "enforce"  # "report": decide and log, but forward everything
+    client_ip_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
     # The policy's own test cases (`tests:`), run by `authgate test`; never by the gateway.
     tests: tuple[Case, ...] = field(default=(), compare=False, repr=False)
     # Derived at construction: global limits checked before / after credentials.
@@ -699,7 +700,13 @@ class _Builder:
                 self.line_of(top, "realm"), "realm must be printable ASCII without '\"' or '\\'"
             )
         client_ip = self.get(top, "client_ip", dict, "the policy", MarkedDict())
-        self.keys(client_ip, {"trusted_proxies"}, "client_ip")
+        self.keys(client_ip, {"trusted_proxies", "header"}, "client_ip")
+        ip_header = self.get(client_ip, "header", str, "client_ip", "X-Forwarded-For").lower()
+        if ip_header not in ("x-forwarded-for", "forwarded"):
+            raise self.error(
+                self.line_of(client_ip, "header"),
+                "client_ip.header must be X-Forwarded-For or Forwarded",
+            )
         trusted = IPSet.build(
             self.cidrs(
                 self.strings(client_ip, "trusted_proxies", "client_ip"), "client_ip.trusted_proxies"
@@ -753,6 +760,7 @@ class _Builder:
         )
         return Policy(
             mode=self.mode(top, "the policy") or "enforce",
+            client_ip_header=ip_header,
             api_keys=api_keys,
             basic=basic,
             file=self.file,
