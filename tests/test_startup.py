@@ -148,10 +148,19 @@ def test_the_demo_prints_a_curl_for_every_status_and_each_gets_it() -> None:
     commands, one per row of the status table; run each and check its status."""
     port, backend_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [str(BIN / "authgate"), "demo", "--listen", f"127.0.0.1:{port}",
-         "--backend", f"127.0.0.1:{backend_port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            str(BIN / "authgate"),
+            "demo",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--backend",
+            f"127.0.0.1:{backend_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None
     banner: list[str] = []
     try:
@@ -161,15 +170,17 @@ def test_the_demo_prints_a_curl_for_every_status_and_each_gets_it() -> None:
             if line.startswith("Ctrl-C"):
                 break
         commands = [
-            (banner[i][2:], banner[i + 1]) for i in range(len(banner) - 1)
+            (banner[i][2:], banner[i + 1])
+            for i in range(len(banner) - 1)
             if banner[i].startswith("# ") and banner[i][2:5].isdigit()
-        ]  # fmt: skip
+        ]
         seen_statuses = set()
         for what, command in commands:
             expected = what[:3]
             seen_statuses.add(expected)
-            out = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
-                                 timeout=30, cwd=ROOT).stdout  # fmt: skip
+            out = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=30, cwd=ROOT
+            ).stdout
             got = re.findall(r"^HTTP/1.1 (\d{3})", out, re.MULTILINE) or out.split()
             if expected == "429":
                 assert got == ["200"] * 5 + ["429"], (what, got)
@@ -178,3 +189,27 @@ def test_the_demo_prints_a_curl_for_every_status_and_each_gets_it() -> None:
         assert seen_statuses == {"200", "400", "401", "403", "404", "429"}
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_basic_beyond_loopback_is_warned_about_at_start(host: str, warned: bool) -> None:
+    port = free_port()
+    cmd = [
+        str(BIN / "authgate"),
+        "run",
+        "--policy",
+        str(ROOT / "policies" / "basic-auth.yaml"),
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        f"{host}:{port}",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
+    try:
+        wait_for_port(port, proc)
+        time.sleep(0.3)
+    finally:
+        out = stop(proc)
+    assert ("passwords cross the network in clear text" in out) == warned, out
