@@ -327,8 +327,10 @@ class Gateway:
             if policy is None:
                 self._fail(flow, 503, "no_policy")
                 return
-            await self._prepare(policy, request_view(flow, policy.uses_host))
-            self._judge(flow, policy)
+            view = request_view(flow, policy.uses_host)
+            if policy.slow_credentials:
+                await self._prepare(policy, view)
+            self._judge(flow, policy, view)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             logger.exception("authgate: error while judging a request; answering 500")
             self._fail(flow, 500, "internal_error")
@@ -425,9 +427,8 @@ class Gateway:
         mode = rule.mode if rule is not None and rule.mode else policy.mode
         return mode == "report"
 
-    def _judge(self, flow: http.HTTPFlow, policy: Policy) -> None:
+    def _judge(self, flow: http.HTTPFlow, policy: Policy, view: RequestView) -> None:
         req = flow.request
-        view = request_view(flow, policy.uses_host)
         start = time.perf_counter()
         if req.authority and "@" in req.authority:
             decision = Decision(False, 400, "bad_target", detail="userinfo in the target")

@@ -123,10 +123,14 @@ class Policy:
         default_factory=TokenCache, init=False, compare=False, repr=False
     )
 
+    # Credentials that need work off the request path first (bcrypt, JWKS fetches).
+    slow_credentials: bool = field(default=False, init=False, compare=False)
     rule_index: dict[str, Rule] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule_index", {r.name: r for r in self.rules})
+        slow = self.basic is not None or any(i.remote is not None for i in self.issuers)
+        object.__setattr__(self, "slow_credentials", slow)
         object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
         object.__setattr__(self, "late_limits", tuple(x for x in self.limits if x.key != "ip"))
 
