@@ -367,3 +367,25 @@ def test_decision_log_has_one_json_line_per_request_and_never_the_token(
         ("deny", 401, "profile", "no_credentials", None),
     ]
     assert all(e["client_ip"] == "127.0.0.1" and e["method"] == "GET" for e in entries)
+
+
+def test_forward_credentials_false_strips_authorization(
+    start_gateway: Callable[..., RunningGateway], backend: Backend, token: Token, tmp_path: Path
+) -> None:
+    text = EXAMPLE.read_text().replace(
+        "default: not_found", "forward_credentials: false\ndefault: not_found"
+    )
+    text = text.replace("keys/jwks.json", str(EXAMPLE.parent / "keys" / "jwks.json"))
+    text = text.replace("[blocklist.txt]", f"[{EXAMPLE.parent / 'blocklist.txt'}]")
+    policy = tmp_path / "p.yaml"
+    policy.write_text(text)
+    gw = start_gateway(policy)
+    headers = bearer(token(sub="alice")) + [
+        ("X-Forwarded-For", "198.51.100.1"),
+        ("X-Forwarded-For", "198.51.100.2"),
+    ]
+    assert send(gw.address, "GET", "/api/profile", headers).status == 200
+    [seen] = backend.seen
+    assert seen.header_all("Authorization") == []
+    assert seen.header_all("X-Auth-Subject") == ["alice"]
+    assert seen.header_all("X-Forwarded-For") == ["198.51.100.1, 198.51.100.2, 127.0.0.1"]
