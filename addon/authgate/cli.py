@@ -62,6 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
+    # The demo's log is for decisions: keep mitmproxy's per-connection lines out.
+    logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
+
     policy = Path(args.policy)
     keys_dir = demo.prepare(policy)
     backend_host, _, backend_port = args.backend.rpartition(":")
