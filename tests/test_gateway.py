@@ -389,3 +389,31 @@ def test_forward_credentials_false_strips_authorization(
     assert seen.header_all("Authorization") == []
     assert seen.header_all("X-Auth-Subject") == ["alice"]
     assert seen.header_all("X-Forwarded-For") == ["198.51.100.1, 198.51.100.2, 127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "upgrade, extra, forwarded",
+    [
+        ("h2c", [("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA")], False),
+        ("made-up-protocol/1", [], False),
+        (
+            "websocket",
+            [("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")],
+            True,
+        ),
+    ],
+)
+def test_only_websocket_upgrades_reach_the_backend(
+    gw: RunningGateway,
+    backend: Backend,
+    upgrade: str,
+    extra: list[tuple[str, str]],
+    forwarded: bool,
+) -> None:
+    """After a 101 to anything but WebSocket (h2c above all), the connection
+    would carry requests nobody judges."""
+    headers = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", upgrade), *extra]
+    assert send(gw.address, "GET", "/health", headers).status == 200
+    [seen] = backend.seen
+    assert seen.header("Upgrade") == (upgrade if forwarded else None)
+    assert seen.header("HTTP2-Settings") is None

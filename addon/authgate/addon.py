@@ -78,7 +78,7 @@ def load_checked(path: str, keep_host_header: bool) -> Policy:
     return policy
 
 
-_DROP = frozenset(name.encode() for name in IDENTITY_HEADERS)
+_DROP = frozenset(name.encode() for name in IDENTITY_HEADERS) | {b"http2-settings"}
 _DROP_WITH_CREDENTIALS = _DROP | {b"authorization"}
 
 
@@ -480,6 +480,10 @@ class Gateway:
             lower = name.lower()
             if lower == b"x-forwarded-for":
                 chain.append(value.decode("latin-1"))
+            elif lower == b"upgrade" and value.strip().lower() != b"websocket":
+                # Only WebSocket upgrades pass: after a 101 to anything else
+                # (h2c above all) the connection carries requests nobody judges.
+                continue
             elif lower not in drop:
                 fields.append((name, value))
         # In report mode a denied request still carries an identity that was

@@ -12,7 +12,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mitmproxy import master, options
-from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, save, tlsconfig
+from mitmproxy.addons import (
+    core,
+    disable_h2c,
+    errorcheck,
+    next_layer,
+    proxyserver,
+    save,
+    tlsconfig,
+)
 
 from .addon import Gateway
 
@@ -33,6 +41,7 @@ class _Ready:
 def lean_addons() -> list[Any]:
     return [
         core.Core(),
+        disable_h2c.DisableH2C(),  # kills HTTP/2 prior-knowledge prefaces in cleartext
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
