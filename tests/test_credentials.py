@@ -816,3 +816,17 @@ def test_check_jwt_with_remote_keys_never_loaded(issuer: Issuer) -> None:
     assert isinstance(out.unavailable, KeysUnavailable)
     assert (out.unavailable.issuer, out.unavailable.retry_after) == ("https://as.test", 1)
     assert remote.fetches == 0  # check() never fetches on the request path
+
+
+def test_a_password_longer_than_bcrypt_reads_is_compared_on_its_first_72_bytes() -> None:
+    """bcrypt 5 raises on more than 72 bytes; htpasswd hashes the first 72."""
+    long = "x" * 80
+    users = BasicUsers(
+        {
+            "u": BasicUser(
+                "u", bcrypt.hashpw(long.encode()[:72], bcrypt.gensalt(4)), frozenset(), frozenset()
+            )
+        }
+    )
+    assert users.check("u", long, 0.0) is True
+    assert users.check("u", "y" * 80, 0.0) is False

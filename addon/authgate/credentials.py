@@ -106,7 +106,10 @@ class BasicUsers:
         # An unknown user costs a bcrypt check too, so timing does not tell
         # which user names exist.
         hashed = entry.hash if entry is not None else _dummy_hash()
-        ok = bcrypt.checkpw(password.encode("utf-8", "surrogateescape"), hashed)
+        # bcrypt reads 72 bytes at most; htpasswd and Apache hash the first 72 of
+        # a longer password, so compare those (bcrypt 5 refuses longer input).
+        secret = password.encode("utf-8", "surrogateescape")[:72]
+        ok = bcrypt.checkpw(secret, hashed)
         ok = ok and entry is not None
         if len(self._known) > 10_000:
             self._known.clear()
