@@ -150,16 +150,18 @@ def test_hash_key_matches_what_verify_looks_up() -> None:
     assert bytes.fromhex(hash_key(API_KEY_VALUE)) == API_KEY_DIGEST
 
 
+CI_IDENTITY = Identity(
+    "ci",
+    "api-key",
+    "api_key",
+    frozenset({"deployer"}),
+    frozenset({"deploy", "read"}),
+    {"sub": "ci"},
+)
+
+
 def test_api_key_right_key_gives_identity() -> None:
-    who = API_KEYS.verify(API_KEY_VALUE)
-    assert who == Identity(
-        "ci",
-        "api-key",
-        "api_key",
-        frozenset({"deployer"}),
-        frozenset({"deploy", "read"}),
-        {"sub": "ci"},
-    )
+    assert API_KEYS.verify(API_KEY_VALUE) == CI_IDENTITY
 
 
 @pytest.mark.parametrize(
@@ -741,16 +743,7 @@ def test_check_jwt_valid(issuer: Issuer) -> None:
 
 def test_check_api_key_right() -> None:
     out = check(Presented(API_KEY, "x-api-key", API_KEY_VALUE), API_KEYS, None, TokenCache(), NOW)
-    assert out == Outcome(
-        Identity(
-            "ci",
-            "api-key",
-            "api_key",
-            frozenset({"deployer"}),
-            frozenset({"deploy", "read"}),
-            {"sub": "ci"},
-        )
-    )
+    assert out == Outcome(CI_IDENTITY)
 
 
 @pytest.mark.parametrize(
