@@ -21,9 +21,7 @@ from authgate.conditions import (
     claim_at,
     condition_tree,
     missing_scopes,
-    needs_identity,
     params_named,
-    scopes_named,
 )
 from authgate.identity import Identity
 
@@ -265,34 +263,10 @@ def test_claim_template_uses_this_requests_params() -> None:
     assert owner.holds(ALICE, {"id": "Alice"}) is False
 
 
-# --- needs_identity -----------------------------------------------------------------
+# --- params_named ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("cond", "expected"),
-    [
-        pytest.param(Anyone(), False, id="anyone"),
-        pytest.param(Authenticated(), True, id="authenticated"),
-        pytest.param(Nobody(), True, id="nobody"),
-        pytest.param(HasRole("admin"), True, id="role"),
-        pytest.param(HasScope("read"), True, id="scope"),
-        pytest.param(claim("sub", "equals", "{id}"), True, id="claim-template"),
-        pytest.param(AnyOf((HasRole("admin"), Anyone())), False, id="any-with-anyone"),
-        pytest.param(AnyOf((HasRole("admin"), HasScope("x"))), True, id="any-without-anyone"),
-        pytest.param(AllOf((Anyone(), HasRole("admin"))), True, id="all-with-role"),
-        pytest.param(Not(HasRole("banned")), False, id="not-role"),
-        pytest.param(Not(Anyone()), True, id="not-anyone"),
-        pytest.param(Not(claim("sub", "equals", "{id}")), False, id="not-claim-template"),
-    ],
-)
-def test_needs_identity(cond: Condition, expected: bool) -> None:
-    assert needs_identity(cond) is expected
-
-
-# --- scopes_named / params_named ------------------------------------------------------
-
-
-def test_scopes_and_params_named() -> None:
+def test_params_named() -> None:
     cond = AnyOf(
         (
             AllOf((HasScope("a"), Not(HasScope("b")))),
@@ -301,9 +275,7 @@ def test_scopes_and_params_named() -> None:
             HasRole("c"),
         )
     )
-    assert scopes_named(cond) == frozenset({"a", "b"})
     assert params_named(cond) == frozenset({"t", "u", "id"})
-    assert scopes_named(HasRole("a")) == frozenset()
     assert params_named(Anyone()) == frozenset()
 
 

@@ -208,26 +208,12 @@ class Not(Condition):
         return "not"
 
 
-def scopes_named(cond: Condition) -> frozenset[str]:
-    return frozenset(c.scope for c in cond.walk() if isinstance(c, HasScope))
-
-
 def params_named(cond: Condition) -> frozenset[str]:
     names: set[str] = set()
     for c in cond.walk():
         if isinstance(c, Claim):
             names |= c.params
     return frozenset(names)
-
-
-def needs_identity(cond: Condition) -> bool:
-    """False when the condition holds for an anonymous caller."""
-    return not cond.holds(None, _AnyParams())
-
-
-class _AnyParams(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return ""
 
 
 def _wanted_scopes(cond: Condition, negated: bool = False) -> frozenset[str]:

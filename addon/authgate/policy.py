@@ -87,8 +87,6 @@ class Rule:
     allow: c.Condition
     hide: bool
     limits: tuple[LimitSpec, ...]
-    needs_identity: bool
-    scopes: frozenset[str]  # every scope the condition names
     accept: frozenset[str] = frozenset()  # credential kinds this rule accepts
     login_url: str | None = None  # where a browser without credentials is sent
     preflight_pass: bool = False  # CORS preflights go to the backend unjudged
@@ -628,7 +626,6 @@ class _Builder:
                 if kind not in self.configured:
                     raise self.error(a_line, f"accept: {kind!r} is not configured under authn")
             accept = frozenset(k for _, k in items)
-        needs_identity = c.needs_identity(allow)
         login_url = self.login_url(d, where) or self.default_login_url
         cors = self.get(d, "cors", dict, where, MarkedDict())
         self.keys(cors, {"preflight"}, f"{where} cors")
@@ -644,8 +641,6 @@ class _Builder:
             allow,
             hide,
             limits,
-            needs_identity,
-            c.scopes_named(allow),
             accept=accept,
             login_url=login_url,
             preflight_pass=preflight == "pass",
