@@ -22,6 +22,7 @@ from . import upstream_lint
 from .credentials import BASIC, JWT, Ambiguous, find
 from .decision import (
     ALLOWED,
+    BAD_HEADER,
     FORBIDDEN,
     RATE_LIMITED,
     Decision,
@@ -442,7 +443,9 @@ class Gateway:
         if decision.allowed:
             self._forward(flow, policy, decision, view.peer, decision.target, decision)
             self._record(flow, decision, "allow")
-        elif self._report_only(policy, decision):
+        elif decision.reason != BAD_HEADER and self._report_only(policy, decision):
+            # (A forged header field is refused even in report mode: forwarding
+            # it would hand the backend an identity nobody proved.)
             # Report mode: judged and logged, forwarded as if allowed, and
             # nothing of the would-be denial reaches the client.
             target = decision.path.target if decision.path is not None else req.path
@@ -478,6 +481,12 @@ class Gateway:
         fields: list[tuple[bytes, bytes]] = []
         for name, value in req.headers.fields:
             lower = name.lower()
+            if b"_" in lower:
+                # CGI, WSGI and PHP read "X_Auth_Subject" as X-Auth-Subject:
+                # an underscore spelling of a header we own is that header.
+                alias = lower.replace(b"_", b"-")
+                if alias in drop or alias == b"x-forwarded-for":
+                    continue
             if lower == b"x-forwarded-for":
                 chain.append(value.decode("latin-1"))
             elif lower == b"upgrade" and value.strip().lower() != b"websocket":

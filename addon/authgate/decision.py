@@ -7,6 +7,7 @@ so what they report is what the gateway does.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote_plus
 
@@ -64,6 +65,7 @@ class Decision:
 
 # Machine-readable reasons.
 BAD_PATH = "bad_path"
+BAD_HEADER = "bad_header"
 IP_BLOCKED = "ip_blocked"
 IP_NOT_ALLOWED = "ip_not_allowed"
 RATE_LIMITED = "rate_limited"
@@ -210,10 +212,32 @@ def _match(
     return None, {}
 
 
+# CR, LF and NUL never belong in a field (RFC 9110 §5.5): a backend may read
+# a bare CR as a line end, or a fold as a new field, and so see headers the
+# gateway never judged. mitmproxy passes them through inside values.
+_FIELD_CTL = re.compile(r"[\r\n\x00]")
+
+
+def bad_header(headers: tuple[tuple[str, str], ...]) -> str | None:
+    """The first header whose name or value holds CR, LF or NUL, or None."""
+    for name, value in headers:
+        if _FIELD_CTL.search(value) or _FIELD_CTL.search(name):
+            return name
+    return None
+
+
 def _front(
     policy: Policy, request: RequestView, now: float, limiter: Limiter, consume: bool, t: _Trace
 ) -> Decision | tuple[CanonicalPath, ClientIP]:
-    """Steps 1-3, which need no rule and no credentials."""
+    """Steps 0-3, which need no rule and no credentials."""
+    # 0. Header fields that could carry a second, forged field.
+    if _FIELD_CTL.search("".join(v for _, v in request.headers)) or _FIELD_CTL.search(
+        "".join(k for k, _ in request.headers)
+    ):
+        name = bad_header(request.headers) or "?"
+        if t.on:
+            t(f"header {name[:60]!r} holds CR, LF or NUL: rejected")
+        return Decision(False, 400, BAD_HEADER, detail=f"control character in {name[:60]}")
     # 1. The canonical path: the one we judge and the one we forward.
     try:
         path = canonicalize(request.target)

@@ -43,7 +43,7 @@ def _normalize_segment(raw: str) -> tuple[str, str]:
     """One raw segment -> (normalized encoded form, decoded form).
 
     Percent-encoded octets decode as UTF-8 (RFC 3986 §2.5); octets that are
-    not UTF-8 stay distinct (surrogate escapes) and never equal a literal.
+    not valid UTF-8 (overlong forms included) make the path ambiguous.
     """
     out: list[str] = []
     octets = bytearray()
@@ -73,7 +73,12 @@ def _normalize_segment(raw: str) -> tuple[str, str]:
         out.append(c)
         octets.append(ord(c))
         i += 1
-    decoded = octets.decode("utf-8", "surrogateescape")
+    try:
+        decoded = octets.decode("utf-8")
+    except UnicodeDecodeError:
+        # Overlong forms (%c0%af for "/") and other invalid UTF-8: a lenient
+        # decoder downstream may read them as "/" or "." (RFC 3629 §10).
+        raise AmbiguousPath("percent-encoded octets that are not UTF-8") from None
     # Decoded once, does it still hold an encoded dot, slash, backslash or
     # NUL? Then some backend that decodes twice reads something else.
     if "%" in decoded and _DOUBLE_ENCODED.search(decoded):

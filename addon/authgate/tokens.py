@@ -8,6 +8,7 @@ it claims; both are looked up in the policy's tables and then verified.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,12 @@ EC_CURVE_NAMES = {
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 SUPPORTED_ALGS = RSA_ALGS | HMAC_ALGS | frozenset(EC_ALGS_BY_CURVE.values()) | {"EdDSA"}
 B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+# What is parsed of a token before its signature is checked is bounded: a
+# header or payload nested thousands deep would exhaust the parser's stack.
+MAX_TOKEN_LENGTH = 16 * 1024
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class KeysUnavailable(Exception):
@@ -193,13 +200,33 @@ def _reason_for(e: jwt.PyJWTError) -> str:
     return "The access token is invalid"
 
 
+def _json_depth(data: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text (strings skipped)."""
+    depth = peak = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b'""', data)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            peak = max(peak, depth)
+        else:
+            depth -= 1
+    return peak
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON (RFC 8259 §6)")
+
+
 def _unverified_part(token: str, index: int) -> dict[str, Any]:
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise TokenRejected("The access token is malformed", "token too long")
     segment = token.split(".")[index]
     try:
         data = jwt.utils.base64url_decode(segment.encode("ascii"))
-        value = json.loads(data)
-    except (ValueError, UnicodeError) as e:
-        raise TokenRejected("The access token is malformed", str(e)) from None
+        if _json_depth(data) > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH}")
+        value = json.loads(data, parse_constant=_not_json)
+    except (ValueError, UnicodeError, RecursionError) as e:
+        raise TokenRejected("The access token is malformed", str(e)[:200]) from None
     if not isinstance(value, dict):
         raise TokenRejected("The access token is malformed", "segment is not an object")
     return value
@@ -232,7 +259,13 @@ def _numeric(claims: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenRejected("The access token has a malformed claim", f"{name} is not a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise TokenRejected("The access token has a malformed claim", f"{name} is not finite")
+    return number
 
 
 def _check_times(claims: dict[str, Any], now: float, issuer: Issuer) -> None:
@@ -312,16 +345,21 @@ def verify(
         if known is not None and known[1] in issuers:
             _check_times(known[0].claims, now, known[1])
             return known[0]
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise TokenRejected("The access token is malformed", "token too long")
     if not B64TOKEN.match(token) or token.count(".") != 2:
         raise TokenRejected("The access token is malformed", "not a compact JWS")
     if not issuers:
         raise TokenRejected("The access token is invalid", "no JWT issuer configured")
     header = _unverified_part(token, 0)
+    # Parsed (bounded) before PyJWT parses it, so that nothing PyJWT reads
+    # can be nested without bound or hold NaN.
+    payload = _unverified_part(token, 1)
     if len(issuers) == 1:
         issuer = issuers[0]
     else:
         # Read `iss` unverified only to choose whose keys to verify with.
-        iss = _unverified_part(token, 1).get("iss")
+        iss = payload.get("iss")
         chosen = next((i for i in issuers if i.issuer == iss), None)
         if chosen is None:
             raise TokenRejected("The access token has the wrong issuer", f"iss {iss!r}")
@@ -359,6 +397,8 @@ def verify(
         )
     except jwt.PyJWTError as e:
         raise TokenRejected(_reason_for(e), f"{type(e).__name__}: {e}") from None
+    except (RecursionError, OverflowError, ValueError) as e:  # never a 5xx for a token
+        raise TokenRejected("The access token is malformed", type(e).__name__) from None
     _check_times(claims, now, issuer)
     sub = claims.get("sub")
     if not isinstance(sub, str) or not _HEADER_SAFE.match(sub):
