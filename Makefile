@@ -35,7 +35,7 @@ typecheck: install
 check: lint test
 
 bench: install
-	$(BIN)/python -m authgate.bench
+	$(BIN)/python -m authgate.tools.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info addon/*.egg-info

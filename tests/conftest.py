@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from authgate import runner
-from authgate.addon import Gateway
-from authgate.keys import ensure_demo_keys, load_private_key, mint
+from authgate.proxy import runner
+from authgate.proxy.addon import Gateway
+from authgate.tools.keys import ensure_demo_keys, load_private_key, mint
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"

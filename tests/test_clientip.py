@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from authgate.clientip import ClientIP, resolve
-from authgate.ipset import IPSet
+from authgate.core.clientip import ClientIP, resolve
+from authgate.core.ipset import IPSet
 
 P = pytest.param
 

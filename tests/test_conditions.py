@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from authgate.conditions import (
+from authgate.core.conditions import (
     AllOf,
     AnyOf,
     Anyone,
@@ -23,7 +23,7 @@ from authgate.conditions import (
     missing_scopes,
     params_named,
 )
-from authgate.identity import Identity
+from authgate.core.identity import Identity
 
 CLAIMS: dict[str, Any] = {
     "sub": "alice",

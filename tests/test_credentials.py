@@ -1,4 +1,4 @@
-"""Credentials as tables: `authgate.credentials` (API keys, htpasswd/Basic,
+"""Credentials as tables: `authgate.core.credentials` (API keys, htpasswd/Basic,
 `find()` and `check()`).
 
 Conformance checks: B-05 (credentials sent two ways, repeated parameters),
@@ -19,7 +19,7 @@ from typing import Any
 import bcrypt
 import pytest
 
-from authgate.credentials import (
+from authgate.core.credentials import (
     API_KEY,
     BASIC,
     JWT,
@@ -35,11 +35,11 @@ from authgate.credentials import (
     hash_key,
     parse_htpasswd,
 )
-from authgate.identity import Identity
-from authgate.jwks import RemoteKeys
-from authgate.keys import jwks_for, mint, new_rsa_key
-from authgate.policy import parse_policy
-from authgate.tokens import Issuer, KeysUnavailable, TokenCache
+from authgate.core.identity import Identity
+from authgate.core.keyset import RemoteKeys
+from authgate.core.tokens import Issuer, KeysUnavailable, TokenCache
+from authgate.policy.load import parse_policy
+from authgate.tools.keys import jwks_for, mint, new_rsa_key
 
 NOW = 1_800_000_000.0
 KEY = new_rsa_key()
@@ -756,7 +756,12 @@ def test_check_api_key_right() -> None:
 )
 def test_check_api_key_wrong(value: str) -> None:
     out = check(Presented(API_KEY, "x-api-key", value), API_KEYS, None, TokenCache(), NOW)
-    assert out == Outcome(failed="api_key", reason="The API key is not valid", detail="unknown key")
+    assert out == Outcome(
+        failed="api_key",
+        reason="The API key is not valid",
+        code="unknown_api_key",
+        detail="unknown key",
+    )
 
 
 def basic_identity(user: str, roles: set[str], scopes: set[str]) -> Identity:
@@ -789,7 +794,10 @@ def test_check_basic_accepted(value: str, identity: Identity) -> None:
 def test_check_basic_refused(value: str, detail: str) -> None:
     out = check(Presented(BASIC, "authorization", value), None, basic_users(), TokenCache(), NOW)
     assert out == Outcome(
-        failed="basic", reason="The user name or password is wrong", detail=detail
+        failed="basic",
+        reason="The user name or password is wrong",
+        code="wrong_password",
+        detail=detail,
     )
 
 

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from authgate.decision import Decision, RequestView, decide
-from authgate.keys import jwks_for, mint, new_rsa_key
-from authgate.policy import Policy, parse_policy
-from authgate.ratelimit import Limiter
+from authgate.core.decision import Decision, RequestView, judge
+from authgate.core.model import Policy
+from authgate.core.ratelimit import Limiter
+from authgate.policy.load import parse_policy
+from authgate.tools.keys import jwks_for, mint, new_rsa_key
 
 NOW = 1_800_000_000.0
 KEY = new_rsa_key()
@@ -89,7 +90,7 @@ def req(
 
 
 def run(policy: Policy, r: RequestView, limiter: Limiter | None = None) -> Decision:
-    return decide(policy, r, NOW, Limiter() if limiter is None else limiter, trace=True)
+    return judge(policy, r, NOW, Limiter() if limiter is None else limiter, trace=True)
 
 
 ROLES = {"realm_access": {"roles": ["editor"]}}
@@ -206,7 +207,7 @@ def test_consume_false_leaves_the_counters_alone(policy: Policy) -> None:
     limiter = Limiter()
     r = req("/pub/x", headers=(("x-client", "k"),))
     for _ in range(10):
-        assert decide(policy, r, NOW, limiter, consume=False).status == 0
+        assert judge(policy, r, NOW, limiter, consume=False).status == 0
     assert len(limiter) == 0
 
 
@@ -226,7 +227,7 @@ def test_trace_tells_the_story(policy: Policy) -> None:
 
 
 def test_no_trace_unless_asked(policy: Policy) -> None:
-    assert decide(policy, req("/r"), NOW, Limiter()).trace == ()
+    assert judge(policy, req("/r"), NOW, Limiter()).trace == ()
 
 
 @pytest.mark.parametrize(

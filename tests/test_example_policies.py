@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from authgate.decision import RequestView, decide
-from authgate.keys import mint
-from authgate.policy import Policy, load_policy
-from authgate.ratelimit import Limiter
+from authgate.core.decision import RequestView, judge
+from authgate.core.model import Policy
+from authgate.core.ratelimit import Limiter
+from authgate.policy.load import load_policy
+from authgate.tools.keys import mint
 from conftest import POLICIES
 
 NOW = time.time()
@@ -24,7 +25,7 @@ def ask(policy: Policy, path: str, *, method: str = "GET", peer: str = "127.0.0.
         token: str | None = None, headers: tuple[tuple[str, str], ...] = (),
         limiter: Limiter | None = None) -> tuple[int, str]:  # fmt: skip
     h = headers + ((("authorization", f"Bearer {token}"),) if token else ())
-    d = decide(policy, RequestView(method, path, h, peer), NOW,
+    d = judge(policy, RequestView(method, path, h, peer), NOW,
                Limiter() if limiter is None else limiter)  # fmt: skip
     return d.status, d.reason
 

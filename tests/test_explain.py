@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 
-from authgate.addon import Gateway
-from authgate.decision import RequestView, decide
-from authgate.explain import explain, redact, request_from_args, shorten
-from authgate.keys import mint
-from authgate.policy import Policy, load_policy
-from authgate.ratelimit import Limiter
+from authgate.core.decision import RequestView, judge
+from authgate.core.explanation import explain, redact, shorten
+from authgate.core.model import Policy
+from authgate.core.ratelimit import Limiter
+from authgate.policy.load import load_policy
+from authgate.proxy.addon import Gateway
+from authgate.tools.explain import request_from_args
+from authgate.tools.keys import mint
 from conftest import EXAMPLE, POLICIES
 
 NOW = 1_795_715_440.0  # 2026-11-26 17:50:40 UTC
@@ -96,7 +98,7 @@ def test_golden(demo_key: Any, name: str, policy_file: str,
     request = make(demo_key)
     limiter = Limiter()
     for _ in range(before):
-        decide(policy, request, NOW, limiter)
+        judge(policy, request, NOW, limiter)
     text = f"# policies/{policy_file}\n" + explain(
         policy, request, NOW, limiter).text()  # fmt: skip
     path = GOLDEN / f"{name}.txt"

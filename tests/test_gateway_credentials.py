@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from authgate.keys import jwks_for, mint, new_rsa_key
+from authgate.tools.keys import jwks_for, mint, new_rsa_key
 from conftest import POLICIES, Backend, Reply, RunningGateway, send
 
 Start = Callable[..., RunningGateway]

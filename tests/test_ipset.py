@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from authgate.ipset import IPSet, normalize_ip, parse_cidr, parse_ip, read_cidr_lines
+from authgate.core.ipset import IPSet, normalize_ip, parse_cidr, parse_ip, read_cidr_lines
 
 P = pytest.param
 

@@ -1,4 +1,4 @@
-"""JWKS over HTTP: `authgate.jwks` against a real HTTP server on 127.0.0.1.
+"""JWKS over HTTP: `authgate.runtime.jwks` against a real HTTP server on 127.0.0.1.
 
 The server serves documents the test controls (swap keys, set Cache-Control,
 answer 500, stop) and counts requests; time is a fake clock injected into
@@ -26,9 +26,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from authgate.jwks import MAX_BODY, FetchError, RemoteKeys, check_url, http_get, max_age
-from authgate.keys import jwks_for, mint, new_rsa_key
-from authgate.tokens import Issuer, KeysUnavailable, TokenRejected, verify
+from authgate.core.keyset import RemoteKeys, check_url, max_age
+from authgate.core.tokens import Issuer, KeysUnavailable, TokenRejected, verify
+from authgate.runtime.jwks import MAX_BODY, Fetcher, FetchError, Get, http_get, refresh_sync
+from authgate.tools.keys import jwks_for, mint, new_rsa_key
 
 P = pytest.param
 NOW = 1_800_000_000.0  # token time; RemoteKeys runs on the fake clock below
@@ -151,13 +152,24 @@ def make(clock: Clock) -> Callable[..., RemoteKeys]:
         kw.setdefault("max_ttl", 3600)
         kw.setdefault("cooldown", 30)
         kw.setdefault("negative_ttl", 60)
-        return RemoteKeys(url=url, clock=lambda: clock.now, **kw)
+        get = kw.pop("get", http_get)
+        source = RemoteKeys(url=url, clock=lambda: clock.now, **kw)
+        GETS[id(source)] = get
+        return source
 
     return build
 
 
+GETS: dict[int, Get] = {}  # the fetch function each test's key set uses
+
+
+def fetcher(source: RemoteKeys) -> Fetcher:
+    return Fetcher(get=GETS.get(id(source), http_get))
+
+
 def refresh(source: RemoteKeys, kid: str | None = None) -> None:
-    asyncio.run(source.refresh(kid=kid) if kid else source.refresh())
+    f = fetcher(source)
+    asyncio.run(f.refresh(source, "unknown kid", kid) if kid else f.refresh(source))
 
 
 def kids(source: RemoteKeys) -> list[str | None]:
@@ -196,7 +208,11 @@ def test_first_refresh_loads_the_keys(server: KeyServer, make: Callable[..., Rem
     assert source.keys[0].algorithms == frozenset({"RS256"})
     assert (source.fetches, server.hits["/jwks"]) == (1, 1)
     assert (source.last_error, source.failures) == (None, 0)
-    assert (source.expires_at, source.next_attempt, source.last_attempt) == (1600, 1600, 1000)
+    assert (source.expires_at, source.next_attempt, source.last_kid_refresh) == (
+        1600,
+        1600,
+        float("-inf"),
+    )
     assert server.accept == ["application/json"]
     who = verify((issuer_for(source),), token(KEY1, "k1"), NOW)
     assert (who.subject, who.issuer) == ("alice", ISS)
@@ -205,7 +221,7 @@ def test_first_refresh_loads_the_keys(server: KeyServer, make: Callable[..., Rem
 def test_refresh_sync_loads_the_keys(server: KeyServer, make: Callable[..., RemoteKeys]) -> None:
     server.serve("/jwks", JWKS1)
     source = make(f"{server.url}/jwks")
-    source.refresh_sync()
+    refresh_sync(source)
     assert (kids(source), source.loaded, server.hits["/jwks"]) == (["k1"], True, 1)
 
 
@@ -454,7 +470,9 @@ def test_never_loaded_issuer_raises_keys_unavailable(
 ) -> None:
     server.serve("/jwks", b"", status=503)
     source = make(f"{server.url}/jwks")
-    for _ in range(failures):
+    for i in range(failures):
+        if i:
+            clock.now = source.next_attempt  # the backoff is honoured: wait it out
         refresh(source)
     clock.now += later
     issuer = issuer_for(source)
@@ -525,23 +543,41 @@ def test_unknown_kid_refresh_cooldown_and_negative_cache(
 ) -> None:
     server.serve("/jwks", JWKS1, cache_control="max-age=3600")
     source = make(f"{server.url}/jwks")
-    refresh(source)  # at 1000
-    assert not source.may_refresh_for("kx")  # within the cooldown
-    clock.now = 1029
-    assert not source.may_refresh_for("kx")
-    clock.now = 1030
+    refresh(source)  # at 1000: a start-up fetch does not count against the cooldown
     assert source.may_refresh_for("kx")
-    refresh(source, kid="kx")  # fetches, kx still unknown: remembered for 60 s
+    refresh(source, kid="kx")  # fetches; kx still unknown: remembered until 1060
     assert server.hits["/jwks"] == 2
-    clock.now = 1070  # cooldown over, but kx is in the negative cache
+    clock.now = 1029  # within the cooldown of that kid-triggered fetch
+    assert not source.may_refresh_for("ky")
+    clock.now = 1030
     assert source.may_refresh_for("ky")
-    assert not source.may_refresh_for("kx")
+    assert not source.may_refresh_for("kx")  # in the negative cache
     refresh(source, kid="kx")
     assert server.hits["/jwks"] == 2
-    clock.now = 1090  # negative entry expired
+    refresh(source, kid="ky")  # remembered until 1090; the next kid fetch from 1060
+    assert server.hits["/jwks"] == 3
+    clock.now = 1059
+    assert not source.may_refresh_for("kz")
+    clock.now = 1060  # kx's negative entry expired, and the cooldown is over
     assert source.may_refresh_for("kx")
+    assert not source.may_refresh_for("ky")
     # a kid that is known needs no fetch at all
     refresh(source, kid="k1")
+    assert server.hits["/jwks"] == 3
+
+
+def test_an_unknown_kid_right_after_start_up_is_fetched(
+    server: KeyServer, make: Callable[..., RemoteKeys], clock: Clock
+) -> None:
+    # The provider publishes a key in the first seconds after the gateway's
+    # start-up fetch: the first token signed with it triggers a fetch at once.
+    server.serve("/jwks", JWKS1, cache_control="max-age=3600")
+    source = make(f"{server.url}/jwks")
+    refresh(source)  # at 1000
+    server.serve("/jwks", jwks((KEY1, "k1"), (KEY2, "k2")), cache_control="max-age=3600")
+    clock.now = 1001
+    refresh(source, kid="k2")
+    assert kids(source) == ["k1", "k2"]
     assert server.hits["/jwks"] == 2
 
 
@@ -572,21 +608,24 @@ def test_hammering_random_kids_fetches_once_per_cooldown(
 
     source = make(f"{server.url}/jwks", get=get)
     refresh(source)  # at 1000
+    f = fetcher(source)
     rng = random.Random(7)
 
     async def hammer() -> int:
         calls = 0
         for _ in range(200):  # one request a second, each with a fresh random kid
             clock.now += 1
-            await source.refresh(kid=f"{rng.getrandbits(64):016x}")
+            await f.refresh(source, "unknown kid", f"{rng.getrandbits(64):016x}")
             calls += 1
         return calls
 
     assert asyncio.run(hammer()) == 200
-    # 1001..1200 with a 30 s cooldown after 1000: fetches at 1030, 1060, ... 1180
-    assert fetched_at == [1000, 1030, 1060, 1090, 1120, 1150, 1180]
-    assert server.hits["/jwks"] == 7
-    assert all(b - a >= 30 for a, b in zip(fetched_at, fetched_at[1:], strict=False))
+    # The start-up fetch at 1000 does not count; the first kid fetches at 1001,
+    # and then one every 30 s of cooldown: 1031, 1061, ... 1181.
+    assert fetched_at == [1000, 1001, 1031, 1061, 1091, 1121, 1151, 1181]
+    assert server.hits["/jwks"] == 8
+    kid_fetches = fetched_at[1:]
+    assert all(b - a >= 30 for a, b in zip(kid_fetches, kid_fetches[1:], strict=False))
     assert kids(source) == ["k1"]
 
 
@@ -597,11 +636,12 @@ def test_a_burst_of_unknown_kids_fetches_once(
     source = make(f"{server.url}/jwks")
     refresh(source)
     clock.now = 1030
+    f = fetcher(source)
     rng = random.Random(11)
 
     async def burst() -> None:
         await asyncio.gather(
-            *(source.refresh(kid=f"{rng.getrandbits(64):016x}") for _ in range(200))
+            *(f.refresh(source, "unknown kid", f"{rng.getrandbits(64):016x}") for _ in range(200))
         )
 
     asyncio.run(burst())

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from authgate import lint as lint_module
-from authgate.lint import at_least_as_strict, covers, lint, overlaps, plain_http, rule_covers
-from authgate.paths import PathPattern
-from authgate.policy import LimitSpec, Policy, parse_policy
-from authgate.ratelimit import Limiter, Rate
+from authgate.core.model import LimitSpec, Policy
+from authgate.core.paths import PathPattern
+from authgate.core.ratelimit import Limiter, Rate
+from authgate.policy.load import parse_policy
+from authgate.tools import lint as lint_module
+from authgate.tools.lint import at_least_as_strict, covers, lint, overlaps, plain_http, rule_covers
 
 HTPASSWD = Path(__file__).resolve().parent.parent / "policies" / "users.htpasswd"
 BASIC_HEAD = "authn:\n  basic: {htpasswd: HTPASSWD}\n"
@@ -293,7 +294,7 @@ def test_messages_say_what_and_where() -> None:
 
 
 def test_shipped_policies_are_clean(demo_key: object) -> None:
-    from authgate.policy import load_policy
+    from authgate.policy.load import load_policy
     from conftest import POLICIES
 
     for path in sorted(POLICIES.glob("*.yaml")):

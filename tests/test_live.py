@@ -17,7 +17,7 @@ import pytest
 from mitmproxy import flowfilter
 from prometheus_client.parser import text_string_to_metric_families
 
-from authgate.addon import Gateway
+from authgate.proxy.addon import Gateway
 from conftest import Answer, Backend, RunningGateway, Seen, send
 
 Start = Callable[..., RunningGateway]

@@ -1,4 +1,4 @@
-"""Content negotiation and browser navigations: `authgate.negotiation`.
+"""Content negotiation and browser navigations: `authgate.core.negotiation`.
 
 Conformance checks: P-01 (problem+json is the default body; HTML only when
 the client prefers it), RFC 9110 §12.5.1 (Accept, q values, wildcards, q=0
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from authgate.negotiation import body_form, is_browser_navigation, parse_accept
+from authgate.core.negotiation import body_form, is_browser_navigation, parse_accept
 
 P = pytest.param
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from authgate.paths import AmbiguousPath, CanonicalPath, PathPattern, canonicalize
+from authgate.core.paths import AmbiguousPath, CanonicalPath, PathPattern, canonicalize
 
 P = pytest.param
 

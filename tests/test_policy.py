@@ -15,18 +15,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from authgate import conditions as c
-from authgate import keys
-from authgate.policy import (
-    LimitSpec,
-    Policy,
-    PolicyError,
-    load_policy,
-    normalize_host,
-    parse_duration,
-    parse_policy,
-)
-from authgate.ratelimit import Rate
+from authgate.core import conditions as c
+from authgate.core.model import LimitSpec, Policy, normalize_host
+from authgate.core.ratelimit import Rate
+from authgate.policy.load import load_policy, parse_duration, parse_policy
+from authgate.policy.marks import PolicyError
+from authgate.tools import keys
 
 REPO = Path(__file__).resolve().parents[1]
 RSA_KEY = keys.new_rsa_key()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from authgate.ratelimit import Limiter, Rate, Verdict
+from authgate.core.ratelimit import Limiter, Rate, Verdict
 
 P = pytest.param
 

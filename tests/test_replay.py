@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from authgate.cli import main
-from authgate.policy import Policy, load_policy, parse_policy
-from authgate.replay import (
+from authgate.core.model import Policy
+from authgate.policy.load import load_policy, parse_policy
+from authgate.tools.replay import (
     CaptureError,
-    judge,
+    judge_all,
     parse_at,
     read_capture,
     report,
@@ -87,7 +88,7 @@ def changed(tmp_path: Path, demo_key: Any) -> Path:
 
 
 def statuses(policy: Policy, records: Any, at: Any = "capture") -> list[int]:
-    return [d.status or 200 for d in judge(policy, records, at)]
+    return [d.status or 200 for d in judge_all(policy, records, at)]
 
 
 def test_replay_agrees_with_what_the_gateway_answered(capture: tuple[Path, list[str]]) -> None:
@@ -102,7 +103,7 @@ def test_replay_agrees_with_what_the_gateway_answered(capture: tuple[Path, list[
 def test_the_report_counts_per_status_and_rule(capture: tuple[Path, list[str]]) -> None:
     records = read_capture(capture[0])
     policy = load_policy(EXAMPLE)
-    summary = report(records, judge(policy, records, "capture"))
+    summary = report(records, judge_all(policy, records, "capture"))
     assert summary == {
         "requests": 12,
         "by_status": {"200": 6, "400": 1, "401": 1, "403": 2, "404": 2},
@@ -123,8 +124,8 @@ def test_a_policy_change_flips_known_requests(
     capture: tuple[Path, list[str]], changed: Path
 ) -> None:
     records = read_capture(capture[0])
-    old = judge(load_policy(EXAMPLE), records, "capture")
-    new = judge(load_policy(changed), records, "capture")
+    old = judge_all(load_policy(EXAMPLE), records, "capture")
+    new = judge_all(load_policy(changed), records, "capture")
     changes = [(c.old, c.new, c.requests) for c in report_changes(records, old, new)]
     assert changes == [
         ((200, "admin"), (403, "admin"),
@@ -185,7 +186,7 @@ def test_old_tokens_expire_unless_judged_as_of_the_capture(
 
 
 def summary_expired(policy: Policy, records: Any, at: Any) -> int:
-    return int(report(records, judge(policy, records, at))["expired_tokens"])
+    return int(report(records, judge_all(policy, records, at))["expired_tokens"])
 
 
 def test_replay_never_counts_rate_limits(capture: tuple[Path, list[str]]) -> None:
@@ -211,8 +212,8 @@ def test_har_from_the_same_capture(
     records = read_capture(har)
     assert [r.request.target for r in records] == [t for _, t, *_ in TRAFFIC]
     assert statuses(load_policy(EXAMPLE), records) == [s for *_, s in TRAFFIC]
-    old = judge(load_policy(EXAMPLE), records, "capture")
-    new = judge(load_policy(changed), records, "capture")
+    old = judge_all(load_policy(EXAMPLE), records, "capture")
+    new = judge_all(load_policy(changed), records, "capture")
     assert sum(c.count for c in report_changes(records, old, new)) == 3
 
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from authgate.policy import PolicyError, parse_policy
-from authgate.testcases import Case, beside, load_beside, parse_ttl
+from authgate.policy.load import parse_policy
+from authgate.policy.marks import PolicyError
+from authgate.tools.policytests import load_cases
+from authgate.tools.testcases import Case, beside, load_beside, parse_ttl
 
 HEAD = """version: 1
 rules:
@@ -17,7 +19,7 @@ rules:
 
 
 def cases(tests: str) -> tuple[Case, ...]:
-    return parse_policy(HEAD + tests, "p.yaml").tests
+    return load_cases(parse_policy(HEAD + tests, "p.yaml"))
 
 
 def test_a_full_case() -> None:
@@ -60,7 +62,7 @@ def test_rule_null_means_no_rule_may_match() -> None:
 
 
 def test_a_policy_without_tests_has_none() -> None:
-    assert parse_policy(HEAD, "p.yaml").tests == ()
+    assert load_cases(parse_policy(HEAD, "p.yaml")) == ()
 
 
 ERRORS = [

@@ -1,4 +1,4 @@
-"""JWT verification: `authgate.tokens.verify`, `load_jwks`, `algorithms_for_key`.
+"""JWT verification: `authgate.core.tokens.verify`, `load_jwks`, `algorithms_for_key`.
 
 Conformance checks: J-01..J-13 (JWT), B-10 (error_description characters).
 """
@@ -20,10 +20,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from authgate import keys, tokens
-from authgate.identity import Identity
-from authgate.policy import load_policy
-from authgate.tokens import (
+from authgate.core import tokens
+from authgate.core.identity import Identity
+from authgate.core.tokens import (
     Issuer,
     TokenCache,
     TokenRejected,
@@ -34,6 +33,8 @@ from authgate.tokens import (
     load_public_key_pem,
     verify,
 )
+from authgate.policy.load import load_policy
+from authgate.tools import keys
 
 ISS_A = "https://as.test"
 ISS_B = "https://other-as.test"
@@ -608,7 +609,7 @@ def test_every_reason_is_safe_for_error_description() -> None:
     reasons = {p.values[1] for p in REJECTED_TOKENS}
     reasons |= {EXPIRED, NOT_YET, WRONG_AUD, WRONG_ISS, LACKS, BAD_SIG, INVALID, MALFORMED}
     reasons |= {BAD_ALG, UNKNOWN_KEY, BAD_CLAIM}
-    reasons |= {text for _, text in tokens._REASONS}
+    reasons |= set(tokens.TokenRejected.REASONS.values())
     for reason in reasons:
         assert reason
         assert DESCRIPTION_CHARS.match(reason), reason

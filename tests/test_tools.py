@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from authgate.cli import main
-from authgate.keys import mint
-from authgate.tools import policy_files
+from authgate.tools.commands import policy_files
+from authgate.tools.keys import mint
 from conftest import EXAMPLE, POLICIES
 
 CLEAN = """version: 1

@@ -8,9 +8,9 @@ is a pair of sorted integer lists per family, and a lookup is one bisect.
 from __future__ import annotations
 
 import bisect
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
 V4_MAPPED_PREFIX = 0xFFFF << 32
 V4_MAPPED_MASK = ((1 << 96) - 1) << 32
@@ -25,22 +25,22 @@ def parse_ip(text: str) -> tuple[int, int]:
     if ":" in text:
         text = text.split("%", 1)[0]
         try:
-            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+            value = int.from_bytes(inet_pton(AF_INET6, text), "big")
         except OSError:
             raise ValueError(f"not an IP address: {text!r}") from None
         if value & V4_MAPPED_MASK == V4_MAPPED_PREFIX:
             return 4, value & 0xFFFFFFFF
         return 6, value
     try:
-        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+        return 4, int.from_bytes(inet_pton(AF_INET, text), "big")
     except OSError:
         raise ValueError(f"not an IP address: {text!r}") from None
 
 
 def format_ip(family: int, value: int) -> str:
     if family == 4:
-        return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
-    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
+        return inet_ntop(AF_INET, value.to_bytes(4, "big"))
+    return inet_ntop(AF_INET6, value.to_bytes(16, "big"))
 
 
 def normalize_ip(text: str) -> str:
@@ -163,8 +163,8 @@ def read_cidr_lines(
     """
     out: list[tuple[int, int, int]] = []
     append = out.append
-    pton = socket.inet_pton
-    af4 = socket.AF_INET
+    pton = inet_pton
+    af4 = AF_INET
     from_bytes = int.from_bytes
     for number, line in enumerate(lines, 1):
         if "#" in line:

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from collections.abc import Iterable
 
-from .policy import Policy
+from authgate.core.model import Policy
 
 Fingerprint = dict[str, tuple[int, int] | None]
 

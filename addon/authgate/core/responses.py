@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from .decision import INSUFFICIENT_SCOPE, INVALID_CREDENTIALS, INVALID_TOKEN, Decision
-from .negotiation import HTML, JSON, TEXT, body_form
+from authgate.core.decision import INSUFFICIENT_SCOPE, INVALID_CREDENTIALS, INVALID_TOKEN, Decision
+from authgate.core.negotiation import HTML, JSON, TEXT, body_form
 
 # status -> (title, what happened, what to do)
 _TEXTS: dict[int, tuple[str, str, str]] = {

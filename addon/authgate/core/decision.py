@@ -1,26 +1,38 @@
-"""The pure core: `decide(policy, request, now, limiter) -> Decision`.
+"""The pure core, in two phases:
 
-No I/O, no mitmproxy, no clock but the one given. The mitmproxy addon,
-`authgate explain`, the tests and the benchmark all call this one function,
-so what they report is what the gateway does.
+    prepare(policy, request, now, limiter) -> Prepared | Decision
+    decide(prepared, now, limiter) -> Decision
+
+`prepare` does everything that needs no verified credential: header fields,
+the canonical path, the client IP and its lists and limits, the matching
+rule, and finding the credential presented; it answers early (400, 403, 404,
+429) or says what slow work the credential needs (a password check, a key
+fetch). The caller does that work (the gateway off the event loop, the tools
+inline), then `decide` verifies the credential, evaluates the rule and its
+remaining limits. `judge` is both in one call, for callers with no slow work
+to do. No I/O, no mitmproxy, no clock but the one given: the gateway, explain,
+policy tests, replay and the benchmark all run these functions, so what they
+report is what the gateway does, report mode included.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote, unquote_plus
 
-from . import conditions as c
-from .clientip import ClientIP, resolve
-from .credentials import API_KEY, BASIC, JWT, Ambiguous, Presented, check, find
-from .identity import Identity
-from .ipset import parse_ip
-from .negotiation import is_browser_navigation
-from .paths import AmbiguousPath, CanonicalPath, canonicalize
-from .policy import LimitSpec, Policy, Rule, normalize_host
-from .ratelimit import Limiter, Verdict
-from .tokens import describe_token
+from authgate.core import conditions as c
+from authgate.core.clientip import ClientIP, resolve
+from authgate.core.credentials import API_KEY, BASIC, JWT, Ambiguous, Presented, check, find
+from authgate.core.identity import Identity
+from authgate.core.ipset import parse_ip
+from authgate.core.keyset import RemoteKeys
+from authgate.core.model import Challenge, LimitSpec, Policy, Rule, challenges_for, normalize_host
+from authgate.core.negotiation import is_browser_navigation
+from authgate.core.paths import AmbiguousPath, CanonicalPath, canonicalize
+from authgate.core.ratelimit import Limiter, Verdict
+from authgate.core.tokens import describe_token, unverified_kid
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +44,21 @@ class RequestView:
     headers: tuple[tuple[str, str], ...]  # (lower-case name, value), in order
     peer: str  # socket peer IP address
     host: str | None = None  # the Host the client asked for, if known
+    authority: str = ""  # an absolute-form target's authority, as received
+
+    @classmethod
+    def build(
+        cls,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        peer: str,
+        host: str | None = None,
+        authority: str = "",
+    ) -> RequestView:
+        """The one way to make a view: header names lower-cased, order kept."""
+        fields = tuple((k.lower(), v) for k, v in headers)
+        return cls(method.upper(), target, fields, peer, host, authority)
 
     def header_all(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k == name]
@@ -61,11 +88,24 @@ class Decision:
     via: str | None = None  # where the credential came from: authorization, cookie, query, ...
     detail: str = ""  # internal explanation: logged, never sent to the client
     trace: tuple[str, ...] = field(default=())
+    # Report mode: a denial that is logged and counted, and the request
+    # forwarded as if allowed (to `target`, with `upstream_headers`).
+    report: bool = False
+
+    @property
+    def forwarded(self) -> bool:
+        return self.allowed or self.report
+
+    @property
+    def outcome(self) -> str:
+        """allow, deny or would_deny (a denial in report mode)."""
+        return "allow" if self.allowed else ("would_deny" if self.report else "deny")
 
 
 # Machine-readable reasons.
 BAD_PATH = "bad_path"
 BAD_HEADER = "bad_header"
+BAD_TARGET = "bad_target"
 IP_BLOCKED = "ip_blocked"
 IP_NOT_ALLOWED = "ip_not_allowed"
 RATE_LIMITED = "rate_limited"
@@ -135,23 +175,6 @@ def _limit_key(spec: LimitSpec, request: RequestView, ip: ClientIP, who: Identit
     # ip, or a subject/header limit on a request without one: the client IP,
     # so leaving the header out never escapes the limit.
     return f"ip:{ip.address}"
-
-
-Challenge = tuple[str, tuple[tuple[str, str], ...]]  # (scheme, parameters after realm)
-
-
-def challenges_for(
-    policy: Policy, rule: Rule, bearer: tuple[tuple[str, str], ...] = ()
-) -> tuple[Challenge, ...]:
-    """One challenge per scheme the rule accepts, Basic first (RFC 9110 §11.6.1)."""
-    out: list[Challenge] = []
-    if BASIC in rule.accept:
-        out.append(("Basic", (("charset", "UTF-8"),)))
-    if JWT in rule.accept:
-        out.append(("Bearer", bearer))
-    if API_KEY in rule.accept and policy.api_keys is not None:
-        out.append(("ApiKey", (("header", policy.api_keys.header),)))
-    return tuple(out)
 
 
 def _without_param(query: str, name: str) -> str:
@@ -226,11 +249,79 @@ def bad_header(headers: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
-def _front(
-    policy: Policy, request: RequestView, now: float, limiter: Limiter, consume: bool, t: _Trace
-) -> Decision | tuple[CanonicalPath, ClientIP]:
-    """Steps 0-3, which need no rule and no credentials."""
-    # 0. Header fields that could carry a second, forged field.
+@dataclass(frozen=True, slots=True)
+class PasswordCheck:
+    """Slow work: a bcrypt check of Basic credentials not seen recently."""
+
+    user: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFetch:
+    """Slow work: fetch an issuer's keys (never fetched yet, or an unknown kid)."""
+
+    source: RemoteKeys
+    kid: str | None
+    reason: str  # "cold start" or "unknown kid"
+
+
+Work = PasswordCheck | KeyFetch
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A request past the first phase: what `decide` needs, and what slow work
+    the credential needs first (None: none)."""
+
+    policy: Policy
+    request: RequestView
+    path: CanonicalPath
+    ip: ClientIP
+    rule: Rule
+    params: dict[str, str]
+    presented: Presented | None
+    malformed: bool  # Basic credentials that do not decode to user:password
+    work: Work | None
+    t: _Trace
+
+
+def _report(policy: Policy, rule: Rule | None) -> bool:
+    if policy.mode_override:
+        return policy.mode_override == "report"
+    return (rule.mode if rule is not None and rule.mode else policy.mode) == "report"
+
+
+def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> Decision:
+    """Report mode, decided here so that every caller sees it: a denial becomes
+    a forwarded would-deny. Never for a forged header field, which would hand
+    the backend a field nobody judged. An identity goes along only if proven
+    (a 403 has one); an unparsable path is forwarded as received."""
+    if d.allowed or d.reason == BAD_HEADER or not _report(policy, rule):
+        return d
+    target = d.path.target if d.path is not None else raw_target
+    return replace(d, report=True, target=target, upstream_headers=identity_headers(d.identity))
+
+
+def _early(policy: Policy, request: RequestView, d: Decision, rule: Rule | None = None) -> Decision:
+    return _finish(policy, rule, d, request.target)
+
+
+def prepare(
+    policy: Policy,
+    request: RequestView,
+    now: float,
+    limiter: Limiter,
+    *,
+    consume: bool = True,
+    trace: bool = False,
+) -> Prepared | Decision:
+    """Phase one: everything up to the credential. Consumes the IP limits
+    (unless `consume=False`). Returns an early Decision or a Prepared."""
+    t = _Trace(trace)
+
+    # 0. Header fields that could carry a second, forged field; a target with
+    # userinfo (RFC 9110 §4.2.4 forbids it).
     if _FIELD_CTL.search("".join(v for _, v in request.headers)) or _FIELD_CTL.search(
         "".join(k for k, _ in request.headers)
     ):
@@ -238,13 +329,20 @@ def _front(
         if t.on:
             t(f"header {name[:60]!r} holds CR, LF or NUL: rejected")
         return Decision(False, 400, BAD_HEADER, detail=f"control character in {name[:60]}")
+    if "@" in request.authority:
+        t("the target carries userinfo: rejected")
+        d = Decision(False, 400, BAD_TARGET, detail="userinfo in the target", trace=t.done())
+        return _early(policy, request, d)
+
     # 1. The canonical path: the one we judge and the one we forward.
     try:
         path = canonicalize(request.target)
     except AmbiguousPath as e:
         if t.on:
             t(f"path {request.target[:200]!r} rejected: {e}")
-        return Decision(False, 400, BAD_PATH, detail=str(e), trace=t.done())
+        return _early(
+            policy, request, Decision(False, 400, BAD_PATH, detail=str(e), trace=t.done())
+        )
     if t.on:
         t(f"path {request.target[:200]!r} -> {path.path!r}")
 
@@ -262,10 +360,12 @@ def _front(
             t(f"{header} {chain[:200]!r} ignored: the peer is not a trusted proxy")
     if policy.block.contains(ip.family, ip.value):
         t("ip: on the block list")
-        return Decision(False, 403, IP_BLOCKED, client_ip=ip.address, path=path, trace=t.done())
+        d = Decision(False, 403, IP_BLOCKED, client_ip=ip.address, path=path, trace=t.done())
+        return _early(policy, request, d)
     if policy.allow is not None and not policy.allow.contains(ip.family, ip.value):
         t("ip: not on the allow list")
-        return Decision(False, 403, IP_NOT_ALLOWED, client_ip=ip.address, path=path, trace=t.done())
+        d = Decision(False, 403, IP_NOT_ALLOWED, client_ip=ip.address, path=path, trace=t.done())
+        return _early(policy, request, d)
     if t.on:
         t(
             "ip: not on the block list; "
@@ -277,7 +377,7 @@ def _front(
     for spec in policy.ip_limits:
         verdict = _limit(limiter, spec, ip_key, now, consume, t)
         if not verdict.allowed:
-            return Decision(
+            d = Decision(
                 False,
                 429,
                 RATE_LIMITED,
@@ -287,33 +387,7 @@ def _front(
                 detail=spec.name,
                 trace=t.done(),
             )
-    return path, ip
-
-
-def passes_ip_checks(policy: Policy, request: RequestView, now: float, limiter: Limiter) -> bool:
-    """Would the request get past the path, IP list and IP limit checks? (Nothing
-    consumed.) The addon asks before doing slow work such as bcrypt."""
-    return not isinstance(_front(policy, request, now, limiter, False, _Trace(False)), Decision)
-
-
-def decide(
-    policy: Policy,
-    request: RequestView,
-    now: float,
-    limiter: Limiter,
-    *,
-    consume: bool = True,
-    trace: bool = False,
-) -> Decision:
-    """Judge one request. Pure apart from the limiter's counters (and
-    `consume=False` leaves those untouched too)."""
-    t = _Trace(trace)
-
-    front = _front(policy, request, now, limiter, consume, t)
-    if isinstance(front, Decision):
-        return front
-    path, ip = front
-    ip_key = f"ip:{ip.address}"
+            return _early(policy, request, d)
 
     # 4. The first matching rule.
     host = normalize_host(request.host) if request.host is not None else None
@@ -322,58 +396,18 @@ def decide(
         status = 404 if policy.default == "not_found" else 403
         if t.on:
             t(f"no rule matches: default {policy.default}")
-        return Decision(False, status, NO_RULE, client_ip=ip.address, path=path, trace=t.done())
+        d = Decision(False, status, NO_RULE, client_ip=ip.address, path=path, trace=t.done())
+        return _early(policy, request, d)
 
-    def deny(
-        status: int,
-        reason: str,
-        *,
-        identity: Identity | None = None,
-        challenges: tuple[Challenge, ...] = (),
-        headers: tuple[tuple[str, str], ...] = (),
-        detail: str = "",
-    ) -> Decision:
-        if rule.hide:
-            if t.on:
-                t(f"denied ({reason}); the rule is hidden: answering as an unknown path")
-            return Decision(
-                False,
-                404,
-                HIDDEN,
-                rule=rule.name,
-                client_ip=ip.address,
-                path=path,
-                detail=reason,
-                trace=t.done(),
-            )
-        return Decision(
-            False,
-            status,
-            reason,
-            rule=rule.name,
-            client_ip=ip.address,
-            path=path,
-            identity=identity,
-            challenges=challenges,
-            headers=headers,
-            detail=detail,
-            via=presented.via if presented is not None else None,
-            trace=t.done(),
-        )
-
-    presented: Presented | None = None  # read by deny() once credentials are found
     # The rule's own IP limits also come before credentials (not for hidden
     # rules: a 429 there would tell that the path exists).
-    late: list[LimitSpec] = list(policy.late_limits)
-    for spec in rule.limits:
-        if spec.key == "ip" and not rule.hide:
-            verdict = _limit(limiter, spec, ip_key, now, consume, t)
-            if not verdict.allowed:
-                return deny(
-                    429, RATE_LIMITED, headers=_rate_limited(spec, verdict), detail=spec.name
-                )
-        else:
-            late.append(spec)
+    for spec in rule.early_limits:
+        verdict = _limit(limiter, spec, ip_key, now, consume, t)
+        if not verdict.allowed:
+            return _denial(
+                policy, request, rule, ip, path, None, t,
+                429, RATE_LIMITED, headers=_rate_limited(spec, verdict), detail=spec.name,
+            )  # fmt: skip
 
     # CORS preflights carry no credentials (browsers never send them); a rule
     # may let them through to the backend, which answers them itself.
@@ -395,7 +429,7 @@ def decide(
             trace=t.done(),
         )
 
-    # 5. Credentials, then the rule's condition.
+    # 5. The credential presented (verified in phase two).
     accept = rule.accept
     try:
         presented, malformed = find(
@@ -410,14 +444,122 @@ def decide(
             t(f"credentials: {e}")
         # RFC 6750 §3.1 invalid_request: a Bearer matter; other schemes have no such code.
         bad = (("Bearer", (("error", "invalid_request"),)),) if JWT in accept else ()
-        return deny(400, INVALID_REQUEST, detail=str(e), challenges=bad)
+        return _denial(
+            policy, request, rule, ip, path, None, t,
+            400, INVALID_REQUEST, detail=str(e), challenges=bad,
+        )  # fmt: skip
+    return Prepared(
+        policy,
+        request,
+        path,
+        ip,
+        rule,
+        params,
+        presented,
+        malformed is not None,
+        _slow_work(policy, presented, now) if presented is not None else None,
+        t,
+    )
+
+
+def _slow_work(policy: Policy, presented: Presented, now: float) -> Work | None:
+    """What must happen before `decide` can verify this credential."""
+    if presented.kind == BASIC and policy.basic is not None:
+        user, _, password = presented.value.partition(":")
+        if policy.basic.cached(user, password, now) is None:
+            return PasswordCheck(user, password)
+        return None
+    if presented.kind != JWT or not policy.slow_credentials:
+        return None
+    iss, kid = unverified_kid(presented.value)
+    for issuer in presented.issuers:
+        source = issuer.remote
+        if source is None or (len(presented.issuers) > 1 and issuer.issuer != iss):
+            continue
+        if not source.loaded:
+            return KeyFetch(source, None, "cold start") if source.due() else None
+        if kid is not None and source.lookup(kid) is None and source.may_refresh_for(kid):
+            return KeyFetch(source, kid, "unknown kid")
+    return None
+
+
+def _denial(
+    policy: Policy,
+    request: RequestView,
+    rule: Rule,
+    ip: ClientIP,
+    path: CanonicalPath,
+    presented: Presented | None,
+    t: _Trace,
+    status: int,
+    reason: str,
+    *,
+    identity: Identity | None = None,
+    challenges: tuple[Challenge, ...] = (),
+    headers: tuple[tuple[str, str], ...] = (),
+    detail: str = "",
+) -> Decision:
+    """A denial by a rule: a hidden rule answers as an unknown path."""
+    if rule.hide:
+        if t.on:
+            t(f"denied ({reason}); the rule is hidden: answering as an unknown path")
+        d = Decision(
+            False,
+            404,
+            HIDDEN,
+            rule=rule.name,
+            client_ip=ip.address,
+            path=path,
+            detail=reason,
+            trace=t.done(),
+        )
+    else:
+        d = Decision(
+            False,
+            status,
+            reason,
+            rule=rule.name,
+            client_ip=ip.address,
+            path=path,
+            identity=identity,
+            challenges=challenges,
+            headers=headers,
+            detail=detail,
+            via=presented.via if presented is not None else None,
+            trace=t.done(),
+        )
+    return _finish(policy, rule, d, request.target)
+
+
+def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = True) -> Decision:
+    """Phase two: verify the credential, evaluate the rule, its late limits."""
+    p = prepared
+    policy, request, rule, params, path, ip, t = (
+        p.policy, p.request, p.rule, p.params, p.path, p.ip, p.t,
+    )  # fmt: skip
+    presented = p.presented
+
+    def deny(
+        status: int,
+        reason: str,
+        *,
+        identity: Identity | None = None,
+        challenges: tuple[Challenge, ...] = (),
+        headers: tuple[tuple[str, str], ...] = (),
+        detail: str = "",
+    ) -> Decision:
+        return _denial(
+            policy, request, rule, ip, path, presented, t, status, reason,
+            identity=identity, challenges=challenges, headers=headers, detail=detail,
+        )  # fmt: skip
+
     who: Identity | None = None
-    if malformed is not None:
+    if p.malformed:
         t("credentials: Basic credentials that do not decode to user:password")
         return deny(
             401,
             INVALID_CREDENTIALS,
-            challenges=challenges_for(policy, rule),
+            challenges=rule.challenges,
             detail="malformed Basic credentials",
         )
     if presented is None:
@@ -451,14 +593,14 @@ def decide(
                 return deny(
                     401,
                     INVALID_TOKEN,
-                    detail=outcome.reason,
-                    challenges=challenges_for(policy, rule, bearer),
+                    detail=outcome.code,
+                    challenges=challenges_for(policy.api_keys, rule, bearer),
                 )
             return deny(
                 401,
                 INVALID_CREDENTIALS,
-                detail=outcome.reason,
-                challenges=challenges_for(policy, rule),
+                detail=outcome.code,
+                challenges=rule.challenges,
             )
         who = outcome.identity
         assert who is not None
@@ -490,7 +632,7 @@ def decide(
                 # configured), and a 401 without a challenge would be wrong.
                 t("no credential kind is accepted here: nobody can qualify")
                 return deny(403, FORBIDDEN)
-            return deny(401, NO_CREDENTIALS, challenges=challenges_for(policy, rule))
+            return deny(401, NO_CREDENTIALS, challenges=rule.challenges)
         missing = c.missing_scopes(rule.allow, who, params)
         if missing and who.method == JWT:
             bearer = (("error", "insufficient_scope"), ("scope", " ".join(missing)))
@@ -513,10 +655,10 @@ def decide(
         target = f"{path.path}?{query}" if query else path.path
 
     # 6. Limits keyed by subject or header (and every limit of a hidden rule).
-    for spec in late:
+    for spec in rule.late_limits:
         verdict = _limit(limiter, spec, _limit_key(spec, request, ip, who), now, consume, t)
         if not verdict.allowed:
-            return Decision(
+            d = Decision(
                 False,
                 429,
                 RATE_LIMITED,
@@ -528,6 +670,7 @@ def decide(
                 detail=spec.name,
                 trace=t.done(),
             )
+            return _finish(policy, rule, d, request.target)
 
     # 7. Forward.
     t("allowed: forwarding")
@@ -544,6 +687,23 @@ def decide(
         via=via,
         trace=t.done(),
     )
+
+
+def judge(
+    policy: Policy,
+    request: RequestView,
+    now: float,
+    limiter: Limiter,
+    *,
+    consume: bool = True,
+    trace: bool = False,
+) -> Decision:
+    """Both phases in one call, for callers whose slow work is done inline
+    (a password check blocks; remote keys were fetched beforehand)."""
+    prepared = prepare(policy, request, now, limiter, consume=consume, trace=trace)
+    if isinstance(prepared, Decision):
+        return prepared
+    return decide(prepared, now, limiter, consume=consume)
 
 
 def describe(cond: c.Condition, who: Identity | None, params: dict[str, str]) -> str:

@@ -11,17 +11,15 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from .conditions import claim_at
-from .identity import Identity
-
-if TYPE_CHECKING:
-    from .jwks import RemoteKeys
+from authgate.core.conditions import claim_at
+from authgate.core.identity import Identity
+from authgate.core.keyset import RemoteKeys, VerifyKey, find_key
 
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGS_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
@@ -42,29 +40,51 @@ _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
-class KeysUnavailable(Exception):
+class CredentialError(Exception):
+    """A credential that cannot prove an identity. `code` is machine-readable
+    (logs, metrics, replay); `reason` is safe to show the client; `detail` is
+    internal (logged, never sent)."""
+
+    REASONS: dict[str, str] = {}
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        reason = self.REASONS.get(code, "The credentials are not valid")
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.detail = detail
+
+
+class TokenRejected(CredentialError):
+    """The bearer token is not acceptable (RFC 6750 invalid_token)."""
+
+    REASONS = {
+        "malformed": "The access token is malformed",
+        "malformed_claim": "The access token has a malformed claim",
+        "expired": "The access token expired",
+        "not_yet_valid": "The access token is not valid yet",
+        "too_old": "The access token is too old",
+        "invalid": "The access token is invalid",
+        "wrong_issuer": "The access token has the wrong issuer",
+        "wrong_algorithm": "The access token algorithm is not accepted",
+        "wrong_type": "The access token has the wrong type",
+        "unknown_key": "The access token signing key is unknown",
+        "wrong_audience": "The access token is not meant for this service",
+        "missing_claim": "The access token lacks a required claim",
+        "bad_signature": "The access token signature is invalid",
+    }
+
+
+class KeysUnavailable(CredentialError):
     """The issuer's keys could not be fetched yet: answer 503, never 401."""
 
+    REASONS = {"keys_unavailable": "keys unavailable"}
+
     def __init__(self, issuer: str, retry_after: int, error: str | None) -> None:
-        super().__init__(f"no keys for {issuer}: {error}")
+        super().__init__("keys_unavailable", f"no keys for {issuer}: {error}")
+        self.args = (self.detail,)
         self.issuer = issuer
         self.retry_after = retry_after
-
-
-class TokenRejected(Exception):
-    """The token is not acceptable. `reason` is safe to show the client."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail  # internal; logged, never sent
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyKey:
-    kid: str | None
-    key: Any  # a cryptography public key, or bytes for HMAC
-    algorithms: frozenset[str]  # the algorithms this key may be used with
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,20 +107,11 @@ class Issuer:
     line: int = 0  # where the policy defines it
 
     def key_for(self, kid: Any) -> VerifyKey | None:
-        if self.remote is not None:
-            if not self.remote.loaded:
-                raise KeysUnavailable(
-                    self.issuer, self.remote.retry_after(), self.remote.last_error
-                )
-            return self.remote.lookup(kid) if kid is None or isinstance(kid, str) else None
-        if kid is None:
-            return self.keys[0] if len(self.keys) == 1 else None
-        if not isinstance(kid, str):
-            return None
-        for k in self.keys:
-            if k.kid == kid or (k.kid is None and len(self.keys) == 1):
-                return k
-        return None
+        if self.remote is None:
+            return find_key(self.keys, kid)
+        if not self.remote.loaded:
+            raise KeysUnavailable(self.issuer, self.remote.retry_after(), self.remote.last_error)
+        return self.remote.lookup(kid)
 
 
 def algorithms_for_key(key: Any, declared: str | None, pinned: frozenset[str]) -> frozenset[str]:
@@ -183,21 +194,19 @@ def load_public_key_pem(data: bytes, pinned: frozenset[str]) -> VerifyKey:
     return VerifyKey(None, key, algs)
 
 
-_REASONS: list[tuple[type[Exception], str]] = [
-    (jwt.ExpiredSignatureError, "The access token expired"),
-    (jwt.ImmatureSignatureError, "The access token is not valid yet"),
-    (jwt.InvalidAudienceError, "The access token is not meant for this service"),
-    (jwt.InvalidIssuerError, "The access token has the wrong issuer"),
-    (jwt.MissingRequiredClaimError, "The access token lacks a required claim"),
-    (jwt.InvalidSignatureError, "The access token signature is invalid"),
+# PyJWT's exceptions -> our codes (the first that matches).
+_JWT_CODES: list[tuple[type[Exception], str]] = [
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.InvalidIssuerError, "wrong_issuer"),
+    (jwt.MissingRequiredClaimError, "missing_claim"),
+    (jwt.InvalidSignatureError, "bad_signature"),
 ]
 
 
-def _reason_for(e: jwt.PyJWTError) -> str:
-    for kind, text in _REASONS:
-        if isinstance(e, kind):
-            return text
-    return "The access token is invalid"
+def _code_for(e: jwt.PyJWTError) -> str:
+    return next((code for kind, code in _JWT_CODES if isinstance(e, kind)), "invalid")
 
 
 def _json_depth(data: bytes) -> int:
@@ -218,7 +227,7 @@ def _not_json(constant: str) -> Any:
 
 def _unverified_part(token: str, index: int) -> dict[str, Any]:
     if len(token) > MAX_TOKEN_LENGTH:
-        raise TokenRejected("The access token is malformed", "token too long")
+        raise TokenRejected("malformed", "token too long")
     segment = token.split(".")[index]
     try:
         data = jwt.utils.base64url_decode(segment.encode("ascii"))
@@ -226,9 +235,9 @@ def _unverified_part(token: str, index: int) -> dict[str, Any]:
             raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH}")
         value = json.loads(data, parse_constant=_not_json)
     except (ValueError, UnicodeError, RecursionError) as e:
-        raise TokenRejected("The access token is malformed", str(e)[:200]) from None
+        raise TokenRejected("malformed", str(e)[:200]) from None
     if not isinstance(value, dict):
-        raise TokenRejected("The access token is malformed", "segment is not an object")
+        raise TokenRejected("malformed", "segment is not an object")
     return value
 
 
@@ -247,9 +256,9 @@ def _string_set(value: Any, split: bool) -> frozenset[str]:
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
         items = value
     else:
-        raise TokenRejected("The access token has a malformed claim", "roles/scope claim type")
+        raise TokenRejected("malformed_claim", "roles/scope claim type")
     if not all(_LIST_ITEM_SAFE.match(v) for v in items):
-        raise TokenRejected("The access token has a malformed claim", "roles/scope characters")
+        raise TokenRejected("malformed_claim", "roles/scope characters")
     return frozenset(items)
 
 
@@ -258,13 +267,13 @@ def _numeric(claims: dict[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TokenRejected("The access token has a malformed claim", f"{name} is not a number")
+        raise TokenRejected("malformed_claim", f"{name} is not a number")
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise TokenRejected("The access token has a malformed claim", f"{name} is not finite")
+        raise TokenRejected("malformed_claim", f"{name} is not finite")
     return number
 
 
@@ -273,10 +282,10 @@ def _check_times(claims: dict[str, Any], now: float, issuer: Issuer) -> None:
     leeway = issuer.leeway
     exp = _numeric(claims, "exp")
     if exp is not None and now >= exp + leeway:
-        raise TokenRejected("The access token expired", f"exp {exp} <= now {now}")
+        raise TokenRejected("expired", f"exp {exp} <= now {now}")
     nbf = _numeric(claims, "nbf")
     if nbf is not None and now + leeway < nbf:
-        raise TokenRejected("The access token is not valid yet", f"nbf {nbf} > now {now}")
+        raise TokenRejected("not_yet_valid", f"nbf {nbf} > now {now}")
     # iat must be a number, but a future iat alone is no reason to refuse
     # (RFC 7519 sets no rule; exp and nbf say when a token is valid), and a
     # strict check would fail fresh tokens over a second of clock skew.
@@ -284,7 +293,7 @@ def _check_times(claims: dict[str, Any], now: float, issuer: Issuer) -> None:
     if issuer.max_token_age is not None and (
         iat is None or now - iat > issuer.max_token_age + leeway
     ):
-        raise TokenRejected("The access token is too old", f"iat {iat}, max age")
+        raise TokenRejected("too_old", f"iat {iat}, max age")
 
 
 class TokenCache:
@@ -346,11 +355,11 @@ def verify(
             _check_times(known[0].claims, now, known[1])
             return known[0]
     if len(token) > MAX_TOKEN_LENGTH:
-        raise TokenRejected("The access token is malformed", "token too long")
+        raise TokenRejected("malformed", "token too long")
     if not B64TOKEN.match(token) or token.count(".") != 2:
-        raise TokenRejected("The access token is malformed", "not a compact JWS")
+        raise TokenRejected("malformed", "not a compact JWS")
     if not issuers:
-        raise TokenRejected("The access token is invalid", "no JWT issuer configured")
+        raise TokenRejected("invalid", "no JWT issuer configured")
     header = _unverified_part(token, 0)
     # Parsed (bounded) before PyJWT parses it, so that nothing PyJWT reads
     # can be nested without bound or hold NaN.
@@ -362,18 +371,18 @@ def verify(
         iss = payload.get("iss")
         chosen = next((i for i in issuers if i.issuer == iss), None)
         if chosen is None:
-            raise TokenRejected("The access token has the wrong issuer", f"iss {iss!r}")
+            raise TokenRejected("wrong_issuer", f"iss {iss!r}")
         issuer = chosen
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in issuer.algorithms:
-        raise TokenRejected("The access token algorithm is not accepted", f"alg {alg!r}")
+        raise TokenRejected("wrong_algorithm", f"alg {alg!r}")
     if issuer.typ is not None and not _typ_matches(header.get("typ"), issuer.typ):
-        raise TokenRejected("The access token has the wrong type", f"typ {header.get('typ')!r}")
+        raise TokenRejected("wrong_type", f"typ {header.get('typ')!r}")
     key = issuer.key_for(header.get("kid"))
     if key is None:
-        raise TokenRejected("The access token signing key is unknown", "kid not in key set")
+        raise TokenRejected("unknown_key", "kid not in key set")
     if alg not in key.algorithms:
-        raise TokenRejected("The access token algorithm is not accepted", f"alg {alg!r} for key")
+        raise TokenRejected("wrong_algorithm", f"alg {alg!r} for key")
     require = ["iss", "sub", *issuer.required_claims] + (["exp"] if issuer.require_exp else [])
     if issuer.audience:
         require.append("aud")
@@ -396,13 +405,13 @@ def verify(
             },
         )
     except jwt.PyJWTError as e:
-        raise TokenRejected(_reason_for(e), f"{type(e).__name__}: {e}") from None
+        raise TokenRejected(_code_for(e), f"{type(e).__name__}: {e}") from None
     except (RecursionError, OverflowError, ValueError) as e:  # never a 5xx for a token
-        raise TokenRejected("The access token is malformed", type(e).__name__) from None
+        raise TokenRejected("malformed", type(e).__name__) from None
     _check_times(claims, now, issuer)
     sub = claims.get("sub")
     if not isinstance(sub, str) or not _HEADER_SAFE.match(sub):
-        raise TokenRejected("The access token has a malformed claim", "sub is not a plain string")
+        raise TokenRejected("malformed_claim", "sub is not a plain string")
     roles = _string_set(claim_at(claims, issuer.roles_claim), split=False)
     scopes = _string_set(claim_at(claims, issuer.scope_claim), split=True)
     who = Identity(sub, issuer.issuer, "jwt", roles, scopes, claims)

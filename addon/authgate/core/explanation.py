@@ -1,9 +1,10 @@
-"""`authgate explain`: the whole story of one decision, for people.
+"""The whole story of one decision, for people (`authgate explain`, and the
+gateway's `authgate.explain` command in mitmproxy).
 
-Built from `Decision.trace` (what `decide()` did, step by step) and the
-response `responses.render()` builds, so what it says is what the gateway
-does. Rate limits are read, never counted (`consume=False`). A token is
-never shown beyond its first 10 characters.
+Built from `Decision.trace` (what `prepare` and `decide` did, step by step)
+and the response `responses.render()` builds, so what it says is what the
+gateway does, report mode included. Rate limits are read, never counted
+(`consume=False`). A token is never shown beyond its first 10 characters.
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ import http
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
-from .decision import Decision, RequestView, decide
-from .ipset import normalize_ip
-from .policy import Policy
-from .ratelimit import Limiter
-from .responses import Rendered, render
-
-__all__ = ["Explanation", "explain", "redact", "request_from_args", "shorten"]
+from authgate.core.decision import Decision, RequestView, judge
+from authgate.core.ipset import normalize_ip
+from authgate.core.model import Policy
+from authgate.core.ratelimit import Limiter
+from authgate.core.responses import Rendered, render
 
 # Header fields whose values are credentials: shown only in part.
 SECRET_HEADERS = frozenset(
@@ -78,6 +76,13 @@ def _steps(trace: Sequence[str]) -> list[str]:
     return out
 
 
+def _about(d: Decision) -> str:
+    about = f"reason {d.reason}" + (f", rule {d.rule}" if d.rule else ", no rule")
+    if d.detail and d.detail != d.reason:
+        about += f"; detail: {d.detail}"
+    return about
+
+
 def explain(
     policy: Policy, request: RequestView, now: float, limiter: Limiter | None = None
 ) -> Explanation:
@@ -85,8 +90,8 @@ def explain(
 
     `limiter`: the counters to read (the gateway's own inside mitmproxy; a
     fresh one from the command line). Nothing is counted."""
-    d = decide(policy, request, now, Limiter() if limiter is None else limiter,
-               consume=False, trace=True)  # fmt: skip
+    d = judge(policy, request, now, Limiter() if limiter is None else limiter,
+              consume=False, trace=True)  # fmt: skip
     lines = [f"{request.method} {request.target}"]
     lines += [f"  {name}: {redact(name, value)}" for name, value in request.headers]
     if request.host is not None:
@@ -97,11 +102,17 @@ def explain(
     lines += ["  " + step for step in _steps(d.trace)]
     lines.append("")
     response = None
-    if d.allowed:
-        assert d.path is not None
+    if d.report:
+        response = render(d, policy.realm, request.method, now)
         lines.append(
-            f"=> forwarded to the backend (rule {d.rule}): {request.method} {d.path.target}"
+            f"=> would deny: {_status_line(response.status)}   ({_about(d)}); report mode: "
+            f"forwarded to the backend instead: {request.method} {d.target}"
         )
+        lines += [f"  {name}: {value or '(empty)'}" for name, value in d.upstream_headers]
+        lines.append(f"  X-Forwarded-For: {normalize_ip(request.peer)} appended")
+    elif d.allowed:
+        assert d.path is not None
+        lines.append(f"=> forwarded to the backend (rule {d.rule}): {request.method} {d.target}")
         lines += [f"  {name}: {value or '(empty)'}" for name, value in d.upstream_headers]
         if d.identity is None:
             lines.append("  (anonymous: no X-Auth-* headers; any the client sent are removed)")
@@ -114,53 +125,9 @@ def explain(
         lines.append(f"  X-Forwarded-For: {normalize_ip(request.peer)} appended")
     else:
         response = render(d, policy.realm, request.method, now)
-        about = f"reason {d.reason}" + (f", rule {d.rule}" if d.rule else ", no rule")
-        if d.detail and d.detail != d.reason:
-            about += f"; detail: {d.detail}"
-        lines.append(f"=> {_status_line(response.status)}   ({about})")
+        lines.append(f"=> {_status_line(response.status)}   ({_about(d)})")
         lines += [f"  {name}: {value}" for name, value in response.headers]
         lines.append("")
         body = response.body.decode("utf-8", "replace").rstrip("\n")
         lines.append(f"  {body}" if body else "  (no body)")
     return Explanation(request, d, response, tuple(lines))
-
-
-def request_from_args(
-    method: str,
-    url: str,
-    headers: Sequence[str] = (),
-    *,
-    ip: str | None = None,
-    peer: str | None = None,
-    token: str | None = None,
-) -> RequestView:
-    """A RequestView from command-line words.
-
-    `url` is a path (`/api/x?y=1`) or an absolute URL (its host becomes the
-    Host). `headers` are `Name: value` strings. `peer` is the socket peer
-    (default: `ip`, else 127.0.0.1); `ip` with a different `peer` is sent in
-    X-Forwarded-For, as a proxy at `peer` would. Raises ValueError."""
-    host = None
-    target = url
-    if not url.startswith("/") and "://" in url:
-        parts = urlsplit(url)
-        host = parts.netloc.rpartition("@")[2] or None
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    fields: list[tuple[str, str]] = []
-    for h in headers:
-        name, sep, value = h.partition(":")
-        if not sep or not name.strip() or name != name.strip():
-            raise ValueError(f"header {h!r} must look like 'Name: value'")
-        fields.append((name.lower(), value.strip()))
-    if token is not None:
-        fields.append(("authorization", f"Bearer {token}"))
-    source = peer if peer is not None else (ip if ip is not None else "127.0.0.1")
-    for address in (source, ip):
-        if address is not None:
-            normalize_ip(address)  # raises ValueError for a non-address
-    if ip is not None and peer is not None and ip != peer:
-        fields.append(("x-forwarded-for", ip))
-    for name, value in fields:
-        if name == "host":
-            host = value
-    return RequestView(method.upper(), target, tuple(fields), source, host)

@@ -10,6 +10,7 @@ answers 500 and the request never reaches the backend.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -18,28 +19,29 @@ from typing import IO, Any
 
 from mitmproxy import command, ctx, exceptions, flow, http
 
-from . import upstream_lint
-from .credentials import BASIC, JWT, Ambiguous, find
-from .decision import (
+from authgate.core.decision import (
     ALLOWED,
-    BAD_HEADER,
     FORBIDDEN,
     RATE_LIMITED,
     Decision,
+    KeyFetch,
+    PasswordCheck,
+    Prepared,
     RequestView,
-    challenges_for,
     decide,
-    identity_headers,
-    passes_ip_checks,
+    prepare,
 )
-from .explain import explain as explain_request
-from .ipset import normalize_ip
-from .metrics import Metrics
-from .policy import IDENTITY_HEADERS, Policy, PolicyError, Rule, load_policy
-from .ratelimit import Limiter
-from .reload import Fingerprint, carry_over, fingerprint
-from .responses import Rendered, challenge, render, render_error
-from .tokens import unverified_kid
+from authgate.core.explanation import explain as explain_request
+from authgate.core.ipset import normalize_ip
+from authgate.core.model import IDENTITY_HEADERS, Policy, Rule
+from authgate.core.ratelimit import Limiter
+from authgate.core.responses import Rendered, challenge, render, render_error
+from authgate.policy.load import load_policy
+from authgate.policy.marks import PolicyError
+from authgate.proxy import backend_lint as upstream_lint
+from authgate.runtime.jwks import Fetcher
+from authgate.runtime.metrics import Metrics
+from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
 
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
@@ -50,9 +52,16 @@ LINT_MARKER = ":triangular_flag_on_post:"
 
 def request_view(flow: http.HTTPFlow, with_host: bool) -> RequestView:
     req = flow.request
-    headers = tuple((k.lower(), v) for k, v in req.headers.items(multi=True))
     host = req.host_header if with_host else None
-    return RequestView(req.method, req.path, headers, flow.client_conn.peername[0], host)
+    authority = req.authority if req.authority and req.http_version.startswith("HTTP/1") else ""
+    return RequestView.build(
+        req.method,
+        req.path,
+        req.headers.items(multi=True),
+        flow.client_conn.peername[0],
+        host,
+        authority if "@" in authority else "",
+    )
 
 
 def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
@@ -66,9 +75,12 @@ def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
     flow.request.stream = False
 
 
-def load_checked(path: str, keep_host_header: bool) -> Policy:
-    """Load a policy and check it against how mitmproxy runs. Raises PolicyError."""
+def load_checked(path: str, keep_host_header: bool, mode: str = "") -> Policy:
+    """Load a policy and check it against how mitmproxy runs, with the
+    deployment's mode override. Raises PolicyError."""
     policy = load_policy(path)
+    if mode:
+        policy = dataclasses.replace(policy, mode_override=mode)
     if policy.uses_host and not keep_host_header:
         raise PolicyError(
             path,
@@ -94,7 +106,7 @@ class Gateway:
         self.policy: Policy | None = None
         self.limiter = Limiter()
         self.clock = clock
-        self.decide = decide  # replaced in fail-closed tests only
+        self.fetcher = Fetcher()
         self.metrics = Metrics(lambda: self.policy)
         self.lint = upstream_lint.Ledger()
         self.would_deny: dict[str, int] = {}
@@ -153,10 +165,12 @@ class Gateway:
                 self.policy = None
                 return
             try:
-                policy = load_checked(path, _keep_host_header())
+                policy = load_checked(path, _keep_host_header(), ctx.options.authgate_mode)
             except PolicyError as e:
                 raise exceptions.OptionsError(f"authgate: {e}") from e
             self._install(policy, "loaded")
+        if "authgate_mode" in updated and "authgate_policy" not in updated and self.policy:
+            self.policy = dataclasses.replace(self.policy, mode_override=ctx.options.authgate_mode)
         if "authgate_log" in updated:
             if self._log_file is not None:
                 self._log_file.close()
@@ -222,8 +236,9 @@ class Gateway:
         async with self._reloading:
             path = ctx.options.authgate_policy
             keep_host = _keep_host_header()
+            mode = ctx.options.authgate_mode
             try:
-                policy = await asyncio.to_thread(load_checked, path, keep_host)
+                policy = await asyncio.to_thread(load_checked, path, keep_host, mode)
             except PolicyError as e:
                 self.reload_error = str(e)
                 self.metrics.reload_failures.inc()
@@ -257,7 +272,7 @@ class Gateway:
             sources = [i.remote for i in policy.issuers if i.remote] if policy else []
             for source in sources:
                 if source.due():
-                    await source.refresh()
+                    await self.fetcher.refresh(source)
             wait = min((s.next_attempt - s.clock() for s in sources), default=60.0)
             await asyncio.sleep(min(max(wait, 0.5), 60.0))
 
@@ -308,7 +323,7 @@ class Gateway:
         return {
             "policy": policy.file if policy else None,
             "rules": len(policy.rules) if policy else 0,
-            "mode": self._mode_override() or (policy.mode if policy else None),
+            "mode": (policy.mode_override or policy.mode) if policy else None,
             "loaded_at": self.loaded_at,
             "reloads": self.reloads,
             "reload_error": self.reload_error,
@@ -332,10 +347,17 @@ class Gateway:
             if policy is None:
                 self._fail(flow, 503, "no_policy")
                 return
+            start = time.perf_counter()
             view = request_view(flow, policy.uses_host)
-            if policy.slow_credentials:
-                await self._prepare(policy, view)
-            self._judge(flow, policy, view)
+            prepared = prepare(policy, view, self.clock(), self.limiter)
+            if isinstance(prepared, Prepared):
+                if prepared.work is not None:
+                    await self._slow_work(prepared)
+                decision = decide(prepared, self.clock(), self.limiter)
+            else:
+                decision = prepared
+            self.metrics.decision_seconds.observe(time.perf_counter() - start)
+            self._apply(flow, policy, view, decision)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             logger.exception("authgate: error while judging a request; answering 500")
             self._fail(flow, 500, "internal_error")
@@ -386,91 +408,39 @@ class Gateway:
         flow.comment = f"authgate: {status} {reason}"
         flow.marked = DENIED_MARKER
 
-    async def _prepare(self, policy: Policy, view: RequestView) -> None:
-        """The slow or remote parts of checking credentials, done before the
-        pure decision so that it finds their results: a bcrypt check (in a
-        thread), a JWKS refresh for a key id we do not know yet."""
-        try:
-            presented, _ = find(
-                policy.issuers,
-                policy.api_keys,
-                policy.basic,
-                view.headers,
-                view.target.partition("?")[2],
-            )
-        except Ambiguous:
-            return
-        if presented is None:
-            return
-        if presented.kind == BASIC and policy.basic is not None:
-            user, _, password = presented.value.partition(":")
-            now = time.monotonic()
-            if policy.basic.cached(user, password, now) is None and passes_ip_checks(
-                policy, view, self.clock(), self.limiter
-            ):
-                async with self._bcrypt_slots:
-                    await asyncio.to_thread(policy.basic.check, user, password, now)
-        elif presented.kind == JWT:
-            iss, kid = unverified_kid(presented.value)
-            for issuer in presented.issuers:
-                source = issuer.remote
-                if source is None or (len(presented.issuers) > 1 and issuer.issuer != iss):
-                    continue
-                if not source.loaded and source.due():
-                    await source.refresh("cold start")
-                elif kid is not None and source.lookup(kid) is None and source.may_refresh_for(kid):
-                    await source.refresh("unknown kid", kid=kid)
+    async def _slow_work(self, prepared: Prepared) -> None:
+        """What the credential needs before `decide`: a bcrypt check (in a
+        thread, two at a time), or a key fetch (joined, waited on at most
+        about a second)."""
+        work = prepared.work
+        if isinstance(work, PasswordCheck) and prepared.policy.basic is not None:
+            async with self._bcrypt_slots:
+                await asyncio.to_thread(
+                    prepared.policy.basic.check, work.user, work.password, self.clock()
+                )
+        elif isinstance(work, KeyFetch):
+            await self.fetcher.join(work.source, work.reason, work.kid)
 
-    def _mode_override(self) -> str:
-        return str(ctx.options.authgate_mode) if ctx.options.authgate_mode else ""
-
-    def _report_only(self, policy: Policy, d: Decision) -> bool:
-        override = self._mode_override()
-        if override:
-            return override == "report"
-        rule = policy.rule_index.get(d.rule) if d.rule else None
-        mode = rule.mode if rule is not None and rule.mode else policy.mode
-        return mode == "report"
-
-    def _judge(self, flow: http.HTTPFlow, policy: Policy, view: RequestView) -> None:
-        req = flow.request
-        start = time.perf_counter()
-        if req.authority and "@" in req.authority:
-            decision = Decision(False, 400, "bad_target", detail="userinfo in the target")
-        else:
-            decision = self.decide(policy, view, self.clock(), self.limiter)
-        self.metrics.decision_seconds.observe(time.perf_counter() - start)
-        if decision.allowed:
-            self._forward(flow, policy, decision, view.peer, decision.target, decision)
-            self._record(flow, decision, "allow")
-        elif decision.reason != BAD_HEADER and self._report_only(policy, decision):
-            # (A forged header field is refused even in report mode: forwarding
-            # it would hand the backend an identity nobody proved.)
-            # Report mode: judged and logged, forwarded as if allowed, and
-            # nothing of the would-be denial reaches the client.
-            target = decision.path.target if decision.path is not None else req.path
-            self._forward(flow, policy, decision, view.peer, target, None)
-            key = decision.rule or "-"
-            self.would_deny[key] = self.would_deny.get(key, 0) + 1
-            self.metrics.would_deny.labels(key, str(decision.status), decision.reason).inc()
-            self._record(flow, decision, "would_deny")
-        else:
-            accept = req.headers.get("accept")
-            _respond(flow, render(decision, policy.realm, req.method, accept=accept))
-            self._record(flow, decision, "deny")
-
-    def _forward(
-        self,
-        flow: http.HTTPFlow,
-        policy: Policy,
-        d: Decision,
-        peer: str,
-        target: str,
-        allowed: Decision | None,
+    def _apply(
+        self, flow: http.HTTPFlow, policy: Policy, view: RequestView, decision: Decision
     ) -> None:
+        if decision.forwarded:
+            self._forward(flow, policy, view.peer, decision)
+            if decision.report:
+                # Report mode: judged and logged, forwarded as if allowed, and
+                # nothing of the would-be denial reaches the client.
+                key = decision.rule or "-"
+                self.would_deny[key] = self.would_deny.get(key, 0) + 1
+                self.metrics.would_deny.labels(key, str(decision.status), decision.reason).inc()
+        else:
+            accept = flow.request.headers.get("accept")
+            _respond(flow, render(decision, policy.realm, flow.request.method, accept=accept))
+        self._record(flow, decision, decision.outcome)
+
+    def _forward(self, flow: http.HTTPFlow, policy: Policy, peer: str, d: Decision) -> None:
         req = flow.request
-        if req.path != target:
-            req.path = target
+        if req.path != d.target:
+            req.path = d.target
         if req.authority and req.http_version.startswith("HTTP/1"):
             req.authority = ""  # absolute-form: forward as origin-form, judged path only
         # The headers are rebuilt in one assignment (mitmproxy's per-header
@@ -495,10 +465,7 @@ class Gateway:
                 continue
             elif lower not in drop:
                 fields.append((name, value))
-        # In report mode a denied request still carries an identity that was
-        # proven (a 403 has one); an unproven one is never forwarded.
-        upstream = allowed.upstream_headers if allowed else identity_headers(d.identity)
-        for name_s, value_s in upstream:
+        for name_s, value_s in d.upstream_headers:
             fields.append((name_s.encode(), value_s.encode("utf-8", "surrogateescape")))
         chain.append(normalize_ip(peer))
         fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
@@ -584,4 +551,4 @@ class Gateway:
     def _challenge_lines(policy: Policy, rule: Rule | None) -> list[str]:
         if rule is None:
             return []
-        return [challenge(policy.realm, s, p) for s, p in challenges_for(policy, rule)]
+        return [challenge(policy.realm, s, p) for s, p in rule.challenges]

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import secrets
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .lint import Finding, lint
-from .policy import Policy, PolicyError, load_policy
-from .policytests import load_cases
-from .testcases import Case
+from authgate.core.credentials import hash_key
+from authgate.core.model import Policy
+from authgate.policy.load import load_policy, parse_duration
+from authgate.policy.marks import PolicyError
+from authgate.proxy.runner import serve
+from authgate.tools import demo
+from authgate.tools.keys import load_private_key, mint
+from authgate.tools.lint import Finding, lint
+from authgate.tools.policytests import load_cases
+from authgate.tools.testcases import Case
 
 OK, WARNINGS, ERRORS = 0, 1, 2
 
@@ -89,8 +97,9 @@ def _error(command: str, message: str) -> int:
 
 
 def explain_command(args: argparse.Namespace) -> int:
-    from .explain import explain, request_from_args
-    from .replay import parse_at
+    from authgate.core.explanation import explain
+    from authgate.tools.explain import request_from_args
+    from authgate.tools.replay import parse_at
 
     try:
         policy = load_policy(args.policy)
@@ -110,7 +119,7 @@ def explain_command(args: argparse.Namespace) -> int:
 
 
 def test(paths: Sequence[str], *, strict: bool = False, verbose: bool = False) -> int:
-    from .policytests import format_report, run_policy
+    from authgate.tools.policytests import format_report, run_policy
 
     code = OK
     for path in policy_files(paths):
@@ -129,7 +138,7 @@ def test(paths: Sequence[str], *, strict: bool = False, verbose: bool = False) -
 
 
 def replay_command(args: argparse.Namespace) -> int:
-    from . import replay as r
+    from authgate.tools import replay as r
 
     try:
         policy = load_policy(args.policy)
@@ -144,7 +153,7 @@ def replay_command(args: argparse.Namespace) -> int:
     when = "as of now" if at is None else (
         "as of each request's recorded time" if at == "capture"
         else f"as of {args.at}")  # fmt: skip
-    new_decisions = r.judge(policy, records, at)
+    new_decisions = r.judge_all(policy, records, at)
     if old is None:
         summary = r.report(records, new_decisions)
         if args.format == "json":
@@ -153,7 +162,7 @@ def replay_command(args: argparse.Namespace) -> int:
             print(f"{args.capture}: {len(records)} requests judged by {args.policy} {when}")
             print(r.format_report(summary, new_decisions), end="")
         return OK
-    old_decisions = r.judge(old, records, at)
+    old_decisions = r.judge_all(old, records, at)
     changes = r.report_changes(records, old_decisions, new_decisions)
     if args.format == "json":
         out = {"requests": len(records), "changes": r.changes_as_dict(changes)}
@@ -162,3 +171,96 @@ def replay_command(args: argparse.Namespace) -> int:
         print(f"{args.capture}: {args.against} → {args.policy}, {when}")
         print(r.format_changes(changes, len(records), new_decisions), end="")
     return OK
+
+
+def check_command(args: argparse.Namespace) -> int:
+    return check(args.policies, strict=args.strict, fmt=args.format, listen=args.listen)
+
+
+def test_command(args: argparse.Namespace) -> int:
+    return test(args.policies, strict=args.strict, verbose=args.verbose)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.upstream.startswith(("http://", "https://")):
+        print(
+            f"authgate run: --upstream {args.upstream} needs a scheme: "
+            f"--upstream http://{args.upstream} (or https://)",
+            file=sys.stderr,
+        )
+        return 2
+    web = args.web_listen if args.web else None
+    if web:
+        print(f"authgate: mitmweb on http://{web}/ (each flow shows its decision)", flush=True)
+    return serve(args.policy, args.upstream, args.listen, args.set, web=web)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    # The demo's log is for decisions: keep mitmproxy's per-connection lines out.
+    logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
+
+    policy = Path(args.policy)
+    keys_dir = demo.prepare(policy)
+    backend_host, _, backend_port = args.backend.rpartition(":")
+    try:
+        server = demo.start_backend(backend_host, int(backend_port))
+    except OSError as e:
+        print(
+            f"authgate demo: cannot start the demo backend on {args.backend}: {e.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        base = f"http://{args.listen}"
+        return serve(
+            str(policy),
+            f"http://{args.backend}",
+            args.listen,
+            args.set,
+            on_ready=demo.banner(base, keys_dir),
+        )
+    finally:
+        server.shutdown()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    try:
+        key = load_private_key(Path(args.key))
+    except (OSError, ValueError) as e:
+        print(f"authgate token: cannot load the private key {args.key}: {e}", file=sys.stderr)
+        return 2
+    try:
+        ttl = parse_duration(args.ttl.lstrip("-"))
+    except ValueError as e:
+        print(f"authgate token: --ttl: {e}", file=sys.stderr)
+        return 2
+    if args.ttl.startswith("-"):
+        ttl = -ttl
+    print(
+        mint(
+            key,
+            sub=args.sub,
+            roles=args.role,
+            scopes=args.scope,
+            ttl=ttl,
+            iss=args.iss,
+            aud=args.aud,
+            kid=args.kid or None,
+            alg=args.alg,
+        )
+    )
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    if args.generate:
+        key = secrets.token_urlsafe(32)
+        print(f"key:    {key}", file=sys.stderr)
+        print("Give the key to its client; put only the digest in the policy:", file=sys.stderr)
+    else:
+        key = sys.stdin.readline().rstrip("\r\n")
+        if not key:
+            print("authgate hash-key: no key on standard input", file=sys.stderr)
+            return 2
+    print(hash_key(key))
+    return 0

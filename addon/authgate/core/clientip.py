@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .ipset import IPSet, format_ip, parse_ip
+from authgate.core.ipset import IPSet, format_ip, parse_ip
 
 
 @dataclass(frozen=True, slots=True)

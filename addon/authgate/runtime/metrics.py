@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .policy import Policy
+from authgate.core.model import Policy
 
 
 class _KeySets(Collector):

@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .keys import DEMO_KID, ensure_demo_keys, load_private_key, mint
+from authgate.tools.keys import DEMO_KID, ensure_demo_keys, load_private_key, mint
 
 
 class EchoHandler(BaseHTTPRequestHandler):

@@ -19,23 +19,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .decision import INVALID_TOKEN, Decision, RequestView, decide
-from .ipset import parse_ip
-from .policy import Policy
-from .ratelimit import Limiter
+from authgate.core.decision import INVALID_TOKEN, Decision, RequestView, judge
+from authgate.core.ipset import parse_ip
+from authgate.core.model import Policy
+from authgate.core.ratelimit import Limiter
 
 __all__ = [
     "CaptureError",
     "Change",
     "Recorded",
-    "judge",
+    "judge_all",
     "parse_at",
     "read_capture",
     "report",
     "report_changes",
 ]
 
-EXPIRED = "The access token expired"
+EXPIRED = "expired"  # the code of a token rejected for its exp
 
 
 class CaptureError(ValueError):
@@ -138,7 +138,9 @@ def parse_at(text: str | None) -> float | str | None:
     return when.timestamp()
 
 
-def judge(policy: Policy, records: Sequence[Recorded], at: float | str | None) -> list[Decision]:
+def judge_all(
+    policy: Policy, records: Sequence[Recorded], at: float | str | None
+) -> list[Decision]:
     """Decide every request; `at` as from `parse_at`. Counters are not consumed."""
     now = time.time()
     limiter = Limiter()
@@ -148,7 +150,7 @@ def judge(policy: Policy, records: Sequence[Recorded], at: float | str | None) -
         if when == "capture":
             when = r.timestamp if r.timestamp is not None else now
         assert isinstance(when, float | int)
-        out.append(decide(policy, r.request, float(when), limiter, consume=False))
+        out.append(judge(policy, r.request, float(when), limiter, consume=False))
     return out
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .ipset import parse_ip
-from .yamlmarks import MarkedDict, MarkedList, PolicyError, load
-from .yamlmarks import describe_value as _kind
+from authgate.core.ipset import parse_ip
+from authgate.policy.marks import MarkedDict, MarkedList, PolicyError, load
+from authgate.policy.marks import describe_value as _kind
 
 __all__ = [
     "Case",

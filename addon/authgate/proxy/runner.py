@@ -8,10 +8,14 @@ flow saving (`-w` / `save_stream_file`) and the terminal log.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mitmproxy import master, options
+from mitmproxy import exceptions, master, options
 from mitmproxy.addons import (
     core,
     disable_h2c,
@@ -22,7 +26,7 @@ from mitmproxy.addons import (
     tlsconfig,
 )
 
-from .addon import Gateway
+from authgate.proxy.addon import Gateway
 
 
 class _Ready:
@@ -102,3 +106,34 @@ async def build(
     if sets:
         opts.set(*sets)
     return m
+
+
+def serve(
+    policy: str,
+    upstream: str,
+    listen: str,
+    sets: Sequence[str],
+    on_ready: str | None = None,
+    web: str | None = None,
+) -> int:
+    """Run the gateway until SIGINT/SIGTERM; 2 when the policy or options are refused."""
+
+    async def main() -> int:
+        logging.getLogger().setLevel(logging.INFO)  # mitmproxy's termlog filters by verbosity
+
+        def ready(port: int) -> None:
+            if on_ready:
+                print(on_ready, flush=True)
+
+        try:
+            m = await build(policy, upstream, listen, sets, ready=ready, web=web)
+        except exceptions.OptionsError as e:
+            print(str(e), file=sys.stderr)  # already "authgate: FILE:LINE: problem"
+            return 2
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, m.shutdown)
+        await m.run()
+        return 0
+
+    return asyncio.run(main())

@@ -14,15 +14,14 @@ import functools
 import hashlib
 import hmac
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 import bcrypt
 
-from .identity import Identity
-from .tokens import Issuer, KeysUnavailable, TokenCache, TokenRejected, verify
+from authgate.core.identity import Identity
+from authgate.core.tokens import Issuer, KeysUnavailable, TokenCache, TokenRejected, verify
 
 JWT = "jwt"
 API_KEY = "api_key"
@@ -264,6 +263,7 @@ class Outcome:
     identity: Identity | None = None
     failed: str | None = None  # kind of the credential that failed
     reason: str = ""  # client-safe
+    code: str = ""  # machine-readable: expired, bad_signature, unknown_api_key, ...
     detail: str = ""  # internal
     unavailable: KeysUnavailable | None = None
 
@@ -279,19 +279,27 @@ def check(
         try:
             return Outcome(verify(presented.issuers, presented.value, now, cache))
         except TokenRejected as e:
-            return Outcome(failed=JWT, reason=e.reason, detail=e.detail)
+            return Outcome(failed=JWT, reason=e.reason, code=e.code, detail=e.detail)
         except KeysUnavailable as e:
-            return Outcome(failed=JWT, reason="keys unavailable", detail=str(e), unavailable=e)
+            return Outcome(failed=JWT, reason=e.reason, code=e.code, detail=e.detail, unavailable=e)
     if presented.kind == API_KEY:
         assert api_keys is not None
         who = api_keys.verify(presented.value)
         if who is None:
-            return Outcome(failed=API_KEY, reason="The API key is not valid", detail="unknown key")
+            return Outcome(
+                failed=API_KEY,
+                reason="The API key is not valid",
+                code="unknown_api_key",
+                detail="unknown key",
+            )
         return Outcome(who)
     assert basic is not None
     user, _, password = presented.value.partition(":")
-    if not basic.check(user, password, time.monotonic()):
+    if not basic.check(user, password, now):
         return Outcome(
-            failed=BASIC, reason="The user name or password is wrong", detail=f"user {user[:40]!r}"
+            failed=BASIC,
+            reason="The user name or password is wrong",
+            code="wrong_password",
+            detail=f"user {user[:40]!r}",
         )
     return Outcome(basic.identity(user))

@@ -18,14 +18,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .decision import RequestView, decide
-from .explain import Explanation, explain
-from .keys import mint
-from .policy import Policy
-from .ratelimit import Limiter
-from .testcases import Case, CaseToken, load_beside
-from .tokens import Issuer, VerifyKey
-from .yamlmarks import PolicyError
+from authgate.core.decision import RequestView, judge
+from authgate.core.explanation import Explanation, explain
+from authgate.core.keyset import VerifyKey
+from authgate.core.model import Policy
+from authgate.core.ratelimit import Limiter
+from authgate.core.tokens import Issuer
+from authgate.policy.marks import PolicyError
+from authgate.tools.keys import mint
+from authgate.tools.testcases import Case, CaseToken, load_beside, parse_cases
 
 __all__ = [
     "Outcome",
@@ -178,12 +179,14 @@ class Report:
 def load_cases(policy: Policy) -> tuple[Case, ...]:
     """The policy's own `tests:` and those of `NAME.tests.yaml` beside it.
     Raises PolicyError."""
-    beside = load_beside(policy.file, {r.name for r in policy.rules})
-    names = {c.name for c in policy.tests}
+    rules = {r.name for r in policy.rules}
+    own = parse_cases(*policy.tests_raw, policy.file, rules) if policy.tests_raw else ()
+    beside = load_beside(policy.file, rules)
+    names = {c.name for c in own}
     for case in beside:
         if case.name in names:
             raise PolicyError(case.file, case.line, f"test {case.name!r} is also in the policy")
-    return policy.tests + beside
+    return own + beside
 
 
 def _request(case: Case, keys: dict[str, SigningKey], now: float) -> RequestView:
@@ -245,7 +248,7 @@ def run_case(policy: Policy, keys: dict[str, SigningKey], case: Case, now: float
         return Outcome(case, explain(policy, empty, now), (f"cannot sign the token: {e}",))
     limiter = Limiter()
     for _ in range(case.repeat - 1):
-        decide(policy, request, now, limiter)
+        judge(policy, request, now, limiter)
     told = explain(policy, request, now, limiter)
     return Outcome(case, told, tuple(_check(case, told)))
 

@@ -12,12 +12,11 @@ import re
 import urllib.parse
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import conditions as c
-from .credentials import (
+from authgate.core import conditions as c
+from authgate.core.credentials import (
     API_KEY,
     BASIC,
     JWT,
@@ -28,26 +27,21 @@ from .credentials import (
     BasicUsers,
     parse_htpasswd,
 )
-from .ipset import IPSet, parse_cidr, read_cidr_lines
-from .jwks import RemoteKeys, check_url
-from .paths import PathPattern
-from .ratelimit import Rate
-from .testcases import Case, parse_cases
-from .tokens import (
+from authgate.core.ipset import IPSet, parse_cidr, read_cidr_lines
+from authgate.core.keyset import RemoteKeys, VerifyKey, check_url
+from authgate.core.model import LimitSpec, Policy, Rule, normalize_host
+from authgate.core.paths import PathPattern
+from authgate.core.ratelimit import Rate
+from authgate.core.tokens import (
     HMAC_ALGS,
     SUPPORTED_ALGS,
     Issuer,
-    TokenCache,
-    VerifyKey,
     load_jwks,
     load_public_key_pem,
 )
-from .yamlmarks import MarkedDict, MarkedList, PolicyError, load
-from .yamlmarks import describe_value as _kind
+from authgate.policy.marks import MarkedDict, MarkedList, PolicyError, load
+from authgate.policy.marks import describe_value as _kind
 
-__all__ = ["Policy", "Rule", "LimitSpec", "PolicyError", "load_policy", "parse_policy"]
-
-IDENTITY_HEADERS = ("x-auth-subject", "x-auth-roles", "x-auth-scopes", "x-auth-issuer")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -60,77 +54,6 @@ _SAFE_REALM = re.compile(r"^[\x20\x21\x23-\x5B\x5D-\x7E]+$")
 _LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _CONTROL_OR_COMMA = re.compile(r"[\x00-\x1f\x7f,]")
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
-
-
-@dataclass(frozen=True, slots=True)
-class LimitSpec:
-    name: str
-    key: str  # "ip", "subject" or "header"
-    header: str | None  # lower-case header name for key "header"
-    rate: Rate
-    line: int
-    # Counters survive a reload while name, key and rate are unchanged.
-    limiter_id: str = ""
-
-    def __post_init__(self) -> None:
-        ident = f"{self.name}|{self.key}:{self.header or ''}|{self.rate}"
-        object.__setattr__(self, "limiter_id", ident)
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    name: str
-    line: int
-    pattern: PathPattern
-    methods: frozenset[str] | None
-    host: str | None
-    allow: c.Condition
-    hide: bool
-    limits: tuple[LimitSpec, ...]
-    accept: frozenset[str] = frozenset()  # credential kinds this rule accepts
-    login_url: str | None = None  # where a browser without credentials is sent
-    preflight_pass: bool = False  # CORS preflights go to the backend unjudged
-    mode: str | None = None  # "enforce" | "report"; None: the policy's mode
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    file: str
-    realm: str
-    trusted_proxies: IPSet
-    block: IPSet
-    allow: IPSet | None  # None: no allow list
-    issuers: tuple[Issuer, ...]
-    limits: tuple[LimitSpec, ...]  # global limits
-    rules: tuple[Rule, ...]
-    default: str  # "not_found" | "forbidden"
-    forward_credentials: bool
-    files: tuple[str, ...] = field(default=())  # every file read to build it
-    uses_host: bool = False
-    api_keys: ApiKeys | None = None
-    basic: BasicUsers | None = field(default=None, compare=False)
-    mode: str = "enforce"  # "report": decide and log, but forward everything
-    client_ip_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
-    # The policy's own test cases (`tests:`), run by `authgate test`; never by the gateway.
-    tests: tuple[Case, ...] = field(default=(), compare=False, repr=False)
-    # Derived at construction: global limits checked before / after credentials.
-    ip_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
-    late_limits: tuple[LimitSpec, ...] = field(default=(), init=False)
-    # Tokens already verified against this policy's keys (see tokens.verify).
-    token_cache: TokenCache = field(
-        default_factory=TokenCache, init=False, compare=False, repr=False
-    )
-
-    # Credentials that need work off the request path first (bcrypt, JWKS fetches).
-    slow_credentials: bool = field(default=False, init=False, compare=False)
-    rule_index: dict[str, Rule] = field(default_factory=dict, init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rule_index", {r.name: r for r in self.rules})
-        slow = self.basic is not None or any(i.remote is not None for i in self.issuers)
-        object.__setattr__(self, "slow_credentials", slow)
-        object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
-        object.__setattr__(self, "late_limits", tuple(x for x in self.limits if x.key != "ip"))
 
 
 T = TypeVar("T")
@@ -752,11 +675,8 @@ class _Builder:
         if default not in ("not_found", "forbidden"):
             raise self.error(self.line_of(top, "default"), "default must be not_found or forbidden")
         forward = self.get(top, "forward_credentials", bool, "the policy", True)
-        tests = (
-            parse_cases(top["tests"], self.line_of(top, "tests"), self.file, names)
-            if "tests" in top
-            else ()
-        )
+        # `tests:` is for the tools (`authgate test`, `check`): kept as read.
+        tests = (top["tests"], self.line_of(top, "tests")) if "tests" in top else None
         return Policy(
             mode=self.mode(top, "the policy") or "enforce",
             client_ip_header=ip_header,
@@ -774,7 +694,7 @@ class _Builder:
             forward_credentials=forward,
             files=tuple(dict.fromkeys(self.files)),
             uses_host=any(r.host is not None for r in rules),
-            tests=tests,
+            tests_raw=tests,
         )
 
 
@@ -801,16 +721,6 @@ def parse_duration(value: Any) -> float:
     if not m:
         raise ValueError(f"expected a duration like 30s, 5m or 1h, not {value!r}")
     return float(int(m.group(1)) * _UNITS[m.group(2)])
-
-
-def normalize_host(host: str) -> str:
-    """Lower-case, default ports dropped, no trailing dot (RFC 9110 §4.2.3)."""
-    host = host.strip().lower()
-    for port in (":80", ":443"):
-        if host.endswith(port):
-            host = host[: -len(port)]
-            break
-    return host.rstrip(".")
 
 
 def parse_policy(text: str, file: str = "<policy>", base: Path | None = None) -> Policy:

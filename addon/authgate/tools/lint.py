@@ -13,10 +13,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from . import conditions as c
-from .paths import PathPattern
-from .policy import LimitSpec, Policy, Rule
-from .ratelimit import NS
+from authgate.core import conditions as c
+from authgate.core.model import LimitSpec, Policy, Rule
+from authgate.core.paths import PathPattern
+from authgate.core.ratelimit import NS
 
 __all__ = [
     "Finding",

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .decision import RequestView, decide
-from .ipset import format_ip
-from .keys import ensure_demo_keys, load_private_key, mint
-from .policy import load_policy, parse_policy
-from .ratelimit import Limiter
+from authgate.core.decision import RequestView, judge
+from authgate.core.ipset import format_ip
+from authgate.core.ratelimit import Limiter
+from authgate.policy.load import load_policy, parse_policy
+from authgate.tools.keys import ensure_demo_keys, load_private_key, mint
 
 
 def _per_call(fn: Callable[[], object], seconds: float = 1.0) -> float:
@@ -60,7 +60,7 @@ def bench_decide(policy_path: Path) -> list[tuple[str, float]]:
             limiter._tat.clear()
             if first_sight:  # verify the signature every time
                 policy.token_cache._entries.clear()
-            return decide(policy, request, now, limiter)
+            return judge(policy, request, now, limiter)
 
         results.append((name, _per_call(call)))
     return results
@@ -88,7 +88,7 @@ def bench_blocklist(entries: int = 1_000_000) -> tuple[float, float]:
     def one() -> object:
         nonlocal i
         i = (i + 1) % len(req)
-        return decide(policy, req[i], 0.0, limiter)
+        return judge(policy, req[i], 0.0, limiter)
 
     return load_s, _per_call(one)
 
