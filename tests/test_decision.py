@@ -12,6 +12,7 @@ from authgate.core.decision import Decision, RequestView, judge
 from authgate.core.model import Policy
 from authgate.core.ratelimit import Limiter
 from authgate.policy.load import parse_policy
+from authgate.runtime.stores import MemoryStore
 from authgate.tools.keys import jwks_for, mint, new_rsa_key
 
 NOW = 1_800_000_000.0
@@ -90,7 +91,7 @@ def req(
 
 
 def run(policy: Policy, r: RequestView, limiter: Limiter | None = None) -> Decision:
-    return judge(policy, r, NOW, Limiter() if limiter is None else limiter, trace=True)
+    return judge(policy, r, NOW, MemoryStore() if limiter is None else limiter, trace=True)
 
 
 ROLES = {"realm_access": {"roles": ["editor"]}}
@@ -178,7 +179,7 @@ def test_no_credentials_challenge_has_no_error(policy: Policy) -> None:
 
 
 def test_header_limit_falls_back_to_the_ip_when_the_header_is_missing(policy: Policy) -> None:
-    limiter = Limiter()
+    limiter = MemoryStore()
     with_header = req("/pub/x", headers=(("x-client", "abc"),))
     assert [run(policy, with_header, limiter).status for _ in range(4)] == [0, 0, 0, 429]
     # Leaving the header out does not escape: the IP gets its own bucket of 3.
@@ -190,7 +191,7 @@ def test_header_limit_falls_back_to_the_ip_when_the_header_is_missing(policy: Po
 
 
 def test_429_headers(policy: Policy) -> None:
-    limiter = Limiter()
+    limiter = MemoryStore()
     r = req("/pub/x", headers=(("x-client", "k"),))
     for _ in range(3):
         run(policy, r, limiter)
@@ -204,7 +205,7 @@ def test_429_headers(policy: Policy) -> None:
 
 
 def test_consume_false_leaves_the_counters_alone(policy: Policy) -> None:
-    limiter = Limiter()
+    limiter = MemoryStore()
     r = req("/pub/x", headers=(("x-client", "k"),))
     for _ in range(10):
         assert judge(policy, r, NOW, limiter, consume=False).status == 0
@@ -212,7 +213,7 @@ def test_consume_false_leaves_the_counters_alone(policy: Policy) -> None:
 
 
 def test_denied_requests_do_not_count_against_late_limits(policy: Policy) -> None:
-    limiter = Limiter()
+    limiter = MemoryStore()
     for _ in range(5):
         assert run(policy, req("/r", headers=(("x-client", "k"),)), limiter).status == 401
     assert len(limiter) == 0
@@ -227,7 +228,7 @@ def test_trace_tells_the_story(policy: Policy) -> None:
 
 
 def test_no_trace_unless_asked(policy: Policy) -> None:
-    assert judge(policy, req("/r"), NOW, Limiter()).trace == ()
+    assert judge(policy, req("/r"), NOW, MemoryStore()).trace == ()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from authgate.core.decision import RequestView, judge
 from authgate.core.model import Policy
 from authgate.core.ratelimit import Limiter
 from authgate.policy.load import load_policy
+from authgate.runtime.stores import MemoryStore
 from authgate.tools.keys import mint
 from conftest import POLICIES
 
@@ -26,7 +27,7 @@ def ask(policy: Policy, path: str, *, method: str = "GET", peer: str = "127.0.0.
         limiter: Limiter | None = None) -> tuple[int, str]:  # fmt: skip
     h = headers + ((("authorization", f"Bearer {token}"),) if token else ())
     d = judge(policy, RequestView(method, path, h, peer), NOW,
-               Limiter() if limiter is None else limiter)  # fmt: skip
+               MemoryStore() if limiter is None else limiter)  # fmt: skip
     return d.status, d.reason
 
 
@@ -55,7 +56,7 @@ def test_behind_a_proxy(demo_key: Any) -> None:
     # The same header from a client that is not a proxy is not believed.
     assert ask(p, "/x", peer="198.51.100.1", headers=xff) == (0, "allowed")
     # Counting per real client: one client exhausting its quota leaves another alone.
-    limiter = Limiter()
+    limiter = MemoryStore()
     a = (("x-forwarded-for", "198.51.100.10"),)
     b = (("x-forwarded-for", "198.51.100.11"),)
     statuses = [ask(p, "/x", peer="10.0.0.1", headers=a, limiter=limiter)[0] for _ in range(101)]
@@ -65,7 +66,7 @@ def test_behind_a_proxy(demo_key: Any) -> None:
 
 def test_rate_limits(demo_key: Any) -> None:
     p = load("rate-limits.yaml")
-    limiter = Limiter()
+    limiter = MemoryStore()
     logins = [ask(p, "/login", method="POST", limiter=limiter)[0] for _ in range(6)]
     assert logins == [0, 0, 0, 0, 0, 429]
     t = mint(demo_key, sub="s")

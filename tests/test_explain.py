@@ -20,9 +20,9 @@ import pytest
 from authgate.core.decision import RequestView, judge
 from authgate.core.explanation import explain, redact, shorten
 from authgate.core.model import Policy
-from authgate.core.ratelimit import Limiter
 from authgate.policy.load import load_policy
 from authgate.proxy.addon import Gateway
+from authgate.runtime.stores import MemoryStore
 from authgate.tools.explain import request_from_args
 from authgate.tools.keys import mint
 from conftest import EXAMPLE, POLICIES
@@ -96,7 +96,7 @@ def test_golden(demo_key: Any, name: str, policy_file: str,
                 make: Callable[[Any], RequestView], before: int) -> None:  # fmt: skip
     policy = load_policy(POLICIES / policy_file)
     request = make(demo_key)
-    limiter = Limiter()
+    limiter = MemoryStore()
     for _ in range(before):
         judge(policy, request, NOW, limiter)
     text = f"# policies/{policy_file}\n" + explain(
@@ -111,7 +111,7 @@ def test_golden(demo_key: Any, name: str, policy_file: str,
 
 
 def test_explain_reads_limits_but_never_counts_them(example: Policy, demo_key: Any) -> None:
-    limiter = Limiter()
+    limiter = MemoryStore()
     r = RequestView("POST", "/api/reports",
                     (bearer(mint(demo_key, sub="w", scopes=["reports:write"], now=NOW)),),
                     "127.0.0.1")  # fmt: skip
@@ -125,7 +125,7 @@ def test_no_token_is_ever_shown_whole(example: Policy, demo_key: Any) -> None:
               "x" * 40 + ".y.z"]  # fmt: skip
     for token in tokens:
         text = explain(example, RequestView("GET", "/api/profile", (bearer(token),), "127.0.0.1"),
-                       NOW).text()  # fmt: skip
+                       NOW, MemoryStore()).text()  # fmt: skip
         assert token not in text and token[10:30] not in text
         assert token[:10] + "…" in text
 

@@ -10,8 +10,9 @@ import pytest
 
 from authgate.core.model import LimitSpec, Policy
 from authgate.core.paths import PathPattern
-from authgate.core.ratelimit import Limiter, Rate
+from authgate.core.ratelimit import Rate
 from authgate.policy.load import parse_policy
+from authgate.runtime.stores import MemoryStore
 from authgate.tools import lint as lint_module
 from authgate.tools.lint import at_least_as_strict, covers, lint, overlaps, plain_http, rule_covers
 
@@ -326,7 +327,7 @@ def test_at_least_as_strict_matches_the_limiter(first: str, later: str, strict: 
     assert at_least_as_strict(a, b) == strict
 
     def later_triggers(times: list[float]) -> bool:
-        limiter = Limiter()
+        limiter = MemoryStore()
         for now in times:
             if limiter.hit("first", "k", a.rate, now).allowed:
                 if not limiter.hit("later", "k", b.rate, now).allowed:

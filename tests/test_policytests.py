@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from authgate.core.decision import RequestView, judge
 from authgate.core.model import Policy
-from authgate.core.ratelimit import Limiter
 from authgate.policy.load import load_policy, parse_policy
 from authgate.policy.marks import PolicyError
+from authgate.runtime.stores import MemoryStore
 from authgate.tools.keys import jwks_for, mint, new_rsa_key
 from authgate.tools.policytests import (
     TEST_KID,
@@ -73,7 +73,7 @@ def policy(tmp_path: Path) -> Policy:
 
 def ask(p: Policy, token: str) -> tuple[int, str]:
     r = RequestView("GET", "/admin/x", (("authorization", f"Bearer {token}"),), "127.0.0.1")
-    d = judge(p, r, NOW, Limiter())
+    d = judge(p, r, NOW, MemoryStore())
     return d.status, d.reason
 
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authgate.core.ratelimit import Limiter, Rate, Verdict
+from authgate.runtime.stores import MemoryStore
 
 P = pytest.param
 
@@ -98,7 +99,7 @@ T0 = 1000.0
 
 
 def test_burst_then_denied_exact_verdicts() -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse("3/minute")  # one every 20 s, burst of 3
     got = [lim.hit("L", "k", rate, T0) for _ in range(5)]
     assert got == [
@@ -124,7 +125,7 @@ BURSTS = [
 
 @pytest.mark.parametrize(("text", "burst", "retry_after"), BURSTS)
 def test_burst_then_retry_after(text: str, burst: int, retry_after: int) -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse(text)
     remaining = [lim.hit("L", "k", rate, T0).remaining for _ in range(burst)]
     assert remaining == list(range(burst - 1, -1, -1))  # counts down to 0
@@ -152,7 +153,7 @@ def test_burst_then_retry_after(text: str, burst: int, retry_after: int) -> None
     ],
 )
 def test_full_burst_fits(text: str, now: float) -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse(text)
     assert spend(lim, rate, now) == rate.count
 
@@ -169,11 +170,11 @@ def test_full_burst_fits(text: str, now: float) -> None:
     ],
 )
 def test_first_request_is_allowed(text: str, now: float, reset: int) -> None:
-    assert Limiter().hit("L", "k", Rate.parse(text), now) == Verdict(True, 0, 0, reset)
+    assert MemoryStore().hit("L", "k", Rate.parse(text), now) == Verdict(True, 0, 0, reset)
 
 
 def test_exact_retry_after_for_integer_interval() -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse("3/minute")
     for _ in range(3):
         lim.hit("L", "k", rate, T0)
@@ -182,7 +183,7 @@ def test_exact_retry_after_for_integer_interval() -> None:
 
 
 def test_refill_over_time() -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse("3/minute")
     for _ in range(3):
         lim.hit("L", "k", rate, T0)
@@ -193,7 +194,7 @@ def test_refill_over_time() -> None:
 
 
 def test_partial_refill_gives_partial_remaining() -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse("3/minute")
     for _ in range(3):
         lim.hit("L", "k", rate, T0)  # theoretical arrival time now T0 + 60
@@ -201,7 +202,7 @@ def test_partial_refill_gives_partial_remaining() -> None:
 
 
 def test_keys_are_independent() -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse("2/minute")
     assert [lim.hit("L", "a", rate, T0).allowed for _ in range(3)] == [True, True, False]
     assert lim.hit("L", "b", rate, T0) == Verdict(True, 1, 0, 30)
@@ -211,7 +212,7 @@ def test_keys_are_independent() -> None:
 
 
 def test_consume_false_does_not_change_state() -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse("3/minute")
     peeks = [lim.hit("L", "k", rate, T0, consume=False) for _ in range(5)]
     assert peeks == [Verdict(True, 2, 0, 20)] * 5
@@ -228,7 +229,7 @@ def test_consume_false_does_not_change_state() -> None:
 
 
 def test_denied_hit_does_not_push_the_wait_further() -> None:
-    lim = Limiter()
+    lim = MemoryStore()
     rate = Rate.parse("1/minute")
     lim.hit("L", "k", rate, T0)
     assert [lim.hit("L", "k", rate, T0 + 1).retry_after for _ in range(10)] == [59] * 10
@@ -239,7 +240,7 @@ def test_denied_hit_does_not_push_the_wait_further() -> None:
 
 
 def test_sweep_forgets_expired_keys() -> None:
-    lim = Limiter(max_keys=3)
+    lim = MemoryStore(max_keys=3)
     fast = Rate.parse("1/second")
     for k in ("a", "b", "c"):
         lim.hit("L", k, fast, 0.0)
@@ -249,7 +250,7 @@ def test_sweep_forgets_expired_keys() -> None:
 
 
 def test_sweep_keeps_active_keys() -> None:
-    lim = Limiter(max_keys=3)
+    lim = MemoryStore(max_keys=3)
     fast, slow = Rate.parse("1/second"), Rate.parse("1/hour")
     lim.hit("L", "expired", fast, 0.0)
     lim.hit("L", "busy1", slow, 0.0)
@@ -261,7 +262,7 @@ def test_sweep_keeps_active_keys() -> None:
 
 
 def test_full_of_active_keys_drops_the_oldest_half() -> None:
-    lim = Limiter(max_keys=4)
+    lim = MemoryStore(max_keys=4)
     slow = Rate.parse("1/hour")
     for t, k in enumerate(("k0", "k1", "k2", "k3")):
         lim.hit("L", k, slow, float(t))
@@ -273,7 +274,7 @@ def test_full_of_active_keys_drops_the_oldest_half() -> None:
 
 @pytest.mark.parametrize("max_keys", [1, 2, 3, 4, 10])
 def test_memory_stays_bounded(max_keys: int) -> None:
-    lim = Limiter(max_keys=max_keys)
+    lim = MemoryStore(max_keys=max_keys)
     slow = Rate.parse("1/hour")  # nothing expires during the test
     sizes = []
     for i in range(50):
@@ -300,7 +301,7 @@ def spend(lim: Limiter, rate: Rate, now: float) -> int:
 @given(rate=RATES, now=CLOCKS, extra=st.integers(1, 5))
 def test_retry_after_is_honest(rate: Rate, now: float, extra: int) -> None:
     """R-01/R-02: Retry-After is a whole number >= 1 and waiting that long is enough."""
-    lim = Limiter()
+    lim = MemoryStore()
     spend(lim, rate, now)
     for _ in range(extra):  # denied hits do not move the goalposts
         v = lim.hit("L", "k", rate, now)
@@ -315,7 +316,7 @@ def test_retry_after_is_honest(rate: Rate, now: float, extra: int) -> None:
 @given(rate=RATES, now=CLOCKS)
 def test_whole_quota_is_usable(rate: Rate, now: float) -> None:
     """N/period allows a burst of exactly N, with `remaining` counting N-1 .. 0."""
-    lim = Limiter()
+    lim = MemoryStore()
     remaining = [lim.hit("L", "k", rate, now).remaining for _ in range(rate.count)]
     assert remaining == list(range(rate.count - 1, -1, -1))
     assert lim.hit("L", "k", rate, now).allowed is False

@@ -33,10 +33,10 @@ from authgate.core.decision import (
     judge,
 )
 from authgate.core.model import Policy
-from authgate.core.ratelimit import Limiter
 from authgate.core.responses import render, render_error
 from authgate.policy.load import parse_policy
 from authgate.policy.marks import PolicyError
+from authgate.runtime.stores import MemoryStore
 
 NOW = 1_700_000_000.0
 NOW_DATE = "Tue, 14 Nov 2023 22:13:20 GMT"
@@ -391,7 +391,7 @@ def request(target: str, *authorization: str, method: str = "GET") -> RequestVie
 def test_decided_denials_render(
     policy: Policy, req: RequestView, status: int, challenge: str | None
 ) -> None:
-    decision = judge(policy, req, NOW, Limiter())
+    decision = judge(policy, req, NOW, MemoryStore())
     rendered = render(decision, policy.realm, req.method, NOW)
     check_common(rendered, status)
     assert one_header(rendered, "WWW-Authenticate") == challenge
@@ -403,7 +403,7 @@ def test_decided_denials_render(
 
 
 def test_429_headers(policy: Policy) -> None:
-    limiter = Limiter()
+    limiter = MemoryStore()
     for _ in range(3):
         assert judge(policy, request("/limited"), NOW, limiter).allowed
     decision = judge(policy, request("/limited"), NOW, limiter)
@@ -455,7 +455,7 @@ def test_limit_name_always_gives_a_valid_sf_string(
         p = parse_policy(text, str(tmp_path / "p.yaml"))
     except PolicyError:
         return  # refusing such a name at load time is fine too
-    limiter = Limiter()
+    limiter = MemoryStore()
     assert judge(p, request("/"), NOW, limiter).allowed
     rendered = render(judge(p, request("/"), NOW, limiter), p.realm, "GET", NOW)
     assert rendered.status == 429
@@ -489,7 +489,7 @@ def test_scope_in_challenge_uses_allowed_characters(
         p = parse_policy(text, str(tmp_path / "p.yaml"))
     except PolicyError:
         return  # refusing such a scope at load time is fine too
-    decision = judge(p, request("/", bearer(scope="read")), NOW, Limiter())
+    decision = judge(p, request("/", bearer(scope="read")), NOW, MemoryStore())
     value = one_header(render(decision, p.realm, "GET", NOW), "WWW-Authenticate") or ""
     _, params = parse_challenge(value)
     scopes = [text for name, _, text in params if name == "scope"]
@@ -511,10 +511,10 @@ def test_scope_in_challenge_uses_allowed_characters(
 )
 def test_hidden_404_equals_unknown_path_404(policy: Policy, req: RequestView) -> None:
     """X-01, C-02: same status, headers (except Date) and body as a path with no rule."""
-    hidden = judge(policy, req, NOW, Limiter())
+    hidden = judge(policy, req, NOW, MemoryStore())
     assert (hidden.status, hidden.reason) == (404, HIDDEN)
     unknown_req = RequestView(req.method, "/does-not-exist", req.headers, req.peer)
-    unknown = judge(policy, unknown_req, NOW, Limiter())
+    unknown = judge(policy, unknown_req, NOW, MemoryStore())
     assert (unknown.status, unknown.reason) == (404, NO_RULE)
     for method in ("GET", "HEAD"):
         a = render(hidden, policy.realm, method, NOW)

@@ -83,15 +83,12 @@ def _about(d: Decision) -> str:
     return about
 
 
-def explain(
-    policy: Policy, request: RequestView, now: float, limiter: Limiter | None = None
-) -> Explanation:
+def explain(policy: Policy, request: RequestView, now: float, limiter: Limiter) -> Explanation:
     """Judge `request` as the gateway would at `now` and tell the story.
 
     `limiter`: the counters to read (the gateway's own inside mitmproxy; a
-    fresh one from the command line). Nothing is counted."""
-    d = judge(policy, request, now, Limiter() if limiter is None else limiter,
-              consume=False, trace=True)  # fmt: skip
+    fresh store from the command line). Nothing is counted."""
+    d = judge(policy, request, now, limiter, consume=False, trace=True)
     lines = [f"{request.method} {request.target}"]
     lines += [f"  {name}: {redact(name, value)}" for name, value in request.headers]
     if request.host is not None:

@@ -1,16 +1,23 @@
-"""Rate limits: the limit (parsed once), the algorithm (GCRA) and the store.
+"""Rate limits, as three things: the rate arithmetic (`Rate`: parsed once,
+its emission interval and burst tolerance), the algorithm (`gcra`: a pure
+function of one stored value and the time), and the store that keeps those
+values (the `Limiter` protocol; `authgate.runtime.stores` has the in-memory
+one, and a shared store plugs in without touching the algorithm).
 
 GCRA (the generic cell rate algorithm) keeps one number per key, the
-theoretical arrival time. It allows bursts of up to N requests and then one
-every period/N, and it tells exactly when the next request would pass, which
-is what `Retry-After` promises.
+theoretical arrival time (TAT). It allows bursts of up to N requests and then
+one every period/N, and it tells exactly when the next request would pass,
+which is what `Retry-After` promises. Times are integer nanoseconds, so a
+burst of N is exactly N (floats lose a request to rounding).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
+NS = 1_000_000_000
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _RATE = re.compile(
     r"""^\s*
@@ -40,6 +47,16 @@ class Rate:
     def interval(self) -> float:
         return self.period / self.count
 
+    @property
+    def emission_ns(self) -> int:
+        """The GCRA emission interval T, rounded down: the whole burst always fits."""
+        return self.period * NS // self.count
+
+    @property
+    def tolerance_ns(self) -> int:
+        """The GCRA burst tolerance tau = period - T (a burst of `count`)."""
+        return self.period * NS - self.emission_ns
+
     def __str__(self) -> str:
         name = next(k for k, v in PERIODS.items() if v == self.period)
         return f"{self.count}/{name}"
@@ -53,49 +70,26 @@ class Verdict:
     reset: int  # whole seconds until the quota is fully back
 
 
-NS = 1_000_000_000
+def gcra(tat: int | None, now_ns: int, rate: Rate) -> tuple[Verdict, int]:
+    """One request against a key whose stored TAT is `tat` (None: never seen)
+    at `now_ns` -> (the verdict, the TAT to store if the request is counted)."""
+    interval = rate.emission_ns
+    period = rate.period * NS
+    tat = now_ns if tat is None or tat < now_ns else tat
+    new_tat = tat + interval
+    allow_at = new_tat - period  # the earliest time this request fits
+    if allow_at > now_ns:
+        retry = max(1, -(-(allow_at - now_ns) // NS))
+        return Verdict(False, 0, retry, max(1, -(-(tat - now_ns) // NS))), tat
+    remaining = (now_ns - allow_at) // interval
+    return Verdict(True, remaining, 0, -(-(new_tat - now_ns) // NS)), new_tat
 
 
-class Limiter:
-    """In-memory GCRA state. Keys are (limit identity, key value).
+class Limiter(Protocol):
+    """Where the TATs live. `hit` judges one request against one limit and key
+    and, when allowed and `consume`, counts it. A denied request consumes
+    nothing."""
 
-    Times are integer nanoseconds, so a burst of N is exactly N (floats lose
-    a request to rounding). Single-threaded by design: mitmproxy calls hooks
-    on one event loop.
-    """
-
-    def __init__(self, max_keys: int = 1_000_000) -> None:
-        self._tat: dict[tuple[str, str], int] = {}
-        self._max_keys = max(1, max_keys)
-
-    def __len__(self) -> int:
-        return len(self._tat)
-
-    def hit(self, limit_id: str, key: str, rate: Rate, now: float, consume: bool = True) -> Verdict:
-        t = round(now * NS)
-        period = rate.period * NS
-        interval = period // rate.count  # rounded down: the whole burst always fits
-        store_key = (limit_id, key)
-        tat = max(self._tat.get(store_key, t), t)
-        new_tat = tat + interval
-        allow_at = new_tat - period  # the earliest time this request fits
-        if allow_at > t:
-            return Verdict(False, 0, max(1, -(-(allow_at - t) // NS)), max(1, -(-(tat - t) // NS)))
-        if consume:
-            if len(self._tat) >= self._max_keys and store_key not in self._tat:
-                self._sweep(t)
-            self._tat[store_key] = new_tat
-        remaining = (t - allow_at) // interval
-        return Verdict(True, remaining, 0, -(-(new_tat - t) // NS))
-
-    def _sweep(self, now: int) -> None:
-        """Forget keys whose quota is fully back; they carry no state."""
-        expired = [k for k, t in self._tat.items() if t <= now]
-        for k in expired:
-            del self._tat[k]
-        if len(self._tat) >= self._max_keys:
-            # Still full of active keys: drop the oldest half rather than grow
-            # without bound. Those keys get a fresh quota (documented).
-            drop = max(1, len(self._tat) - self._max_keys // 2)
-            for k in sorted(self._tat, key=self._tat.__getitem__)[:drop]:
-                del self._tat[k]
+    def hit(
+        self, limit_id: str, key: str, rate: Rate, now: float, consume: bool = True
+    ) -> Verdict: ...

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import IO, Any
 
 from mitmproxy import command, ctx, exceptions, flow, http
@@ -34,7 +35,6 @@ from authgate.core.decision import (
 from authgate.core.explanation import explain as explain_request
 from authgate.core.ipset import normalize_ip
 from authgate.core.model import IDENTITY_HEADERS, Policy, Rule
-from authgate.core.ratelimit import Limiter
 from authgate.core.responses import Rendered, challenge, render, render_error
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
@@ -42,6 +42,7 @@ from authgate.proxy import backend_lint as upstream_lint
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
+from authgate.runtime.stores import MemoryStore
 
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
@@ -68,6 +69,8 @@ def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
     flow.response = http.Response.make(
         r.status, r.body, [(k.encode(), v.encode()) for k, v in r.headers]
     )
+    # mitmproxy 11's table lacks some phrases (429): never a bare "HTTP/1.1 429 ".
+    flow.response.reason = HTTPStatus(r.status).phrase
     # mitmproxy would still send "100 Continue" and read the body we refuse.
     flow.request.headers.pop("expect", None)
     # Setting a response on a streamed request crashes mitmproxy (see
@@ -104,7 +107,7 @@ class Gateway:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.policy: Policy | None = None
-        self.limiter = Limiter()
+        self.limiter = MemoryStore()
         self.clock = clock
         self.fetcher = Fetcher()
         self.metrics = Metrics(lambda: self.policy)

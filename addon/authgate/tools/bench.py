@@ -16,8 +16,8 @@ from pathlib import Path
 
 from authgate.core.decision import RequestView, judge
 from authgate.core.ipset import format_ip
-from authgate.core.ratelimit import Limiter
 from authgate.policy.load import load_policy, parse_policy
+from authgate.runtime.stores import MemoryStore
 from authgate.tools.keys import ensure_demo_keys, load_private_key, mint
 
 
@@ -35,7 +35,7 @@ def bench_decide(policy_path: Path) -> list[tuple[str, float]]:
     key = load_private_key(ensure_demo_keys(policy_path.parent / "keys"))
     policy = load_policy(policy_path)
     user = mint(key, sub="alice", roles=["user"])
-    limiter = Limiter()
+    limiter = MemoryStore()
     now = time.time()
 
     def view(target: str, token: str | None = None, peer: str = "127.0.0.1") -> RequestView:
@@ -82,7 +82,7 @@ def bench_blocklist(entries: int = 1_000_000) -> tuple[float, float]:
         load_s = time.perf_counter() - start
     probe = [format_ip(4, rng.getrandbits(32)) for _ in range(1000)]
     req = [RequestView("GET", "/x", (), ip) for ip in probe]
-    limiter = Limiter()
+    limiter = MemoryStore()
     i = 0
 
     def one() -> object:

@@ -21,6 +21,7 @@ from authgate.core.model import Policy
 from authgate.policy.load import load_policy, parse_duration
 from authgate.policy.marks import PolicyError
 from authgate.proxy.runner import serve
+from authgate.runtime.stores import MemoryStore
 from authgate.tools import demo
 from authgate.tools.keys import load_private_key, mint
 from authgate.tools.lint import Finding, lint
@@ -114,7 +115,7 @@ def explain_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _error("explain", str(e))
     now = time.time() if at is None else float(at)
-    print(explain(policy, request, now).text(), end="")
+    print(explain(policy, request, now, MemoryStore()).text(), end="")
     return OK
 
 

@@ -20,7 +20,7 @@ class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     # Under /legacy/ the demo backend makes the auth mistakes old services make,
-    # so that the gateway's backend lint has something to find (README,
+    # so that the gateway's backend lint has something to find (docs/legacy.md,
     # "Fronting a legacy service").
     MISTAKES: dict[str, tuple[int, list[tuple[str, str]]]] = {
         "/legacy/login-required": (401, []),

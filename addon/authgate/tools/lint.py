@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from authgate.core import conditions as c
 from authgate.core.model import LimitSpec, Policy, Rule
 from authgate.core.paths import PathPattern
-from authgate.core.ratelimit import NS
 
 __all__ = [
     "Finding",
@@ -211,18 +210,10 @@ def _hidden(policy: Policy) -> list[Finding]:
     return out
 
 
-def _gcra(spec: LimitSpec) -> tuple[int, int]:
-    """(emission interval, burst tolerance) in ns, exactly as the Limiter counts."""
-    period = spec.rate.period * NS
-    interval = period // spec.rate.count
-    return interval, period - interval
-
-
 def at_least_as_strict(k: LimitSpec, l_: LimitSpec) -> bool:
-    """Every stream of requests that `k` lets through, `l_` lets through too."""
-    tk, tau_k = _gcra(k)
-    tl, tau_l = _gcra(l_)
-    return tl <= tk and tau_l >= tau_k
+    """Every stream of requests that `k` lets through, `l_` lets through too
+    (compared in the GCRA terms the limiter counts in)."""
+    return l_.rate.emission_ns <= k.rate.emission_ns and l_.rate.tolerance_ns >= k.rate.tolerance_ns
 
 
 def _same_key(a: LimitSpec, b: LimitSpec) -> bool:

@@ -22,9 +22,9 @@ from authgate.core.decision import RequestView, judge
 from authgate.core.explanation import Explanation, explain
 from authgate.core.keyset import VerifyKey
 from authgate.core.model import Policy
-from authgate.core.ratelimit import Limiter
 from authgate.core.tokens import Issuer
 from authgate.policy.marks import PolicyError
+from authgate.runtime.stores import MemoryStore
 from authgate.tools.keys import mint
 from authgate.tools.testcases import Case, CaseToken, load_beside, parse_cases
 
@@ -245,8 +245,10 @@ def run_case(policy: Policy, keys: dict[str, SigningKey], case: Case, now: float
         request = _request(case, keys, now)
     except ValueError as e:
         empty = RequestView(case.request.method, case.request.target, (), case.request.ip)
-        return Outcome(case, explain(policy, empty, now), (f"cannot sign the token: {e}",))
-    limiter = Limiter()
+        return Outcome(
+            case, explain(policy, empty, now, MemoryStore()), (f"cannot sign the token: {e}",)
+        )
+    limiter = MemoryStore()
     for _ in range(case.repeat - 1):
         judge(policy, request, now, limiter)
     told = explain(policy, request, now, limiter)

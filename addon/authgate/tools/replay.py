@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from authgate.core.decision import INVALID_TOKEN, Decision, RequestView, judge
 from authgate.core.ipset import parse_ip
 from authgate.core.model import Policy
-from authgate.core.ratelimit import Limiter
+from authgate.runtime.stores import MemoryStore
 
 __all__ = [
     "CaptureError",
@@ -143,7 +143,7 @@ def judge_all(
 ) -> list[Decision]:
     """Decide every request; `at` as from `parse_at`. Counters are not consumed."""
     now = time.time()
-    limiter = Limiter()
+    limiter = MemoryStore()
     out = []
     for r in records:
         when = now if at is None else at
