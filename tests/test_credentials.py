@@ -26,11 +26,13 @@ from authgate.core.credentials import (
     Ambiguous,
     ApiKey,
     ApiKeys,
+    ApiKeyVerifier,
     BasicUser,
     BasicUsers,
+    BasicVerifier,
+    JwtVerifier,
     Outcome,
     Presented,
-    check,
     find,
     hash_key,
     parse_htpasswd,
@@ -691,7 +693,7 @@ def test_find_ambiguous(
     assert str(caught.value).startswith(message)
 
 
-# --- check() ------------------------------------------------------------------------------
+# --- verifiers ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -714,7 +716,7 @@ def issuer(issuers: dict[str, tuple[Issuer, ...]]) -> Issuer:
     ],
 )
 def test_check_jwt_rejected(issuer: Issuer, token: Callable[[], str], reason: str) -> None:
-    out = check(Presented(JWT, "authorization", token(), (issuer,)), None, None, TokenCache(), NOW)
+    out = JwtVerifier(TokenCache()).check(Presented(JWT, "authorization", token(), (issuer,)), NOW)
     assert out.identity is None
     assert out.failed == "jwt"
     assert out.reason == reason
@@ -722,12 +724,8 @@ def test_check_jwt_rejected(issuer: Issuer, token: Callable[[], str], reason: st
 
 
 def test_check_jwt_valid(issuer: Issuer) -> None:
-    out = check(
-        Presented(JWT, "cookie", tok(scopes=["read"], roles=["ops"]), (issuer,)),
-        None,
-        None,
-        TokenCache(),
-        NOW,
+    out = JwtVerifier(TokenCache()).check(
+        Presented(JWT, "cookie", tok(scopes=["read"], roles=["ops"]), (issuer,)), NOW
     )
     assert (out.failed, out.reason, out.unavailable) == (None, "", None)
     assert out.identity is not None
@@ -742,7 +740,7 @@ def test_check_jwt_valid(issuer: Issuer) -> None:
 
 
 def test_check_api_key_right() -> None:
-    out = check(Presented(API_KEY, "x-api-key", API_KEY_VALUE), API_KEYS, None, TokenCache(), NOW)
+    out = ApiKeyVerifier(API_KEYS).check(Presented(API_KEY, "x-api-key", API_KEY_VALUE), NOW)
     assert out == Outcome(CI_IDENTITY)
 
 
@@ -755,7 +753,7 @@ def test_check_api_key_right() -> None:
     ],
 )
 def test_check_api_key_wrong(value: str) -> None:
-    out = check(Presented(API_KEY, "x-api-key", value), API_KEYS, None, TokenCache(), NOW)
+    out = ApiKeyVerifier(API_KEYS).check(Presented(API_KEY, "x-api-key", value), NOW)
     assert out == Outcome(
         failed="api_key",
         reason="The API key is not valid",
@@ -777,7 +775,7 @@ def basic_identity(user: str, roles: set[str], scopes: set[str]) -> Identity:
     ],
 )
 def test_check_basic_accepted(value: str, identity: Identity) -> None:
-    out = check(Presented(BASIC, "authorization", value), None, basic_users(), TokenCache(), NOW)
+    out = BasicVerifier(basic_users()).check(Presented(BASIC, "authorization", value), NOW)
     assert out == Outcome(identity)
 
 
@@ -792,7 +790,7 @@ def test_check_basic_accepted(value: str, identity: Identity) -> None:
     ],
 )
 def test_check_basic_refused(value: str, detail: str) -> None:
-    out = check(Presented(BASIC, "authorization", value), None, basic_users(), TokenCache(), NOW)
+    out = BasicVerifier(basic_users()).check(Presented(BASIC, "authorization", value), NOW)
     assert out == Outcome(
         failed="basic",
         reason="The user name or password is wrong",
@@ -810,13 +808,13 @@ def test_check_jwt_with_remote_keys_never_loaded(issuer: Issuer) -> None:
         clock=lambda: 500.0,
     )
     unloaded = dataclasses.replace(issuer, keys=(), remote=remote)
-    out = check(Presented(JWT, "authorization", tok(), (unloaded,)), None, None, TokenCache(), NOW)
+    out = JwtVerifier(TokenCache()).check(Presented(JWT, "authorization", tok(), (unloaded,)), NOW)
     assert out.identity is None
-    assert (out.failed, out.reason) == ("jwt", "keys unavailable")
+    assert (out.failed, out.reason, out.code) == ("jwt", "keys unavailable", "keys_unavailable")
     assert out.detail == "no keys for https://as.test: None"
     assert isinstance(out.unavailable, KeysUnavailable)
     assert (out.unavailable.issuer, out.unavailable.retry_after) == ("https://as.test", 1)
-    assert remote.fetches == 0  # check() never fetches on the request path
+    assert remote.fetches == 0  # a check never fetches on the request path
 
 
 def test_a_password_longer_than_bcrypt_reads_is_compared_on_its_first_72_bytes() -> None:

@@ -1,4 +1,4 @@
-"""IP parsing, CIDR sets and block-list lines (conformance Part 1 item 9, I-04)."""
+"""IP parsing, CIDR sets and block-list lines."""
 
 from __future__ import annotations
 

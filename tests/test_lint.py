@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from authgate.core.model import LimitSpec, Policy
+from authgate.core.model import LimitSpec, Policy, plain_http
 from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
 from authgate.policy.load import parse_policy
 from authgate.runtime.stores import MemoryStore
-from authgate.tools import lint as lint_module
-from authgate.tools.lint import at_least_as_strict, covers, lint, overlaps, plain_http, rule_covers
+from authgate.tools.lint import at_least_as_strict, covers, lint, overlaps, rule_covers
 
 HTPASSWD = Path(__file__).resolve().parent.parent / "policies" / "users.htpasswd"
 BASIC_HEAD = "authn:\n  basic: {htpasswd: HTPASSWD}\n"
@@ -378,13 +377,17 @@ def test_credentials_in_clear(head: str, listen: str, expected: list[tuple[str, 
     ("0.0.0.0:8080", [("credentials-in-clear", 3)]),
     ("http://gw.test", [("credentials-in-clear", 3)]),
     ("https://gw.test", []),
+    ("[::1]:8080", []),
+    ("localhost:8080", []),
+    ("http://127.5.5.5:8080", []),
+    ("[2001:db8::1]:8080", [("credentials-in-clear", 3)]),
     (None, []),
 ])  # fmt: skip
-def test_credentials_in_clear_once_there_are_such_credentials(
-    monkeypatch: pytest.MonkeyPatch, listen: str | None, expected: list[tuple[str, int]]
+def test_credentials_in_clear_by_listener(
+    listen: str | None, expected: list[tuple[str, int]]
 ) -> None:
-    monkeypatch.setattr(lint_module, "_reusable_in_clear", lambda p: [("Basic credentials", 3)])
-    p = policy("  - {name: a, match: {path: /a}, allow: authenticated}\n")
+    text = BASIC_HEAD.replace("HTPASSWD", str(HTPASSWD))
+    p = policy("  - {name: a, match: {path: /a}, allow: authenticated}\n", text)
     assert found(p, listen) == expected
     if expected:
         assert (

@@ -1,4 +1,4 @@
-"""canonicalize() and PathPattern: conformance N-02..N-07 and Part 1 item 7."""
+"""canonicalize() and PathPattern."""
 
 from __future__ import annotations
 

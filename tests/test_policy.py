@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from authgate.core import conditions as c
 from authgate.core.model import LimitSpec, Policy, normalize_host
 from authgate.core.ratelimit import Rate
-from authgate.policy.load import load_policy, parse_duration, parse_policy
+from authgate.policy.load import load_policy, parse_policy
 from authgate.policy.marks import PolicyError
+from authgate.policy.values import parse_duration
 from authgate.tools import keys
 
 REPO = Path(__file__).resolve().parents[1]

@@ -589,7 +589,7 @@ def test_exp_checked_against_given_now() -> None:
 
 
 def test_nbf_checked_against_given_now() -> None:
-    """decide() reads time only through the clock it is given (architecture.md)."""
+    """The core reads time only through the clock it is given (docs/architecture.md)."""
     wall = time.time()
     token = sign(claims(wall, nbf=int(wall) - 60, iat=int(wall) - 3600))
     expect_rejected((ISSUER_A,), token, wall - 3600, NOT_YET)

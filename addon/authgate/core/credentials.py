@@ -1,9 +1,9 @@
 """Finding and verifying credentials: bearer JWTs (header, cookie, query),
 API keys and Basic.
 
-`authenticate()` is pure given the verifiers' state; the slow or remote parts
-(bcrypt, JWKS fetches) are warmed by the addon before `decide()` runs, and
-called directly, blocking, by the command-line tools.
+`find()` locates the credential a request presents; one `Verifier` per kind
+describes, challenges and checks it, and names the slow work (a bcrypt check,
+a key fetch) the gateway does off the event loop before `decide()`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,22 @@ import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import parse_qsl
 
 import bcrypt
 
 from authgate.core.identity import Identity
-from authgate.core.tokens import Issuer, KeysUnavailable, TokenCache, TokenRejected, verify
+from authgate.core.keyset import RemoteKeys
+from authgate.core.tokens import (
+    Issuer,
+    KeysUnavailable,
+    TokenCache,
+    TokenRejected,
+    describe_token,
+    unverified_kid,
+    verify,
+)
 
 JWT = "jwt"
 API_KEY = "api_key"
@@ -268,23 +278,115 @@ class Outcome:
     unavailable: KeysUnavailable | None = None
 
 
-def check(
-    presented: Presented,
-    api_keys: ApiKeys | None,
-    basic: BasicUsers | None,
-    cache: TokenCache,
-    now: float,
-) -> Outcome:
-    if presented.kind == JWT:
+# --- verifiers: one per credential kind -------------------------------------------------
+
+Challenge = tuple[str, tuple[tuple[str, str], ...]]  # (scheme, parameters after realm)
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordCheck:
+    """Slow work: a bcrypt check of Basic credentials not seen recently."""
+
+    user: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFetch:
+    """Slow work: fetch an issuer's keys (never fetched yet, or an unknown kid)."""
+
+    source: RemoteKeys
+    kid: str | None
+    reason: str  # "cold start" or "unknown kid"
+
+
+Work = PasswordCheck | KeyFetch
+
+
+class Verifier(Protocol):
+    """What the decision needs of a credential kind. `find` (above) locates
+    every kind at once, because sending two is itself an answer (400)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def label(self) -> str:
+        """For people: "bearer token"."""
+        ...
+
+    def challenge(self) -> Challenge:
+        """The WWW-Authenticate challenge a 401 names this kind with."""
+        ...
+
+    def describe(self, presented: Presented) -> str:
+        """What was sent, for traces: never a whole token, key or password."""
+        ...
+
+    def slow_work(self, presented: Presented, now: float) -> Work | None:
+        """What must happen before `check` can answer without blocking."""
+        ...
+
+    def check(self, presented: Presented, now: float) -> Outcome:
+        """Verify: an identity, or why not."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class JwtVerifier:
+    cache: TokenCache  # tokens already verified against this policy's keys
+    kind: str = JWT
+    label: str = "bearer token"
+
+    def challenge(self) -> Challenge:
+        return ("Bearer", ())
+
+    def describe(self, presented: Presented) -> str:
+        where = "" if presented.via == "authorization" else f" from the {presented.via}"
+        return f"bearer token {describe_token(presented.value)}{where}"
+
+    def slow_work(self, presented: Presented, now: float) -> Work | None:
+        remote = [i for i in presented.issuers if i.remote is not None]
+        if not remote:
+            return None
+        iss, kid = unverified_kid(presented.value)
+        for issuer in remote:
+            source = issuer.remote
+            assert source is not None
+            if len(presented.issuers) > 1 and issuer.issuer != iss:
+                continue
+            if not source.loaded:
+                return KeyFetch(source, None, "cold start") if source.due() else None
+            if kid is not None and source.lookup(kid) is None and source.may_refresh_for(kid):
+                return KeyFetch(source, kid, "unknown kid")
+        return None
+
+    def check(self, presented: Presented, now: float) -> Outcome:
         try:
-            return Outcome(verify(presented.issuers, presented.value, now, cache))
+            return Outcome(verify(presented.issuers, presented.value, now, self.cache))
         except TokenRejected as e:
             return Outcome(failed=JWT, reason=e.reason, code=e.code, detail=e.detail)
         except KeysUnavailable as e:
             return Outcome(failed=JWT, reason=e.reason, code=e.code, detail=e.detail, unavailable=e)
-    if presented.kind == API_KEY:
-        assert api_keys is not None
-        who = api_keys.verify(presented.value)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyVerifier:
+    keys: ApiKeys
+    kind: str = API_KEY
+    label: str = "API key"
+
+    def challenge(self) -> Challenge:
+        return ("ApiKey", (("header", self.keys.header),))
+
+    def describe(self, presented: Presented) -> str:
+        return f"API key {presented.value[:4]}… in {presented.via}"
+
+    def slow_work(self, presented: Presented, now: float) -> Work | None:
+        return None
+
+    def check(self, presented: Presented, now: float) -> Outcome:
+        who = self.keys.verify(presented.value)
         if who is None:
             return Outcome(
                 failed=API_KEY,
@@ -293,13 +395,38 @@ def check(
                 detail="unknown key",
             )
         return Outcome(who)
-    assert basic is not None
-    user, _, password = presented.value.partition(":")
-    if not basic.check(user, password, now):
-        return Outcome(
-            failed=BASIC,
-            reason="The user name or password is wrong",
-            code="wrong_password",
-            detail=f"user {user[:40]!r}",
-        )
-    return Outcome(basic.identity(user))
+
+
+@dataclass(frozen=True, slots=True)
+class BasicVerifier:
+    users: BasicUsers
+    kind: str = BASIC
+    label: str = "Basic credentials"
+
+    def challenge(self) -> Challenge:
+        return ("Basic", (("charset", "UTF-8"),))
+
+    def describe(self, presented: Presented) -> str:
+        return f"Basic credentials for user {presented.value.partition(':')[0][:40]!r}"
+
+    def slow_work(self, presented: Presented, now: float) -> Work | None:
+        user, _, password = presented.value.partition(":")
+        if self.users.cached(user, password, now) is None:
+            return PasswordCheck(user, password)
+        return None
+
+    def check(self, presented: Presented, now: float) -> Outcome:
+        user, _, password = presented.value.partition(":")
+        if not self.users.check(user, password, now):
+            return Outcome(
+                failed=BASIC,
+                reason="The user name or password is wrong",
+                code="wrong_password",
+                detail=f"user {user[:40]!r}",
+            )
+        return Outcome(self.users.identity(user))
+
+
+# The order challenges are listed in a 401 (RFC 9110 §11.6.1: Basic first, as
+# some clients read only the first).
+CHALLENGE_ORDER = (BASIC, JWT, API_KEY)

@@ -24,15 +24,22 @@ from urllib.parse import quote, unquote_plus
 
 from authgate.core import conditions as c
 from authgate.core.clientip import ClientIP, resolve
-from authgate.core.credentials import API_KEY, BASIC, JWT, Ambiguous, Presented, check, find
+from authgate.core.credentials import (
+    API_KEY,
+    BASIC,
+    JWT,
+    Ambiguous,
+    Challenge,
+    Presented,
+    Work,
+    find,
+)
 from authgate.core.identity import Identity
 from authgate.core.ipset import parse_ip
-from authgate.core.keyset import RemoteKeys
-from authgate.core.model import Challenge, LimitSpec, Policy, Rule, challenges_for, normalize_host
+from authgate.core.model import LimitSpec, Policy, Rule, challenges_for, normalize_host
 from authgate.core.negotiation import is_browser_navigation
 from authgate.core.paths import AmbiguousPath, CanonicalPath, canonicalize
 from authgate.core.ratelimit import Limiter, Verdict
-from authgate.core.tokens import describe_token, unverified_kid
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,19 +195,6 @@ def _login_location(login_url: str, target: str) -> str:
     return f"{login_url}{separator}next={quote(target, safe='')}"
 
 
-_KIND_NAMES = {JWT: "bearer token", API_KEY: "API key", BASIC: "Basic credentials"}
-
-
-def _describe(presented: Presented) -> str:
-    """What was sent, for traces: never a whole token, key or password."""
-    if presented.kind == JWT:
-        where = "" if presented.via == "authorization" else f" from the {presented.via}"
-        return f"bearer token {describe_token(presented.value)}{where}"
-    if presented.kind == API_KEY:
-        return f"API key {presented.value[:4]}… in {presented.via}"
-    return f"Basic credentials for user {presented.value.partition(':')[0][:40]!r}"
-
-
 def identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
     if who is None:
         return ()
@@ -247,26 +241,6 @@ def bad_header(headers: tuple[tuple[str, str], ...]) -> str | None:
         if _FIELD_CTL.search(value) or _FIELD_CTL.search(name):
             return name
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class PasswordCheck:
-    """Slow work: a bcrypt check of Basic credentials not seen recently."""
-
-    user: str
-    password: str
-
-
-@dataclass(frozen=True, slots=True)
-class KeyFetch:
-    """Slow work: fetch an issuer's keys (never fetched yet, or an unknown kid)."""
-
-    source: RemoteKeys
-    kid: str | None
-    reason: str  # "cold start" or "unknown kid"
-
-
-Work = PasswordCheck | KeyFetch
 
 
 @dataclass(slots=True)
@@ -457,30 +431,9 @@ def prepare(
         params,
         presented,
         malformed is not None,
-        _slow_work(policy, presented, now) if presented is not None else None,
+        policy.verifiers[presented.kind].slow_work(presented, now) if presented else None,
         t,
     )
-
-
-def _slow_work(policy: Policy, presented: Presented, now: float) -> Work | None:
-    """What must happen before `decide` can verify this credential."""
-    if presented.kind == BASIC and policy.basic is not None:
-        user, _, password = presented.value.partition(":")
-        if policy.basic.cached(user, password, now) is None:
-            return PasswordCheck(user, password)
-        return None
-    if presented.kind != JWT or not policy.slow_credentials:
-        return None
-    iss, kid = unverified_kid(presented.value)
-    for issuer in presented.issuers:
-        source = issuer.remote
-        if source is None or (len(presented.issuers) > 1 and issuer.issuer != iss):
-            continue
-        if not source.loaded:
-            return KeyFetch(source, None, "cold start") if source.due() else None
-        if kid is not None and source.lookup(kid) is None and source.may_refresh_for(kid):
-            return KeyFetch(source, kid, "unknown kid")
-    return None
 
 
 def _denial(
@@ -572,9 +525,10 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 else "credentials: none the rule accepts"
             )
     else:
+        verifier = policy.verifiers[presented.kind]
         if t.on:
-            t(f"credentials: {_describe(presented)}")
-        outcome = check(presented, policy.api_keys, policy.basic, policy.token_cache, now)
+            t(f"credentials: {verifier.describe(presented)}")
+        outcome = verifier.check(presented, now)
         if outcome.unavailable is not None:
             if t.on:
                 t(f"credentials: cannot verify, {outcome.detail}")
@@ -584,17 +538,14 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
             )
         if outcome.failed is not None:
             if t.on:
-                t(
-                    f"credentials: {_KIND_NAMES[presented.kind]} rejected: "
-                    f"{outcome.reason} ({outcome.detail})"
-                )
+                t(f"credentials: {verifier.label} rejected: {outcome.reason} ({outcome.detail})")
             if outcome.failed == JWT:
                 bearer = (("error", "invalid_token"), ("error_description", outcome.reason))
                 return deny(
                     401,
                     INVALID_TOKEN,
                     detail=outcome.code,
-                    challenges=challenges_for(policy.api_keys, rule, bearer),
+                    challenges=challenges_for(policy, rule, bearer),
                 )
             return deny(
                 401,
@@ -610,10 +561,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 if presented.via in ("authorization", API_KEY)
                 else f" (from the {presented.via})"
             )
-            t(
-                f"credentials: {_KIND_NAMES[presented.kind]} for {who.subject!r} from "
-                f"{who.issuer}{where}"
-            )
+            t(f"credentials: {verifier.label} for {who.subject!r} from {who.issuer}{where}")
     if not rule.allow.holds(who, params):
         if t.on:
             t(f"condition: {describe(rule.allow, who, params)} is false")

@@ -191,3 +191,15 @@ def read_cidr_lines(
         except ValueError as e:
             return out, (number, str(e))
     return out, None
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost`, or an address in 127.0.0.0/8 or ::1 (brackets allowed)."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        family, value = parse_ip(host)
+    except ValueError:
+        return False
+    return value >> 24 == 127 if family == 4 else value == 1

@@ -14,13 +14,14 @@ again. No I/O: `authgate.runtime.jwks` fetches and hands the result here.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from authgate.core.ipset import is_loopback_host
 
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
 
@@ -45,16 +46,6 @@ def find_key(keys: Sequence[VerifyKey], kid: object) -> VerifyKey | None:
     return None
 
 
-def is_loopback_url(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(url: str, allow_http: bool) -> None:
     """Raise ValueError for a key-set address the policy must not use."""
     parts = urllib.parse.urlsplit(url)
@@ -62,7 +53,7 @@ def check_url(url: str, allow_http: bool) -> None:
         raise ValueError(f"{url!r} is not an http(s) URL")
     if parts.username or parts.password:
         raise ValueError(f"{url!r} must not carry credentials")
-    if parts.scheme == "http" and not allow_http and not is_loopback_url(url):
+    if parts.scheme == "http" and not allow_http and not is_loopback_host(parts.hostname):
         raise ValueError(f"{url!r} is plain http to a non-loopback host (set allow_http: true)")
 
 

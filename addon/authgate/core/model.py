@@ -9,8 +9,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from authgate.core import conditions as c
-from authgate.core.credentials import API_KEY, BASIC, JWT, ApiKeys, BasicUsers
-from authgate.core.ipset import IPSet
+from authgate.core.credentials import (
+    API_KEY,
+    BASIC,
+    CHALLENGE_ORDER,
+    JWT,
+    ApiKeys,
+    ApiKeyVerifier,
+    BasicUsers,
+    BasicVerifier,
+    Challenge,
+    JwtVerifier,
+    Verifier,
+)
+from authgate.core.ipset import IPSet, is_loopback_host
 from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
 from authgate.core.tokens import Issuer, TokenCache
@@ -88,9 +100,21 @@ class Policy:
     # Credentials that need work off the request path first (bcrypt, JWKS fetches).
     slow_credentials: bool = field(default=False, init=False, compare=False)
     rule_index: dict[str, Rule] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # One verifier per credential kind the policy configures.
+    verifiers: dict[str, Verifier] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule_index", {r.name: r for r in self.rules})
+        verifiers: dict[str, Verifier] = {}
+        if self.issuers:
+            verifiers[JWT] = JwtVerifier(self.token_cache)
+        if self.api_keys is not None:
+            verifiers[API_KEY] = ApiKeyVerifier(self.api_keys)
+        if self.basic is not None:
+            verifiers[BASIC] = BasicVerifier(self.basic)
+        object.__setattr__(self, "verifiers", verifiers)
         slow = self.basic is not None or any(i.remote is not None for i in self.issuers)
         object.__setattr__(self, "slow_credentials", slow)
         object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
@@ -100,24 +124,49 @@ class Policy:
             late = self.late_limits + tuple(x for x in rule.limits if x not in early)
             object.__setattr__(rule, "early_limits", early)
             object.__setattr__(rule, "late_limits", late)
-            object.__setattr__(rule, "challenges", challenges_for(self.api_keys, rule))
-
-
-Challenge = tuple[str, tuple[tuple[str, str], ...]]  # (scheme, parameters after realm)
+            object.__setattr__(rule, "challenges", challenges_for(self, rule))
 
 
 def challenges_for(
-    api_keys: ApiKeys | None, rule: Rule, bearer: tuple[tuple[str, str], ...] = ()
+    policy: Policy, rule: Rule, bearer: tuple[tuple[str, str], ...] = ()
 ) -> tuple[Challenge, ...]:
-    """One challenge per scheme the rule accepts, Basic first (RFC 9110 §11.6.1)."""
+    """One challenge per kind the rule accepts, in CHALLENGE_ORDER; `bearer`:
+    parameters for the Bearer one (error="invalid_token", ...)."""
     out: list[Challenge] = []
-    if BASIC in rule.accept:
-        out.append(("Basic", (("charset", "UTF-8"),)))
-    if JWT in rule.accept:
-        out.append(("Bearer", bearer))
-    if API_KEY in rule.accept and api_keys is not None:
-        out.append(("ApiKey", (("header", api_keys.header),)))
+    for kind in CHALLENGE_ORDER:
+        verifier = policy.verifiers.get(kind)
+        if kind in rule.accept and verifier is not None:
+            scheme, params = verifier.challenge()
+            out.append((scheme, bearer if kind == JWT and bearer else params))
     return tuple(out)
+
+
+def plain_http(listen: str) -> bool:
+    """Whether a listener address takes plain HTTP: `http://…` or a bare
+    `HOST:PORT` (what `authgate run --listen` takes) yes, `https://…` no."""
+    return not listen.strip().lower().startswith("https://")
+
+
+def listen_host(listen: str) -> str:
+    """The host of `HOST:PORT`, `[V6]:PORT` or `scheme://HOST:PORT`."""
+    hostport = listen.split("://", 1)[-1]
+    return hostport.rsplit(":", 1)[0] if ":" in hostport else hostport
+
+
+def credentials_in_clear(policy: Policy, listen: str) -> list[tuple[str, int | None]]:
+    """(credential kind, policy line) of what an eavesdropper could replay as
+    it is, if this listener took it: HTTP Basic passwords and query-string
+    tokens (which also end up in proxy and server logs) on a plain-HTTP
+    listener beyond loopback. [] when the listener is safe."""
+    if not plain_http(listen) or is_loopback_host(listen_host(listen)):
+        return []
+    out: list[tuple[str, int | None]] = []
+    if policy.basic is not None:
+        out.append(("Basic credentials", policy.basic.line or None))
+    for issuer in policy.issuers:
+        if issuer.query_param:
+            out.append((f"query-string tokens ({issuer.query_param})", issuer.line or None))
+    return out
 
 
 def normalize_host(host: str) -> str:

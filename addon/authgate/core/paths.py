@@ -2,8 +2,8 @@
 
 The gateway judges the path the backend will receive and forwards exactly
 that path. `canonicalize()` turns a raw request target into that path, or
-raises `AmbiguousPath` for anything some backend might read differently
-(conformance Part 1, item 7). `PathPattern` matches canonical segments.
+raises `AmbiguousPath` for anything some backend might read differently.
+`PathPattern` matches canonical segments.
 """
 
 from __future__ import annotations

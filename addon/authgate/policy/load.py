@@ -41,11 +41,8 @@ from authgate.core.tokens import (
 )
 from authgate.policy.marks import MarkedDict, MarkedList, PolicyError, load
 from authgate.policy.marks import describe_value as _kind
+from authgate.policy.values import HEADER_NAME, METHOD, parse_duration
 
-_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
-_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Characters allowed inside a quoted-string realm that we generate ourselves.
 _SAFE_REALM = re.compile(r"^[\x20\x21\x23-\x5B\x5D-\x7E]+$")
 # Names that appear in response headers must need no quoting or escaping:
@@ -182,7 +179,7 @@ class _Builder:
         header = None
         if key_text in ("ip", "subject"):
             key = key_text
-        elif key_text.startswith("header:") and _HEADER_NAME.match(key_text[7:].strip()):
+        elif key_text.startswith("header:") and HEADER_NAME.match(key_text[7:].strip()):
             key, header = "header", key_text[7:].strip().lower()
         else:
             raise self.error(
@@ -338,7 +335,7 @@ class _Builder:
         scope_claim = self.get(d, "scope_claim", str, where, "scope")
         require_exp = self.get(d, "require_exp", bool, where, True)
         cookie = self.get(d, "cookie", str, where)
-        if cookie is not None and not _HEADER_NAME.match(cookie):
+        if cookie is not None and not HEADER_NAME.match(cookie):
             raise self.error(self.line_of(d, "cookie"), f"{cookie!r} is not a cookie name")
         query_param = self.get(d, "query_param", str, where)
         if query_param is not None and not query_param:
@@ -376,7 +373,7 @@ class _Builder:
         d = self.mapping(value, "authn.api_keys", line)
         self.keys(d, {"header", "keys"}, "authn.api_keys", {"keys"})
         header = self.get(d, "header", str, "authn.api_keys", "X-API-Key")
-        if not _HEADER_NAME.match(header) or header.lower() in ("authorization", "cookie"):
+        if not HEADER_NAME.match(header) or header.lower() in ("authorization", "cookie"):
             raise self.error(self.line_of(d, "header"), f"{header!r} cannot carry API keys")
         items = self.get(d, "keys", list, "authn.api_keys")
         by_digest: dict[bytes, ApiKey] = {}
@@ -524,7 +521,7 @@ class _Builder:
             if not items:
                 raise self.error(self.line_of(match, "methods"), "methods must not be empty")
             for m_line, m in items:
-                if not _METHOD.match(m):
+                if not METHOD.match(m):
                     raise self.error(m_line, f"method {m!r} must be an upper-case HTTP method")
             methods = frozenset(m for _, m in items)
         host = self.get(match, "host", str, f"{where} match")
@@ -711,16 +708,6 @@ def _unique(
         if k in seen:
             raise b.error(line, f"duplicate {what} {k!r}")
         seen.add(k)
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from `30`, `30s`, `5m`, `1h` or `1d`. Raises ValueError."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    m = _DURATION.match(value) if isinstance(value, str) else None
-    if not m:
-        raise ValueError(f"expected a duration like 30s, 5m or 1h, not {value!r}")
-    return float(int(m.group(1)) * _UNITS[m.group(2)])
 
 
 def parse_policy(text: str, file: str = "<policy>", base: Path | None = None) -> Policy:

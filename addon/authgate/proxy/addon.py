@@ -20,13 +20,12 @@ from typing import IO, Any
 
 from mitmproxy import command, ctx, exceptions, flow, http
 
+from authgate.core.credentials import KeyFetch, PasswordCheck
 from authgate.core.decision import (
     ALLOWED,
     FORBIDDEN,
     RATE_LIMITED,
     Decision,
-    KeyFetch,
-    PasswordCheck,
     Prepared,
     RequestView,
     decide,
@@ -34,7 +33,7 @@ from authgate.core.decision import (
 )
 from authgate.core.explanation import explain as explain_request
 from authgate.core.ipset import normalize_ip
-from authgate.core.model import IDENTITY_HEADERS, Policy, Rule
+from authgate.core.model import IDENTITY_HEADERS, Policy, Rule, credentials_in_clear
 from authgate.core.responses import Rendered, challenge, render, render_error
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
@@ -74,7 +73,7 @@ def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
     # mitmproxy would still send "100 Continue" and read the body we refuse.
     flow.request.headers.pop("expect", None)
     # Setting a response on a streamed request crashes mitmproxy (see
-    # mitmproxy-facts §1); this request is answered here, so never stream it.
+    # mitmproxy 11 and 12); this request is answered here, so never stream it.
     flow.request.stream = False
 
 
@@ -202,7 +201,7 @@ class Gateway:
                 "(for example policies/example.yaml). Every request is answered 503."
             )
             return
-        self._warn_basic_in_clear(self.policy)
+        self._warn_in_clear(self.policy)
         loop = asyncio.get_running_loop()
         self._reloading = asyncio.Lock()
         self._tasks = [loop.create_task(self._keep_keys_fresh()), loop.create_task(self._watch())]
@@ -280,18 +279,16 @@ class Gateway:
             await asyncio.sleep(min(max(wait, 0.5), 60.0))
 
     @staticmethod
-    def _warn_basic_in_clear(policy: Policy) -> None:
-        if policy.basic is None:
-            return
+    def _warn_in_clear(policy: Policy) -> None:
         for mode in ctx.options.mode:
             listen = mode.rpartition("@")[2] if "@" in mode else ""
-            host = listen.rpartition(":")[0].strip("[]") if ":" in listen else ""
-            if host in ("127.0.0.1", "localhost", "::1"):
-                continue
-            logger.warning(
-                f"authgate: Basic credentials are accepted on {listen or 'all interfaces'}; "
-                "unless clients connect with TLS, passwords cross the network in clear text"
-            )
+            where = listen or f"*:{ctx.options.listen_port or 8080}"
+            for kind, line in credentials_in_clear(policy, where):
+                at = f" ({policy.file}:{line})" if line else ""
+                logger.warning(
+                    f"authgate: {kind}{at} are accepted on {listen or 'all interfaces'}; "
+                    "unless clients connect with TLS, they cross the network in clear text"
+                )
 
     # --- commands ----------------------------------------------------------------
 

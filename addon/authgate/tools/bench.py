@@ -40,7 +40,7 @@ def bench_decide(policy_path: Path) -> list[tuple[str, float]]:
 
     def view(target: str, token: str | None = None, peer: str = "127.0.0.1") -> RequestView:
         headers = (("authorization", f"Bearer {token}"),) if token else ()
-        return RequestView("GET", target, headers, peer)
+        return RequestView.build("GET", target, headers, peer)
 
     cases = {
         "public route, no token (200)": view("/health"),
@@ -81,7 +81,7 @@ def bench_blocklist(entries: int = 1_000_000) -> tuple[float, float]:
         policy = parse_policy(text, str(folder / "p.yaml"), folder)
         load_s = time.perf_counter() - start
     probe = [format_ip(4, rng.getrandbits(32)) for _ in range(1000)]
-    req = [RequestView("GET", "/x", (), ip) for ip in probe]
+    req = [RequestView.build("GET", "/x", (), ip) for ip in probe]
     limiter = MemoryStore()
     i = 0
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from authgate.core.credentials import hash_key
 from authgate.core.model import Policy
-from authgate.policy.load import load_policy, parse_duration
+from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
+from authgate.policy.values import parse_duration
 from authgate.proxy.runner import serve
 from authgate.runtime.stores import MemoryStore
 from authgate.tools import demo
@@ -231,12 +232,10 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"authgate token: cannot load the private key {args.key}: {e}", file=sys.stderr)
         return 2
     try:
-        ttl = parse_duration(args.ttl.lstrip("-"))
+        ttl = parse_duration(args.ttl, signed=True)
     except ValueError as e:
         print(f"authgate token: --ttl: {e}", file=sys.stderr)
         return 2
-    if args.ttl.startswith("-"):
-        ttl = -ttl
     print(
         mint(
             key,

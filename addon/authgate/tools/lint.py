@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from authgate.core import conditions as c
-from authgate.core.model import LimitSpec, Policy, Rule
+from authgate.core.model import LimitSpec, Policy, Rule, credentials_in_clear
 from authgate.core.paths import PathPattern
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "covers",
     "lint",
     "overlaps",
-    "plain_http",
     "rule_covers",
     "rules_overlap",
 ]
@@ -269,32 +268,8 @@ def _limits(policy: Policy, shadowed: set[str]) -> list[Finding]:
     return out
 
 
-def plain_http(listen: str) -> bool:
-    """Whether a listener address takes plain HTTP: `http://…` or a bare
-    `HOST:PORT` (what `authgate run --listen` takes) yes, `https://…` no."""
-    return not listen.strip().lower().startswith("https://")
-
-
-def _reusable_in_clear(policy: Policy) -> list[tuple[str, int | None]]:
-    """(credential kind, line) of credentials a policy accepts that an
-    eavesdropper can replay as they are: HTTP Basic passwords and tokens in the
-    query string (which also end up in proxy and server logs)."""
-    out: list[tuple[str, int | None]] = []
-    if policy.basic is not None:
-        out.append(("Basic credentials", policy.basic.line or None))
-    for issuer in policy.issuers:
-        if issuer.query_param:
-            out.append((f"query-string tokens ({issuer.query_param})", issuer.line or None))
-    return out
-
-
-def _loopback(listen: str) -> bool:
-    host = listen.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]").lower()
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
 def _in_clear(policy: Policy, listen: str | None) -> list[Finding]:
-    if listen is None or not plain_http(listen) or _loopback(listen):
+    if listen is None:
         return []
     return [
         Finding(
@@ -304,7 +279,7 @@ def _in_clear(policy: Policy, listen: str | None) -> list[Finding]:
             f"{kind} are accepted on the plain-HTTP listener {listen}: anyone on the path "
             f"can read and replay them; listen with TLS",
         )
-        for kind, line in _reusable_in_clear(policy)
+        for kind, line in credentials_in_clear(policy, listen)
     ]
 
 

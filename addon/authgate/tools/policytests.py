@@ -208,7 +208,7 @@ def _request(case: Case, keys: dict[str, SigningKey], now: float) -> RequestView
     host = case.request.host
     if host is None:
         host = next((v for k, v in headers if k == "host"), None)
-    return RequestView(case.request.method, target, tuple(headers), case.request.ip, host)
+    return RequestView.build(case.request.method, target, headers, case.request.ip, host)
 
 
 def _issuer_of(keys: dict[str, SigningKey], spec: CaseToken) -> Issuer:
@@ -244,7 +244,7 @@ def run_case(policy: Policy, keys: dict[str, SigningKey], case: Case, now: float
     try:
         request = _request(case, keys, now)
     except ValueError as e:
-        empty = RequestView(case.request.method, case.request.target, (), case.request.ip)
+        empty = RequestView.build(case.request.method, case.request.target, (), case.request.ip)
         return Outcome(
             case, explain(policy, empty, now, MemoryStore()), (f"cannot sign the token: {e}",)
         )

@@ -50,8 +50,9 @@ class Recorded:
 
 def _view(method: str, target: str, headers: list[tuple[str, str]], peer: str,
           host: str | None) -> RequestView:  # fmt: skip
-    fields = tuple((k.lower(), v) for k, v in headers if not k.startswith(":"))
-    return RequestView(method.upper(), target, fields, peer, host)
+    """HTTP/2 pseudo-headers (`:authority`, ...) are not fields the gateway sees."""
+    fields = [(k, v) for k, v in headers if not k.startswith(":")]
+    return RequestView.build(method, target, fields, peer, host)
 
 
 def read_flows(path: Path, peer: str) -> list[Recorded]:

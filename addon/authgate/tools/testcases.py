@@ -12,7 +12,6 @@ Only the format lives here (parsed once into frozen values, every problem a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from authgate.core.ipset import parse_ip
 from authgate.policy.marks import MarkedDict, MarkedList, PolicyError, load
 from authgate.policy.marks import describe_value as _kind
+from authgate.policy.values import HEADER_NAME, METHOD, parse_duration
 
 __all__ = [
     "Case",
@@ -35,10 +35,6 @@ __all__ = [
 
 # The answers a test can expect: 200 stands for "forwarded to the backend".
 STATUSES = frozenset({200, 303, 400, 401, 403, 404, 429, 500, 503})
-_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_TTL = re.compile(r"^\s*(-)?\s*(\d+)\s*(s|m|h|d)?\s*$")
-_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_REPEAT = 10_000
 
 
@@ -93,13 +89,10 @@ def beside(policy_file: str | Path) -> Path:
 
 def parse_ttl(value: Any) -> float:
     """Seconds from `1h`, `-1h`, `30s`, `90`. Raises ValueError."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    m = _TTL.match(value) if isinstance(value, str) else None
-    if not m:
-        raise ValueError(f"ttl must be a duration like 1h, 30s or -1h, not {value!r}")
-    seconds = float(int(m.group(2)) * _UNITS[m.group(3)])
-    return -seconds if m.group(1) else seconds
+    try:
+        return parse_duration(value, signed=True)
+    except ValueError:
+        raise ValueError(f"ttl must be a duration like 1h, 30s or -1h, not {value!r}") from None
 
 
 class _Parser:
@@ -171,7 +164,7 @@ class _Parser:
         if "path" not in d:
             raise self.error(d.line, f"{where} needs 'path'")
         method = self.string(d, "method", where) if "method" in d else "GET"
-        if not _METHOD.match(method):
+        if not METHOD.match(method):
             raise self.error(d.key_lines["method"], f"method {method!r} must be upper-case")
         target = self.string(d, "path", where)
         ip = self.string(d, "ip", where) if "ip" in d else "127.0.0.1"
@@ -185,7 +178,7 @@ class _Parser:
             h = self.mapping(d["headers"], d.key_lines["headers"], f"{where}.headers")
             for hname, hvalue in h.items():
                 hline = h.key_lines[hname]
-                if not _HEADER_NAME.match(hname):
+                if not HEADER_NAME.match(hname):
                     raise self.error(hline, f"{hname!r} is not a header name")
                 values = hvalue if isinstance(hvalue, list) else [hvalue]
                 for v in values:
