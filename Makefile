@@ -6,16 +6,22 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install run test lint fix typecheck check bench clean
 
-install: $(STAMP)
+install: $(STAMP) policies/keys/jwks.json
 
 $(STAMP): pyproject.toml
+	@echo "authgate: installing into $(VENV) (about a minute the first time)..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The demo key pair the example policies and `authgate token` use.
+policies/keys/jwks.json: | $(STAMP)
+	$(BIN)/authgate demo-keys policies/keys
+
+# make run ARGS="--listen 127.0.0.1:18080 --backend 127.0.0.1:19000"
 run: install
-	$(BIN)/authgate demo
+	$(BIN)/authgate demo $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest

@@ -191,6 +191,10 @@ H2 = HASH_COLON.decode()
 ONLY_BCRYPT = "hash; only bcrypt is accepted (htpasswd -B)"
 
 
+def fix(user: str) -> str:
+    return f": set the password again with `htpasswd -B -C 10 FILE {user}`"
+
+
 @pytest.mark.parametrize(
     ("text", "users"),
     [
@@ -207,7 +211,9 @@ ONLY_BCRYPT = "hash; only bcrypt is accepted (htpasswd -B)"
         P(f"  alice:{H}  \n", {"alice": H}, id="surrounding-spaces"),
         P("", {}, id="empty-file"),
         P("# only a comment\n", {}, id="only-comments"),
-        P(f"alice:$2b$08${H[7:]}\n", {"alice": f"$2b$08${H[7:]}"}, id="cost-08-is-enough"),
+        P(f"alice:$2b$08${H[7:]}\n", {"alice": f"$2b$08${H[7:]}"}, id="cost-08"),
+        P(f"alice:$2y$05${H[7:]}\n", {"alice": f"$2y$05${H[7:]}"}, id="htpasswd-B-default-05"),
+        P(f"alice:{HASH_LOW_COST.decode()}\n", {"alice": HASH_LOW_COST.decode()}, id="cost-04"),
         P(f"alice:$2b$12${H[7:]}\n", {"alice": f"$2b$12${H[7:]}"}, id="cost-12"),
     ],
 )
@@ -222,46 +228,45 @@ def test_parse_htpasswd_accepts(text: str, users: dict[str, str]) -> None:
     [
         P(
             "alice:$apr1$JxSX5TkP$fJOXOsAvW.0x4jr0U8V7a0\n",
-            (1, f"user 'alice' has an apr1/MD5 {ONLY_BCRYPT}"),
+            (1, f"user 'alice' has an apr1/MD5 {ONLY_BCRYPT}{fix('alice')}"),
             id="apr1",
         ),
         P(
             "alice:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=\n",
-            (1, f"user 'alice' has a SHA-1 {ONLY_BCRYPT}"),
+            (1, f"user 'alice' has a SHA-1 {ONLY_BCRYPT}{fix('alice')}"),
             id="sha1",
         ),
         P(
             "alice:rqXexS6ZhobKA\n",
-            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}"),
+            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}{fix('alice')}"),
             id="crypt",
         ),
         P(
             "alice:secret\n",
-            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}"),
+            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}{fix('alice')}"),
             id="plain-text",
         ),
-        P("alice:\n", (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}"), id="empty-hash"),
+        P(
+            "alice:\n",
+            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}{fix('alice')}"),
+            id="empty-hash",
+        ),
         P(
             f"alice:$2x${H[4:]}\n",
-            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}"),
+            (1, f"user 'alice' has a crypt/plain-text {ONLY_BCRYPT}{fix('alice')}"),
             id="bcrypt-2x-prefix",
         ),
         P("alice\n", (1, "expected user:hash"), id="missing-colon"),
         P(f":{H}\n", (1, "expected user:hash"), id="empty-user"),
         P(f"alice:{H}\nalice:{H2}\n", (2, "user 'alice' appears twice"), id="duplicate-user"),
         P(
-            f"alice:{HASH_LOW_COST.decode()}\n",
-            (1, "user 'alice': bcrypt cost 04 is too low (>= 8)"),
-            id="cost-04",
-        ),
-        P(
-            f"alice:$2b$07${H[7:]}\n",
-            (1, "user 'alice': bcrypt cost 07 is too low (>= 8)"),
-            id="cost-07",
+            f"alice:$2b$03${H[7:]}\n",
+            (1, "user 'alice': bcrypt cost 03 is not valid (>= 4)"),
+            id="cost-03",
         ),
         P(
             f"# comment\n\nalice:{H}\nbob:secret\n",
-            (4, f"user 'bob' has a crypt/plain-text {ONLY_BCRYPT}"),
+            (4, f"user 'bob' has a crypt/plain-text {ONLY_BCRYPT}{fix('bob')}"),
             id="line-number-counts-comments-and-blanks",
         ),
     ],

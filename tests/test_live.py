@@ -352,9 +352,26 @@ def test_metrics_endpoint(
     wait_for(lambda: gw.addon.reloads == 1)
     metrics = scrape(port)
     decisions = metrics["authgate_decisions"]
-    assert value(decisions, "authgate_decisions_total", status="0", reason="allowed") == 2
-    assert value(decisions, "authgate_decisions_total", status="401", reason="invalid_token") == 1
-    assert value(decisions, "authgate_decisions_total", status="400", reason="bad_path") == 1
+    assert (
+        value(decisions, "authgate_decisions_total", decision="allow", status="0", reason="allowed")
+        == 2
+    )
+    assert (
+        value(
+            decisions,
+            "authgate_decisions_total",
+            decision="deny",
+            status="401",
+            reason="invalid_token",
+        )
+        == 1
+    )
+    assert (
+        value(
+            decisions, "authgate_decisions_total", decision="deny", status="400", reason="bad_path"
+        )
+        == 1
+    )
     lint = metrics["authgate_upstream_lint_findings"]
     assert (
         value(lint, "authgate_upstream_lint_findings_total", finding="401_without_challenge") == 1

@@ -71,7 +71,12 @@ def parser() -> argparse.ArgumentParser:
     tok.add_argument("--aud", default=DEMO_AUDIENCE, help=f"audience ({DEMO_AUDIENCE})")
     tok.add_argument("--kid", default=DEMO_KID, help=f"key id ({DEMO_KID}); empty for none")
     tok.add_argument("--alg", default="RS256", help="algorithm (RS256)")
+    tok.add_argument("--typ", help="the `typ` header, e.g. at+jwt (RFC 9068 access tokens)")
     tok.set_defaults(func=_lazy("cmd_token"))
+
+    dk = sub.add_parser("demo-keys", help="make the demo key pair (what `make install` runs)")
+    dk.add_argument("folder", nargs="?", default="policies/keys", help="(policies/keys)")
+    dk.set_defaults(func=_lazy("cmd_demo_keys"))
 
     hk = sub.add_parser(
         "hash-key", help="print the SHA-256 digest of an API key read from standard input"
@@ -107,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--peer", help="the socket peer (default: --ip, else 127.0.0.1)")
     exp.add_argument("--token", metavar="JWT", help="shorthand for -H 'Authorization: Bearer JWT'")
     exp.add_argument("--at", metavar="TIME", help="judge as of this ISO 8601 time (default: now)")
+    exp.add_argument("--json", action="store_true", help="the decision as one JSON object")
     exp.set_defaults(func=_lazy("explain_command"))
 
     tst = sub.add_parser("test", help="run the test cases of policies")

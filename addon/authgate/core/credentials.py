@@ -38,6 +38,8 @@ API_KEY = "api_key"
 BASIC = "basic"
 KINDS = (JWT, API_KEY, BASIC)
 
+MIN_BCRYPT_COST = 4  # bcrypt's own minimum; htpasswd -B writes 5 by default
+WEAK_BCRYPT_COST = 10  # below this, `check` and the start-up log warn
 _BCRYPT = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -93,6 +95,13 @@ class BasicUsers:
     users: dict[str, BasicUser]
     remember: float = 300.0  # seconds a verified password is trusted without bcrypt
     line: int = 0  # where the policy configures it
+    file: str = ""  # the htpasswd file
+
+    def weak(self) -> list[tuple[str, int]]:
+        """(user, cost) of hashes below WEAK_BCRYPT_COST: cheap to guess offline."""
+        costs = [(name, int(u.hash[4:6])) for name, u in self.users.items()]
+        return [(name, cost) for name, cost in costs if cost < WEAK_BCRYPT_COST]
+
     _salt: bytes = field(default_factory=lambda: bcrypt.gensalt())
     _known: dict[bytes, tuple[bool, float]] = field(default_factory=dict)
 
@@ -157,11 +166,15 @@ def parse_htpasswd(text: str) -> tuple[dict[str, bytes], tuple[int, str] | None]
             )
             return users, (
                 number,
-                f"user {user!r} has {kind} hash; only bcrypt is accepted (htpasswd -B)",
+                f"user {user!r} has {kind} hash; only bcrypt is accepted (htpasswd -B): "
+                f"set the password again with `htpasswd -B -C 10 FILE {user}`",
             )
         cost = int(m.group(1))
-        if cost < 8:
-            return users, (number, f"user {user!r}: bcrypt cost {m.group(1)} is too low (>= 8)")
+        if cost < MIN_BCRYPT_COST:
+            return users, (
+                number,
+                f"user {user!r}: bcrypt cost {m.group(1)} is not valid (>= {MIN_BCRYPT_COST})",
+            )
         if cost > 31:
             return users, (number, f"user {user!r}: bcrypt cost {cost} is not valid (<= 31)")
         users[user] = hashed.encode()

@@ -260,18 +260,12 @@ class Prepared:
     t: _Trace
 
 
-def _report(policy: Policy, rule: Rule | None) -> bool:
-    if policy.mode_override:
-        return policy.mode_override == "report"
-    return (rule.mode if rule is not None and rule.mode else policy.mode) == "report"
-
-
 def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> Decision:
     """Report mode, decided here so that every caller sees it: a denial becomes
     a forwarded would-deny. Never for a forged header field, which would hand
     the backend a field nobody judged. An identity goes along only if proven
     (a 403 has one); an unparsable path is forwarded as received."""
-    if d.allowed or d.reason == BAD_HEADER or not _report(policy, rule):
+    if d.allowed or d.reason == BAD_HEADER or not (rule.report if rule else policy.report):
         return d
     target = d.path.target if d.path is not None else raw_target
     return replace(d, report=True, target=target, upstream_headers=identity_headers(d.identity))

@@ -13,6 +13,7 @@ import http
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from authgate.core.decision import Decision, RequestView, judge
 from authgate.core.ipset import normalize_ip
@@ -55,6 +56,32 @@ class Explanation:
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The decision as one JSON-ready object, for scripts."""
+        d = self.decision
+        who = d.identity
+        return {
+            "status": self.status,
+            "outcome": d.outcome,
+            "reason": d.reason,
+            "detail": d.detail or None,
+            "rule": d.rule,
+            "client_ip": d.client_ip,
+            "forwarded_target": d.target if d.forwarded else None,
+            "upstream_headers": dict(d.upstream_headers) if d.forwarded else {},
+            "response_headers": dict(self.response.headers) if self.response else {},
+            "identity": None
+            if who is None
+            else {
+                "subject": who.subject,
+                "issuer": who.issuer,
+                "method": who.method,
+                "roles": sorted(who.roles),
+                "scopes": sorted(who.scopes),
+            },
+            "trace": list(d.trace),
+        }
 
 
 def _status_line(status: int) -> str:

@@ -65,6 +65,7 @@ class Rule:
     early_limits: tuple[LimitSpec, ...] = field(default=(), compare=False)
     late_limits: tuple[LimitSpec, ...] = field(default=(), compare=False)
     challenges: tuple[Challenge, ...] = field(default=(), compare=False)
+    report: bool = field(default=False, compare=False)  # its effective mode is report
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,8 @@ class Policy:
     # Credentials that need work off the request path first (bcrypt, JWKS fetches).
     slow_credentials: bool = field(default=False, init=False, compare=False)
     rule_index: dict[str, Rule] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # Whether a denial with no rule (404, IP lists, 400s) is only reported.
+    report: bool = field(default=False, init=False, compare=False)
     # One verifier per credential kind the policy configures.
     verifiers: dict[str, Verifier] = field(
         default_factory=dict, init=False, compare=False, repr=False
@@ -125,6 +128,9 @@ class Policy:
             object.__setattr__(rule, "early_limits", early)
             object.__setattr__(rule, "late_limits", late)
             object.__setattr__(rule, "challenges", challenges_for(self, rule))
+            mode = self.mode_override or rule.mode or self.mode
+            object.__setattr__(rule, "report", mode == "report")
+        object.__setattr__(self, "report", (self.mode_override or self.mode) == "report")
 
 
 def challenges_for(

@@ -11,6 +11,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
@@ -277,15 +278,33 @@ def _numeric(claims: dict[str, Any], name: str) -> float | None:
     return number
 
 
+def _when(t: float, now: float) -> str:
+    """A claim's time for people: `2026-12-01 21:00:00 UTC (1 h 2 min ago)`."""
+    try:
+        stamp = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        stamp = f"{t:.0f}"
+    delta = int(abs(now - t))
+    if delta < 60:
+        span = f"{delta} s"
+    elif delta < 3600:
+        span = f"{delta // 60} min"
+    elif delta < 86400:
+        span = f"{delta // 3600} h {delta % 3600 // 60} min"
+    else:
+        span = f"{delta // 86400} d {delta % 86400 // 3600} h"
+    return f"{stamp} ({span} {'ago' if t <= now else 'from now'})"
+
+
 def _check_times(claims: dict[str, Any], now: float, issuer: Issuer) -> None:
     """exp, nbf and iat (RFC 7519 §4.1.4-6), with the issuer's leeway."""
     leeway = issuer.leeway
     exp = _numeric(claims, "exp")
     if exp is not None and now >= exp + leeway:
-        raise TokenRejected("expired", f"exp {exp} <= now {now}")
+        raise TokenRejected("expired", f"expired {_when(exp, now)}")
     nbf = _numeric(claims, "nbf")
     if nbf is not None and now + leeway < nbf:
-        raise TokenRejected("not_yet_valid", f"nbf {nbf} > now {now}")
+        raise TokenRejected("not_yet_valid", f"not valid before {_when(nbf, now)}")
     # iat must be a number, but a future iat alone is no reason to refuse
     # (RFC 7519 sets no rule; exp and nbf say when a token is valid), and a
     # strict check would fail fresh tokens over a second of clock skew.
@@ -293,7 +312,9 @@ def _check_times(claims: dict[str, Any], now: float, issuer: Issuer) -> None:
     if issuer.max_token_age is not None and (
         iat is None or now - iat > issuer.max_token_age + leeway
     ):
-        raise TokenRejected("too_old", f"iat {iat}, max age")
+        raise TokenRejected(
+            "too_old", f"issued {_when(iat, now) if iat is not None else 'at no stated time'}"
+        )
 
 
 class TokenCache:

@@ -7,6 +7,7 @@ problem is a `PolicyError` naming the file, the line and what is wrong.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.parse
@@ -52,6 +53,9 @@ _LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _CONTROL_OR_COMMA = re.compile(r"[\x00-\x1f\x7f,]")
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
 
+
+logger = logging.getLogger("authgate")
+BIG_LIST = 100_000  # lines; a list this long says it is loading
 
 T = TypeVar("T")
 
@@ -152,9 +156,14 @@ class _Builder:
             lines = data.decode("utf-8").splitlines()
         except UnicodeDecodeError:
             raise PolicyError(path, None, "not UTF-8 text") from None
+        big = len(lines) >= BIG_LIST
+        if big:
+            logger.info(f"authgate: loading block list {path} ({len(lines):,} lines)...")
         ranges, problem = read_cidr_lines(lines)
         if problem is not None:
             raise PolicyError(path, problem[0], problem[1])
+        if big:
+            logger.info(f"authgate: block list {path}: {len(ranges):,} ranges")
         return ranges
 
     def duration(self, value: Any, line: int, where: str) -> float:
@@ -430,7 +439,7 @@ class _Builder:
         for user in extra:
             if user not in hashes:
                 raise self.error(extra.key_lines[user], f"user {user!r} is not in {name}")
-        return BasicUsers(users, line=d.line)
+        return BasicUsers(users, line=d.line, file=path)
 
     def condition(self, value: Any, line: int, where: str) -> c.Condition:
         if isinstance(value, str):

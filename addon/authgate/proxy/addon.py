@@ -202,6 +202,12 @@ class Gateway:
             )
             return
         self._warn_in_clear(self.policy)
+        if self.policy.basic is not None:
+            for user, cost in self.policy.basic.weak():
+                logger.warning(
+                    f"authgate: user {user!r} in {self.policy.basic.file} has bcrypt cost "
+                    f"{cost:02d}; set the password again with `htpasswd -B -C 10 FILE {user}`"
+                )
         loop = asyncio.get_running_loop()
         self._reloading = asyncio.Lock()
         self._tasks = [loop.create_task(self._keep_keys_fresh()), loop.create_task(self._watch())]
@@ -485,7 +491,7 @@ class Gateway:
             "subject": subject,
             "via": d.via,
         }
-        self.metrics.decisions.labels(str(d.status), d.rule or "-", d.reason).inc()
+        self.metrics.decisions.labels(outcome, str(d.status), d.rule or "-", d.reason).inc()
         if d.reason == RATE_LIMITED:
             self.metrics.rate_limited.labels(d.detail or "-").inc()
         line = json.dumps(entry, separators=(",", ":"))

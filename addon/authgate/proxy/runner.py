@@ -27,6 +27,7 @@ from mitmproxy.addons import (
     tlsconfig,
 )
 
+from authgate.proxy import guard
 from authgate.proxy.addon import Gateway
 
 
@@ -87,6 +88,7 @@ async def build(
         m = master.Master(opts, with_termlog=termlog)
         m.addons.add(*lean_addons())
     m.addons.add(gateway or Gateway())
+    m.addons.add(*guard.addons())  # after the Gateway: they read what it decided
     if ready is not None:
         m.addons.add(_Ready(ready))
     opts.update(

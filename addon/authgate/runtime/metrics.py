@@ -47,8 +47,9 @@ class Metrics:
         r = self.registry
         self.decisions = Counter(
             "authgate_decisions",
-            "Decisions by status (0: forwarded), rule and reason",
-            ["status", "rule", "reason"],
+            "Decisions by outcome (allow, deny, would_deny), status (the answer, or the "
+            "would-be answer in report mode; 0 when allowed), rule and reason",
+            ["decision", "status", "rule", "reason"],
             registry=r,
         )
         self.would_deny = Counter(

@@ -22,9 +22,10 @@ from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
 from authgate.policy.values import parse_duration
 from authgate.proxy.runner import serve
+from authgate.runtime.jwks import refresh_sync
 from authgate.runtime.stores import MemoryStore
 from authgate.tools import demo
-from authgate.tools.keys import load_private_key, mint
+from authgate.tools.keys import ensure_demo_keys, load_private_key, mint
 from authgate.tools.lint import Finding, lint
 from authgate.tools.policytests import load_cases
 from authgate.tools.testcases import Case
@@ -49,6 +50,22 @@ def _load(path: str) -> tuple[Policy, tuple[Case, ...]]:
     """A policy and all its test cases (so errors in either show)."""
     policy = load_policy(path)
     return policy, load_cases(policy)
+
+
+def _with_keys(policy: Policy, command: str) -> Policy:
+    """Fetch the keys of issuers whose keys come from a JWKS address or
+    discovery, as the gateway does at start (same timeouts); say so when a
+    fetch fails (the requests needing those keys are then judged 503)."""
+    for issuer in policy.issuers:
+        if issuer.remote is not None:
+            refresh_sync(issuer.remote)
+            if not issuer.remote.loaded:
+                print(
+                    f"authgate {command}: cannot fetch the keys of {issuer.issuer}: "
+                    f"{issuer.remote.last_error}; its tokens are judged 503 keys_unavailable",
+                    file=sys.stderr,
+                )
+    return policy
 
 
 def _plural(n: int, word: str) -> str:
@@ -104,7 +121,7 @@ def explain_command(args: argparse.Namespace) -> int:
     from authgate.tools.replay import parse_at
 
     try:
-        policy = load_policy(args.policy)
+        policy = _with_keys(load_policy(args.policy), "explain")
     except PolicyError as e:
         return _error("explain", str(e))
     try:
@@ -116,7 +133,11 @@ def explain_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _error("explain", str(e))
     now = time.time() if at is None else float(at)
-    print(explain(policy, request, now, MemoryStore()).text(), end="")
+    told = explain(policy, request, now, MemoryStore())
+    if args.json:
+        print(json.dumps(told.as_dict(), indent=2))
+    else:
+        print(told.text(), end="")
     return OK
 
 
@@ -143,8 +164,8 @@ def replay_command(args: argparse.Namespace) -> int:
     from authgate.tools import replay as r
 
     try:
-        policy = load_policy(args.policy)
-        old = load_policy(args.against) if args.against else None
+        policy = _with_keys(load_policy(args.policy), "replay")
+        old = _with_keys(load_policy(args.against), "replay") if args.against else None
     except PolicyError as e:
         return _error("replay", str(e))
     try:
@@ -219,7 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"http://{args.backend}",
             args.listen,
             args.set,
-            on_ready=demo.banner(base, keys_dir),
+            on_ready=demo.banner(base, keys_dir, policy),
         )
     finally:
         server.shutdown()
@@ -247,6 +268,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             aud=args.aud,
             kid=args.kid or None,
             alg=args.alg,
+            headers={"typ": args.typ} if args.typ else None,
         )
     )
     return 0
@@ -263,4 +285,10 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
             print("authgate hash-key: no key on standard input", file=sys.stderr)
             return 2
     print(hash_key(key))
+    return 0
+
+
+def cmd_demo_keys(args: argparse.Namespace) -> int:
+    private = ensure_demo_keys(Path(args.folder))
+    print(f"authgate: demo keys in {private.parent} (private key {private.name}, jwks.json)")
     return 0

@@ -120,12 +120,27 @@ def curl_lines(base: str, keys_dir: Path) -> list[tuple[str, str]]:
     ]
 
 
-def banner(base: str, keys_dir: Path) -> str:
-    lines = [
-        "",
-        f"authgate demo: gateway on {base}, demo backend behind it.",
+EXAMPLE = "example.yaml"  # the policy the printed requests are written for
+
+
+def banner(base: str, keys_dir: Path, policy: Path | None = None) -> str:
+    """What the demo prints once it serves: requests to paste, each labelled
+    with the answer it gets, when the policy is the example they were written
+    for; otherwise where that policy's own requests are."""
+    lines = ["", f"authgate demo: gateway on {base}, demo backend behind it."]
+    if policy is not None and policy.name != EXAMPLE:
+        tests = policy.with_name(policy.stem + ".tests.yaml")
+        lines += [
+            f"The requests the demo prints are written for policies/{EXAMPLE}; for {policy}",
+            f"see its own test cases ({tests}): `.venv/bin/authgate test {policy} -v`, and",
+            f"ask the gateway why with `.venv/bin/authgate explain {policy} GET /some/path`.",
+            "",
+            "Ctrl-C stops the gateway and the demo backend.",
+        ]
+        return "\n".join(lines)
+    lines += [
         f"Tokens below are signed with the demo key in {keys_dir}/ (kid {DEMO_KID}),",
-        "valid for an hour; mint more with `authgate token --sub NAME --role R --scope S`.",
+        "valid for an hour; mint more with `.venv/bin/authgate token --sub NAME --role R`.",
         "",
     ]
     for what, cmd in curl_lines(base, keys_dir):

@@ -283,6 +283,22 @@ def _in_clear(policy: Policy, listen: str | None) -> list[Finding]:
     ]
 
 
+def _weak_hashes(policy: Policy) -> list[Finding]:
+    basic = policy.basic
+    if basic is None:
+        return []
+    return [
+        Finding(
+            policy.file,
+            basic.line or None,
+            "weak-password-hash",
+            f"user {user!r} in {basic.file} has bcrypt cost {cost:02d}: cheap to guess if the "
+            f"file leaks; set the password again with `htpasswd -B -C 10 FILE {user}`",
+        )
+        for user, cost in basic.weak()
+    ]
+
+
 def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
     """Every warning for a loaded policy, in file order.
     `listen`: the gateway's listener address, when known."""
@@ -294,5 +310,6 @@ def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
         *_hidden(policy),
         *_limits(policy, shadowed),
         *_in_clear(policy, listen),
+        *_weak_hashes(policy),
     ]
     return sorted(found, key=lambda f: (f.line or 0, f.code))
