@@ -27,7 +27,6 @@ from mitmproxy.addons import (
     tlsconfig,
 )
 
-from authgate.proxy import guard
 from authgate.proxy.addon import Gateway
 
 
@@ -88,7 +87,6 @@ async def build(
         m = master.Master(opts, with_termlog=termlog)
         m.addons.add(*lean_addons())
     m.addons.add(gateway or Gateway())
-    m.addons.add(*guard.addons())  # after the Gateway: they read what it decided
     if ready is not None:
         m.addons.add(_Ready(ready))
     opts.update(
