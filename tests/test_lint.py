@@ -24,12 +24,23 @@ QUERY_HEAD = (
 os.environ.setdefault("AUTHGATE_TEST_SECRET", "x" * 40)
 
 
+# Bearer tokens, so that rules wanting an identity can get one (see
+# test_nobody_qualifies for a policy without authn).
+JWT_HEAD = (
+    "authn:\n  jwt:\n    - {name: j, issuer: https://i, algorithms: [HS256], "
+    "secret_env: AUTHGATE_TEST_SECRET}\n"
+)
+
+
 def policy(body: str, head: str = "") -> Policy:
-    return parse_policy("version: 1\n" + head + "rules:\n" + body, "p.yaml")
+    tail = JWT_HEAD if "authn:" not in head else ""  # after the rules: lines stay put
+    return parse_policy("version: 1\n" + head + "rules:\n" + body + tail, "p.yaml")
 
 
 def found(p: Policy, listen: str | None = None) -> list[tuple[str, int | None]]:
-    return [(f.code, f.line) for f in lint(p, listen)]
+    """(code, line) of the findings; the deployment reminder for host rules
+    has its own test."""
+    return [(f.code, f.line) for f in lint(p, listen) if f.code != "host-needs-keep-host-header"]
 
 
 # --- request sets, exactly ------------------------------------------------------
@@ -394,3 +405,22 @@ def test_credentials_in_clear_by_listener(
             "Basic credentials are accepted on the plain-HTTP listener"
             in lint(p, listen)[0].message
         )
+
+
+@pytest.mark.parametrize("allow, expected", [
+    ("{role: admin}", [("nobody-qualifies", 3)]),
+    ("authenticated", [("nobody-qualifies", 3)]),
+    ("{not: {role: admin}}", []),  # an anonymous caller has no role: it holds
+    ("anyone", []),
+    ("nobody", []),  # said on purpose
+])  # fmt: skip
+def test_nobody_qualifies(allow: str, expected: list[tuple[str, int]]) -> None:
+    text = f"version: 1\nrules:\n  - {{name: r, match: {{path: /r}}, allow: {allow}}}\n"
+    assert found(parse_policy(text, "p.yaml")) == expected
+
+
+def test_host_rules_need_keep_host_header() -> None:
+    p = policy("  - {name: h, match: {path: /h, host: api.test}, allow: anyone}\n")
+    [finding] = lint(p)
+    assert finding.code == "host-needs-keep-host-header"
+    assert "keep_host_header=true" in finding.message

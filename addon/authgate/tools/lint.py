@@ -299,6 +299,41 @@ def _weak_hashes(policy: Policy) -> list[Finding]:
     ]
 
 
+def _nobody_qualifies(policy: Policy) -> list[Finding]:
+    """Rules that want an identity no configured credential can give."""
+    out = []
+    for rule in policy.rules:
+        if rule.accept or isinstance(rule.allow, c.Nobody):
+            continue
+        params = {name: "" for name in rule.pattern.param_names}
+        if not rule.allow.holds(None, params):
+            out.append(
+                Finding(
+                    policy.file,
+                    rule.line,
+                    "nobody-qualifies",
+                    f"rule {rule.name} needs an identity, but the policy configures no "
+                    f"credential it accepts (authn): every request to it gets 403",
+                )
+            )
+    return out
+
+
+def _host_rules(policy: Policy) -> list[Finding]:
+    return [
+        Finding(
+            policy.file,
+            rule.line,
+            "host-needs-keep-host-header",
+            f"rule {rule.name} matches on host: in reverse mode mitmproxy replaces the "
+            f"client's Host, so run the gateway with --set keep_host_header=true "
+            f"(authgate run refuses to start without it)",
+        )
+        for rule in policy.rules
+        if rule.host is not None
+    ]
+
+
 def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
     """Every warning for a loaded policy, in file order.
     `listen`: the gateway's listener address, when known."""
@@ -311,5 +346,7 @@ def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
         *_limits(policy, shadowed),
         *_in_clear(policy, listen),
         *_weak_hashes(policy),
+        *_nobody_qualifies(policy),
+        *_host_rules(policy),
     ]
     return sorted(found, key=lambda f: (f.line or 0, f.code))
