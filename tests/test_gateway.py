@@ -146,7 +146,12 @@ def test_missing_scope_is_403_insufficient_scope(
 
 
 def _without_date(r: Reply) -> tuple[int, list[tuple[str, str]], bytes]:
-    return r.status, [(k.lower(), v) for k, v in r.headers if k.lower() != "date"], r.body
+    """The answer but for its Date and its request id (each request has its own)."""
+    rid = r.header("X-Request-Id") or ""
+    assert len(rid) == 32 or r.status == 0
+    body = r.body.replace(rid.encode(), b"ID") if rid else r.body
+    kept = [(k.lower(), v) for k, v in r.headers if k.lower() not in ("date", "x-request-id")]
+    return r.status, kept, body
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS"])
@@ -421,3 +426,38 @@ def test_only_websocket_upgrades_reach_the_backend(
     [seen] = backend.seen
     assert seen.header("Upgrade") == (upgrade if forwarded else None)
     assert seen.header("HTTP2-Settings") is None
+
+
+# --- request ids ------------------------------------------------------------------------
+
+
+def test_every_answer_and_forward_carries_a_request_id(
+    gw: RunningGateway, backend: Backend
+) -> None:
+    denied = send(gw.address, "GET", "/api/profile", [("X-Request-Id", "chosen-by-client")])
+    rid = denied.header("X-Request-Id") or ""
+    assert re.fullmatch(r"[0-9a-f]{32}", rid)  # an untrusted client does not choose it
+    assert denied.json()["request_id"] == rid
+    page = send(gw.address, "GET", "/api/profile", [("Accept", "text/html")])
+    assert f"Request id: {page.header('X-Request-Id')}" in page.body.decode()
+    assert backend.seen == []
+    ok = send(gw.address, "GET", "/health", [("X-Request-Id", "chosen-by-client")])
+    assert ok.status == 200
+    [seen] = backend.seen
+    assert seen.header_all("X-Request-Id") != ["chosen-by-client"]
+    assert re.fullmatch(r"[0-9a-f]{32}", seen.header("X-Request-Id") or "")
+
+
+def test_a_trusted_proxys_request_id_is_kept(
+    start_gateway: Callable[..., RunningGateway], backend: Backend, tmp_path: Path
+) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nrealm: api\nclient_ip: {trusted_proxies: [127.0.0.1/32]}\n"
+        "rules:\n  - {name: a, match: {path: /a}, allow: anyone}\n"
+    )
+    g = start_gateway(policy)
+    assert send(g.address, "GET", "/a", [("X-Request-Id", "lb-1234.5")]).status == 200
+    assert backend.seen[0].header_all("X-Request-Id") == ["lb-1234.5"]
+    bad = send(g.address, "GET", "/b", [("X-Request-Id", "has spaces")])
+    assert bad.status == 404 and bad.header("X-Request-Id") != "has spaces"

@@ -245,7 +245,7 @@ def test_failed_credentials_get_the_401_not_a_redirect(
         pytest.param(
             "text/plain",
             "text/plain; charset=utf-8",
-            lambda b: b == b"401 Unauthorized\nThis resource needs valid credentials.\n",
+            lambda b: b.startswith(b"401 Unauthorized\nThis resource needs valid credentials.\n"),
             id="text",
         ),
     ],
@@ -273,12 +273,13 @@ def test_hidden_404s_stay_identical_in_every_form(
     for accept in ("text/html", "text/plain", "application/json"):
         hidden = send(gw.address, "GET", "/internal/x", [("Accept", accept)])
         unknown = send(gw.address, "GET", "/nowhere", [("Accept", accept)])
-        drop = {"date"}
+        drop = {"date", "x-request-id"}  # each request has its own id
         assert hidden.status == unknown.status == 404
         assert [h for h in hidden.headers if h[0].lower() not in drop] == [
             h for h in unknown.headers if h[0].lower() not in drop
         ]
-        assert hidden.body == unknown.body
+        ids = [(r.header("X-Request-Id") or "").encode() for r in (hidden, unknown)]
+        assert hidden.body.replace(ids[0], b"ID") == unknown.body.replace(ids[1], b"ID")
     assert backend.seen == []
 
 

@@ -143,6 +143,21 @@ def _headers(status: int, form: str, now: float | None) -> list[tuple[str, str]]
     ]
 
 
+def with_request_id(body: bytes, form: str, request_id: str) -> bytes:
+    """The fixed body with the request's id in it, for a person to quote.
+    (The id is [A-Za-z0-9._:-] only: nothing to escape.)"""
+    if not body or not request_id:
+        return body
+    if form == HTML:
+        return body.replace(
+            b"</main>", f'<p class="code">Request id: {request_id}</p>\n</main>'.encode()
+        )
+    if form == TEXT:
+        return body + f"Request id: {request_id}\n".encode()
+    end = body.rindex(b"}")
+    return body[:end] + f', "request_id": "{request_id}"'.encode() + body[end:]
+
+
 def render(
     decision: Decision,
     realm: str,
@@ -150,9 +165,10 @@ def render(
     now: float | None = None,
     *,
     accept: str | None = None,
+    request_id: str = "",
 ) -> Rendered:
-    """The response for a denial, in the form the client prefers.
-    `now` only for the Date header (tests)."""
+    """The response for a denial, in the form the client prefers, carrying the
+    request's id (header and body) when given. `now` only for the Date header."""
     status = decision.status if decision.status in _TEXTS else 500
     form = body_form(accept)
     reason = decision.reason if (status, form, decision.reason) in _BODIES else None
@@ -160,8 +176,10 @@ def render(
     for scheme, params in decision.challenges:
         headers.append(("WWW-Authenticate", challenge(realm, scheme, params)))
     headers.extend(decision.headers)
+    if request_id:
+        headers.append(("X-Request-Id", request_id))
     body = b"" if method == "HEAD" else _BODIES[(status, form, reason)]
-    return Rendered(status, tuple(headers), body)
+    return Rendered(status, tuple(headers), with_request_id(body, form, request_id))
 
 
 def render_error(
@@ -171,12 +189,14 @@ def render_error(
     retry_after: int | None = None,
     *,
     accept: str | None = None,
+    request_id: str = "",
 ) -> Rendered:
     """The response when the gateway itself failed (500, or 503 with Retry-After)."""
     form = body_form(accept)
     headers = _headers(status, form, now)
     if retry_after is not None:
         headers.append(("Retry-After", str(retry_after)))
-    return Rendered(
-        status, tuple(headers), b"" if method == "HEAD" else _BODIES[(status, form, None)]
-    )
+    if request_id:
+        headers.append(("X-Request-Id", request_id))
+    body = b"" if method == "HEAD" else _BODIES[(status, form, None)]
+    return Rendered(status, tuple(headers), with_request_id(body, form, request_id))

@@ -13,7 +13,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import IO, Any
@@ -32,7 +34,7 @@ from authgate.core.decision import (
     prepare,
 )
 from authgate.core.explanation import explain as explain_request
-from authgate.core.ipset import normalize_ip
+from authgate.core.ipset import normalize_ip, parse_ip
 from authgate.core.model import IDENTITY_HEADERS, Policy, Rule, credentials_in_clear
 from authgate.core.responses import Rendered, challenge, render, render_error
 from authgate.policy.load import load_policy
@@ -45,6 +47,7 @@ from authgate.runtime.stores import MemoryStore
 
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
+REQUEST_ID_KEY = "authgate_request_id"
 DENIED_MARKER = ":no_entry:"
 WOULD_DENY_MARKER = ":warning:"
 LINT_MARKER = ":triangular_flag_on_post:"
@@ -93,7 +96,27 @@ def load_checked(path: str, keep_host_header: bool, mode: str = "") -> Policy:
     return policy
 
 
-_DROP = frozenset(name.encode() for name in IDENTITY_HEADERS) | {b"http2-settings"}
+_DROP = frozenset(name.encode() for name in IDENTITY_HEADERS) | {
+    b"http2-settings",
+    b"x-request-id",  # replaced by the gateway's own
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id(policy: Policy | None, flow: http.HTTPFlow) -> str:
+    """The request's id: a well-formed X-Request-Id from a trusted proxy, or a
+    new one (a client could otherwise pick ids to confuse the logs)."""
+    incoming = flow.request.headers.get_all("x-request-id")
+    if policy is not None and len(incoming) == 1 and _REQUEST_ID.match(incoming[0]):
+        try:
+            family, value = parse_ip(flow.client_conn.peername[0])
+        except ValueError:
+            family, value = 0, 0
+        if family and policy.trusted_proxies.contains(family, value):
+            return incoming[0]
+    return uuid.uuid4().hex
+
+
 _DROP_WITH_CREDENTIALS = _DROP | {b"authorization"}
 
 
@@ -350,6 +373,7 @@ class Gateway:
             return
         try:
             policy = self.policy  # this request's policy, even if a reload swaps it
+            flow.metadata[REQUEST_ID_KEY] = request_id(policy, flow)
             if policy is None:
                 self._fail(flow, 503, "no_policy")
                 return
@@ -409,7 +433,11 @@ class Gateway:
         """The gateway itself cannot judge: answer 500/503, never forward."""
         retry = 60 if status == 503 else None
         accept = flow.request.headers.get("accept")
-        _respond(flow, render_error(status, flow.request.method, retry_after=retry, accept=accept))
+        rid = str(flow.metadata.get(REQUEST_ID_KEY, ""))
+        rendered = render_error(
+            status, flow.request.method, retry_after=retry, accept=accept, request_id=rid
+        )
+        _respond(flow, rendered)
         flow.metadata[METADATA_KEY] = {"status": status, "reason": reason}
         flow.comment = f"authgate: {status} {reason}"
         flow.marked = DENIED_MARKER
@@ -440,7 +468,11 @@ class Gateway:
                 self.metrics.would_deny.labels(key, str(decision.status), decision.reason).inc()
         else:
             accept = flow.request.headers.get("accept")
-            _respond(flow, render(decision, policy.realm, flow.request.method, accept=accept))
+            rid = flow.metadata[REQUEST_ID_KEY]
+            rendered = render(
+                decision, policy.realm, flow.request.method, accept=accept, request_id=rid
+            )
+            _respond(flow, rendered)
         self._record(flow, decision, decision.outcome)
 
     def _forward(self, flow: http.HTTPFlow, policy: Policy, peer: str, d: Decision) -> None:
@@ -473,6 +505,7 @@ class Gateway:
                 fields.append((name, value))
         for name_s, value_s in d.upstream_headers:
             fields.append((name_s.encode(), value_s.encode("utf-8", "surrogateescape")))
+        fields.append((b"X-Request-Id", flow.metadata[REQUEST_ID_KEY].encode()))
         chain.append(normalize_ip(peer))
         fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
         req.headers.fields = tuple(fields)
@@ -481,6 +514,7 @@ class Gateway:
         subject = d.identity.subject if d.identity is not None else None
         entry: dict[str, Any] = {
             "time": round(time.time(), 3),
+            "request_id": flow.metadata.get(REQUEST_ID_KEY),
             "client_ip": d.client_ip,
             "method": flow.request.method,
             "path": d.path.path if d.path is not None else flow.request.path.split("?")[0][:200],
