@@ -84,7 +84,7 @@ def req(
     method: str = "GET",
     peer: str = "198.51.100.7",
     headers: tuple[tuple[str, str], ...] = (),
-    host: str | None = None,
+    host: str | None = "gw.test",  # the policy matches on host: every request names one
 ) -> RequestView:
     h = headers + ((("authorization", f"Bearer {token}"),) if token else ())
     return RequestView(method, target, h, peer, host)
@@ -130,6 +130,10 @@ CASES = [
     ("mapped-ipv6-blocked", req("/pub/x", peer="::ffff:192.0.2.1"), 403, "ip_blocked", None),
     ("host-match", req("/host-only", host="API.TEST:443"), 0, "allowed", "vhost"),
     ("host-mismatch", req("/host-only", host="other.test"), 403, "no_rule", None),
+    ("host-missing", req("/host-only", host=None), 400, "bad_host", None),
+    ("host-invalid", req("/host-only", host="api.test other.test"), 400, "bad_host", None),
+    ("host-userinfo", req("/host-only", host="x@api.test"), 400, "bad_host", None),
+    ("host-twice", req("/h", headers=(("host", "a"), ("host", "b"))), 400, "bad_host", None),
     ("not-guest-anon", req("/members"), 0, "allowed", "not-guests"),
     ("not-guest-guest", req("/members", tok(extra={"realm_access": {"roles": ["guest"]}})), 403,
      "forbidden", "not-guests"),

@@ -461,3 +461,36 @@ def test_a_trusted_proxys_request_id_is_kept(
     assert backend.seen[0].header_all("X-Request-Id") == ["lb-1234.5"]
     bad = send(g.address, "GET", "/b", [("X-Request-Id", "has spaces")])
     assert bad.status == 404 and bad.header("X-Request-Id") != "has spaces"
+
+
+SPOOFABLE = [
+    ("Forwarded", "for=10.0.0.1;host=admin.test;proto=https"),
+    ("X-Forwarded-Host", "admin.test"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Real-IP", "10.0.0.1"),
+    ("X-Original-Host", "admin.test"),
+    ("X_Forwarded_Host", "admin.test"),
+]
+
+
+def test_an_untrusted_client_cannot_tell_the_backend_another_host_or_address(
+    gw: RunningGateway, backend: Backend
+) -> None:
+    assert send(gw.address, "GET", "/health", SPOOFABLE).status == 200
+    [seen] = backend.seen
+    names = {k.lower().replace("_", "-") for k, _ in seen.headers}
+    assert names.isdisjoint({k.lower().replace("_", "-") for k, _ in SPOOFABLE})
+
+
+def test_a_trusted_proxy_may_say_where_the_request_came_from(
+    start_gateway: Callable[..., RunningGateway], backend: Backend, tmp_path: Path
+) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nrealm: api\nclient_ip: {trusted_proxies: [127.0.0.1/32]}\n"
+        "rules:\n  - {name: a, match: {path: /a}, allow: anyone}\n"
+    )
+    g = start_gateway(policy)
+    assert send(g.address, "GET", "/a", SPOOFABLE[:2]).status == 200
+    assert backend.seen[0].header("X-Forwarded-Host") == "admin.test"
+    assert backend.seen[0].header("Forwarded") == SPOOFABLE[0][1]

@@ -113,6 +113,13 @@ class Decision:
 BAD_PATH = "bad_path"
 BAD_HEADER = "bad_header"
 BAD_TARGET = "bad_target"
+BAD_HOST = "bad_host"
+# Refused in every mode: forwarding them would let the backend read a request
+# other than the one judged.
+NEVER_REPORTED = frozenset({BAD_HEADER, BAD_HOST})
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: a reg-name or IPv4 address, or an IP literal,
+# and an optional port.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{1,5})?")
 IP_BLOCKED = "ip_blocked"
 IP_NOT_ALLOWED = "ip_not_allowed"
 RATE_LIMITED = "rate_limited"
@@ -265,7 +272,7 @@ def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> 
     a forwarded would-deny. Never for a forged header field, which would hand
     the backend a field nobody judged. An identity goes along only if proven
     (a 403 has one); an unparsable path is forwarded as received."""
-    if d.allowed or d.reason == BAD_HEADER or not (rule.report if rule else policy.report):
+    if d.allowed or d.reason in NEVER_REPORTED or not (rule.report if rule else policy.report):
         return d
     target = d.path.target if d.path is not None else raw_target
     return replace(d, report=True, target=target, upstream_headers=identity_headers(d.identity))
@@ -297,6 +304,19 @@ def prepare(
         if t.on:
             t(f"header {name[:60]!r} holds CR, LF or NUL: rejected")
         return Decision(False, 400, BAD_HEADER, detail=f"control character in {name[:60]}")
+    hosts = request.header_all("host")
+    bad_host = (
+        "more than one Host field"
+        if len(hosts) > 1
+        else "no Host"
+        if policy.uses_host and request.host is None
+        else "a Host that is not host[:port]"
+        if request.host is not None and not _HOST.fullmatch(request.host)
+        else ""
+    )
+    if bad_host:
+        t(f"host: {bad_host}: rejected (RFC 9112 §3.2)")
+        return Decision(False, 400, BAD_HOST, detail=bad_host, trace=t.done())
     if "@" in request.authority:
         t("the target carries userinfo: rejected")
         d = Decision(False, 400, BAD_TARGET, detail="userinfo in the target", trace=t.done())

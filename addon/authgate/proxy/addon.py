@@ -100,6 +100,21 @@ _DROP = frozenset(name.encode() for name in IDENTITY_HEADERS) | {
     b"http2-settings",
     b"x-request-id",  # replaced by the gateway's own
 }
+# What a client could use to tell the backend another host, scheme or client
+# address than the one judged: kept only from trusted proxies.
+_PROXY_SAYS = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-original-host",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+    }
+)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -485,6 +500,9 @@ class Gateway:
         # operations are comparatively slow): client-sent identity headers and
         # X-Forwarded-For out, ours in, X-Forwarded-For with the peer appended.
         drop = _DROP_WITH_CREDENTIALS if not policy.forward_credentials else _DROP
+        family, value = parse_ip(peer)
+        if not policy.trusted_proxies.contains(family, value):
+            drop = drop | _PROXY_SAYS
         chain: list[str] = []
         fields: list[tuple[bytes, bytes]] = []
         for name, value in req.headers.fields:
