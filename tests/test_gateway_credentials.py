@@ -181,6 +181,27 @@ def test_a_browser_without_a_session_is_sent_to_the_login_page(
     assert backend.seen == []
 
 
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        pytest.param(lambda t: t(ttl=-3600), id="expired"),
+        pytest.param(lambda t: "abc.def.ghi", id="garbage"),
+        pytest.param(lambda t: t(aud="other"), id="wrong-audience"),
+    ],
+)
+def test_a_browser_with_a_failed_session_cookie_is_sent_to_the_login_page(
+    app_gw: RunningGateway, backend: Backend, token: Callable[..., str], cookie: Any
+) -> None:
+    headers = [("Accept", BROWSER_ACCEPT), ("Cookie", f"session={cookie(token)}")]
+    r = send(app_gw.address, "GET", "/app/home", headers)
+    assert r.status == 303
+    assert r.header("Location") == "https://login.example/sign-in?next=%2Fapp%2Fhome"
+    # An API call with the same cookie still gets its 401 invalid_token.
+    api = send(app_gw.address, "GET", "/api/orders", [("Cookie", f"session={cookie(token)}")])
+    assert api.status == 401 and "invalid_token" in (api.header("WWW-Authenticate") or "")
+    assert backend.seen == []
+
+
 def test_the_return_address_cannot_leave_the_gateway(
     app_gw: RunningGateway, backend: Backend
 ) -> None:
@@ -209,10 +230,11 @@ def test_scripts_and_api_clients_get_the_401(
     assert backend.seen == []
 
 
-def test_failed_credentials_get_the_401_not_a_redirect(
+def test_a_failed_authorization_header_gets_the_401_not_a_redirect(
     app_gw: RunningGateway, backend: Backend, token: Callable[..., str]
 ) -> None:
-    expired = [("Cookie", f"session={token(ttl=-60)}"), ("Accept", BROWSER_ACCEPT)]
+    # Explicit credentials are a program's: it gets the answer it can act on.
+    expired = [("Authorization", f"Bearer {token(ttl=-60)}"), ("Accept", BROWSER_ACCEPT)]
     r = send(app_gw.address, "GET", "/app/dashboard", expired)
     assert r.status == 401
     assert 'error="invalid_token"' in (r.header("WWW-Authenticate") or "")

@@ -197,6 +197,15 @@ def _without_param(query: str, name: str) -> str:
     return "&".join(kept)
 
 
+def _to_login(rule: Rule, request: RequestView) -> bool:
+    """Is this a person's page load that the rule sends to its login page?"""
+    return (
+        rule.login_url is not None
+        and not rule.hide
+        and is_browser_navigation(request.method, request.headers)
+    )
+
+
 def _login_location(login_url: str, target: str) -> str:
     separator = "&" if "?" in login_url else "?"
     return f"{login_url}{separator}next={quote(target, safe='')}"
@@ -553,6 +562,15 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
         if outcome.failed is not None:
             if t.on:
                 t(f"credentials: {verifier.label} rejected: {outcome.reason} ({outcome.detail})")
+            if presented.via == "cookie" and _to_login(rule, request):
+                # An expired or bad session cookie on a page load: back to
+                # sign-in, as for no cookie at all (a person cannot fix a cookie).
+                t("a browser navigation with a failed session cookie: redirect to the login page")
+                assert rule.login_url is not None
+                location = _login_location(rule.login_url, path.target)
+                return deny(
+                    303, LOGIN_REDIRECT, headers=(("Location", location),), detail=outcome.code
+                )
             if outcome.failed == JWT:
                 bearer = (("error", "invalid_token"), ("error_description", outcome.reason))
                 return deny(
@@ -581,12 +599,9 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
             t(f"condition: {describe(rule.allow, who, params)} is false")
             t.lines.extend(c.condition_tree(rule.allow, who, params))
         if who is None:
-            if (
-                rule.login_url is not None
-                and not rule.hide
-                and is_browser_navigation(request.method, request.headers)
-            ):
+            if _to_login(rule, request):
                 t("a browser navigation without credentials: redirect to the login page")
+                assert rule.login_url is not None
                 location = _login_location(rule.login_url, path.target)
                 return deny(303, LOGIN_REDIRECT, headers=(("Location", location),))
             if not rule.accept:

@@ -500,8 +500,7 @@ class Gateway:
         # operations are comparatively slow): client-sent identity headers and
         # X-Forwarded-For out, ours in, X-Forwarded-For with the peer appended.
         drop = _DROP_WITH_CREDENTIALS if not policy.forward_credentials else _DROP
-        family, value = parse_ip(peer)
-        if not policy.trusted_proxies.contains(family, value):
+        if not policy.trusted_proxies.contains(*parse_ip(peer)):
             drop = drop | _PROXY_SAYS
         chain: list[str] = []
         fields: list[tuple[bytes, bytes]] = []
