@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -567,3 +568,64 @@ def test_a_token_signed_by_one_issuer_cannot_claim_another(
     r: Reply = send(gw.address, "GET", "/api/x", bearer(forged))
     assert r.status == 401
     assert len(backend.seen) == 2
+
+
+class HungProvider:
+    """Accepts connections and never answers: the identity provider that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = threading.Event()
+        self.sock.settimeout(0.1)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted.append(conn)  # held open, never read or answered
+
+    def close(self) -> None:
+        self._stop.set()
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+def test_a_hung_provider_never_queues_requests(
+    start_gateway: Start, backend: Backend, tmp_path: Path
+) -> None:
+    hung = HungProvider()
+    try:
+        fake = JWKSServer()
+        fake.down()
+        fake.port = hung.port  # the policy and the tokens name the hung provider
+        gw = start_gateway(idp_policy(tmp_path, fake))
+        token = fake.token()
+        times: list[float] = []
+        statuses: list[int] = []
+
+        def one() -> None:
+            start = time.monotonic()
+            statuses.append(send(gw.address, "GET", "/api/x", bearer(token)).status)
+            times.append(time.monotonic() - start)
+
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(15)
+        assert statuses == [503, 503, 503]
+        # Each waits at most about a second for the one fetch in flight.
+        assert max(times) < 2.5, times
+        # One fetch at a time: the start-up fetch, which the requests joined.
+        assert len(hung.accepted) == 1
+        assert backend.seen == []
+    finally:
+        hung.close()
