@@ -402,6 +402,7 @@ class Recording(Gateway):
         # /admin/x and /nowhere match no rule; /api/admin/x is the admin rule's 403.
         ('~comment "authgate: [45]"', ["/admin/x", "/api/admin/x", "/nowhere"]),
         ('~comment "by rule admin "', ["/api/admin/x"]),
+        ('~comment "by rule health "', ["/health"]),  # allowed flows too
         ("~comment allowed", ["/health"]),
     ],
 )

@@ -24,7 +24,6 @@ from mitmproxy import command, ctx, exceptions, flow, http
 
 from authgate.core.credentials import KeyFetch, PasswordCheck
 from authgate.core.decision import (
-    ALLOWED,
     FORBIDDEN,
     RATE_LIMITED,
     Decision,
@@ -550,11 +549,9 @@ class Gateway:
         flow.metadata[METADATA_KEY] = entry
         rule = f" by rule {d.rule}" if d.rule else ""
         if outcome == "allow":
-            flow.comment = (
-                f"authgate: allowed{rule}"
-                if d.reason == ALLOWED
-                else (f"authgate: {d.reason}{rule}")
-            )
+            # "allowed by rule R (allowed)", "allowed by rule R (preflight)": every
+            # comment names its rule followed by a space, so one filter finds them.
+            flow.comment = f"authgate: allowed{rule} ({d.reason})"
         elif outcome == "would_deny":
             flow.comment = f"authgate: would deny: {d.status}{rule} ({d.reason})"
             flow.marked = WOULD_DENY_MARKER
