@@ -448,15 +448,21 @@ def test_every_answer_and_forward_carries_a_request_id(
     assert re.fullmatch(r"[0-9a-f]{32}", seen.header("X-Request-Id") or "")
 
 
-def test_a_trusted_proxys_request_id_is_kept(
-    start_gateway: Callable[..., RunningGateway], backend: Backend, tmp_path: Path
-) -> None:
+@pytest.fixture
+def behind_proxy(start_gateway: Callable[..., RunningGateway], tmp_path: Path) -> RunningGateway:
+    """A gateway whose trusted proxy is 127.0.0.1, where the tests connect from."""
     policy = tmp_path / "p.yaml"
     policy.write_text(
         "version: 1\nrealm: api\nclient_ip: {trusted_proxies: [127.0.0.1/32]}\n"
         "rules:\n  - {name: a, match: {path: /a}, allow: anyone}\n"
     )
-    g = start_gateway(policy)
+    return start_gateway(policy)
+
+
+def test_a_trusted_proxys_request_id_is_kept(
+    behind_proxy: RunningGateway, backend: Backend
+) -> None:
+    g = behind_proxy
     assert send(g.address, "GET", "/a", [("X-Request-Id", "lb-1234.5")]).status == 200
     assert backend.seen[0].header_all("X-Request-Id") == ["lb-1234.5"]
     bad = send(g.address, "GET", "/b", [("X-Request-Id", "has spaces")])
@@ -483,14 +489,9 @@ def test_an_untrusted_client_cannot_tell_the_backend_another_host_or_address(
 
 
 def test_a_trusted_proxy_may_say_where_the_request_came_from(
-    start_gateway: Callable[..., RunningGateway], backend: Backend, tmp_path: Path
+    behind_proxy: RunningGateway, backend: Backend
 ) -> None:
-    policy = tmp_path / "p.yaml"
-    policy.write_text(
-        "version: 1\nrealm: api\nclient_ip: {trusted_proxies: [127.0.0.1/32]}\n"
-        "rules:\n  - {name: a, match: {path: /a}, allow: anyone}\n"
-    )
-    g = start_gateway(policy)
+    g = behind_proxy
     assert send(g.address, "GET", "/a", SPOOFABLE[:2]).status == 200
     assert backend.seen[0].header("X-Forwarded-Host") == "admin.test"
     assert backend.seen[0].header("Forwarded") == SPOOFABLE[0][1]

@@ -17,6 +17,7 @@ report is what the gateway does, report mode included.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -515,19 +516,8 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
     )  # fmt: skip
     presented = p.presented
 
-    def deny(
-        status: int,
-        reason: str,
-        *,
-        identity: Identity | None = None,
-        challenges: tuple[Challenge, ...] = (),
-        headers: tuple[tuple[str, str], ...] = (),
-        detail: str = "",
-    ) -> Decision:
-        return _denial(
-            policy, request, rule, ip, path, presented, t, status, reason,
-            identity=identity, challenges=challenges, headers=headers, detail=detail,
-        )  # fmt: skip
+    # A denial by this rule, for this request (see _denial).
+    deny = functools.partial(_denial, policy, request, rule, ip, path, presented, t)
 
     who: Identity | None = None
     if p.malformed:
