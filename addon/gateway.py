@@ -13,6 +13,7 @@ import sys
 # Works from a clone without installing: the package sits beside this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from authgate.proxy import guard  # noqa: E402
 from authgate.proxy.addon import Gateway  # noqa: E402
 
-addons = [Gateway()]
+addons = [Gateway(), *guard.addons()]

@@ -41,6 +41,16 @@ _TEXTS: dict[int, tuple[str, str, str]] = {
         "Too many requests. Retry after the time in Retry-After.",
         "Wait a moment before trying again.",
     ),
+    502: (
+        "Bad Gateway",
+        "The service behind the gateway could not be reached or did not answer properly.",
+        "Try again in a little while.",
+    ),
+    504: (
+        "Gateway Timeout",
+        "The service behind the gateway did not answer in time.",
+        "Try again in a little while.",
+    ),
     500: (
         "Internal Server Error",
         "The gateway could not judge this request and did not forward it.",
@@ -191,7 +201,8 @@ def render_error(
     accept: str | None = None,
     request_id: str = "",
 ) -> Rendered:
-    """The response when the gateway itself failed (500, or 503 with Retry-After)."""
+    """The response when the gateway itself failed (500, or 503 with Retry-After),
+    or the backend did (502, 504)."""
     form = body_form(accept)
     headers = _headers(status, form, now)
     if retry_after is not None:

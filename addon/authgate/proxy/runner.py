@@ -27,6 +27,7 @@ from mitmproxy.addons import (
     tlsconfig,
 )
 
+from authgate.proxy import guard
 from authgate.proxy.addon import Gateway
 
 
@@ -87,13 +88,10 @@ async def build(
         m = master.Master(opts, with_termlog=termlog)
         m.addons.add(*lean_addons())
     m.addons.add(gateway or Gateway())
+    m.addons.add(*guard.addons())  # after the Gateway: they read what it decided
     if ready is not None:
         m.addons.add(_Ready(ready))
-    opts.update(
-        mode=[mode_spec(upstream, listen)],
-        connection_strategy="lazy",
-        authgate_policy=policy,
-    )
+    opts.update(mode=[mode_spec(upstream, listen)], connection_strategy="lazy")
     if web is not None:
         host, _, port = web.rpartition(":")
         # mitmweb's own block_global would drop public clients before the
@@ -106,6 +104,9 @@ async def build(
         )
     if sets:
         opts.set(*sets)
+    # The policy last: it is checked against the options set above (a policy
+    # with host rules needs keep_host_header=true).
+    opts.update(authgate_policy=policy)
     return m
 
 
