@@ -213,3 +213,34 @@ def test_basic_beyond_loopback_is_warned_about_at_start(host: str, warned: bool)
     finally:
         out = stop(proc)
     assert ("cross the network in clear text" in out) == warned, out
+
+
+def test_mitmweb_shows_the_decision_in_the_flow_list(backend: Backend) -> None:
+    """`authgate run --web`: mitmweb's HTTP API, as its flow list reads it."""
+    import json
+    import urllib.request
+
+    port, web = free_port(), free_port()
+    cmd = [*authgate_run(EXAMPLE, backend.url, port), "--web", "--web-listen", f"127.0.0.1:{web}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, proc)
+        wait_for_port(web, proc)
+        assert send(("127.0.0.1", port), "GET", "/api/profile").status == 401
+        assert send(("127.0.0.1", port), "GET", "/health").status == 200
+
+        def get(path: str) -> object:
+            with urllib.request.urlopen(f"http://127.0.0.1:{web}{path}", timeout=5) as r:
+                return json.load(r)
+
+        flows = get("/flows")
+        assert isinstance(flows, list)
+        comments = {f["request"]["path"]: f["comment"] for f in flows}
+        assert comments["/api/profile"] == "authgate: 401 by rule profile (no_credentials)"
+        assert comments["/health"] == "authgate: allowed by rule health (allowed)"
+        options = get("/options")
+        assert isinstance(options, dict)
+        assert "comment" in options["web_columns"]["value"]  # a column, no click needed
+        assert options["listen_port"]["value"] == port  # what the status bar shows
+    finally:
+        stop(proc)

@@ -96,11 +96,17 @@ async def build(
         host, _, port = web.rpartition(":")
         # mitmweb's own block_global would drop public clients before the
         # gateway sees them; the lean master has no such addon either.
+        listen_host, _, listen_port = listen.rpartition(":")
         opts.update(
             web_host=host.strip("[]") or "127.0.0.1",
             web_port=int(port),
             web_open_browser=False,
             block_global=False,
+            # The decision in the flow list, without a click.
+            web_columns=["icon", "method", "path", "status", "comment", "size", "time"],
+            # What mitmweb's status bar shows (the mode's own address is what binds).
+            listen_host=listen_host.strip("[]"),
+            listen_port=int(listen_port) if listen_port.isdigit() else None,
         )
     if sets:
         opts.set(*sets)
