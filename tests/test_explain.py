@@ -210,6 +210,29 @@ def test_the_mitmproxy_command(demo_key: Any, caplog: pytest.LogCaptureFixture) 
     assert "      claim sub equals '{id}': false (wanted 'bob', sub is 'alice')\n" in text
     assert "=> 403 Forbidden   (reason forbidden, rule user-record)" in text
     assert flow.request.headers["Authorization"][7:] not in text
+    # The story is attached to the flow itself, after its decision line.
+    assert flow.comment.startswith("\n\n-- authgate.explain --\nGET /api/users/bob\n")
+    assert "=> 403 Forbidden" in flow.comment
+
+
+def test_explaining_again_replaces_the_story_and_keeps_the_decision(demo_key: Any) -> None:
+    from mitmproxy.test import taddons, tflow
+
+    gw = Gateway(clock=lambda: NOW)
+    flow = tflow.tflow()
+    flow.request.path = "/health"
+    flow.comment = "authgate: allowed by rule health (allowed)"
+
+    async def run() -> None:
+        with taddons.context(gw) as tctx:
+            tctx.configure(gw, authgate_policy=str(EXAMPLE))
+            tctx.master.commands.call("authgate.explain", [flow])
+            tctx.master.commands.call("authgate.explain", [flow])
+
+    asyncio.run(run())
+    decided, _, story = flow.comment.partition("\n\n-- authgate.explain --\n")
+    assert decided == "authgate: allowed by rule health (allowed)"
+    assert story.startswith("GET /health\n") and "-- authgate.explain --" not in story
 
 
 def test_the_mitmproxy_command_without_a_policy() -> None:

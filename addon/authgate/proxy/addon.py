@@ -47,6 +47,7 @@ from authgate.runtime.stores import MemoryStore
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
 REQUEST_ID_KEY = "authgate_request_id"
+EXPLAINED = "\n\n-- authgate.explain --\n"  # what follows a flow's decision line
 DENIED_MARKER = ":no_entry:"
 WOULD_DENY_MARKER = ":warning:"
 LINT_MARKER = ":triangular_flag_on_post:"
@@ -429,9 +430,12 @@ class Gateway:
 
     @command.command("authgate.explain")
     def explain(self, flows: Sequence[flow.Flow]) -> None:
-        """Log how authgate decides each flow's request, step by step (as the
+        """Explain how authgate decides each flow's request, step by step (as the
         request is now: a forwarded one carries the path and headers the gateway
-        gave it). Rate limits are read, not counted. Try `authgate.explain @focus`."""
+        gave it), and attach the story to the flow: its comment keeps the
+        decision's line first, then the explanation (mitmweb's Comment tab shows
+        it). Also logged. Rate limits are read, not counted. Try
+        `authgate.explain @all` or `authgate.explain ~comment "authgate: [45]"`."""
         policy = self.policy
         if policy is None:
             raise exceptions.CommandError("authgate: no policy loaded")
@@ -439,7 +443,10 @@ class Gateway:
             if isinstance(f, http.HTTPFlow):
                 view = request_view(f, policy.uses_host)
                 told = explain_request(policy, view, self.clock(), self.limiter)
-                logger.info("authgate.explain:\n" + told.text().rstrip("\n"))
+                text = told.text().rstrip("\n")
+                decided = f.comment.split(EXPLAINED, 1)[0].rstrip("\n")
+                f.comment = f"{decided}{EXPLAINED}{text}"
+                logger.info("authgate.explain:\n" + text)
 
     # --- the work ------------------------------------------------------------
 
