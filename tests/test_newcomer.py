@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -249,3 +250,44 @@ def test_every_file_the_docs_name_exists(doc: Path) -> None:
         if not (ROOT / named).exists():
             missing.append(named)
     assert missing == []
+
+
+# --- every shipped policy can be tried: the demo identity provider -------------------------
+
+
+def test_the_demo_provider_serves_identity_provider_yaml_end_to_end(
+    start_gateway: Any, backend: Any, tmp_path: Path
+) -> None:
+    from authgate.tools.demo import IDP_REALM, start_idp
+    from conftest import send
+
+    provider = start_idp(ROOT / "policies" / "keys", "127.0.0.1", 0)
+    try:
+        port = provider.server_address[1]
+        issuer = f"http://127.0.0.1:{port}{IDP_REALM}"
+        text = (ROOT / "policies" / "identity-provider.yaml").read_text()
+        policy = tmp_path / "identity-provider.yaml"  # it reads no file beside it
+        policy.write_text(text.replace("127.0.0.1:8999", f"127.0.0.1:{port}"))
+        gw = start_gateway(policy)
+        mint = ["token", "--iss", issuer, "--claim", "client_id=web", "--sub", "dave"]
+        good = authgate(*mint, "--typ", "at+jwt").stdout.strip()
+        plain = authgate(*mint).stdout.strip()
+        ok = send(gw.address, "GET", "/api/x", [("Authorization", f"Bearer {good}")])
+        assert ok.status == 200
+        assert backend.seen[0].header("X-Auth-Subject") == "dave"
+        no_typ = send(gw.address, "GET", "/api/x", [("Authorization", f"Bearer {plain}")])
+        assert no_typ.status == 401 and "invalid_token" in (no_typ.header("WWW-Authenticate") or "")
+    finally:
+        provider.shutdown()
+        provider.server_close()
+
+
+def test_the_demo_banner_with_the_provider_shows_its_tokens() -> None:
+    text = banner(
+        "http://127.0.0.1:8080",
+        ROOT / "policies" / "keys",
+        ROOT / "policies" / "identity-provider.yaml",
+        "http://127.0.0.1:8999/realms/demo",
+    )
+    assert "--typ at+jwt --claim client_id=web" in text
+    assert "http://127.0.0.1:8999/realms/demo/jwks" in text

@@ -59,6 +59,14 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the gateway and a demo backend (what `make run` starts)")
     gateway_options(demo, "127.0.0.1:8080", "policies/example.yaml")
     demo.add_argument("--backend", default="127.0.0.1:9000", help="HOST:PORT of the demo backend")
+    demo.add_argument(
+        "--idp",
+        nargs="?",
+        const="127.0.0.1:8999",
+        metavar="HOST:PORT",
+        help="also serve a demo identity provider (JWKS and discovery) for "
+        "policies/identity-provider.yaml (127.0.0.1:8999)",
+    )
     demo.set_defaults(func=_lazy("cmd_demo"))
 
     tok = sub.add_parser("token", help="mint a signed JWT (defaults: the demo key and issuer)")
@@ -72,6 +80,13 @@ def parser() -> argparse.ArgumentParser:
     tok.add_argument("--kid", default=DEMO_KID, help=f"key id ({DEMO_KID}); empty for none")
     tok.add_argument("--alg", default="RS256", help="algorithm (RS256)")
     tok.add_argument("--typ", help="the `typ` header, e.g. at+jwt (RFC 9068 access tokens)")
+    tok.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another claim, a string (repeatable), e.g. client_id=web",
+    )
     tok.set_defaults(func=_lazy("cmd_token"))
 
     dk = sub.add_parser("demo-keys", help="make the demo key pair (what `make install` runs)")

@@ -233,6 +233,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    idp = None
+    issuer = None
+    if args.idp:
+        idp_host, _, idp_port = args.idp.rpartition(":")
+        try:
+            idp = demo.start_idp(keys_dir, idp_host, int(idp_port))
+        except (OSError, ValueError) as e:
+            server.shutdown()
+            print(
+                f"authgate demo: cannot start the demo provider on {args.idp}: {e}", file=sys.stderr
+            )
+            return 2
+        issuer = f"http://{args.idp}{demo.IDP_REALM}"
     try:
         base = f"http://{args.listen}"
         return serve(
@@ -240,10 +253,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"http://{args.backend}",
             args.listen,
             args.set,
-            on_ready=demo.banner(base, keys_dir, policy),
+            on_ready=demo.banner(base, keys_dir, policy, issuer),
         )
     finally:
         server.shutdown()
+        if idp is not None:
+            idp.shutdown()
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -257,6 +272,13 @@ def cmd_token(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"authgate token: --ttl: {e}", file=sys.stderr)
         return 2
+    claims = {}
+    for item in args.claim:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"authgate token: --claim {item!r} must be NAME=VALUE", file=sys.stderr)
+            return 2
+        claims[name] = value
     print(
         mint(
             key,
@@ -269,6 +291,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             kid=args.kid or None,
             alg=args.alg,
             headers={"typ": args.typ} if args.typ else None,
+            extra=claims,
         )
     )
     return 0

@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from authgate.tools.keys import DEMO_KID, ensure_demo_keys, load_private_key, mint
+from authgate.tools.keys import DEMO_KID, JWKS_NAME, ensure_demo_keys, load_private_key, mint
 
 
 class EchoHandler(BaseHTTPRequestHandler):
@@ -69,6 +69,56 @@ def start_backend(host: str = "127.0.0.1", port: int = 9000) -> ThreadingHTTPSer
     return server
 
 
+IDP_REALM = "/realms/demo"  # where policies/identity-provider.yaml looks
+
+
+def start_idp(keys_dir: Path, host: str = "127.0.0.1", port: int = 8999) -> ThreadingHTTPServer:
+    """A stand-in identity provider for policies/identity-provider.yaml: the demo
+    key's JWKS at {issuer}/jwks and an OpenID Connect discovery document at
+    {issuer}/.well-known/openid-configuration, where the issuer is
+    http://HOST:PORT/realms/demo."""
+    issuer = f"http://{host}:{port}{IDP_REALM}"
+    jwks = (keys_dir / JWKS_NAME).read_bytes()
+    discovery = json.dumps({"issuer": issuer, "jwks_uri": f"{issuer}/jwks"}).encode()
+
+    class Provider(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = {
+                f"{IDP_REALM}/jwks": jwks,
+                f"{IDP_REALM}/.well-known/openid-configuration": discovery,
+            }.get(self.path.partition("?")[0])
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "max-age=300")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Provider)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="demo-idp", daemon=True).start()
+    return server
+
+
+def idp_lines(base: str, issuer: str) -> list[tuple[str, str]]:
+    """What to try against policies/identity-provider.yaml with `--idp`."""
+    token = (
+        f"$(.venv/bin/authgate token --iss {issuer} --typ at+jwt --claim client_id=web --sub dave)"
+    )
+    return [
+        ("200 an RFC 9068 access token from the demo provider",
+         f'curl -i -H "Authorization: Bearer {token}" {base}/api/x'),
+        ("401 the same token without typ at+jwt",
+         f'curl -i -H "Authorization: Bearer $(.venv/bin/authgate token --iss {issuer} '
+         f'--claim client_id=web --sub dave)" {base}/api/x'),
+    ]  # fmt: skip
+
+
 def curl_lines(base: str, keys_dir: Path) -> list[tuple[str, str]]:
     """(what it shows, command) for each row of the status table."""
     key = load_private_key(keys_dir / "demo-private.pem")
@@ -123,11 +173,18 @@ def curl_lines(base: str, keys_dir: Path) -> list[tuple[str, str]]:
 EXAMPLE = "example.yaml"  # the policy the printed requests are written for
 
 
-def banner(base: str, keys_dir: Path, policy: Path | None = None) -> str:
+def banner(base: str, keys_dir: Path, policy: Path | None = None, idp: str | None = None) -> str:
     """What the demo prints once it serves: requests to paste, each labelled
     with the answer it gets, when the policy is the example they were written
-    for; otherwise where that policy's own requests are."""
+    for (or the identity-provider policy with the demo provider `idp`);
+    otherwise where that policy's own requests are."""
     lines = ["", f"authgate demo: gateway on {base}, demo backend behind it."]
+    if idp is not None:
+        lines += [f"A demo identity provider serves the demo key at {idp}/jwks.", ""]
+        for what, cmd in idp_lines(base, idp):
+            lines += [f"# {what}", cmd, ""]
+        lines.append("Ctrl-C stops the gateway, the demo backend and the provider.")
+        return "\n".join(lines)
     if policy is not None and policy.name != EXAMPLE:
         tests = policy.with_name(policy.stem + ".tests.yaml")
         lines += [
