@@ -215,19 +215,38 @@ def _cookies(values: Sequence[str], names: set[str]) -> dict[str, list[str]]:
     return found
 
 
+def issuers_by(issuers: tuple[Issuer, ...], attr: str) -> dict[str, tuple[Issuer, ...]]:
+    """Cookie or query-parameter name -> the issuers that read it (a policy
+    computes these once, at load)."""
+    out: dict[str, tuple[Issuer, ...]] = {}
+    for issuer in issuers:
+        name = getattr(issuer, attr)
+        if name:
+            out[name] = (*out.get(name, ()), issuer)
+    return out
+
+
 def find(
     issuers: tuple[Issuer, ...],
     api_keys: ApiKeys | None,
     basic: BasicUsers | None,
     headers: Sequence[tuple[str, str]],
     query: str,
+    *,
+    cookies: dict[str, tuple[Issuer, ...]] | None = None,
+    params: dict[str, tuple[Issuer, ...]] | None = None,
 ) -> tuple[Presented | None, Presented | None]:
     """-> (the credential to use, a malformed one). Raises Ambiguous.
 
     Unsupported schemes count as no credentials. A cookie is used only when
     nothing else is sent (a browser's session cookie beside an explicit
-    token is normal, and the explicit one wins).
+    token is normal, and the explicit one wins). `cookies` and `params`: the
+    issuers by cookie and query-parameter name (worked out here when not given).
     """
+    if cookies is None:
+        cookies = issuers_by(issuers, "cookie")
+    if params is None:
+        params = issuers_by(issuers, "query_param")
     auth = [v for k, v in headers if k == "authorization"]
     if len(auth) > 1:
         raise Ambiguous("more than one Authorization field")
@@ -253,31 +272,28 @@ def find(
             raise Ambiguous(f"more than one {api_keys.header} field")
         if keys:
             explicit.append(Presented(API_KEY, api_keys.header, keys[0].strip()))
-    query_names = {i.query_param for i in issuers if i.query_param}
-    if query_names and query:
-        for name in query_names:
-            values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == name]
+    if params and query:
+        items = parse_qsl(query, keep_blank_values=True)
+        for name, chosen in params.items():
+            values = [v for k, v in items if k == name]
             if len(values) > 1:
                 raise Ambiguous(f"more than one {name} query parameter")
             if values:
-                chosen = tuple(i for i in issuers if i.query_param == name)
                 explicit.append(Presented(JWT, "query", values[0], chosen))
     if len(explicit) + (malformed is not None) > 1:
         raise Ambiguous("credentials sent in more than one way")
     if explicit or malformed:
         return (explicit[0] if explicit else None), malformed
-    cookie_names = {i.cookie for i in issuers if i.cookie}
-    cookies = [v for k, v in headers if k == "cookie"] if cookie_names else []
-    if cookies:
-        found = _cookies(cookies, cookie_names)
+    fields = [v for k, v in headers if k == "cookie"] if cookies else []
+    if fields:
+        found = _cookies(fields, set(cookies))
         for name, values in found.items():
             if len(values) > 1:
                 raise Ambiguous(f"more than one {name} cookie")
         if len(found) > 1:
             raise Ambiguous(f"more than one token cookie: {', '.join(sorted(found))}")
         for name, (token,) in found.items():
-            chosen = tuple(i for i in issuers if i.cookie == name)
-            return Presented(JWT, "cookie", token, chosen), None
+            return Presented(JWT, "cookie", token, cookies[name]), None
     return None, None
 
 

@@ -429,13 +429,16 @@ def prepare(
 
     # 5. The credential presented (verified in phase two).
     accept = rule.accept
+    jwt = JWT in accept
     try:
         presented, malformed = find(
-            policy.issuers if JWT in accept else (),
+            policy.issuers if jwt else (),
             policy.api_keys if API_KEY in accept else None,
             policy.basic if BASIC in accept else None,
             request.headers,
             path.query,
+            cookies=policy.cookie_issuers if jwt else {},
+            params=policy.query_issuers if jwt else {},
         )
     except Ambiguous as e:
         if t.on:

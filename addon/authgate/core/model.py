@@ -21,6 +21,7 @@ from authgate.core.credentials import (
     Challenge,
     JwtVerifier,
     Verifier,
+    issuers_by,
 )
 from authgate.core.ipset import IPSet, is_loopback_host
 from authgate.core.paths import PathPattern
@@ -101,6 +102,13 @@ class Policy:
     # Credentials that need work off the request path first (bcrypt, JWKS fetches).
     slow_credentials: bool = field(default=False, init=False, compare=False)
     rule_index: dict[str, Rule] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # Issuers by the cookie and the query parameter they read their tokens from.
+    cookie_issuers: dict[str, tuple[Issuer, ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
+    query_issuers: dict[str, tuple[Issuer, ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
     # Whether a denial with no rule (404, IP lists, 400s) is only reported.
     report: bool = field(default=False, init=False, compare=False)
     # One verifier per credential kind the policy configures.
@@ -118,6 +126,8 @@ class Policy:
         if self.basic is not None:
             verifiers[BASIC] = BasicVerifier(self.basic)
         object.__setattr__(self, "verifiers", verifiers)
+        object.__setattr__(self, "cookie_issuers", issuers_by(self.issuers, "cookie"))
+        object.__setattr__(self, "query_issuers", issuers_by(self.issuers, "query_param"))
         slow = self.basic is not None or any(i.remote is not None for i in self.issuers)
         object.__setattr__(self, "slow_credentials", slow)
         object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
