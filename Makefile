@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint fix typecheck check bench clean
+.PHONY: install run test lint fix typecheck check bench screenshots clean
 
 install: $(STAMP) policies/keys/jwks.json
 
@@ -42,6 +42,10 @@ check: lint test
 
 bench: install
 	$(BIN)/python -m authgate.tools.bench
+
+# The docs' screenshots (needs Debian's chromium).
+screenshots: install
+	bash docs/images/make.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info addon/*.egg-info

@@ -236,6 +236,9 @@ def test_mitmweb_shows_the_decision_in_the_flow_list(backend: Backend) -> None:
         flows = get("/flows")
         assert isinstance(flows, list)
         comments = {f["request"]["path"]: f["comment"] for f in flows}
+        markers = {f["request"]["path"]: f["marked"] for f in flows}
+        # Symbols stock fonts draw, not emoji that show as boxes without an emoji font.
+        assert markers == {"/api/profile": "\u2716", "/health": ""}
         assert comments["/api/profile"] == "authgate: 401 by rule profile (no_credentials)"
         assert comments["/health"] == "authgate: allowed by rule health (allowed)"
         options = get("/options")

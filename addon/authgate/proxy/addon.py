@@ -48,9 +48,12 @@ logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
 REQUEST_ID_KEY = "authgate_request_id"
 EXPLAINED = "\n\n-- authgate.explain --\n"  # what follows a flow's decision line
-DENIED_MARKER = ":no_entry:"
+# Flow markers, by the names mitmproxy's views know: symbols that stock fonts
+# (DejaVu) draw (✖, ⚠, ‼), not pictographs that a machine without an emoji
+# font shows as empty boxes.
+DENIED_MARKER = ":heavy_multiplication_x:"
 WOULD_DENY_MARKER = ":warning:"
-LINT_MARKER = ":triangular_flag_on_post:"
+LINT_MARKER = ":bangbang:"
 
 
 def request_view(flow: http.HTTPFlow, with_host: bool) -> RequestView:
