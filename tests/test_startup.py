@@ -220,8 +220,14 @@ def test_mitmweb_shows_the_decision_in_the_flow_list(backend: Backend) -> None:
     import json
     import urllib.request
 
+    from mitmproxy.version import VERSION
+
     port, web = free_port(), free_port()
     cmd = [*authgate_run(EXAMPLE, backend.url, port), "--web", "--web-listen", f"127.0.0.1:{web}"]
+    auth: dict[str, str] = {}
+    if int(VERSION.split(".")[0]) >= 12:  # mitmweb 12 asks for a password (11 has none)
+        cmd += ["--set", "web_password=test-password"]
+        auth = {"Authorization": "Bearer test-password"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port(port, proc)
@@ -230,7 +236,8 @@ def test_mitmweb_shows_the_decision_in_the_flow_list(backend: Backend) -> None:
         assert send(("127.0.0.1", port), "GET", "/health").status == 200
 
         def get(path: str) -> object:
-            with urllib.request.urlopen(f"http://127.0.0.1:{web}{path}", timeout=5) as r:
+            request = urllib.request.Request(f"http://127.0.0.1:{web}{path}", headers=auth)
+            with urllib.request.urlopen(request, timeout=5) as r:
                 return json.load(r)
 
         flows = get("/flows")
