@@ -88,6 +88,22 @@ def test_check_output(capsys: pytest.CaptureFixture[str], files: dict[str, str])
     ]
 
 
+def test_check_reports_every_broken_rule(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\nrules:\n"
+        "  - {name: a, match: {path: /a, methods: GET}, allow: anyone}\n"
+        "  - {name: b, match: {path: /b}, allow: anyone}\n"
+        "  - {name: c, match: {path: /c}, allow: {role: 5}}\n"
+        "  - {name: b, match: {path: /d}, allow: anyone}\n"
+    )
+    code, out, _ = run(capsys, "check", str(tmp_path / "p.yaml"))
+    assert code == 2
+    errors = [line for line in out.splitlines() if ": error: " in line]
+    assert [e.split(":")[1] for e in errors] == ["3", "5", "6"], out
+
+
 def test_check_json(capsys: pytest.CaptureFixture[str], files: dict[str, str]) -> None:
     code, out, _ = run(capsys, "check", "--format", "json", "--strict", files["warns"])
     data = json.loads(out)

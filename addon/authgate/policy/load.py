@@ -673,10 +673,17 @@ class _Builder:
         limits = self.limits(top, "limits", "the policy")
         rule_items = self.get(top, "rules", list, "the policy")
         names: set[str] = set()
-        rules = tuple(
-            self.rule(v, ln, f"rules[{i}]", names)
-            for i, (v, ln) in enumerate(zip(rule_items, rule_items.item_lines, strict=False))
-        )
+        built: list[Rule] = []
+        problems: list[PolicyError] = []
+        for i, (v, ln) in enumerate(zip(rule_items, rule_items.item_lines, strict=False)):
+            try:
+                built.append(self.rule(v, ln, f"rules[{i}]", names))
+            except PolicyError as e:
+                problems.append(e)  # and go on: the author sees every rule's problem
+        if problems:
+            problems[0].more = tuple(problems[1:])
+            raise problems[0]
+        rules = tuple(built)
         default = self.get(top, "default", str, "the policy", "not_found")
         if default not in ("not_found", "forbidden"):
             raise self.error(self.line_of(top, "default"), "default must be not_found or forbidden")

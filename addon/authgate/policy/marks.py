@@ -19,8 +19,14 @@ class PolicyError(ValueError):
         self.file = file
         self.line = line
         self.message = message
+        # Further problems found in the same load (each rule is checked even
+        # when an earlier one is wrong), for `authgate check` to list them all.
+        self.more: tuple[PolicyError, ...] = ()
         where = f"{file}:{line}" if line else file
         super().__init__(f"{where}: {message}")
+
+    def all(self) -> tuple[PolicyError, ...]:
+        return (self, *self.more)
 
 
 class MarkedDict(dict[str, Any]):

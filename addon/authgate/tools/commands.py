@@ -80,7 +80,7 @@ def check(paths: Sequence[str], *, strict: bool = False, fmt: str = "text",
         try:
             policy, cases = _load(path)
         except PolicyError as e:
-            findings.append(Finding(e.file, e.line, "invalid", e.message, "error"))
+            findings.extend(Finding(p.file, p.line, "invalid", p.message, "error") for p in e.all())
             summaries.append(f"{path}: does not load")
             continue
         found = lint(policy, listen)
