@@ -1,7 +1,9 @@
-"""The docs' example sessions, run: every `$ authgate check|test|explain ...`
+"""The docs' commands, run as written. Every `$ authgate check|test|explain ...`
 line in a ```text block of the README or docs/ whose files exist in the
-repository is run as written (bash, with the venv's `authgate` on PATH), and
-what it prints must be what the docs show, but for times and dates."""
+repository is run (bash, with the venv's `authgate` on PATH), and what it
+prints must be what the docs show, but for times and dates; every offline
+`authgate` line in a ```sh block (token, hash-key, check, ...) must succeed.
+(The demo's printed curl commands are run by tests/test_startup.py.)"""
 
 from __future__ import annotations
 
@@ -77,3 +79,35 @@ def test_a_documented_session_prints_what_the_docs_show(
     assert r.stderr == "", r.stderr
     printed = r.stdout.rstrip("\n").splitlines()
     assert _normal(printed) == _normal(shown)
+
+
+SH_BLOCK = re.compile(r"```sh\n(.*?)```", re.S)
+# Offline commands a reader pastes from a ```sh block: run as written.
+OFFLINE = re.compile(r"^(?:\.venv/bin/)?authgate (?:token|hash-key|check|test|explain|demo-keys)\b")
+
+
+def _offline_lines() -> list[tuple[str, str]]:
+    out = []
+    for doc in DOCS:
+        for block in SH_BLOCK.findall(doc.read_text(encoding="utf-8")):
+            for line in block.splitlines():
+                if OFFLINE.match(line):
+                    out.append((doc.name, line))
+    return out
+
+
+OFFLINE_LINES = _offline_lines()
+
+
+def test_the_docs_have_offline_commands_to_paste() -> None:
+    assert len(OFFLINE_LINES) >= 2
+
+
+@pytest.mark.parametrize(
+    "where, line", OFFLINE_LINES, ids=[f"{d}: {c[:50]}" for d, c in OFFLINE_LINES]
+)
+def test_a_pasted_offline_command_works(where: str, line: str) -> None:
+    r = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (line, r.stderr)
+    if " token " in line:
+        assert re.fullmatch(r"[\w-]+\.[\w-]+\.[\w-]+\n", r.stdout), r.stdout
