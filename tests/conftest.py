@@ -190,11 +190,12 @@ class RunningGateway:
 
 @pytest.fixture
 def start_gateway(backend: Backend) -> Iterator[Callable[..., RunningGateway]]:
-    """start_gateway(policy_path, *sets) -> a running gateway in front of `backend`."""
+    """start_gateway(policy_path, *sets, upstream=URL) -> a running gateway in front
+    of `backend` (or of `upstream`)."""
     running: list[RunningGateway] = []
 
-    def start(policy: Path = EXAMPLE, *sets: str) -> RunningGateway:
-        g = RunningGateway(policy, backend.url, list(sets))
+    def start(policy: Path = EXAMPLE, *sets: str, upstream: str | None = None) -> RunningGateway:
+        g = RunningGateway(policy, upstream or backend.url, list(sets))
         running.append(g)
         return g
 

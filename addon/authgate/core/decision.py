@@ -249,15 +249,17 @@ def _match(
 # CR, LF and NUL never belong in a field (RFC 9110 §5.5): a backend may read
 # a bare CR as a line end, or a fold as a new field, and so see headers the
 # gateway never judged. mitmproxy passes them through inside values.
-_FIELD_CTL = re.compile(r"[\r\n\x00]")
-
-
-def bad_header(headers: tuple[tuple[str, str], ...]) -> str | None:
-    """The first header whose name or value holds CR, LF or NUL, or None."""
+def _field_problems(headers: tuple[tuple[str, str], ...]) -> tuple[str | None, int]:
+    """(the first field whose name or value holds CR, LF or NUL, the number of
+    Host fields), in one pass over the fields."""
+    hosts = 0
     for name, value in headers:
-        if _FIELD_CTL.search(value) or _FIELD_CTL.search(name):
-            return name
-    return None
+        for text in (name, value):
+            if "\r" in text or "\n" in text or "\x00" in text:
+                return name, hosts
+        if name == "host":
+            hosts += 1
+    return None, hosts
 
 
 @dataclass(slots=True)
@@ -307,17 +309,14 @@ def prepare(
 
     # 0. Header fields that could carry a second, forged field; a target with
     # userinfo (RFC 9110 §4.2.4 forbids it).
-    if _FIELD_CTL.search("".join(v for _, v in request.headers)) or _FIELD_CTL.search(
-        "".join(k for k, _ in request.headers)
-    ):
-        name = bad_header(request.headers) or "?"
+    forged, hosts = _field_problems(request.headers)
+    if forged is not None:
         if t.on:
-            t(f"header {name[:60]!r} holds CR, LF or NUL: rejected")
-        return Decision(False, 400, BAD_HEADER, detail=f"control character in {name[:60]}")
-    hosts = request.header_all("host")
+            t(f"header {forged[:60]!r} holds CR, LF or NUL: rejected")
+        return Decision(False, 400, BAD_HEADER, detail=f"control character in {forged[:60]}")
     bad_host = (
         "more than one Host field"
-        if len(hosts) > 1
+        if hosts > 1
         else "no Host"
         if policy.uses_host and request.host is None
         else "a Host that is not host[:port]"
