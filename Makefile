@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint fix typecheck check bench screenshots clean
+.PHONY: install run test redis-server lint fix typecheck check bench screenshots clean
 
 install: $(STAMP) policies/keys/jwks.json
 
@@ -23,8 +23,19 @@ policies/keys/jwks.json: | $(STAMP)
 run: install
 	$(BIN)/authgate demo $(ARGS)
 
-test: install
+test: install redis-server
 	$(BIN)/python -m pytest
+
+# The tests start their own redis-server (Debian package redis-server) on a free
+# loopback port; install it when missing (as root), else say how.
+redis-server:
+	@command -v redis-server >/dev/null || \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
+	  else \
+	    echo "authgate: the tests need redis-server: sudo apt-get install redis-server" >&2; \
+	    exit 1; \
+	  fi
 
 lint: install
 	$(BIN)/ruff check addon tests
@@ -40,8 +51,9 @@ typecheck: install
 
 check: lint test
 
+# make bench ARGS="--rounds 5 --duration 10" (all options: ARGS=--help)
 bench: install
-	$(BIN)/python -m authgate.tools.bench
+	$(BIN)/python -m authgate.tools.bench $(ARGS)
 
 # The docs' screenshots (needs Debian's chromium).
 screenshots: install

@@ -17,6 +17,7 @@ import pytest
 from authgate.proxy import runner
 from authgate.proxy.addon import Gateway
 from authgate.tools.keys import ensure_demo_keys, load_private_key, mint
+from redis_server import redis_server  # noqa: F401 - the session's real Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from authgate.core.ipset import IPSet, normalize_ip, parse_cidr, parse_ip, read_cidr_lines
+from authgate.core.ipset import (
+    IPSet,
+    cidr_key,
+    normalize_ip,
+    parse_cidr,
+    parse_ip,
+    read_cidr_lines,
+    read_cidr_text,
+)
 
 P = pytest.param
 
@@ -197,8 +205,8 @@ SET = IPSet.from_strings(
 
 
 def test_ipset_merges_ranges() -> None:
-    assert SET.v4_starts == [v4("10.0.0.0"), v4("192.168.1.0"), v4("203.0.113.7")]
-    assert SET.v4_ends == [v4("10.255.255.255"), v4("192.168.1.255"), v4("203.0.113.7")]
+    assert list(SET.v4_starts) == [v4("10.0.0.0"), v4("192.168.1.0"), v4("203.0.113.7")]
+    assert list(SET.v4_ends) == [v4("10.255.255.255"), v4("192.168.1.255"), v4("203.0.113.7")]
     assert SET.v6_starts == [1, v6("2001:db8::")]
     assert SET.v6_ends == [1, v6("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff")]
     assert SET.entries == 7
@@ -274,7 +282,7 @@ def test_ipset_contains(address: str, expected: bool) -> None:
 )
 def test_ipset_merge_v4(entries: list[str], starts: list[str], ends: list[str]) -> None:
     s = IPSet.from_strings(entries)
-    assert (s.v4_starts, s.v4_ends) == ([v4(x) for x in starts], [v4(x) for x in ends])
+    assert (list(s.v4_starts), list(s.v4_ends)) == ([v4(x) for x in starts], [v4(x) for x in ends])
     assert (s.v6_starts, s.v6_ends) == ([], [])
     assert s.entries == len(entries)
 
@@ -459,3 +467,208 @@ def test_parse_cidr_agrees_with_ipaddress(
         int(ref.network_address),
         int(ref.broadcast_address),
     )
+
+
+# --- the compact table against a plain list of ranges -----------------------
+
+Range = tuple[int, int, int]
+
+
+@st.composite
+def ranges(draw: st.DrawFn) -> Range:
+    """Any range (not only CIDR-shaped), often tiny, sometimes at the edges."""
+    family = draw(st.sampled_from([4, 6]))
+    top = (1 << (32 if family == 4 else 128)) - 1
+    first = draw(st.one_of(st.integers(0, top), st.sampled_from([0, 1, top - 1, top])))
+    width = draw(st.one_of(st.integers(0, 3), st.integers(0, 1 << 20), st.integers(0, top)))
+    return family, first, min(top, first + width)
+
+
+def probes(rs: list[Range]) -> list[tuple[int, int]]:
+    out = []
+    for family, first, last in rs:
+        top = (1 << (32 if family == 4 else 128)) - 1
+        for value in (first - 1, first, (first + last) // 2, last, last + 1):
+            if 0 <= value <= top:
+                out.append((family, value))
+    return out
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(rs=st.lists(ranges(), max_size=40), data=st.data())
+def test_compact_set_agrees_with_a_list_of_ranges(rs: list[Range], data: st.DataObject) -> None:
+    # index_min=0 forces the /16 bucket index even on a few ranges.
+    indexed = IPSet.build(rs, index_min=0)
+    plain = IPSet.build(rs, index_min=10**9)
+    assert indexed.v4_index and not plain.v4_index or not indexed.v4_starts
+    extra = data.draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just(4), st.integers(0, (1 << 32) - 1)),
+                st.tuples(st.just(6), st.integers(0, (1 << 128) - 1)),
+            ),
+            max_size=10,
+        )
+    )
+    for family, value in probes(rs) + extra:
+        expected = any(f == family and a <= value <= b for f, a, b in rs)
+        assert indexed.contains(family, value) is expected, (family, value)
+        assert plain.contains(family, value) is expected, (family, value)
+    # Sorted, disjoint and not even adjacent: what bisect relies on.
+    for starts, ends in ((indexed.v4_starts, indexed.v4_ends), (plain.v6_starts, plain.v6_ends)):
+        assert all(a <= b for a, b in zip(starts, ends, strict=True))
+        assert all(b + 1 < a for b, a in zip(ends, starts[1:], strict=False))
+
+
+def test_index_edges() -> None:
+    """Ranges across /16 bucket boundaries and at both ends of the space."""
+    rs = [
+        (4, 0, 0),
+        (4, 0x0001FFFF, 0x00020000),  # across one bucket boundary
+        (4, 0x0A000000, 0x0AFFFFFF),  # a /8: many buckets, one range
+        (4, 0xFFFFFFFF, 0xFFFFFFFF),
+    ]
+    s = IPSet.build(rs, index_min=0)
+    cases = {
+        0: True,
+        1: False,
+        0x0001FFFE: False,
+        0x0001FFFF: True,
+        0x00020000: True,
+        0x00020001: False,
+        0x0A123456: True,
+        0x0B000000: False,
+        0xFFFFFFFE: False,
+        0xFFFFFFFF: True,
+    }
+    assert {v: s.contains(4, v) for v in cases} == cases
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(rs=st.lists(ranges(), max_size=30))
+def test_compiled_bytes_round_trip(rs: list[Range]) -> None:
+    s = IPSet.build(rs)
+    back = IPSet.from_bytes(s.to_bytes())
+    assert (list(back.v4_starts), list(back.v4_ends)) == (list(s.v4_starts), list(s.v4_ends))
+    assert (back.v6_starts, back.v6_ends, back.entries) == (s.v6_starts, s.v6_ends, s.entries)
+
+
+def test_compiled_bytes_refuse_anything_else() -> None:
+    good = IPSet.from_strings(["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"]).to_bytes()
+    swapped = IPSet.from_strings(["192.0.2.1"]).to_bytes()
+    # Two ranges written in the wrong order: the right length, a wrong table.
+    unsorted = bytearray(IPSet.from_strings(["10.0.0.1", "10.0.0.9"]).to_bytes())
+    head = len(unsorted) - 16
+    unsorted[head : head + 8] = unsorted[head + 4 : head + 8] + unsorted[head : head + 4]
+    for bad, problem in [
+        (b"", "not a compiled IP set"),
+        (b"x" + good[1:], "not a compiled IP set"),
+        (good[:-1], "wrong length"),
+        (good + b"\0", "wrong length"),
+        (swapped[:-4] + (0x0A000000).to_bytes(4, "little"), "out of order"),
+        (bytes(unsorted), "out of order"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            IPSet.from_bytes(bad)
+
+
+# --- read_cidr_text: the bulk reader against the line-by-line one -------------
+
+LINES = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.builds(
+        lambda a, p: f"{ipaddress.IPv4Network((int(a), p), strict=False)}",
+        st.ip_addresses(v=4),
+        st.integers(0, 32),
+    ),
+    st.builds(lambda a, p: f"{a}/{p}", st.ip_addresses(v=4), st.integers(0, 40)),  # host bits
+    st.builds(lambda a, p: f"{a}/0{p}", st.ip_addresses(v=4), st.integers(0, 40)),  # /032
+    st.ip_addresses(v=6).map(str),
+    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
+    st.sampled_from(
+        [
+            "",
+            "   ",
+            "# comment",
+            "1.2.3.4 # host",
+            "\t10.0.0.0/8\t",
+            "1.2.3.4/",
+            "1.2.3.4/8/9",
+            "1.2.3",
+            "01.2.3.4",
+            "1.2.3.4 5.6.7.8",
+            "bogus",
+            "10.0.0.0/٨",
+            "1.2.3.4\xa0",
+            "/24",
+        ]
+    ),
+)
+
+
+def sorted_ranges(packed: tuple[list[float], list[int]]) -> list[Range]:
+    v4, v6 = packed
+    out = [(4, int(k) >> 6, int(k) >> 6 | (1 << (int(k) & 63)) - 1) for k in v4]
+    out += [(6, k >> 128, k & ((1 << 128) - 1)) for k in v6]
+    return sorted(out)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(
+    lines=st.lists(LINES, max_size=30),
+    ending=st.sampled_from(["\n", "\r\n", "\r"]),
+    chunk=st.integers(0, 80),
+)
+def test_bulk_reader_agrees_with_the_line_reader(lines: list[str], ending: str, chunk: int) -> None:
+    text = ending.join(lines) + ending
+    expected_ranges, expected_problem = read_cidr_lines(text.splitlines())
+    packed, problem = read_cidr_text(text, chunk_size=chunk)
+    assert problem == expected_problem
+    if problem is None:
+        assert sorted_ranges(packed) == sorted(expected_ranges)
+
+
+@pytest.mark.parametrize("chunk", [0, 7, 1 << 20])
+def test_bulk_reader_names_the_line_in_a_later_chunk(chunk: int) -> None:
+    text = "".join(f"10.0.{i // 256}.{i % 256}\n" for i in range(500)) + "10.0.0.1/8\n"
+    packed, problem = read_cidr_text(text, chunk_size=chunk)
+    assert problem == (501, "'10.0.0.1/8' has host bits set (did you mean 10.0.0.0/8?)")
+    assert len(packed[0]) == 500
+
+
+def test_bulk_reader_on_a_feed() -> None:
+    packed, problem = read_cidr_text(BLOCKLIST)
+    assert problem is None
+    assert sorted_ranges(packed) == sorted(read_cidr_lines(BLOCKLIST.splitlines())[0])
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "key"),
+    [
+        P(0, 0, 0.0, id="zero"),
+        P(v4("10.0.0.0"), v4("10.255.255.255"), v4("10.0.0.0") * 64 + 24, id="a-slash-8"),
+        P(0, 0xFFFFFFFF, 32.0, id="everything"),
+        P(0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF * 64.0, id="the-last-address"),
+    ],
+)
+def test_cidr_key(first: int, last: int, key: float) -> None:
+    assert cidr_key(first, last) == key
+
+
+@pytest.mark.parametrize(("first", "last"), [(5, 6), (4, 6), (1, 2), (2, 1)])
+def test_cidr_key_refuses_a_range_that_is_no_network(first: int, last: int) -> None:
+    with pytest.raises(ValueError, match="not a network"):
+        cidr_key(first, last)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(nets=st.lists(networks(), max_size=20))
+def test_cidr_keys_build_the_same_set(
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> None:
+    rs = [parse_cidr(str(n)) for n in nets]
+    keys = [cidr_key(a, b) for f, a, b in rs if f == 4]
+    v6 = [a << 128 | b for f, a, b in rs if f == 6]
+    by_keys = IPSet.from_cidr_keys(keys, v6)
+    by_ranges = IPSet.build(rs)
+    assert by_keys.to_bytes() == by_ranges.to_bytes()

@@ -5,10 +5,12 @@ the filters a mitmweb user types.
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
 import urllib.request
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,22 @@ def test_reload_command_and_status(
     assert send(gw.address, "GET", "/a").status == 401
     status = json.loads(gw.call("authgate.status"))
     assert status["policy"] == str(policy) and status["rules"] == 2 and status["reloads"] == 1
+
+
+def test_after_a_reload_nothing_keeps_the_old_policy(
+    start_gateway: Start, backend: Backend, tmp_path: Path, demo_key: Any
+) -> None:
+    """Two policies (two block lists) are held only until the swap."""
+    gw = start_gateway(write_policy(tmp_path))
+    assert send(gw.address, "GET", "/a").status == 200
+    assert gw.addon.policy is not None
+    old_block = weakref.ref(gw.addon.policy.block)  # (a Policy has no weakref slot)
+    (tmp_path / "block.txt").write_text("192.0.2.2\n")
+    wait_for(lambda: gw.addon.reloads == 1)
+    assert send(gw.address, "GET", "/a").status == 200
+    gc.collect()
+    assert gw.addon.policy.block.contains(4, 0xC0000202)
+    assert old_block() is None
 
 
 # --- report-only rollout ------------------------------------------------------------------------
@@ -391,8 +409,8 @@ class Recording(Gateway):
         super().__init__()
         self.flows: list[Any] = []
 
-    def _record(self, flow: Any, d: Any, outcome: str) -> None:
-        super()._record(flow, d, outcome)
+    def _record(self, flow: Any, d: Any, outcome: str, without_store: str) -> None:
+        super()._record(flow, d, outcome, without_store)
         self.flows.append(flow)
 
 

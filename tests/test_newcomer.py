@@ -231,7 +231,15 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 NAMED = re.compile(r"(?<![\w./-])((?:policies|docs|tests|addon)/[\w./-]+\.(?:yaml|md|py|txt|json))")
 # Files the docs tell the reader to create, or that commands create.
-MADE_BY_THE_READER = {"policies/my-policy.yaml", "policies/my-policy.tests.yaml"}
+MADE_BY_THE_READER = {
+    "policies/my-policy.yaml",
+    "policies/my-policy.tests.yaml",
+    "policies/my-base.yaml",
+    # written by the documented `authgate learn` and `authgate import openapi`
+    "policies/learnt.yaml",
+    "policies/bookshop.yaml",
+    "policies/bookshop.tests.yaml",
+}
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

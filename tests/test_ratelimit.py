@@ -320,3 +320,79 @@ def test_whole_quota_is_usable(rate: Rate, now: float) -> None:
     remaining = [lim.hit("L", "k", rate, now).remaining for _ in range(rate.count)]
     assert remaining == list(range(rate.count - 1, -1, -1))
     assert lim.hit("L", "k", rate, now).allowed is False
+
+
+# --- all of a request's limits at once --------------------------------------------
+
+
+def test_hit_all_counts_every_hit_when_all_allow() -> None:
+    from authgate.core.ratelimit import Hit
+
+    lim = MemoryStore()
+    hits = [Hit("a", "ip:1", Rate(2, 60)), Hit("b", "sub:x", Rate(5, 60))]
+    assert [v.allowed for v in lim.hit_all(hits, 0.0)] == [True, True]
+    assert [v.remaining for v in lim.hit_all(hits, 0.0)] == [0, 3]
+    # The third: "a" refuses, so "b" is not counted either.
+    assert [v.allowed for v in lim.hit_all(hits, 0.0)] == [False, True]
+    assert lim.hit("b", "sub:x", Rate(5, 60), 0.0, consume=False).remaining == 2
+
+
+def test_hit_all_consume_false_only_reads() -> None:
+    from authgate.core.ratelimit import Hit
+
+    lim = MemoryStore()
+    hits = [Hit("a", "ip:1", Rate(1, 60))]
+    for _ in range(3):
+        assert lim.hit_all(hits, 0.0, consume=False)[0].allowed
+    assert len(lim) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 30)), min_size=1, max_size=40),
+)
+def test_hit_all_is_all_or_nothing(seq: list[tuple[int, int]]) -> None:
+    """Against a reference: a batch is counted only when every hit in it would
+    pass on its own; a refused batch leaves every key as it was."""
+    from authgate.core.ratelimit import Hit
+
+    rates = [Rate(2, 10), Rate(3, 10), Rate(5, 60)]
+    lim, ref = MemoryStore(), MemoryStore()
+    now = 0.0
+    for which, dt in seq:
+        now += dt / 10
+        hits = [Hit(str(i), "k", rates[i]) for i in range(which + 1)]
+        fits = all(ref.hit(h.limit_id, h.key, h.rate, now, consume=False).allowed for h in hits)
+        if fits:
+            for h in hits:
+                ref.hit(h.limit_id, h.key, h.rate, now)
+        verdicts = lim.hit_all(hits, now)
+        assert all(v.allowed for v in verdicts) == fits
+        for h in hits:
+            assert lim.hit(h.limit_id, h.key, h.rate, now, False) == ref.hit(
+                h.limit_id, h.key, h.rate, now, False
+            )
+
+
+def test_a_request_refused_by_one_limit_counts_against_none() -> None:
+    """IP 2/hour and subject 1/hour: alice's second request is refused by her
+    subject limit and so uses none of the IP's quota, which bob then gets."""
+    from authgate.core.decision import RequestView, judge
+    from authgate.core.model import Policy
+    from authgate.policy.load import parse_policy
+
+    policy: Policy = parse_policy(
+        "version: 1\n"
+        "authn:\n  api_keys:\n    header: X-Key\n    keys:\n"
+        "      - {name: alice, sha256: " + "a" * 64 + "}\n"
+        "rules:\n  - name: r\n    match: {path: /x}\n    allow: anyone\n"
+        "    limits:\n      - {name: per-ip, key: ip, rate: 2/hour}\n"
+        "      - {name: per-sub, key: header:x-user, rate: 1/hour}\n"
+    )
+    store = MemoryStore()
+
+    def ask(user: str) -> int:
+        view = RequestView.build("GET", "/x", [("Host", "h"), ("X-User", user)], "192.0.2.1")
+        return judge(policy, view, 1000.0, store).status
+
+    assert [ask("alice"), ask("alice"), ask("bob"), ask("carol")] == [0, 429, 0, 429]

@@ -47,6 +47,29 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway in front of a backend")
     gateway_options(run, "127.0.0.1:8080", None)
     run.add_argument("--upstream", required=True, help="the backend, e.g. http://127.0.0.1:9000")
+    run.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS only, with this PEM cert")
+    run.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    run.add_argument(
+        "--upstream-ca", metavar="FILE", help="verify an https:// upstream against this CA (PEM)"
+    )
+    run.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="gateway processes on the listen address (1; auto: one per core)",
+    )
+    run.add_argument(
+        "--store",
+        default="memory",
+        metavar="URL",
+        help="where rate-limit counts live: memory, or redis://HOST:PORT/DB (rediss:// for "
+        "TLS; password in the URL or AUTHGATE_REDIS_PASSWORD) to share them (memory)",
+    )
+    run.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve /live, /ready, /metrics and /status there (off; e.g. 127.0.0.1:9901)",
+    )
     run.add_argument("--web", action="store_true", help="also serve the mitmweb UI")
     run.add_argument(
         "--web-listen",
@@ -136,6 +159,19 @@ def parser() -> argparse.ArgumentParser:
     tst.add_argument(
         "--strict", action="store_true", help="also fail on rules no test reaches, or no tests"
     )
+    tst.add_argument(
+        "--coverage",
+        action="store_true",
+        help="report the rules and condition branches no test covers, with file:line",
+    )
+    tst.add_argument(
+        "--min-coverage",
+        type=float,
+        metavar="PCT",
+        help="fail (exit 1) when a policy's branch coverage is below PCT percent (implies "
+        "--coverage)",
+    )
+    tst.add_argument("--json", action="store_true", help="the results as one JSON document")
     tst.set_defaults(func=_lazy("test_command"))
 
     rep = sub.add_parser("replay", help="what a policy would decide for recorded traffic")
@@ -155,6 +191,36 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     rep.set_defaults(func=_lazy("replay_command"))
+
+    imp = sub.add_parser("import", help="write a starting policy from an API description")
+    imp_sub = imp.add_subparsers(dest="source", required=True)
+    oas = imp_sub.add_parser(
+        "openapi", help="a policy and its tests from an OpenAPI 3.0/3.1 document (YAML or JSON)"
+    )
+    oas.add_argument("spec", metavar="SPEC", help="the OpenAPI document")
+    oas.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write the policy here and its tests beside it (NAME.tests.yaml); "
+        "default: the policy, tests included, on standard output",
+    )
+    oas.set_defaults(func=_lazy("cmd_import_openapi"))
+
+    lrn = sub.add_parser("learn", help="propose a policy from recorded traffic (in report mode)")
+    lrn.add_argument("capture", metavar="CAPTURE", help="mitmproxy flow file (-w) or HAR file")
+    lrn.add_argument(
+        "--policy", required=True, metavar="BASE",
+        help="the base policy: its authn verifies the captured credentials; its rules are kept",
+    )  # fmt: skip
+    lrn.add_argument("--output", metavar="FILE", help="write the policy here (default: stdout)")
+    lrn.add_argument(
+        "--peer", default="127.0.0.1", help="client address for HAR entries (127.0.0.1)"
+    )
+    lrn.add_argument(
+        "--max-literals", type=int, default=10, metavar="K",
+        help="more distinct values than K at one path position make it a parameter (10)",
+    )  # fmt: skip
+    lrn.set_defaults(func=_lazy("cmd_learn"))
     return p
 
 

@@ -7,7 +7,7 @@ request carried no credentials) and the path parameters of the match.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from authgate.core.identity import Identity
@@ -64,8 +64,13 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+@dataclass(frozen=True, slots=True)
 class Condition:
     """Base of the condition tree."""
+
+    # The policy line it was written on, for the tools (coverage); 0 when
+    # built in code. Not part of its meaning: equal conditions stay equal.
+    line: int = field(default=0, kw_only=True, compare=False, repr=False)
 
     def holds(self, who: Identity | None, params: dict[str, str]) -> bool:
         raise NotImplementedError

@@ -40,7 +40,7 @@ from authgate.core.ipset import parse_ip
 from authgate.core.model import LimitSpec, Policy, Rule, challenges_for, normalize_host
 from authgate.core.negotiation import is_browser_navigation
 from authgate.core.paths import AmbiguousPath, CanonicalPath, canonicalize
-from authgate.core.ratelimit import Limiter, Verdict
+from authgate.core.ratelimit import Limiter, Recorder, Store, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +226,11 @@ def identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
 def _match(
     policy: Policy, method: str, host: str | None, path: CanonicalPath, t: _Trace
 ) -> tuple[Rule | None, dict[str, str]]:
-    for rule in policy.rules:
+    # The router leaves out only rules that cannot match, and keeps file order,
+    # so the first candidate that fits is the first rule that fits. Explain
+    # tells why each earlier rule did not match, so a trace tries them all.
+    rules = policy.rules if t.on else policy.router.candidates(method, path.segments)
+    for rule in rules:
         params = rule.pattern.match(path.segments)
         if params is None:
             if t.on:
@@ -658,21 +662,40 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
     )
 
 
+def _both(
+    policy: Policy, request: RequestView, now: float, limiter: Limiter, trace: bool
+) -> Decision:
+    prepared = prepare(policy, request, now, limiter, trace=trace)
+    if isinstance(prepared, Decision):
+        return prepared
+    return decide(prepared, now, limiter)
+
+
 def judge(
     policy: Policy,
     request: RequestView,
     now: float,
-    limiter: Limiter,
+    store: Store,
     *,
     consume: bool = True,
     trace: bool = False,
 ) -> Decision:
     """Both phases in one call, for callers whose slow work is done inline
-    (a password check blocks; remote keys were fetched beforehand)."""
-    prepared = prepare(policy, request, now, limiter, consume=consume, trace=trace)
-    if isinstance(prepared, Decision):
-        return prepared
-    return decide(prepared, now, limiter, consume=consume)
+    (a password check blocks; remote keys were fetched beforehand).
+
+    Rate limits are counted as the gateway counts them: the request is judged
+    noting every limit it is counted against, the store judges them all at
+    once (nothing counted if one refuses), and only if one refuses, or a trace
+    is wanted, is the request judged again with the store's verdicts."""
+    seen = Recorder()
+    d = _both(policy, request, now, seen, False)
+    if not seen.hits:
+        return _both(policy, request, now, seen, True) if trace else d
+    verdicts = store.hit_all(seen.hits, now, consume)
+    if not trace and all(v.allowed for v in verdicts):
+        return d
+    told = Recorder({(h.limit_id, h.key): v for h, v in zip(seen.hits, verdicts, strict=True)})
+    return _both(policy, request, now, told, trace)
 
 
 def describe(cond: c.Condition, who: Identity | None, params: dict[str, str]) -> str:

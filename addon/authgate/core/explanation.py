@@ -18,7 +18,7 @@ from typing import Any
 from authgate.core.decision import Decision, RequestView, judge
 from authgate.core.ipset import normalize_ip
 from authgate.core.model import Policy
-from authgate.core.ratelimit import Limiter
+from authgate.core.ratelimit import Store
 from authgate.core.responses import Rendered, render
 
 # Header fields whose values are credentials: shown only in part.
@@ -110,7 +110,7 @@ def _about(d: Decision) -> str:
     return about
 
 
-def explain(policy: Policy, request: RequestView, now: float, limiter: Limiter) -> Explanation:
+def explain(policy: Policy, request: RequestView, now: float, limiter: Store) -> Explanation:
     """Judge `request` as the gateway would at `now` and tell the story.
 
     `limiter`: the counters to read (the gateway's own inside mitmproxy; a

@@ -26,6 +26,7 @@ from authgate.core.credentials import (
 from authgate.core.ipset import IPSet, is_loopback_host
 from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
+from authgate.core.routing import Router
 from authgate.core.tokens import Issuer, TokenCache
 
 IDENTITY_HEADERS = ("x-auth-subject", "x-auth-roles", "x-auth-scopes", "x-auth-issuer")
@@ -38,6 +39,9 @@ class LimitSpec:
     header: str | None  # lower-case header name for key "header"
     rate: Rate
     line: int
+    # What a shared store's outage means for this limit: "local" (count in
+    # this process at the same rate), "deny" (429) or "allow" (no limit).
+    on_store_error: str = "local"
     # Counters survive a reload while name, key and rate are unchanged.
     limiter_id: str = ""
 
@@ -102,6 +106,8 @@ class Policy:
     # Credentials that need work off the request path first (bcrypt, JWKS fetches).
     slow_credentials: bool = field(default=False, init=False, compare=False)
     rule_index: dict[str, Rule] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # The rules that can match a method and path, for first-match (see routing.py).
+    router: Router = field(init=False, compare=False, repr=False)
     # Issuers by the cookie and the query parameter they read their tokens from.
     cookie_issuers: dict[str, tuple[Issuer, ...]] = field(
         default_factory=dict, init=False, compare=False, repr=False
@@ -115,9 +121,14 @@ class Policy:
     verifiers: dict[str, Verifier] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+    # Every limit by its limiter_id (what a store's outage policy is read from).
+    limit_specs: dict[str, LimitSpec] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule_index", {r.name: r for r in self.rules})
+        object.__setattr__(self, "router", Router(self.rules))
         verifiers: dict[str, Verifier] = {}
         if self.issuers:
             verifiers[JWT] = JwtVerifier(self.token_cache)
@@ -141,6 +152,9 @@ class Policy:
             mode = self.mode_override or rule.mode or self.mode
             object.__setattr__(rule, "report", mode == "report")
         object.__setattr__(self, "report", (self.mode_override or self.mode) == "report")
+        specs = {x.limiter_id: x for x in self.limits}
+        specs.update((x.limiter_id, x) for r in self.rules for x in r.limits)
+        object.__setattr__(self, "limit_specs", specs)
 
 
 def challenges_for(

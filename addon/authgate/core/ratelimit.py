@@ -14,6 +14,7 @@ burst of N is exactly N (floats lose a request to rounding).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,3 +94,64 @@ class Limiter(Protocol):
     def hit(
         self, limit_id: str, key: str, rate: Rate, now: float, consume: bool = True
     ) -> Verdict: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One limit a request is counted against: the limit's identity, the key
+    value (`ip:...`, `sub:...`, `hdr:...`) and its rate."""
+
+    limit_id: str
+    key: str
+    rate: Rate
+
+
+ALLOWED = Verdict(True, 0, 0, 0)
+
+
+class Recorder:
+    """A Limiter that counts nothing: it notes every limit the core asks about
+    and answers from `verdicts` (allowed for the rest). The gateway judges a
+    request with one, has a store judge all the noted hits at once (one round
+    trip, all or nothing), and judges again with the store's verdicts only if
+    one of them is a denial, so the core alone says what a 429 looks like."""
+
+    __slots__ = ("hits", "verdicts")
+
+    def __init__(self, verdicts: dict[tuple[str, str], Verdict] | None = None) -> None:
+        self.hits: list[Hit] = []
+        self.verdicts = verdicts or {}
+
+    def hit(self, limit_id: str, key: str, rate: Rate, now: float, consume: bool = True) -> Verdict:
+        self.hits.append(Hit(limit_id, key, rate))
+        return self.verdicts.get((limit_id, key), ALLOWED) if self.verdicts else ALLOWED
+
+
+def gcra_all(
+    tats: Sequence[int | None], now_ns: int, rates: Sequence[Rate]
+) -> tuple[list[Verdict], list[int] | None]:
+    """A request against several limits at once: (each limit's verdict, the
+    TATs to store, or None when any limit denies: then nothing is counted).
+    The hits are distinct (limit, key) pairs: the core asks about each limit
+    once per request."""
+    verdicts: list[Verdict] = []
+    new: list[int] = []
+    ok = True
+    for tat, rate in zip(tats, rates, strict=True):
+        verdict, new_tat = gcra(tat, now_ns, rate)
+        verdicts.append(verdict)
+        new.append(new_tat)
+        ok = ok and verdict.allowed
+    return verdicts, (new if ok else None)
+
+
+class BatchLimiter(Protocol):
+    """A store that judges all of a request's hits in one step: each hit's
+    verdict; when any is denied, nothing is counted (a refused request uses no
+    quota). `consume=False` only reads."""
+
+    def hit_all(self, hits: Sequence[Hit], now: float, consume: bool = True) -> list[Verdict]: ...
+
+
+class Store(Limiter, BatchLimiter, Protocol):
+    """A store the core can use either way (the in-memory one)."""

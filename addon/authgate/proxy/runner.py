@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from mitmproxy.addons import (
     tlsconfig,
 )
 
-from authgate.proxy import guard
+from authgate.proxy import guard, tls, workers
 from authgate.proxy.addon import Gateway
 
 
@@ -71,13 +72,22 @@ async def build(
     termlog: bool = True,
     gateway: Gateway | None = None,
     web: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    upstream_ca: str | None = None,
 ) -> master.Master:
     """Build (not run) the gateway's master. Raises OptionsError on bad options
     or a bad policy; call inside a running event loop.
 
     `web="HOST:PORT"` builds mitmweb's master instead (all of mitmproxy's
     addons, the flow list in a browser): for watching decisions, not for speed.
+    `tls_cert`/`tls_key` make the listener HTTPS only (see authgate.proxy.tls).
     """
+    try:
+        trust = tls.upstream_trust(upstream, upstream_ca)
+        served = tls.TlsListener(tls_cert, tls_key) if tls_cert and tls_key else None
+    except tls.CertError as e:
+        raise exceptions.OptionsError(str(e)) from e
     opts = options.Options()
     m: master.Master
     if web is not None:
@@ -87,11 +97,14 @@ async def build(
     else:
         m = master.Master(opts, with_termlog=termlog)
         m.addons.add(*lean_addons())
+    if served is not None:
+        m.addons.add(served)  # before the Gateway: plain HTTP is refused first
+        opts.update(certs=served.certs_option())
     m.addons.add(gateway or Gateway())
     m.addons.add(*guard.addons())  # after the Gateway: they read what it decided
     if ready is not None:
         m.addons.add(_Ready(ready))
-    opts.update(mode=[mode_spec(upstream, listen)], connection_strategy="lazy")
+    opts.update(mode=[mode_spec(upstream, listen)], connection_strategy="lazy", **trust)
     if web is not None:
         host, _, port = web.rpartition(":")
         # mitmweb's own block_global would drop public clients before the
@@ -110,6 +123,8 @@ async def build(
         )
     if sets:
         opts.set(*sets)
+    if trusted := tls.describe_trust(upstream, opts):
+        (tls.logger.warning if opts.ssl_insecure else tls.logger.info)(trusted)
     # The policy last: it is checked against the options set above (a policy
     # with host rules needs keep_host_header=true).
     opts.update(authgate_policy=policy)
@@ -123,25 +138,82 @@ def serve(
     sets: Sequence[str],
     on_ready: str | None = None,
     web: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    upstream_ca: str | None = None,
 ) -> int:
     """Run the gateway until SIGINT/SIGTERM; 2 when the policy or options are refused."""
 
     async def main() -> int:
         logging.getLogger().setLevel(logging.INFO)  # mitmproxy's termlog filters by verbosity
+        if os.environ.get("AUTHGATE_SHARE_PORT") == "1":
+            workers.share_port()  # a worker of `authgate run --workers N`
 
         def ready(port: int) -> None:
             if on_ready:
                 print(on_ready, flush=True)
 
         try:
-            m = await build(policy, upstream, listen, sets, ready=ready, web=web)
+            m = await build(
+                policy,
+                upstream,
+                listen,
+                sets,
+                ready=ready,
+                web=web,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                upstream_ca=upstream_ca,
+            )
         except exceptions.OptionsError as e:
             print(str(e), file=sys.stderr)  # already "authgate: FILE:LINE: problem"
             return 2
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, m.shutdown)
+        install_signals(m)
         await m.run()
         return 0
 
     return asyncio.run(main())
+
+
+# How long SIGTERM waits for requests in flight before the gateway exits.
+GRACE_SECONDS = 25.0  # inside systemd's and Kubernetes' default 30 s stop timeout
+
+
+def install_signals(m: master.Master, grace: float = GRACE_SECONDS) -> None:
+    """SIGHUP reloads the policy; SIGTERM stops accepting connections, lets
+    the requests in flight finish (at most `grace` seconds), then exits;
+    SIGINT (or a second SIGTERM) exits at once."""
+    loop = asyncio.get_running_loop()
+    gateway = m.addons.get("gateway")
+    tasks: set[asyncio.Task[None]] = set()
+
+    def later(coro: Any) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def graceful() -> None:
+        logging.getLogger("authgate").info(
+            f"authgate: SIGTERM: no new connections; waiting up to {grace:g} s for "
+            "requests in flight"
+        )
+        if gateway is not None:
+            gateway.draining = True
+        await m.addons.get("proxyserver").servers.update([])
+        left = await gateway.drain(grace) if gateway is not None else 0
+        if left:
+            logging.getLogger("authgate").warning(
+                f"authgate: {left} requests still in flight after {grace:g} s; exiting"
+            )
+        m.shutdown()
+
+    def on_term() -> None:
+        if gateway is not None and gateway.draining:
+            m.shutdown()  # a second SIGTERM: now
+        else:
+            later(graceful())
+
+    loop.add_signal_handler(signal.SIGINT, m.shutdown)
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    if gateway is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: later(gateway.reload("SIGHUP")))

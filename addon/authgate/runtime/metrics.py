@@ -81,8 +81,48 @@ class Metrics:
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
             registry=r,
         )
+        self.store_seconds = Histogram(
+            "authgate_store_seconds",
+            "Round trip to the shared rate-limit store (one per request with limits)",
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "authgate_store_errors",
+            "Requests whose limits the shared store could not judge",
+            registry=r,
+        )
+        self.store_fallbacks = Counter(
+            "authgate_store_fallbacks",
+            "Requests judged without the shared store, by on_store_error (local, deny, allow)",
+            ["mode"],
+            registry=r,
+        )
+        self.near_limits = Counter(
+            "authgate_rate_limit_near",
+            "Requests allowed with less than a tenth of their limit left, by limit",
+            ["limit"],
+            registry=r,
+        )
         r.register(_KeySets(policy))
+        # Label children by their label values: looked up once, then reused
+        # (a policy has few rules and reasons, so this stays small).
+        self._decided: dict[tuple[str, str, str, str], Any] = {}
+        self._near: dict[str, Any] = {}
         self._server: Any = None
+
+    def decided(self, outcome: str, status: int, rule: str, reason: str) -> None:
+        key = (outcome, str(status), rule, reason)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = self.decisions.labels(*key)
+        child.inc()
+
+    def near_limit(self, limit_id: str) -> None:
+        child = self._near.get(limit_id)
+        if child is None:
+            child = self._near[limit_id] = self.near_limits.labels(limit_id.split("|", 1)[0])
+        child.inc()
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

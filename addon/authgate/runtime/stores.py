@@ -1,11 +1,16 @@
 """Rate-limit stores: where the GCRA state of `authgate.core.ratelimit` lives.
 
 `MemoryStore` keeps it in this process: the default, exact for one process.
+A `SharedStore` (`authgate.runtime.redis_store`) keeps it where several
+processes and machines see the same counts.
 """
 
 from __future__ import annotations
 
-from authgate.core.ratelimit import NS, Rate, Verdict, gcra
+from collections.abc import Sequence
+from typing import Protocol
+
+from authgate.core.ratelimit import NS, Hit, Rate, Verdict, gcra, gcra_all
 
 
 class MemoryStore:
@@ -33,6 +38,18 @@ class MemoryStore:
             self._tat[store_key] = new_tat
         return verdict
 
+    def hit_all(self, hits: Sequence[Hit], now: float, consume: bool = True) -> list[Verdict]:
+        """All of a request's limits at once; nothing counted if one denies."""
+        t = round(now * NS)
+        keys = [(h.limit_id, h.key) for h in hits]
+        verdicts, new = gcra_all([self._tat.get(k) for k in keys], t, [h.rate for h in hits])
+        if new is not None and consume:
+            for k, tat in zip(keys, new, strict=True):
+                if len(self._tat) >= self._max_keys and k not in self._tat:
+                    self._sweep(t)
+                self._tat[k] = tat
+        return verdicts
+
     def _sweep(self, now: int) -> None:
         """Forget keys whose quota is fully back; they carry no state."""
         expired = [k for k, t in self._tat.items() if t <= now]
@@ -44,3 +61,23 @@ class MemoryStore:
             drop = max(1, len(self._tat) - self._max_keys // 2)
             for k in sorted(self._tat, key=self._tat.__getitem__)[:drop]:
                 del self._tat[k]
+
+
+class StoreUnavailable(Exception):
+    """A shared store did not answer in time, or answered nonsense."""
+
+
+class SharedStore(Protocol):
+    """A store several gateways share, reached over the network: one call per
+    request judges and counts all its hits (see `BatchLimiter`), with the
+    store's own clock. Raises StoreUnavailable, never hangs."""
+
+    async def hit_all(self, hits: Sequence[Hit], consume: bool = True) -> list[Verdict]: ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+    def health(self) -> dict[str, object]:
+        """What /status shows of the store: its address (no password), state, errors."""
+        ...

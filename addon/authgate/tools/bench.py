@@ -1,9 +1,8 @@
 """`make bench`: what the core costs, measured (never asserted in tests).
 
 Times `decide()` on the reference policy for a few kinds of request, and the
-load of a generated one-million-entry block list. The end-to-end benchmark
-through mitmproxy under wrk belongs to the performance work; this one needs
-nothing but the package.
+load of a generated one-million-entry block list; then the end-to-end part
+under wrk (bench_e2e.py) and start-up (bench_startup.py).
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from authgate.core.decision import RequestView, judge
@@ -93,7 +92,15 @@ def bench_blocklist(entries: int = 1_000_000) -> tuple[float, float]:
     return load_s, _per_call(one)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`make bench [ARGS="..."]`: the in-process figures, then the end-to-end
+    part (authgate.tools.bench_e2e; ARGS are its options) and start-up."""
+    import sys
+
+    from authgate.tools import bench_e2e
+
+    # Bad options fail before the minute of in-process work, not after it.
+    opts = bench_e2e.options(sys.argv[1:] if argv is None else argv)
     policy = Path("policies/example.yaml")
     print("decide() on policies/example.yaml, one core, per call:")
     for name, secs in bench_decide(policy):
@@ -102,7 +109,68 @@ def main() -> None:
     print("block list of 1,000,000 entries (half /24 networks, half addresses):")
     print(f"  {'policy load':38s} {load_s:8.2f} s")
     print(f"  {'decide() with it, random clients':38s} {per * 1e6:8.1f} µs")
+    bench_rules()
+    code = bench_e2e.run(opts)
+    try:
+        from authgate.tools import bench_startup
+    except ImportError:
+        return code
+    bench_startup.main()
+    return code
+
+
+def bench_rules(
+    counts: tuple[int, ...] = (10, 1000), calls: int = 20_000
+) -> list[tuple[int, float, float]]:
+    """decide() with a cached token on generated policies of `counts` rules
+    (distinct literal prefixes; a third with a parameter, a third bound to
+    methods, a third ending in `**`), on a request that only a rule near the
+    end matches: the worst case for a linear scan. Prints and returns
+    (rules, p50 s, p99 s)."""
+    policies = Path("policies")
+    key = load_private_key(ensure_demo_keys(policies / "keys"))
+    user = mint(key, sub="alice", roles=["user"])
+    headers = (("authorization", f"Bearer {user}"),)
+    now = time.time()
+    print("decide() by rule count, cached RS256 token, a rule near the end matches:")
+    out = []
+    for count in counts:
+        lines = [
+            "version: 1",
+            "authn:",
+            "  jwt:",
+            "    - {name: demo, issuer: https://issuer.example, audience: api,",
+            "       algorithms: [RS256], jwks_file: keys/jwks.json}",
+            "rules:",
+        ]
+        for i in range(count):
+            match = (
+                f'{{path: "/svc{i}/items/{{id}}"}}'
+                if i % 3 == 0
+                else f"{{path: /svc{i}/reports, methods: [POST, PUT]}}"
+                if i % 3 == 1
+                else f'{{path: "/svc{i}/**"}}'
+            )
+            lines.append(f"  - {{name: r{i}, match: {match}, allow: authenticated}}")
+        text = "\n".join(lines) + "\n"
+        policy = parse_policy(text, str(policies / f"rules-{count}.yaml"), policies)
+        last = count - 1 - (count - 1) % 3  # the last "/svcN/items/{id}" rule
+        request = RequestView.build("GET", f"/svc{last}/items/42", headers, "127.0.0.1")
+        limiter = MemoryStore()
+        if judge(policy, request, now, limiter).rule != f"r{last}":
+            raise RuntimeError(f"the {count}-rule bench policy does not pick r{last}")
+        clock = time.perf_counter_ns
+        samples = []
+        for _ in range(calls):
+            start = clock()
+            judge(policy, request, now, limiter)
+            samples.append(clock() - start)
+        samples.sort()
+        p50, p99 = samples[calls // 2] / 1e9, samples[calls * 99 // 100] / 1e9
+        print(f"  {count:5d} rules{'':26s} p50 {p50 * 1e6:6.1f} µs  p99 {p99 * 1e6:6.1f} µs")
+        out.append((count, p50, p99))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -141,22 +141,46 @@ def explain_command(args: argparse.Namespace) -> int:
     return OK
 
 
-def test(paths: Sequence[str], *, strict: bool = False, verbose: bool = False) -> int:
+def test(paths: Sequence[str], *, strict: bool = False, verbose: bool = False,
+         coverage: bool = False, min_coverage: float | None = None,
+         as_json: bool = False) -> int:  # fmt: skip
+    """`min_coverage`: each policy's branch coverage must reach it (implies
+    `coverage`); `as_json`: one JSON document instead of the text."""
+    from authgate.tools import coverage as cov
     from authgate.tools.policytests import format_report, run_policy
 
     code = OK
+    documents: list[dict[str, object]] = []
     for path in policy_files(paths):
         try:
             policy, cases = _load(path)
         except PolicyError as e:
             print(f"authgate test: {e}", file=sys.stderr)
+            documents.append({"policy": path, "error": str(e)})
             code = ERRORS
             continue
-        report = run_policy(policy, cases)
-        print(format_report(report, verbose), end="")
+        measured = None
+        if coverage or min_coverage is not None:
+            report, measured = cov.measure(policy, cases)
+        else:
+            report = run_policy(policy, cases)
         failed = bool(report.failed) or (strict and (not report.outcomes or report.uncovered))
-        if failed and code == OK:
+        least = min_coverage
+        below = measured is not None and least is not None and measured.percent < least
+        if as_json:
+            documents.append(cov.as_json(report, measured))
+        else:
+            print(format_report(report, verbose), end="")
+            if measured is not None:
+                print(cov.format_coverage(measured), end="")
+            if below and measured is not None:
+                print(f"{path}: branch coverage {measured.percent:.1f}% is below "
+                      f"--min-coverage {min_coverage:g}%")  # fmt: skip
+        if (failed or below) and code == OK:
             code = WARNINGS
+    if as_json:
+        print(json.dumps({"policies": documents, "min_coverage": min_coverage, "exit": code},
+                         indent=2))  # fmt: skip
     return code
 
 
@@ -201,7 +225,11 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def test_command(args: argparse.Namespace) -> int:
-    return test(args.policies, strict=args.strict, verbose=args.verbose)
+    least = args.min_coverage
+    if least is not None and not 0 <= least <= 100:
+        return _error("test", f"--min-coverage is a percentage from 0 to 100, not {least:g}")
+    return test(args.policies, strict=args.strict, verbose=args.verbose,
+                coverage=args.coverage, min_coverage=least, as_json=args.json)  # fmt: skip
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -212,10 +240,62 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        given, missing = ("--tls-cert", "--tls-key")
+        if args.tls_key:
+            given, missing = missing, given
+        print(f"authgate run: {given} needs {missing} too (HTTPS takes both)", file=sys.stderr)
+        return 2
+    from authgate.proxy import workers
+
+    try:
+        count = workers.worker_count(args.workers)
+        if args.store not in ("", "memory"):
+            from authgate.runtime.redis_store import parse_store_url
+
+            parse_store_url(args.store)
+    except ValueError as e:
+        print(f"authgate run: {e}", file=sys.stderr)
+        return 2
     web = args.web_listen if args.web else None
+    if count > 1:
+        if web:
+            print("authgate run: --web shows one process's flows; use it without --workers",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        memory = args.store in ("", "memory")
+        supervisor = workers.Supervisor(
+            _worker_argv(args), count, admin=args.admin, memory_store=memory
+        )
+        return supervisor.run()
+    sets = [*args.set, f"authgate_store={args.store}"]
+    if args.admin:
+        sets.append(f"authgate_admin={args.admin}")
     if web:
         print(f"authgate: mitmweb on http://{web}/ (each flow shows its decision)", flush=True)
-    return serve(args.policy, args.upstream, args.listen, args.set, web=web)
+    return serve(
+        args.policy,
+        args.upstream,
+        args.listen,
+        sets,
+        web=web,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        upstream_ca=args.upstream_ca,
+    )
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """A worker's `authgate run` arguments: the supervisor's, less what it
+    does for all of them (--workers, --admin)."""
+    argv = ["--policy", args.policy, "--listen", args.listen, "--upstream", args.upstream]
+    argv += ["--store", args.store]
+    for name in ("tls_cert", "tls_key", "upstream_ca"):
+        if getattr(args, name, None):
+            argv += ["--" + name.replace("_", "-"), getattr(args, name)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -252,7 +332,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             str(policy),
             f"http://{args.backend}",
             args.listen,
-            args.set,
+            ["authgate_log=-", *args.set],  # the demo shows each decision
             on_ready=demo.banner(base, keys_dir, policy, issuer),
         )
     finally:
@@ -315,3 +395,19 @@ def cmd_demo_keys(args: argparse.Namespace) -> int:
     private = ensure_demo_keys(Path(args.folder))
     print(f"authgate: demo keys in {private.parent} (private key {private.name}, jwks.json)")
     return 0
+
+
+def cmd_import_openapi(args: argparse.Namespace) -> int:
+    from authgate.tools import openapi
+
+    return openapi.main(args.spec, args.output)
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from authgate.tools import learn
+
+    try:
+        base = _with_keys(load_policy(args.policy), "learn")
+    except PolicyError as e:
+        return _error("learn", str(e))
+    return learn.main(base, args)

@@ -181,6 +181,10 @@ def _hidden(policy: Policy) -> list[Finding]:
     for i, rule in enumerate(policy.rules):
         if not rule.hide:
             continue
+        if any(not r.hide and r.pattern.text == rule.pattern.text for r in policy.rules[:i]):
+            # An earlier rule answers on the very same paths (for other methods,
+            # say): their existence is no secret, and hiding keeps the rest 404.
+            continue
         if policy.default == "forbidden":
             out.append(
                 Finding(

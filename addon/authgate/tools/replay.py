@@ -46,6 +46,9 @@ class CaptureError(ValueError):
 class Recorded:
     request: RequestView
     timestamp: float | None  # when it was sent, if the capture says
+    # The backend's answer, if the capture holds one: None when there was no
+    # response or the gateway answered itself (a denial, a 500).
+    status: int | None = None
 
 
 def _view(method: str, target: str, headers: list[tuple[str, str]], peer: str,
@@ -59,6 +62,8 @@ def read_flows(path: Path, peer: str) -> list[Recorded]:
     """HTTP requests from a mitmproxy flow file, in order."""
     from mitmproxy import exceptions, http, io
 
+    from authgate.proxy.addon import METADATA_KEY
+
     out = []
     try:
         with path.open("rb") as f:
@@ -67,6 +72,11 @@ def read_flows(path: Path, peer: str) -> list[Recorded]:
                     continue
                 req = flow.request
                 address = flow.client_conn.peername
+                # The gateway's own answers are marked in the flow's metadata
+                # (the save addon keeps it): not forwarded means not the backend's.
+                entry = flow.metadata.get(METADATA_KEY)
+                by_gateway = isinstance(entry, dict) and not entry.get("forwarded")
+                status = flow.response.status_code if flow.response is not None else None
                 out.append(
                     Recorded(
                         _view(
@@ -77,6 +87,7 @@ def read_flows(path: Path, peer: str) -> list[Recorded]:
                             req.host_header,
                         ),  # fmt: skip
                         req.timestamp_start,
+                        None if by_gateway else status,
                     )
                 )
     except exceptions.FlowReadException as e:
@@ -102,8 +113,12 @@ def read_har(path: Path, peer: str) -> list[Recorded]:
             started = entry.get("startedDateTime")
             stamp = datetime.fromisoformat(started).timestamp() if started else None
             host = next((v for k, v in headers if k.lower() in ("host", ":authority")), None)
+            response = entry.get("response")
+            # HAR writes status 0 for a request that got no answer.
+            status = int(response.get("status") or 0) if isinstance(response, dict) else 0
             out.append(Recorded(_view(req["method"], target, headers, peer,
-                                      host or url.netloc or None), stamp))  # fmt: skip
+                                      host or url.netloc or None), stamp,
+                                status or None))  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CaptureError(f"{path}: HAR entry {i} is malformed ({e})") from None
     return out

@@ -1,0 +1,286 @@
+"""HTTPS for `authgate run --tls-cert/--tls-key`, and trust for an https:// upstream.
+
+mitmproxy serves TLS on a reverse listener from its `certs` option: a file with
+the certificate (chain) then the key. This module checks the operator's pair
+before mitmproxy sees it (naming the file and the problem), writes the combined
+file privately, serves it for any SNI (`*`), refuses plain HTTP on that port,
+and watches the two files: a change re-sets `certs`, which makes mitmproxy's
+tlsconfig build a new certstore, so the next connection gets the new
+certificate. A bad new pair is refused and the old one keeps serving.
+
+For the backend, mitmproxy verifies by default (`ssl_insecure` is False) but
+against certifi's bundle; `upstream_trust` points it at the system store or at
+`--upstream-ca` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import datetime
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dh
+from mitmproxy import ctx, exceptions, http
+
+logger = logging.getLogger("authgate")
+SOON = datetime.timedelta(days=14)  # warn this long before the certificate expires
+POLL_SECONDS = 1.0
+
+
+class CertError(ValueError):
+    """A certificate, key or CA file that cannot serve; the message names the file."""
+
+
+@dataclass(frozen=True)
+class CertPair:
+    cert_file: str
+    key_file: str
+    pem: bytes  # the certificates, then the key: what mitmproxy's `certs` reads
+    subject: str
+    serial: int
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+    def describe(self) -> str:
+        return f"{self.subject} (serial {self.serial:x}, valid until {self.not_after:%Y-%m-%d})"
+
+
+def _read(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CertError(f"authgate: {flag} {path}: cannot read it: {e.strerror}") from e
+
+
+def parse_pair(cert_file: str, cert_pem: bytes, key_file: str, key_pem: bytes) -> CertPair:
+    """Check a certificate and key as read; CertError names the file at fault."""
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise CertError(f"authgate: --tls-cert {cert_file}: no PEM certificate in it")
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError as e:
+        raise CertError(f"authgate: --tls-cert {cert_file}: not a valid PEM certificate") from e
+    leaf = chain[0]
+    if b"-----BEGIN" not in key_pem or b"PRIVATE KEY-----" not in key_pem:
+        raise CertError(f"authgate: --tls-key {key_file}: no PEM private key in it")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError as e:  # cryptography says "Password was not given but ..."
+        raise CertError(
+            f"authgate: --tls-key {key_file}: the key is encrypted; give it unencrypted "
+            "(readable only by the gateway's user)"
+        ) from e
+    except ValueError as e:
+        raise CertError(f"authgate: --tls-key {key_file}: not a valid PEM private key") from e
+    if isinstance(key, dh.DHPrivateKey):
+        raise CertError(f"authgate: --tls-key {key_file}: a DH key cannot sign for TLS")
+    if key.public_key() != leaf.public_key():
+        raise CertError(
+            f"authgate: --tls-key {key_file}: does not match the certificate in {cert_file}"
+        )
+    # The certificate file's own text (leaf first, then intermediates) and the key
+    # in PKCS#8, which every mitmproxy version reads.
+    key_out = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    certs_out = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    return CertPair(
+        cert_file,
+        key_file,
+        certs_out + key_out,
+        leaf.subject.rfc4514_string() or "(empty subject)",
+        leaf.serial_number,
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+    )
+
+
+def load_pair(cert_file: str, key_file: str) -> CertPair:
+    return parse_pair(
+        cert_file, _read("--tls-cert", cert_file), key_file, _read("--tls-key", key_file)
+    )
+
+
+def validity_warning(pair: CertPair, now: datetime.datetime) -> str | None:
+    """What to say when clients will (soon) refuse this certificate; None if fine."""
+    where = f"authgate: --tls-cert {pair.cert_file}"
+    if now < pair.not_before:
+        return (
+            f"{where} is not valid before {pair.not_before:%Y-%m-%d %H:%M} UTC; clients refuse it"
+        )
+    if now >= pair.not_after:
+        return f"{where} expired on {pair.not_after:%Y-%m-%d}; clients refuse it"
+    if pair.not_after - now < SOON:
+        days = (pair.not_after - now).days
+        return (
+            f"{where} expires on {pair.not_after:%Y-%m-%d} (in {days} days); "
+            "replace it (the gateway reloads it)"
+        )
+    return None
+
+
+def write_combined(pem: bytes) -> str:
+    """The pair in a file only this user can read (mkstemp creates it 0600),
+    removed at exit even when the gateway never ran (a bad policy at start)."""
+    fd, path = tempfile.mkstemp(prefix="authgate-tls-", suffix=".pem")
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    atexit.register(_remove, path)
+    return path
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _digest(paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        except OSError as e:
+            h.update(f"unreadable: {e.errno}".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class TlsListener:
+    """Serves the operator's certificate, refuses plain HTTP, and reloads the
+    certificate when either file changes."""
+
+    def __init__(self, cert_file: str, key_file: str, poll: float = POLL_SECONDS) -> None:
+        self.files = (cert_file, key_file)
+        self.poll = poll
+        self._seen = _digest(self.files)
+        self.pair = load_pair(cert_file, key_file)  # CertError: refused at start
+        self.combined = write_combined(self.pair.pem)
+        self.reloads = 0
+        self.reload_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def certs_option(self) -> list[str]:
+        return [f"*={self.combined}"]  # any SNI, and none, gets this certificate
+
+    def running(self) -> None:
+        logger.info(f"authgate: serving HTTPS with {self.pair.describe()} from {self.files[0]}")
+        self._warn_validity()
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        _remove(self.combined)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy's reverse listener takes plain HTTP too; this port is HTTPS only.
+        if flow.response is not None or flow.client_conn.tls_established:
+            return
+        flow.response = http.Response.make(
+            400,
+            b"This port takes HTTPS only.\n",
+            {"Content-Type": "text/plain; charset=utf-8", "Connection": "close"},
+        )
+        flow.request.headers.pop("expect", None)
+
+    def _warn_validity(self) -> None:
+        warning = validity_warning(self.pair, datetime.datetime.now(datetime.UTC))
+        if warning:
+            logger.warning(warning)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            now = await asyncio.to_thread(_digest, self.files)
+            if now != self._seen:
+                # Remember what was tried, so a bad pair is reported once and
+                # the next change (the key written after the cert) retries.
+                self._seen = now
+                await self.reload()
+
+    async def reload(self) -> bool:
+        """Swap in the pair on disk; keep the serving one if it does not load."""
+        try:
+            pair = await asyncio.to_thread(load_pair, *self.files)
+        except CertError as e:
+            return self._refuse(str(e))
+        combined = write_combined(pair.pem)
+        try:
+            ctx.options.update(certs=[f"*={combined}"])
+        except exceptions.OptionsError as e:
+            _remove(combined)
+            return self._refuse(f"authgate: {self.files[0]}: {e}")
+        old, self.combined, self.pair = self.combined, combined, pair
+        _remove(old)
+        self.reloads += 1
+        self.reload_error = None
+        logger.info(f"authgate: TLS certificate reloaded: {pair.describe()}")
+        self._warn_validity()
+        return True
+
+    def _refuse(self, why: str) -> bool:
+        self.reload_error = why
+        logger.error(f"authgate: TLS certificate reload refused, the old one keeps serving: {why}")
+        return False
+
+
+def upstream_trust(upstream: str, upstream_ca: str | None) -> dict[str, Any]:
+    """mitmproxy options that make an https:// upstream verified against
+    `upstream_ca`, or else the system store (mitmproxy's own default is
+    certifi's bundle, which misses CAs an operator installed system-wide)."""
+    if not upstream.lower().startswith("https://"):
+        if upstream_ca:
+            raise CertError(f"authgate: --upstream-ca {upstream_ca}: needs an https:// --upstream")
+        return {}
+    if upstream_ca:
+        pem = _read("--upstream-ca", upstream_ca)
+        try:
+            x509.load_pem_x509_certificates(pem)
+        except ValueError as e:
+            raise CertError(
+                f"authgate: --upstream-ca {upstream_ca}: no PEM certificate in it"
+            ) from e
+        return {"ssl_verify_upstream_trusted_ca": os.path.abspath(upstream_ca)}
+    paths = ssl.get_default_verify_paths()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+    out: dict[str, Any] = {}
+    if paths.cafile and os.path.isfile(paths.cafile):
+        out["ssl_verify_upstream_trusted_ca"] = paths.cafile
+    if paths.capath and os.path.isdir(paths.capath):
+        out["ssl_verify_upstream_trusted_confdir"] = paths.capath
+    return out
+
+
+def describe_trust(upstream: str, options: Any) -> str | None:
+    """The log line saying how the backend's certificate is checked."""
+    if not upstream.lower().startswith("https://"):
+        return None
+    if options.ssl_insecure:
+        return (
+            f"authgate: WARNING: ssl_insecure is set: the certificate of {upstream} is NOT "
+            "verified; anyone on the path to the backend can read and change the traffic"
+        )
+    where = [
+        p
+        for p in (
+            options.ssl_verify_upstream_trusted_ca,
+            options.ssl_verify_upstream_trusted_confdir,
+        )
+        if p
+    ]
+    return f"authgate: verifying {upstream} against {' and '.join(where) or 'certifi'}"

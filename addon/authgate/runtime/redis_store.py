@@ -1,0 +1,458 @@
+"""The Redis rate-limit store: the GCRA state of `authgate.core.ratelimit`
+shared by every gateway process and machine that points at one Redis.
+
+One request is one round trip: `RedisStore.hit_all` runs one Lua script
+(EVALSHA, loaded again by redis-py on NOSCRIPT) over all of the request's
+limits. The script reads Redis's own clock (`TIME`), so gateways with skewed
+clocks still agree, applies GCRA exactly as `core.ratelimit.gcra` does, and
+is all or nothing: when any limit denies, nothing is written (a refused
+request uses no quota). Each counted key is stored with a TTL equal to the
+time until its quota is fully back, so idle keys vanish by themselves.
+
+Times in the script are integer microseconds: Lua numbers are doubles, and a
+nanosecond epoch (~1.7e18) is beyond their 2**53 exact range; a microsecond
+epoch (~1.7e15) is not. The emission interval is rounded down to a whole
+microsecond, so a burst of N is exactly N. Retry-After and reset are whole
+seconds rounded up, as in the core.
+
+Key format: `{PREFIX}:LIMIT_ID:KEY`. The hash tag `{PREFIX}` comes first, so
+a Redis Cluster computes the slot from the prefix alone and nothing a client
+sends can change it. All keys of one request must be in one slot for one
+script, and requests share keys in ever-changing combinations (an IP limit
+with a per-subject limit, ...), so every key of a prefix is in one slot: a
+Cluster serves one prefix from one shard. Different prefixes (one per tenant
+or gateway fleet) spread over shards. LIMIT_ID and KEY are escaped (`%`, `:`,
+`{`, `}` as `%XX`; text longer than 200 bytes as `%h` + its SHA-256), so any
+text (colons, braces, unicode, stray surrogates) maps to one key and no two
+texts to the same key.
+
+Failure: every problem (timeout, refused connection, authentication, a reply
+of the wrong shape) raises `stores.StoreUnavailable` with the reason as its
+text, within `timeout` seconds (socket timeouts, and `asyncio.wait_for` as
+the hard bound). A `Breaker` stops calling a Redis that keeps failing:
+after `threshold` consecutive failures it opens for a cool-down (1 s,
+doubling to 30 s), during which `hit_all` raises at once; then one probe is
+let through, and its success closes the breaker. What to answer without the store is the
+gateway's policy (`on_store_error`), not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from authgate.core.ratelimit import Hit, Verdict
+from authgate.runtime.stores import StoreUnavailable
+
+__all__ = ["Breaker", "RedisStore", "StoreURL", "StoreUnavailable", "parse_store_url", "store_key"]
+
+PASSWORD_ENV = "AUTHGATE_REDIS_PASSWORD"
+DEFAULT_PORT = 6379
+US = 1_000_000
+
+# KEYS: one per hit. ARGV[1]: "1" to count, "0" to only read. ARGV[2]: the
+# time in microseconds, or "" for Redis's clock (the override is for tests
+# and replays). Then per hit: its emission interval and its period, in µs.
+# Reply: per hit allowed (0/1), remaining, retry_after, reset.
+_SCRIPT = """
+local function idiv(a, b)
+  -- floor(a / b) for integers, corrected where the double quotient rounds
+  local q = math.floor(a / b)
+  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
+  return q
+end
+local function ceil_s(us) return idiv(us + 999999, 1000000) end
+
+local now
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local consume = ARGV[1] == '1'
+local out, new, ok = {}, {}, true
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[1 + 2 * i])
+  local period = tonumber(ARGV[2 + 2 * i])
+  local tat = tonumber(redis.call('GET', key) or '') or now
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - period
+  local n = #out
+  if allow_at > now then
+    ok = false
+    out[n + 1] = 0
+    out[n + 2] = 0
+    out[n + 3] = math.max(1, ceil_s(allow_at - now))
+    out[n + 4] = math.max(1, ceil_s(tat - now))
+  else
+    out[n + 1] = 1
+    out[n + 2] = idiv(now - allow_at, interval)
+    out[n + 3] = 0
+    out[n + 4] = ceil_s(new_tat - now)
+  end
+  new[i] = new_tat
+end
+if ok and consume then
+  for i, key in ipairs(KEYS) do
+    local ttl = math.max(1, idiv(new[i] - now + 999, 1000))
+    redis.call('SET', key, string.format('%d', new[i]), 'PX', ttl)
+  end
+end
+return out
+"""
+
+
+# --- the URL ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreURL:
+    """A parsed `redis://` or `rediss://` URL. `str()` hides the password."""
+
+    tls: bool
+    host: str
+    port: int
+    db: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        user = self.username or ""
+        auth = f"{user}:***@" if self.password is not None else (f"{user}@" if user else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
+
+
+def parse_store_url(text: str) -> StoreURL:
+    """`redis://[USER[:PASSWORD]@]HOST[:PORT][/DB]` (or `rediss://` for TLS)
+    -> a StoreURL; ValueError with the problem otherwise."""
+    shown = _redact(text)
+    expected = "expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
+    if not text or text != text.strip() or any(c.isspace() for c in text):
+        raise ValueError(f"bad store URL {shown!r}: {expected} (no spaces)")
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss"):
+        raise ValueError(f"bad store URL {shown!r}: unknown scheme {parts.scheme!r}; {expected}")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError(f"bad store URL {shown!r}: query strings and fragments are not supported")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"bad store URL {shown!r}: no host; {expected}")
+    try:
+        port = DEFAULT_PORT if parts.port is None else parts.port
+    except ValueError:
+        raise ValueError(f"bad store URL {shown!r}: the port must be 1-65535") from None
+    if port == 0:
+        raise ValueError(f"bad store URL {shown!r}: the port must be 1-65535")
+    path = parts.path.strip("/") if parts.path != "/" else ""
+    if path and not (path.isdigit() and path.isascii() and len(path) <= 9):
+        raise ValueError(f"bad store URL {shown!r}: the path must be a database number (/0)")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return StoreURL(scheme == "rediss", host, port, int(path or 0), username, password)
+
+
+def _redact(text: str) -> str:
+    """The URL for messages, without its password."""
+    head, sep, rest = text.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return text
+    auth, _, tail = rest.partition("@")
+    user = auth.split(":", 1)[0]
+    return f"{head}://{user}:***@{tail}" if ":" in auth else text
+
+
+# --- keys -------------------------------------------------------------------------
+
+_MAX_PART = 200
+
+
+def _escape(text: str) -> bytes:
+    """Injective and free of `:`, `{` and `}`: those and `%` become `%XX`;
+    long text becomes `%h` + SHA-256 (no escaped text starts a `%h`).
+    `surrogatepass` keeps undecodable header bytes distinct from real text."""
+    raw = text.encode("utf-8", "surrogatepass")
+    out = (
+        raw.replace(b"%", b"%25").replace(b":", b"%3A").replace(b"{", b"%7B").replace(b"}", b"%7D")
+    )
+    if len(out) > _MAX_PART:
+        return b"%h" + hashlib.sha256(raw).hexdigest().encode()
+    return out
+
+
+def store_key(prefix: str, limit_id: str, key: str) -> bytes:
+    """The Redis key of one limit and subject: `{PREFIX}:LIMIT_ID:KEY`."""
+    return b"{" + prefix.encode() + b"}:" + _escape(limit_id) + b":" + _escape(key)
+
+
+def _check_prefix(prefix: str) -> str:
+    if not prefix or not prefix.isascii() or any(c in prefix for c in "{}: \t\r\n"):
+        raise ValueError(f"bad store prefix {prefix!r}: use letters, digits, '-', '_' or '.'")
+    return prefix
+
+
+# --- the circuit breaker --------------------------------------------------------
+
+State = Literal["closed", "open", "half_open"]
+
+
+class Breaker:
+    """Stops calling a store that keeps failing. Pure: the caller asks
+    `allow()` before a call and reports `success()` or `failure(text)` after
+    it (or `abandon()` when the call was cancelled with no answer either way).
+
+    closed: every call goes through; `threshold` consecutive failures open it.
+    open: no call for `cooldown` seconds (doubling on each failed probe, up to
+    `max_cooldown`); then half_open: one probe call goes through; its success
+    closes the breaker, its failure opens it again.
+    """
+
+    def __init__(
+        self,
+        threshold: int = 3,
+        cooldown: float = 1.0,
+        max_cooldown: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = max(1, threshold)
+        self.base_cooldown = cooldown
+        self.max_cooldown = max(cooldown, max_cooldown)
+        self.clock = clock
+        self.cooldown = cooldown
+        self.consecutive = 0
+        self.errors = 0  # failures, all time
+        self.rejected = 0  # calls refused while open
+        self.opened = 0  # times it opened
+        self.last_error = ""
+        self._state: State = "closed"
+        self._opened_at = 0.0
+        self._probing = False
+
+    @property
+    def state(self) -> State:
+        if self._state == "open" and self.clock() - self._opened_at >= self.cooldown:
+            return "half_open"
+        return self._state
+
+    def retry_in(self) -> float:
+        """Seconds until a probe may go (0 unless open)."""
+        if self._state != "open":
+            return 0.0
+        return max(0.0, self._opened_at + self.cooldown - self.clock())
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._state = "half_open"
+            self._probing = True
+            return True
+        self.rejected += 1
+        return False
+
+    def success(self) -> None:
+        self._state = "closed"
+        self._probing = False
+        self.consecutive = 0
+        self.cooldown = self.base_cooldown
+
+    def failure(self, text: str) -> None:
+        self.errors += 1
+        self.consecutive += 1
+        self.last_error = text
+        if self._state == "half_open":
+            # The probe failed: wait longer before the next one.
+            self.cooldown = min(self.cooldown * 2, self.max_cooldown)
+            self._open()
+        elif self._state == "closed" and self.consecutive >= self.threshold:
+            self._open()
+
+    def abandon(self) -> None:
+        """A call ended with no answer (cancelled): let another probe go."""
+        self._probing = False
+
+    def _open(self) -> None:
+        self._state = "open"
+        self._opened_at = self.clock()
+        self._probing = False
+        self.opened += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """For /status and metrics."""
+        return {
+            "state": self.state,
+            "errors": self.errors,
+            "consecutive_errors": self.consecutive,
+            "rejected": self.rejected,
+            "opened": self.opened,
+            "cooldown_s": self.cooldown,
+            "last_error": self.last_error,
+        }
+
+
+# --- the store --------------------------------------------------------------------
+
+
+class RedisStore:
+    """GCRA state in Redis, shared by every gateway using the same Redis and
+    prefix. Create with `from_url`; use from one event loop (redis-py's
+    asyncio connections belong to the loop that opened them)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        timeout: float,
+        prefix: str = "authgate",
+        breaker: Breaker | None = None,
+        where: str = "redis",
+    ) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.prefix = _check_prefix(prefix)
+        self.breaker = breaker or Breaker()
+        self.where = where  # the URL without its password, for messages
+        self._script = client.register_script(_SCRIPT)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float = 0.05,
+        prefix: str = "authgate",
+        max_connections: int = 64,
+        breaker: Breaker | None = None,
+    ) -> RedisStore:
+        """A store for `url` (see `parse_store_url`); the password comes from
+        the URL, else from $AUTHGATE_REDIS_PASSWORD. Connects lazily."""
+        u = parse_store_url(url)
+        password = u.password if u.password is not None else (os.environ.get(PASSWORD_ENV) or None)
+        kwargs: dict[str, Any] = {}
+        if u.tls:
+            kwargs.update(
+                connection_class=aioredis.SSLConnection,
+                ssl_cert_reqs="required",
+                ssl_check_hostname=True,
+            )
+        pool = aioredis.BlockingConnectionPool(
+            host=u.host,
+            port=u.port,
+            db=u.db,
+            username=u.username,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # One immediate retry on a broken connection only: a pooled
+            # connection is stale after a Redis restart or failover. None on
+            # timeouts: that would double the wait, and the breaker and the
+            # gateway's fallback decide what a failure means.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            max_connections=max_connections,
+            timeout=timeout,  # waiting for a free connection
+            **kwargs,
+        )
+        client = aioredis.Redis.from_pool(pool)  # the client owns the pool: close() closes both
+        shown = str(StoreURL(u.tls, u.host, u.port, u.db, u.username, password))
+        return cls(client, timeout=timeout, prefix=prefix, breaker=breaker, where=shown)
+
+    async def hit_all(self, hits: Sequence[Hit], consume: bool = True) -> list[Verdict]:
+        """All of a request's limits in one script run, by Redis's clock;
+        nothing counted when one denies. StoreUnavailable on any failure."""
+        return await self._run(hits, consume, "")
+
+    async def hit_all_at(
+        self, hits: Sequence[Hit], now_us: int, consume: bool = True
+    ) -> list[Verdict]:
+        """`hit_all` at a given time (integer microseconds) instead of Redis's
+        clock: for tests that compare with the core on a fixed timeline."""
+        return await self._run(hits, consume, str(int(now_us)))
+
+    async def _run(self, hits: Sequence[Hit], consume: bool, now: str) -> list[Verdict]:
+        if not hits:
+            return []
+        if not self.breaker.allow():
+            raise StoreUnavailable(
+                f"circuit open after {self.breaker.consecutive} errors "
+                f"(next try in {self.breaker.retry_in():.1f} s; last: {self.breaker.last_error})"
+            )
+        keys = [store_key(self.prefix, h.limit_id, h.key) for h in hits]
+        args: list[str] = ["1" if consume else "0", now]
+        for h in hits:
+            args += [str(h.rate.period * US // h.rate.count), str(h.rate.period * US)]
+        try:
+            reply = await asyncio.wait_for(self._script(keys=keys, args=args), self.timeout)
+            verdicts = _verdicts(reply, len(hits))
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except Exception as e:  # noqa: BLE001 - the contract: any failure is StoreUnavailable
+            reason = self._reason(e)
+            self.breaker.failure(reason)
+            raise StoreUnavailable(reason) from e
+        self.breaker.success()
+        return verdicts
+
+    def _reason(self, e: BaseException) -> str:
+        ms = round(self.timeout * 1000)
+        if isinstance(e, asyncio.TimeoutError | RedisTimeoutError):
+            return f"{self.where}: no answer within {ms} ms"
+        if isinstance(e, AuthenticationError):
+            if not self.client.connection_pool.connection_kwargs.get("password"):
+                return (
+                    f"{self.where}: authentication failed: Redis wants a password and none "
+                    f"was given (put it in the URL or in ${PASSWORD_ENV})"
+                )
+            return f"{self.where}: authentication failed ({e})"
+        if isinstance(e, RedisConnectionError | OSError):
+            return f"{self.where}: cannot connect ({e})"
+        if isinstance(e, RedisError):
+            return f"{self.where}: {type(e).__name__}: {e}"
+        return f"{self.where}: bad reply ({e})"
+
+    async def ping(self) -> bool:
+        """Whether Redis answers within the timeout (the breaker is not
+        consulted nor changed: this is for /ready and /status)."""
+        try:
+            return bool(await asyncio.wait_for(self.client.ping(), self.timeout))
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def health(self) -> dict[str, object]:
+        """For /status: the address (no password), the prefix and the breaker."""
+        return {"url": self.where, "prefix": self.prefix, **self.breaker.snapshot()}
+
+
+def _verdicts(reply: object, n: int) -> list[Verdict]:
+    """The script's flat reply -> one Verdict per hit; ValueError on any other shape."""
+    if not isinstance(reply, list) or len(reply) != 4 * n:
+        raise ValueError(f"expected {4 * n} integers, got {reply!r:.100}")
+    if not all(type(v) is int and v >= 0 for v in reply):
+        raise ValueError(f"expected non-negative integers, got {reply!r:.100}")
+    out = []
+    for i in range(0, 4 * n, 4):
+        allowed, remaining, retry, reset = reply[i : i + 4]
+        if allowed not in (0, 1):
+            raise ValueError(f"expected 0 or 1 for allowed, got {allowed!r}")
+        out.append(Verdict(allowed == 1, remaining, retry, reset))
+    return out
