@@ -51,6 +51,11 @@ def test_prints_every_row_with_a_rate_and_a_ratio() -> None:
             out.stdout,
         )
     assert re.search(r"^  lean master \(no gateway\), forwarded\s+\d+\s+1\.00x", out.stdout, re.M)
+    # The production part: workers and the store's latency.
+    for workers in ("1", "2"):
+        assert re.search(rf"^  --workers {workers}, allow \(200\)\s+\d+ req/s", out.stdout, re.M)
+    for store in ("memory store", "redis store", "redis adds"):
+        assert re.search(rf"^  {store}\s+p50\s+[+-]?[\d.]+ ms\s+p99", out.stdout, re.M), out.stdout
     for path in ("allow", "deny"):
         assert re.search(
             rf"50 rules \+ 100 blocked / example policy, {path}: \d+\.\d\dx", out.stdout
@@ -151,3 +156,25 @@ def test_without_wrk_says_how_to_install_it_and_still_times_decide(tmp_path: Pat
     assert "apt-get install wrk" in out.stdout
     assert re.search(r"20 rules \+ 100 blocked, cached token \(200\)\s+[\d.]+ /", out.stdout)
     assert "lean master" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    "text, p50, p99",
+    [
+        ("  Latency Distribution\n     50%    1.17ms\n     75%    1.30ms\n     99%    2.68ms\n",
+         1.17e-3, 2.68e-3),
+        ("     50%  812.00us\n     90%    1.00ms\n     99%    1.20s\n", 812e-6, 1.2),
+    ],
+)  # fmt: skip
+def test_reads_wrk_latency(text: str, p50: float, p99: float) -> None:
+    from authgate.tools.bench_production import parse_latency
+
+    got = parse_latency(text)
+    assert got.p50 == pytest.approx(p50) and got.p99 == pytest.approx(p99)
+
+
+def test_no_latency_distribution_is_an_error() -> None:
+    from authgate.tools.bench_production import parse_latency
+
+    with pytest.raises(ValueError, match="no latency distribution"):
+        parse_latency("Requests/sec: 10\n")

@@ -53,7 +53,7 @@ def stop(proc: subprocess.Popen[str]) -> str:
     return out
 
 
-def authgate_run(policy: Path | str, upstream: str, port: int) -> list[str]:
+def authgate_run(policy: Path | str, upstream: str, port: int, *extra: str) -> list[str]:
     return [
         str(BIN / "authgate"),
         "run",
@@ -63,6 +63,7 @@ def authgate_run(policy: Path | str, upstream: str, port: int) -> list[str]:
         upstream,
         "--listen",
         f"127.0.0.1:{port}",
+        *extra,
     ]
 
 

@@ -34,7 +34,8 @@ from cryptography.x509.oid import NameOID
 
 from authgate.proxy.tls import CertError, CertPair, parse_pair, validity_warning
 from conftest import EXAMPLE, POLICIES, ROOT, Backend, _handler
-from test_startup import BIN, free_port, stop, wait_for_port
+from test_startup import authgate_run as run_cmd
+from test_startup import free_port, stop, wait_for_port
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -227,24 +228,24 @@ class Gateway:
         return x509.load_der_x509_certificate(der)
 
 
-def run_cmd(policy: Path, upstream: str, port: int, *extra: str) -> list[str]:
-    return [
-        str(BIN / "authgate"),
-        "run",
-        "--policy",
-        str(policy),
-        "--upstream",
-        upstream,
-        "--listen",
-        f"127.0.0.1:{port}",
-        *extra,
-    ]
-
-
 def start(cmd: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
     )
+
+
+def start_tls(backend: Backend, cert: Path, key: Path, ca: Issued) -> Gateway:
+    """`authgate run --tls-cert CERT --tls-key KEY` with the example policy, listening."""
+    port = free_port()
+    proc = start(
+        run_cmd(EXAMPLE, backend.url, port, "--tls-cert", str(cert), "--tls-key", str(key))
+    )
+    try:
+        wait_for_port(port, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return Gateway(proc, port, ca)
 
 
 @pytest.fixture
@@ -252,16 +253,11 @@ def tls_gateway(tmp_path: Path, backend: Backend) -> Iterator[Gateway]:
     """`authgate run --tls-cert --tls-key` in front of the recording backend."""
     ca = make_ca()
     cert, key = write_pair(tmp_path, issue(ca, "gateway-one.test", 1001))
-    port = free_port()
-    proc = start(
-        run_cmd(EXAMPLE, backend.url, port, "--tls-cert", str(cert), "--tls-key", str(key))
-    )
-    gw = Gateway(proc, port, ca)
+    gw = start_tls(backend, cert, key, ca)
     try:
-        wait_for_port(port, proc)
         yield gw
     finally:
-        stop(proc)
+        stop(gw.proc)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -333,13 +329,9 @@ def test_plain_http_on_the_tls_port_is_refused(tls_gateway: Gateway, backend: Ba
 def test_certificate_reload_on_change(tmp_path: Path, backend: Backend) -> None:
     ca = make_ca()
     cert, key = write_pair(tmp_path, issue(ca, "first.test", 111))
-    port = free_port()
-    proc = start(
-        run_cmd(EXAMPLE, backend.url, port, "--tls-cert", str(cert), "--tls-key", str(key))
-    )
-    gw = Gateway(proc, port, ca)
+    gw = start_tls(backend, cert, key, ca)
+    proc = gw.proc
     try:
-        wait_for_port(port, proc)
         assert gw.peer_cert().serial_number == 111
         # A bad pair (a key that does not match) is refused; the old one serves.
         key.write_bytes(issue(ca, "stray.test", 5).key_pem())

@@ -41,6 +41,10 @@ _RATE_HEADERS = (
 )
 
 
+# The statuses `findings` can find anything in.
+STATUSES = frozenset({401, 403, 503})
+
+
 def findings(status: int, headers: Sequence[tuple[str, str]], had_credentials: bool) -> list[str]:
     """The mistakes in one backend answer. `headers`: (lower-case name, value)."""
     names = {k for k, _ in headers}

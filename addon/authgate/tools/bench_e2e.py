@@ -360,10 +360,10 @@ class Bench:
         ]
         self.start("lean", argv, self.proxy_cpus, port)
 
-    def authgate(self, name: str, policy: Path, upstream: str) -> None:
+    def authgate(self, name: str, policy: Path, upstream: str, *extra: str) -> None:
         port = _free_port()
         argv = [sys.executable, "-m", "authgate.cli", "run", "--policy", str(policy)]
-        argv += ["--upstream", upstream, "--listen", f"127.0.0.1:{port}"]
+        argv += ["--upstream", upstream, "--listen", f"127.0.0.1:{port}", *extra]
         self.start(name, argv, self.proxy_cpus, port)
 
     def stop(self) -> None:
@@ -481,6 +481,9 @@ def run(opts: Options) -> int:
             print(f"end to end: skipped, wrk is not installed (Debian/Ubuntu: {WRK_INSTALL})")
             return 0
         bench_e2e(small, big, token, folder, opts)
+        from authgate.tools.bench_production import bench_production
+
+        bench_production(small, token, folder, opts)
     return 0
 
 
