@@ -21,7 +21,7 @@ from authgate.core.model import Policy
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
 from authgate.policy.values import parse_duration
-from authgate.proxy.runner import serve
+from authgate.proxy.runner import exit_now, serve
 from authgate.runtime.jwks import refresh_sync
 from authgate.runtime.stores import MemoryStore
 from authgate.tools import demo
@@ -273,15 +273,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         sets.append(f"authgate_admin={args.admin}")
     if web:
         print(f"authgate: mitmweb on http://{web}/ (each flow shows its decision)", flush=True)
-    return serve(
-        args.policy,
-        args.upstream,
-        args.listen,
-        sets,
-        web=web,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        upstream_ca=args.upstream_ca,
+    exit_now(
+        serve(
+            args.policy,
+            args.upstream,
+            args.listen,
+            sets,
+            web=web,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            upstream_ca=args.upstream_ca,
+        )
     )
 
 
@@ -315,6 +317,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     idp = None
     issuer = None
+    code: int | None = None
     if args.idp:
         idp_host, _, idp_port = args.idp.rpartition(":")
         try:
@@ -328,7 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         issuer = f"http://{args.idp}{demo.IDP_REALM}"
     try:
         base = f"http://{args.listen}"
-        return serve(
+        code = serve(
             str(policy),
             f"http://{args.backend}",
             args.listen,
@@ -339,6 +342,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         server.shutdown()
         if idp is not None:
             idp.shutdown()
+        if code is not None:
+            exit_now(code)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
