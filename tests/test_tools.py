@@ -104,6 +104,35 @@ def test_check_reports_every_broken_rule(
     assert [e.split(":")[1] for e in errors] == ["3", "5", "6"], out
 
 
+def test_check_reports_every_broken_section_too(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Not only rules: a problem in client_ip, ip, an issuer, api_keys, a
+    limit, default or mode does not hide the others; each has its line."""
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\n"  # 1
+        "client_ip: {header: X-Real-IP}\n"  # 2
+        "ip: {block: [10.0.0.0/33]}\n"  # 3
+        "authn:\n"  # 4
+        "  jwt:\n"  # 5
+        "    - {name: idp, issuer: https://idp.example, audience: api}\n"  # 6
+        "  api_keys: {header: X-Key, keys: [{name: k, sha256: nothex}]}\n"  # 7
+        "limits: [{name: l, key: ip, rate: 5/fortnight}]\n"  # 8
+        "rules:\n"  # 9
+        "  - {name: a, match: {path: /a}, allow: {role: 5}}\n"  # 10
+        "  - {name: b, match: {path: /b}, accept: [jwt], allow: authenticated}\n"  # 11
+        "default: nowhere\n"  # 12
+        "mode: loud\n"  # 13
+    )
+    code, out, _ = run(capsys, "check", str(tmp_path / "p.yaml"))
+    assert code == 2
+    errors = [line for line in out.splitlines() if ": error: " in line]
+    lines = [int(e.split(":")[1]) for e in errors]
+    # Line 11 accepts jwt, which the file configures (wrongly, on line 6): no
+    # second report of that one problem.
+    assert lines == [2, 3, 6, 7, 8, 10, 12, 13], out
+
+
 def test_check_json(capsys: pytest.CaptureFixture[str], files: dict[str, str]) -> None:
     code, out, _ = run(capsys, "check", "--format", "json", "--strict", files["warns"])
     data = json.loads(out)

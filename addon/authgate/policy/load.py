@@ -688,72 +688,123 @@ class _Builder:
             raise self.error(
                 self.line_of(top, "realm"), "realm must be printable ASCII without '\"' or '\\'"
             )
-        client_ip = self.get(top, "client_ip", dict, "the policy", MarkedDict())
-        self.keys(client_ip, {"trusted_proxies", "header"}, "client_ip")
-        ip_header = self.get(client_ip, "header", str, "client_ip", "X-Forwarded-For").lower()
-        if ip_header not in ("x-forwarded-for", "forwarded"):
-            raise self.error(
-                self.line_of(client_ip, "header"),
-                "client_ip.header must be X-Forwarded-For or Forwarded",
+        # Every section is read even when an earlier one is wrong, so that
+        # the author sees all the problems of the file at once; a section
+        # that fails stands in with an empty value meanwhile.
+        problems: list[PolicyError] = []
+
+        def attempt(read: Callable[[], T], instead: T) -> T:
+            try:
+                return read()
+            except PolicyError as e:
+                problems.append(e)
+                return instead
+
+        def read_client_ip() -> tuple[str, IPSet]:
+            client_ip = self.get(top, "client_ip", dict, "the policy", MarkedDict())
+            self.keys(client_ip, {"trusted_proxies", "header"}, "client_ip")
+            header = self.get(client_ip, "header", str, "client_ip", "X-Forwarded-For").lower()
+            if header not in ("x-forwarded-for", "forwarded"):
+                raise self.error(
+                    self.line_of(client_ip, "header"),
+                    "client_ip.header must be X-Forwarded-For or Forwarded",
+                )
+            proxies = self.strings(client_ip, "trusted_proxies", "client_ip")
+            return header, IPSet.build(self.cidrs(proxies, "client_ip.trusted_proxies"))
+
+        ip_header, trusted = attempt(read_client_ip, ("x-forwarded-for", IPSet.build([])))
+
+        def read_ip() -> tuple[IPSet, IPSet | None]:
+            ip = self.get(top, "ip", dict, "the policy", MarkedDict())
+            self.keys(ip, {"block", "block_files", "allow"}, "ip")
+            blocked = self.block_set(
+                self.cidrs(self.strings(ip, "block", "ip"), "ip.block"),
+                self.strings(ip, "block_files", "ip"),
             )
-        trusted = IPSet.build(
-            self.cidrs(
-                self.strings(client_ip, "trusted_proxies", "client_ip"), "client_ip.trusted_proxies"
+            allow_entries = self.strings(ip, "allow", "ip")
+            allow = IPSet.build(self.cidrs(allow_entries, "ip.allow")) if allow_entries else None
+            return blocked, allow
+
+        no_ip: tuple[IPSet, IPSet | None] = (IPSet.build([]), None)
+        blocked, allow_set = attempt(read_ip, no_ip)
+        authn = attempt(
+            lambda: self.get(top, "authn", dict, "the policy", MarkedDict()), MarkedDict()
+        )
+        attempt(lambda: self.keys(authn, {"jwt", "api_keys", "basic"}, "authn"), None)
+        jwt_items = attempt(lambda: self.get(authn, "jwt", list, "authn", MarkedList()), None)
+        jwt_items = jwt_items if jwt_items is not None else MarkedList()
+        read: list[Issuer | None] = []
+        for i, (v, ln) in enumerate(
+            zip(jwt_items, getattr(jwt_items, "item_lines", []), strict=False)
+        ):
+            try:
+                read.append(self.issuer(v, ln, f"authn.jwt[{i}]"))
+            except PolicyError as e:
+                problems.append(e)
+                read.append(None)
+        issuers = tuple(i for i in read if i is not None)
+        if len(issuers) == len(read):
+            attempt(
+                lambda: _unique(issuers, lambda i: i.name, "issuer name", self, jwt_items), None
             )
-        )
-        ip = self.get(top, "ip", dict, "the policy", MarkedDict())
-        self.keys(ip, {"block", "block_files", "allow"}, "ip")
-        blocked = self.block_set(
-            self.cidrs(self.strings(ip, "block", "ip"), "ip.block"),
-            self.strings(ip, "block_files", "ip"),
-        )
-        allow_entries = self.strings(ip, "allow", "ip")
-        allow_set = IPSet.build(self.cidrs(allow_entries, "ip.allow")) if allow_entries else None
-        authn = self.get(top, "authn", dict, "the policy", MarkedDict())
-        self.keys(authn, {"jwt", "api_keys", "basic"}, "authn")
-        jwt_items = self.get(authn, "jwt", list, "authn", MarkedList())
-        issuers = tuple(
-            self.issuer(v, ln, f"authn.jwt[{i}]")
-            for i, (v, ln) in enumerate(
-                zip(jwt_items, getattr(jwt_items, "item_lines", []), strict=False)
+            attempt(
+                lambda: _unique(issuers, lambda i: i.issuer, "issuer URL", self, jwt_items), None
             )
-        )
-        _unique(issuers, lambda i: i.name, "issuer name", self, jwt_items)
-        _unique(issuers, lambda i: i.issuer, "issuer URL", self, jwt_items)
         api_keys = (
-            self.api_keys(authn["api_keys"], authn.key_lines["api_keys"])
+            attempt(lambda: self.api_keys(authn["api_keys"], authn.key_lines["api_keys"]), None)
             if "api_keys" in authn
             else None
         )
-        basic = self.basic(authn["basic"], authn.key_lines["basic"]) if "basic" in authn else None
+        basic = (
+            attempt(lambda: self.basic(authn["basic"], authn.key_lines["basic"]), None)
+            if "basic" in authn
+            else None
+        )
+        # What the rules may accept: the kinds the file configures, even one
+        # whose section is wrong (its problem is reported once, not per rule).
         self.configured = frozenset(
             kind
-            for kind, present in ((JWT, issuers), (API_KEY, api_keys), (BASIC, basic))
+            for kind, present in (
+                (JWT, jwt_items),
+                (API_KEY, "api_keys" in authn),
+                (BASIC, "basic" in authn),
+            )
             if present
         )
-        self.default_login_url = self.login_url(top, "the policy")
-        limits = self.limits(top, "limits", "the policy")
+        self.default_login_url = attempt(lambda: self.login_url(top, "the policy"), None)
+        no_limits: tuple[LimitSpec, ...] = ()
+        limits = attempt(lambda: self.limits(top, "limits", "the policy"), no_limits)
         rule_items = self.get(top, "rules", list, "the policy")
         names: set[str] = set()
         built: list[Rule] = []
-        problems: list[PolicyError] = []
         for i, (v, ln) in enumerate(zip(rule_items, rule_items.item_lines, strict=False)):
             try:
                 built.append(self.rule(v, ln, f"rules[{i}]", names))
             except PolicyError as e:
                 problems.append(e)  # and go on: the author sees every rule's problem
+
+        def read_default() -> str:
+            default: str = self.get(top, "default", str, "the policy", "not_found")
+            if default not in ("not_found", "forbidden"):
+                raise self.error(
+                    self.line_of(top, "default"), "default must be not_found or forbidden"
+                )
+            return default
+
+        default = attempt(read_default, "not_found")
+        forward = attempt(
+            lambda: self.get(top, "forward_credentials", bool, "the policy", True), True
+        )
+        mode = attempt(lambda: self.mode(top, "the policy"), None)
         if problems:
+            problems.sort(key=lambda e: (e.file != self.file, e.line or 0))
             problems[0].more = tuple(problems[1:])
             raise problems[0]
         rules = tuple(built)
-        default = self.get(top, "default", str, "the policy", "not_found")
-        if default not in ("not_found", "forbidden"):
-            raise self.error(self.line_of(top, "default"), "default must be not_found or forbidden")
-        forward = self.get(top, "forward_credentials", bool, "the policy", True)
         # `tests:` is for the tools (`authgate test`, `check`): kept as read.
         tests = (top["tests"], self.line_of(top, "tests")) if "tests" in top else None
         return Policy(
-            mode=self.mode(top, "the policy") or "enforce",
+            mode=mode or "enforce",
             client_ip_header=ip_header,
             api_keys=api_keys,
             basic=basic,
