@@ -289,6 +289,13 @@ class Wrk:
     requests: int
     not_2xx: int  # wrk's "Non-2xx or 3xx responses"
     socket_errors: int
+    cpu_per_request: float = 0.0  # the server's CPU seconds per request (wrk's run)
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_wrk(out: str) -> Wrk:
@@ -386,12 +393,16 @@ class Bench:
         for k, v in case.headers:
             argv += ["-H", f"{k}: {v}"]
         argv.append(f"http://127.0.0.1:{port}/api/profile")
+        pid = self.pids[case.server]
+        before = cpu_seconds(pid)
         out = subprocess.run(
             argv, capture_output=True, text=True, check=False, preexec_fn=_pinned(self.load_cpus)
         )
+        used = cpu_seconds(pid) - before
         if out.returncode != 0:
             raise SystemExit(f"authgate bench: wrk failed ({out.returncode}): {out.stderr.strip()}")
         result = parse_wrk(out.stdout)
+        result = replace(result, cpu_per_request=used / max(1, result.requests))
         wrong = result.requests - result.not_2xx if case.status >= 300 else result.not_2xx
         if wrong > result.requests // 1000:  # a request or two cut short at the end is wrk's doing
             raise SystemExit(
@@ -440,10 +451,13 @@ def bench_e2e(small: Path, big: Path, token: str, folder: Path, opts: Options) -
         for case in cases:  # first connections, first tokens seen: not in the figures
             bench.wrk(case, warm)
         rps: dict[str, list[float]] = {c.label: [] for c in cases}
+        cpu: dict[str, list[float]] = {c.label: [] for c in cases}
         for n in range(opts.rounds):
             # Alternate the order too, so no server always runs right after another.
             for case in cases if n % 2 == 0 else cases[::-1]:
-                rps[case.label].append(bench.wrk(case, opts).rps)
+                got = bench.wrk(case, opts)
+                rps[case.label].append(got.rps)
+                cpu[case.label].append(got.cpu_per_request)
     finally:
         bench.stop()
     lean = statistics.median(rps[cases[0].label])
@@ -454,6 +468,13 @@ def bench_e2e(small: Path, big: Path, token: str, folder: Path, opts: Options) -
         med = statistics.median(runs)
         each = " ".join(f"{r:.0f}" for r in runs)
         print(f"  {case.label:{width}s} {med:8.0f} {med / lean:6.2f}x   {each}")
+    # CPU time per request is steadier than req/s on a VM whose neighbours
+    # come and go: the proxy's own cost, whatever the throughput of the round.
+    lean_cpu = statistics.median(cpu[cases[0].label])
+    print(f"  {'':{width}s} {'CPU/req':>8s} {'x lean':>7s}")
+    for case in cases:
+        med = statistics.median(cpu[case.label])
+        print(f"  {case.label:{width}s} {med * 1e6:6.0f}µs {med / lean_cpu:6.2f}x")
     for path in ("allow", "deny"):
         ours = statistics.median(rps[cases[1 if path == "allow" else 2].label])
         theirs = statistics.median(rps[cases[3 if path == "allow" else 4].label])
