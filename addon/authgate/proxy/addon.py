@@ -68,10 +68,16 @@ def request_view(flow: http.HTTPFlow, with_host: bool) -> RequestView:
     req = flow.request
     host = req.host_header if with_host else None
     authority = req.authority if req.authority and req.http_version.startswith("HTTP/1") else ""
-    return RequestView.build(
-        req.method,
+    # The fields decoded as mitmproxy's Headers decode them (UTF-8 with
+    # surrogateescape), the names lower-cased, in one pass over the raw fields.
+    fields = tuple(
+        (k.decode("utf-8", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape"))
+        for k, v in req.headers.fields
+    )
+    return RequestView(
+        req.method.upper(),
         req.path,
-        req.headers.items(multi=True),
+        fields,
         flow.client_conn.peername[0],
         host,
         authority if "@" in authority else "",
@@ -156,6 +162,13 @@ _new_request_id = _ids()
 
 
 _DROP_WITH_CREDENTIALS = _DROP | {b"authorization"}
+# What to drop, by (forward credentials?, the peer a trusted proxy?): built once.
+_DROPS = {
+    (True, True): _DROP,
+    (True, False): _DROP | _PROXY_SAYS,
+    (False, True): _DROP_WITH_CREDENTIALS,
+    (False, False): _DROP_WITH_CREDENTIALS | _PROXY_SAYS,
+}
 
 
 def _keep_host_header() -> bool:
@@ -764,9 +777,8 @@ class Gateway:
         # The headers are rebuilt in one assignment (mitmproxy's per-header
         # operations are comparatively slow): client-sent identity headers and
         # X-Forwarded-For out, ours in, X-Forwarded-For with the peer appended.
-        drop = _DROP_WITH_CREDENTIALS if not policy.forward_credentials else _DROP
-        if not policy.trusted_proxies.contains(*parse_ip(peer)):
-            drop = drop | _PROXY_SAYS
+        trusted = policy.trusted_proxies.contains(*parse_ip(peer))
+        drop = _DROPS[policy.forward_credentials, trusted]
         chain: list[str] = []
         fields: list[tuple[bytes, bytes]] = []
         for name, value in req.headers.fields:
