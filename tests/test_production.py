@@ -281,6 +281,30 @@ def test_workers_share_the_address_and_a_dead_one_is_replaced(
     assert g.stop() == 0
 
 
+def test_sighup_to_the_supervisor_reloads_every_worker(
+    gateways: list[Gateway], tmp_path: Path, backend: Backend
+) -> None:
+    policy = tmp_path / "p.yaml"
+    rule = "version: 1\nrules:\n  - name: r\n    match: {{path: {path}}}\n    allow: anyone\n"
+    policy.write_text(rule.format(path="/old"))
+    g = run(
+        gateways, tmp_path, "--policy", str(policy), "--upstream", backend.url,
+        "--workers", "2", "--set", "authgate_watch=false",
+    )  # fmt: skip
+    g.wait_ready()
+    policy.write_text(rule.format(path="/new"))
+    g.proc.send_signal(signal.SIGHUP)
+
+    def all_reloaded() -> bool:
+        return all((w["status"] or {}).get("reloads") == 1 for w in status(g.admin)["workers"])
+
+    wait_until(all_reloaded, seconds=10)
+    for _ in range(10):  # whichever worker takes the connection
+        assert send(g.address, "GET", "/new").status == 200
+        assert send(g.address, "GET", "/old").status == 404
+    assert g.stop() == 0
+
+
 def test_workers_refuse_a_bad_policy_before_serving(tmp_path: Path, backend: Backend) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - name: a\n    match: {path: /x, methods: GETT}\n")
