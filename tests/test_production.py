@@ -171,19 +171,25 @@ def test_ready_is_503_until_the_identity_provider_has_given_keys(
 # --- signals -------------------------------------------------------------------------------
 
 
+def one_route(policy: Path, path: str) -> Path:
+    """(Re)write a policy of one public route."""
+    policy.write_text(
+        f"version: 1\nrules:\n  - {{name: r, match: {{path: {path}}}, allow: anyone}}\n"
+    )
+    return policy
+
+
 def test_sighup_reloads_the_policy(
     gateways: list[Gateway], tmp_path: Path, backend: Backend
 ) -> None:
-    policy = tmp_path / "p.yaml"
-    rule = "version: 1\nrules:\n  - name: r\n    match: {{path: {path}}}\n    allow: anyone\n"
-    policy.write_text(rule.format(path="/old"))
+    policy = one_route(tmp_path / "p.yaml", "/old")
     g = run(
         gateways, tmp_path, "--policy", str(policy), "--upstream", backend.url,
         "--set", "authgate_watch=false",
     )  # fmt: skip
     g.wait_ready()
     assert send(g.address, "GET", "/old").status == 200
-    policy.write_text(rule.format(path="/new"))
+    one_route(policy, "/new")
     time.sleep(1.5)
     assert send(g.address, "GET", "/new").status == 404  # not watching: nothing changed
     g.proc.send_signal(signal.SIGHUP)
@@ -284,15 +290,13 @@ def test_workers_share_the_address_and_a_dead_one_is_replaced(
 def test_sighup_to_the_supervisor_reloads_every_worker(
     gateways: list[Gateway], tmp_path: Path, backend: Backend
 ) -> None:
-    policy = tmp_path / "p.yaml"
-    rule = "version: 1\nrules:\n  - name: r\n    match: {{path: {path}}}\n    allow: anyone\n"
-    policy.write_text(rule.format(path="/old"))
+    policy = one_route(tmp_path / "p.yaml", "/old")
     g = run(
         gateways, tmp_path, "--policy", str(policy), "--upstream", backend.url,
         "--workers", "2", "--set", "authgate_watch=false",
     )  # fmt: skip
     g.wait_ready()
-    policy.write_text(rule.format(path="/new"))
+    one_route(policy, "/new")
     g.proc.send_signal(signal.SIGHUP)
 
     def all_reloaded() -> bool:
