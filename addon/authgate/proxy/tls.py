@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dh
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from mitmproxy import ctx, exceptions, http
 
 logger = logging.getLogger("authgate")
@@ -54,6 +54,14 @@ class CertPair:
 
     def describe(self) -> str:
         return f"{self.subject} (serial {self.serial:x}, valid until {self.not_after:%Y-%m-%d})"
+
+
+_SIGNING_KEYS = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
 
 
 def _read(flag: str, path: str) -> bytes:
@@ -84,8 +92,10 @@ def parse_pair(cert_file: str, cert_pem: bytes, key_file: str, key_pem: bytes) -
         ) from e
     except ValueError as e:
         raise CertError(f"authgate: --tls-key {key_file}: not a valid PEM private key") from e
-    if isinstance(key, dh.DHPrivateKey):
-        raise CertError(f"authgate: --tls-key {key_file}: a DH key cannot sign for TLS")
+    # The kinds of key a TLS server can sign with (not DH, DSA or X25519);
+    # named by what they are, as newer cryptography deprecates the DH names.
+    if not isinstance(key, _SIGNING_KEYS):
+        raise CertError(f"authgate: --tls-key {key_file}: this kind of key cannot sign for TLS")
     if key.public_key() != leaf.public_key():
         raise CertError(
             f"authgate: --tls-key {key_file}: does not match the certificate in {cert_file}"
