@@ -67,6 +67,21 @@ def test_two_gateway_processes_share_one_limit_exactly(
     st = status(a.admin)["store"]
     assert st["kind"] == "redis" and st["state"] == "closed"
     assert "127.0.0.1" in st["url"]
+    assert f"rate limits are counted in redis://127.0.0.1:{redis_server.port}" in a.output()
+
+
+def test_a_store_away_at_start_is_said_and_limits_fall_back(
+    gateways: list[Gateway], tmp_path: Path, backend: Backend
+) -> None:
+    from test_startup import free_port
+
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    policy = limited_policy(tmp_path, 2)  # on_store_error: local
+    g = run(gateways, tmp_path, "--policy", str(policy), "--upstream", backend.url,
+            "--store", nowhere)  # fmt: skip
+    g.wait_ready()  # not fatal: the gateway serves, and says so
+    wait_until(lambda: "does not answer; limits use their on_store_error" in g.output(), 5)
+    assert [send(g.address, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
 
 
 def test_workers_share_one_limit_exactly_on_redis(

@@ -331,6 +331,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._reloading = asyncio.Lock()
         self._tasks = [loop.create_task(self._keep_keys_fresh()), loop.create_task(self._watch())]
+        if self.shared is not None:
+            self._tasks.append(loop.create_task(self._say_store(self.shared)))
 
     def _configure_store(self, url: str, timeout: float) -> None:
         old = self.shared
@@ -346,6 +348,18 @@ class Gateway:
         self._store_url = url or "memory"
         if old is not None:
             self._close_later(old)
+
+    async def _say_store(self, store: SharedStore) -> None:
+        """At start, whether the shared store answers: a Redis that is away is
+        not fatal (limits fall back), but it should not go unnoticed."""
+        where = store.health().get("url", self._store_url)
+        if await store.ping():
+            logger.info(f"authgate: rate limits are counted in {where}")
+        else:
+            logger.warning(
+                f"authgate: the rate-limit store {where} does not answer; limits use their "
+                "on_store_error (local, deny or allow) until it does"
+            )
 
     def _close_later(self, store: SharedStore) -> None:
         try:
