@@ -131,6 +131,7 @@ def test_admin_endpoints_answer_for_one_process(
     assert st["store"] == {"kind": "memory"}
     assert st["pid"] == g.proc.pid
     assert st["decisions"] == 2 and st["reload_error"] is None
+    assert st["in_flight"] == 0  # answered flows, denied or forwarded, leave the count
     code, metrics = get(g.admin, "/metrics")
     text = metrics.decode()
     assert code == 200
@@ -192,6 +193,7 @@ def test_sighup_reloads_the_policy(
     one_route(policy, "/new")
     time.sleep(1.5)
     assert send(g.address, "GET", "/new").status == 404  # not watching: nothing changed
+    assert [x.target for x in backend.seen] == ["/old"]  # the 404 reached nothing
     g.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: status(g.admin)["reloads"] == 1)
     assert send(g.address, "GET", "/new").status == 200
@@ -306,6 +308,7 @@ def test_sighup_to_the_supervisor_reloads_every_worker(
     for _ in range(10):  # whichever worker takes the connection
         assert send(g.address, "GET", "/new").status == 200
         assert send(g.address, "GET", "/old").status == 404
+    assert {x.target for x in backend.seen} == {"/new"}  # no /old reached the backend
     assert g.stop() == 0
 
 

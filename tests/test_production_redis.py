@@ -82,6 +82,7 @@ def test_a_store_away_at_start_is_said_and_limits_fall_back(
     g.wait_ready()  # not fatal: the gateway serves, and says so
     wait_until(lambda: "does not answer; limits use their on_store_error" in g.output(), 5)
     assert [send(g.address, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
+    assert len(backend.seen) == 2  # the 429 reached nothing
 
 
 def test_workers_share_one_limit_exactly_on_redis(

@@ -694,8 +694,7 @@ def judge(
     verdicts = store.hit_all(seen.hits, now, consume)
     if not trace and all(v.allowed for v in verdicts):
         return d
-    told = Recorder({(h.limit_id, h.key): v for h, v in zip(seen.hits, verdicts, strict=True)})
-    return _both(policy, request, now, told, trace)
+    return _both(policy, request, now, Recorder.told(seen.hits, verdicts), trace)
 
 
 def describe(cond: c.Condition, who: Identity | None, params: dict[str, str]) -> str:

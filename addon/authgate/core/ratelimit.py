@@ -122,6 +122,11 @@ class Recorder:
         self.hits: list[Hit] = []
         self.verdicts = verdicts or {}
 
+    @classmethod
+    def told(cls, hits: Sequence[Hit], verdicts: Sequence[Verdict]) -> Recorder:
+        """A Recorder answering with a store's verdicts for these hits."""
+        return cls({(h.limit_id, h.key): v for h, v in zip(hits, verdicts, strict=True)})
+
     def hit(self, limit_id: str, key: str, rate: Rate, now: float, consume: bool = True) -> Verdict:
         self.hits.append(Hit(limit_id, key, rate))
         return self.verdicts.get((limit_id, key), ALLOWED) if self.verdicts else ALLOWED

@@ -653,27 +653,26 @@ class Gateway:
                 if seen.hits and isinstance(first.work, PasswordCheck):
                     # Read the IP limits before spending a bcrypt on the
                     # request: a client over its limit costs no hash.
-                    verdicts, note = await self._count(policy, seen.hits, now, consume=False)
-                    if verdicts is not None:
-                        return await self._again(policy, view, now, verdicts), note
+                    told, note = await self._count(policy, seen.hits, now, consume=False)
+                    if told is not None:
+                        return await self._again(policy, view, now, told), note
                 await self._slow_work(first)
             decision = decide(first, self.clock(), seen)
         if not seen.hits:
             return decision, ""
-        verdicts, note = await self._count(policy, seen.hits, now)
-        if verdicts is None:
+        told, note = await self._count(policy, seen.hits, now)
+        if told is None:
             return decision, note
-        return await self._again(policy, view, now, verdicts), note
+        return await self._again(policy, view, now, told), note
 
     async def _again(
         self,
         policy: Policy,
         view: RequestView,
         now: float,
-        verdicts: dict[tuple[str, str], Verdict],
+        told: Recorder,
     ) -> Decision:
         """The decision with the store's verdicts (one of them a denial)."""
-        told = Recorder(verdicts)
         again = prepare(policy, view, now, told)
         if isinstance(again, Decision):
             return again
@@ -683,9 +682,10 @@ class Gateway:
 
     async def _count(
         self, policy: Policy, hits: list[Hit], now: float, consume: bool = True
-    ) -> tuple[dict[tuple[str, str], Verdict] | None, str]:
-        """Count the hits in the store: (None when all are allowed, else every
-        hit's verdict; what answered instead of an unavailable shared store)."""
+    ) -> tuple[Recorder | None, str]:
+        """Count the hits in the store: (None when all are allowed, else a
+        Recorder answering with every hit's verdict; what answered instead of
+        an unavailable shared store)."""
         note = ""
         shared = self.shared
         if shared is None:
@@ -709,7 +709,7 @@ class Gateway:
                 self.metrics.near_limit(hit.limit_id)
         if not denied:
             return None, note
-        return {(h.limit_id, h.key): v for h, v in zip(hits, verdicts, strict=True)}, note
+        return Recorder.told(hits, verdicts), note
 
     def _without_store(
         self, policy: Policy, hits: list[Hit], now: float, consume: bool, e: StoreUnavailable
