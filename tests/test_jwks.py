@@ -151,7 +151,6 @@ def make(clock: Clock) -> Callable[..., RemoteKeys]:
         kw.setdefault("min_ttl", 300)
         kw.setdefault("max_ttl", 3600)
         kw.setdefault("cooldown", 30)
-        kw.setdefault("negative_ttl", 60)
         get = kw.pop("get", http_get)
         source = RemoteKeys(url=url, clock=lambda: clock.now, **kw)
         GETS[id(source)] = get
@@ -545,25 +544,80 @@ def test_unknown_kid_refresh_cooldown_and_negative_cache(
     source = make(f"{server.url}/jwks")
     refresh(source)  # at 1000: a start-up fetch does not count against the cooldown
     assert source.may_refresh_for("kx")
-    refresh(source, kid="kx")  # fetches; kx still unknown: remembered until 1060
+    refresh(source, kid="kx")  # fetches; kx still unknown: remembered until 1030
     assert server.hits["/jwks"] == 2
     clock.now = 1029  # within the cooldown of that kid-triggered fetch
     assert not source.may_refresh_for("ky")
-    clock.now = 1030
-    assert source.may_refresh_for("ky")
     assert not source.may_refresh_for("kx")  # in the negative cache
     refresh(source, kid="kx")
     assert server.hits["/jwks"] == 2
-    refresh(source, kid="ky")  # remembered until 1090; the next kid fetch from 1060
+    clock.now = 1030
+    assert source.may_refresh_for("ky")
+    refresh(source, kid="ky")  # remembered until 1060; the next kid fetch from 1060
     assert server.hits["/jwks"] == 3
     clock.now = 1059
     assert not source.may_refresh_for("kz")
-    clock.now = 1060  # kx's negative entry expired, and the cooldown is over
-    assert source.may_refresh_for("kx")
     assert not source.may_refresh_for("ky")
+    clock.now = 1060  # ky's negative entry expired, and the cooldown is over
+    assert source.may_refresh_for("kx")
+    assert source.may_refresh_for("ky")
     # a kid that is known needs no fetch at all
     refresh(source, kid="k1")
     assert server.hits["/jwks"] == 3
+
+
+@pytest.mark.parametrize("cooldown", [1, 5, 30, 120])
+def test_a_kid_looked_for_in_vain_is_remembered_for_one_cooldown(
+    server: KeyServer, make: Callable[..., RemoteKeys], clock: Clock, cooldown: float
+) -> None:
+    """Hardening 2, item 2: the negative memory is the cooldown, not a fixed
+    minute, so a key the provider publishes late is picked up one cooldown
+    after the kid-triggered fetch that missed it."""
+    server.serve("/jwks", JWKS1, cache_control="max-age=86400")
+    source = make(f"{server.url}/jwks", cooldown=cooldown, max_ttl=86400)
+    refresh(source)  # at 1000
+    refresh(source, kid="k2")  # the provider has not published k2 yet
+    assert kids(source) == ["k1"] and server.hits["/jwks"] == 2
+    server.serve("/jwks", jwks((KEY1, "k1"), (KEY2, "k2")), cache_control="max-age=86400")
+    clock.now = 1000 + cooldown - 0.5
+    assert not source.may_refresh_for("k2")
+    refresh(source, kid="k2")
+    assert kids(source) == ["k1"] and server.hits["/jwks"] == 2
+    clock.now = 1000 + cooldown
+    assert source.may_refresh_for("k2")
+    refresh(source, kid="k2")
+    assert kids(source) == ["k1", "k2"] and server.hits["/jwks"] == 3
+    assert verify((issuer_for(source),), token(KEY2, "k2"), NOW).subject == "alice"
+
+
+def test_a_reload_takes_the_new_cooldown_for_the_negative_memory(
+    server: KeyServer, make: Callable[..., RemoteKeys], clock: Clock
+) -> None:
+    server.serve("/jwks", JWKS1, cache_control="max-age=3600")
+    source = make(f"{server.url}/jwks", cooldown=60)
+    refresh(source)
+    source.adopt_settings(make(f"{server.url}/jwks", cooldown=2))
+    refresh(source, kid="k2")
+    clock.now = 1002
+    assert source.may_refresh_for("k2")
+
+
+def test_a_refresh_keeps_the_objects_of_keys_it_serves_again(
+    server: KeyServer, make: Callable[..., RemoteKeys], clock: Clock
+) -> None:
+    """So that cached tokens verified by an unchanged key stay cached."""
+    server.serve("/jwks", JWKS1, cache_control="max-age=300")
+    source = make(f"{server.url}/jwks")
+    refresh(source)
+    k1 = source.keys[0]
+    server.serve("/jwks", jwks((KEY1, "k1"), (KEY2, "k2")), cache_control="max-age=300")
+    clock.now = 1300
+    refresh(source)
+    assert kids(source) == ["k1", "k2"] and source.keys[0] is k1
+    server.serve("/jwks", jwks((KEY2, "k1")), cache_control="max-age=300")  # kid reused
+    clock.now = 1600
+    refresh(source)
+    assert kids(source) == ["k1"] and source.keys[0] is not k1
 
 
 def test_an_unknown_kid_right_after_start_up_is_fetched(

@@ -6,6 +6,7 @@ Conformance checks: J-01..J-13 (JWT), B-10 (error_description characters).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from authgate.core import tokens
 from authgate.core.identity import Identity
+from authgate.core.keyset import RemoteKeys
 from authgate.core.tokens import (
     Issuer,
     TokenCache,
@@ -216,6 +218,71 @@ def test_token_cache_is_bounded() -> None:
     assert len(cache) == 2
     assert cache.get(tokens_[0]) is None
     assert cache.get(tokens_[2]) is not None
+
+
+RSA_NEW = keys.new_rsa_key()
+
+
+def remote_issuer_a(published: dict[str, Any]) -> tuple[Issuer, RemoteKeys]:
+    """Issuer A with its keys from a JWKS address, already fetched (no I/O)."""
+    source = RemoteKeys(issuer=ISS_A, url="https://as.test/jwks", discovery=False, pinned=RS_ONLY)
+    source.apply(tuple(load_jwks(json.dumps(published), RS_ONLY)[0]), 300)
+    issuer = Issuer("a", ISS_A, (AUD,), RS_ONLY, (), float(LEEWAY), ("roles",), ("scope",), True)
+    return dataclasses.replace(issuer, remote=source), source
+
+
+@pytest.mark.parametrize(
+    ("published", "reason"),
+    [
+        pytest.param({"keys": [rsa_jwk(RSA_A, "k1")]}, None, id="same-set-again"),
+        pytest.param(
+            {"keys": [rsa_jwk(RSA_A, "k1"), rsa_jwk(RSA_NEW, "k3")]}, None, id="key-added"
+        ),
+        pytest.param(
+            {"keys": [rsa_jwk(RSA_NEW, "k3"), rsa_jwk(RSA_B, "k2")]},
+            UNKNOWN_KEY,
+            id="signing-key-rotated-away",
+        ),
+        pytest.param({"keys": [rsa_jwk(RSA_B, "k1")]}, BAD_SIG, id="kid-now-names-another-key"),
+    ],
+)
+def test_cached_token_is_refused_once_its_key_leaves_the_set(
+    published: dict[str, Any], reason: str | None
+) -> None:
+    """Hardening 2, item 1: a cache hit does not outlive the key that verified it."""
+    now = time.time()
+    issuer, source = remote_issuer_a({"keys": [rsa_jwk(RSA_A, "k1")]})
+    cache = TokenCache()
+    token = sign(claims(now))
+    assert verify((issuer,), token, now, cache).subject == "alice"
+    source.apply(tuple(load_jwks(json.dumps(published), RS_ONLY)[0]), 300)  # a refresh
+    if reason is None:
+        assert verify((issuer,), token, now, cache).subject == "alice"
+        assert cache.get(token) is not None
+        return
+    for _ in range(2):  # and not only once
+        with pytest.raises(TokenRejected) as info:
+            verify((issuer,), token, now, cache)
+        assert info.value.reason == reason
+    assert cache.get(token) is None
+
+
+def test_cache_hit_after_a_refresh_that_republishes_the_key_skips_the_signature(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refresh serving the same keys keeps their objects: hits stay hits."""
+    now = time.time()
+    issuer, source = remote_issuer_a({"keys": [rsa_jwk(RSA_A, "k1")]})
+    cache = TokenCache()
+    token = sign(claims(now))
+    verify((issuer,), token, now, cache)
+    source.apply(tuple(load_jwks(json.dumps({"keys": [rsa_jwk(RSA_A, "k1")]}), RS_ONLY)[0]), 300)
+
+    def no_decode(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("verified again")
+
+    monkeypatch.setattr(jwt, "decode", no_decode)
+    assert verify((issuer,), token, now, cache).subject == "alice"
 
 
 def expect_rejected_cached(token: str, now: float, cache: TokenCache, reason: str) -> None:

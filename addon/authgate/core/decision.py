@@ -250,17 +250,21 @@ def _match(
     return None, {}
 
 
-# CR, LF and NUL never belong in a field (RFC 9110 §5.5): a backend may read
-# a bare CR as a line end, or a fold as a new field, and so see headers the
-# gateway never judged. mitmproxy passes them through inside values.
+# No control character but HTAB belongs in a field (RFC 9110 §5.5): a backend
+# may read a bare CR, a vertical tab or a form feed as a line end, or a fold as
+# a new field, and so see headers the gateway never judged. mitmproxy passes
+# them through inside values.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _field_problems(headers: tuple[tuple[str, str], ...]) -> tuple[str | None, int]:
-    """(the first field whose name or value holds CR, LF or NUL, the number of
-    Host fields), in one pass over the fields."""
+    """(the first field whose name or value holds a control character other
+    than HTAB, the number of Host fields), in one pass over the fields."""
     hosts = 0
+    search = _CONTROL.search
     for name, value in headers:
-        for text in (name, value):
-            if "\r" in text or "\n" in text or "\x00" in text:
-                return name, hosts
+        if search(value) or search(name):
+            return name, hosts
         if name == "host":
             hosts += 1
     return None, hosts
@@ -316,7 +320,7 @@ def prepare(
     forged, hosts = _field_problems(request.headers)
     if forged is not None:
         if t.on:
-            t(f"header {forged[:60]!r} holds CR, LF or NUL: rejected")
+            t(f"header {forged[:60]!r} holds a control character: rejected")
         return Decision(False, 400, BAD_HEADER, detail=f"control character in {forged[:60]}")
     bad_host = (
         "more than one Host field"

@@ -140,12 +140,25 @@ def explain(policy: Policy, request: RequestView, now: float, limiter: Store) ->
         lines += [f"  {name}: {value or '(empty)'}" for name, value in d.upstream_headers]
         if d.identity is None:
             lines.append("  (anonymous: no X-Auth-* headers; any the client sent are removed)")
-        if request.header("authorization") is not None:
-            lines.append(
-                "  Authorization: passed through"
-                if policy.forward_credentials
-                else "  Authorization: removed (forward_credentials: false)"
-            )
+        carriers = ["authorization"]
+        if policy.api_keys is not None:
+            carriers.append(policy.api_keys.header)
+        for name in carriers:
+            if request.header(name) is not None:
+                sent = "Authorization" if name == "authorization" else name
+                lines.append(
+                    f"  {sent}: passed through"
+                    if policy.forward_credentials
+                    else f"  {sent}: removed (forward_credentials: false)"
+                )
+        if not policy.forward_credentials and policy.cookie_issuers and request.header("cookie"):
+            cookies = ", ".join(sorted(policy.cookie_issuers))
+            lines.append(f"  Cookie: without {cookies} (forward_credentials: false)")
+        stripped = sorted(
+            {k for k, _ in request.headers if k.replace("_", "-") in policy.strip_headers}
+        )
+        if stripped:
+            lines.append(f"  removed (backends might trust them): {', '.join(stripped)}")
         lines.append(f"  X-Forwarded-For: {normalize_ip(request.peer)} appended")
     else:
         response = render(d, policy.realm, request.method, now)

@@ -7,8 +7,12 @@ again. No I/O: `authgate.runtime.jwks` fetches and hands the result here.
   (stale beats down).
 - An unknown `kid` may trigger a refresh, at most once per cooldown after the
   last refresh it triggered, and a kid still unknown afterwards is remembered
-  for a short while (the attacker picks the kid, so it must not pick our
-  fetch rate). Scheduled and start-up fetches do not count against it.
+  for one cooldown (the attacker picks the kid, so it must not pick our fetch
+  rate; a key the provider publishes late is found one cooldown later).
+  Scheduled and start-up fetches do not count against it.
+- A refresh keeps the objects of the keys it serves again, so that tokens
+  cached as verified by them stay cached (`tokens.TokenCache` compares by
+  identity), and tokens of a key that left the set are refused.
 - Plain `http://` only for loopback addresses unless explicitly allowed.
 """
 
@@ -80,7 +84,6 @@ class RemoteKeys:
         min_ttl: float = 300,
         max_ttl: float = 86400,
         cooldown: float = 30,
-        negative_ttl: float = 60,
         allow_http: bool = False,
         timeout: float = 5,
         clock: Callable[[], float] = time.monotonic,
@@ -91,8 +94,7 @@ class RemoteKeys:
         self.pinned = pinned
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
-        self.cooldown = cooldown
-        self.negative_ttl = negative_ttl
+        self.cooldown = cooldown  # also how long a kid looked for in vain is remembered
         self.allow_http = allow_http
         self.timeout = timeout  # seconds for one fetch, connecting included
         self.clock = clock
@@ -128,7 +130,7 @@ class RemoteKeys:
     def adopt_settings(self, other: RemoteKeys) -> None:
         """Take the cache, cooldown and timeout settings of a reloaded policy."""
         self.min_ttl, self.max_ttl = other.min_ttl, other.max_ttl
-        self.cooldown, self.negative_ttl = other.cooldown, other.negative_ttl
+        self.cooldown = other.cooldown
         self.timeout = other.timeout
 
     # --- when to fetch ----------------------------------------------------------------
@@ -157,6 +159,9 @@ class RemoteKeys:
         return self.min_ttl if age is None else min(max(age, self.min_ttl), self.max_ttl)
 
     def apply(self, keys: tuple[VerifyKey, ...], ttl: float) -> None:
+        # A key served again (same kid, material and algorithms) keeps its object.
+        before = {k.kid: k for k in self.keys}  # kids are unique within a set
+        keys = tuple(k if (old := before.get(k.kid)) is None or old != k else old for k in keys)
         self.keys = keys  # one assignment: requests see the old set or the new one
         self.loaded = True
         self.failures = 0
@@ -177,6 +182,6 @@ class RemoteKeys:
     def still_unknown(self, kid: str) -> None:
         """A kid-triggered fetch ended and the kid is still not there."""
         if self.lookup(kid) is None:
-            self._unknown[kid] = self.clock() + self.negative_ttl
+            self._unknown[kid] = self.clock() + self.cooldown
             if len(self._unknown) > 10_000:
                 self._unknown.clear()

@@ -30,6 +30,53 @@ from authgate.core.routing import Router
 from authgate.core.tokens import Issuer, TokenCache
 
 IDENTITY_HEADERS = ("x-auth-subject", "x-auth-roles", "x-auth-scopes", "x-auth-issuer")
+# Header fields that services behind other gateways and web servers take as
+# proven (a user, an email, groups, a token) or as the real method or URL:
+# removed from every forwarded request, with their underscore spellings,
+# unless a policy keeps one (`strip_headers.keep`). The gateway's own identity
+# headers, X-Forwarded-For and the fields only trusted proxies may send are
+# handled apart and cannot be kept.
+TRUSTED_BY_BACKENDS = (
+    # Apache, IIS and CGI (REMOTE_USER), Authelia
+    "remote-user",
+    "remote-email",
+    "remote-groups",
+    "remote-name",
+    "x-remote-user",
+    "x-remote-email",
+    "x-remote-groups",
+    "x-user",
+    "x-email",
+    "x-authenticated-user",
+    "x-webauth-user",  # Grafana's auth proxy
+    # oauth2-proxy and nginx auth_request setups
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-forwarded-access-token",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-groups",
+    "x-auth-request-preferred-username",
+    "x-auth-request-access-token",
+    "x-auth-request-redirect",
+    # Kong
+    "x-consumer-id",
+    "x-consumer-username",
+    "x-consumer-custom-id",
+    "x-authenticated-userid",
+    "x-authenticated-scope",
+    "x-credential-identifier",
+    # the real method or URL, as rewriting front ends pass them on
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-original-method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +138,9 @@ class Policy:
     basic: BasicUsers | None = field(default=None, compare=False)
     mode: str = "enforce"  # "report": decide and log, but forward everything
     client_ip_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
+    # Lower-case names of the client's fields the backend never receives
+    # (TRUSTED_BY_BACKENDS, plus the policy's `strip_headers.add`, less `keep`).
+    strip_headers: frozenset[str] = frozenset(TRUSTED_BY_BACKENDS)
     # The deployment's override of every mode (`--set authgate_mode`): "" none.
     mode_override: str = ""
     # The policy's own `tests:` as read (value, line), for the tools; never the gateway's.

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -317,26 +317,42 @@ def _check_times(claims: dict[str, Any], now: float, issuer: Issuer) -> None:
         )
 
 
+class Verified(NamedTuple):
+    """A cache entry: who the token proved, and the issuer, `kid` header and
+    key it was verified with."""
+
+    who: Identity
+    issuer: Issuer
+    kid: Any
+    key: VerifyKey
+
+
 class TokenCache:
     """Tokens whose signature and claims were verified, so that a client
     reusing its token does not pay for the signature check every time.
 
-    Time claims are checked again on every use. Only verified tokens enter,
-    so an attacker cannot fill it with garbage; it lives in one Policy, so a
-    reload (new keys) starts empty. Bounded: the oldest entry goes first.
+    Time claims are checked again on every use, and so is that the issuer's
+    key set still holds the very key that verified the token: a key the
+    provider removed ends its tokens at the refresh that drops it. Only
+    verified tokens enter, so an attacker cannot fill it with garbage; it
+    lives in one Policy, so a reload (new keys) starts empty. Bounded: the
+    oldest entry goes first.
     """
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._entries: dict[str, tuple[Identity, Issuer]] = {}
+        self._entries: dict[str, Verified] = {}
 
-    def get(self, token: str) -> tuple[Identity, Issuer] | None:
+    def get(self, token: str) -> Verified | None:
         return self._entries.get(token)
 
-    def put(self, token: str, who: Identity, issuer: Issuer) -> None:
+    def put(self, token: str, entry: Verified) -> None:
         if len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]
-        self._entries[token] = (who, issuer)
+        self._entries[token] = entry
+
+    def drop(self, token: str) -> None:
+        self._entries.pop(token, None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -372,9 +388,13 @@ def verify(
     """
     if cache is not None:
         known = cache.get(token)
-        if known is not None and known[1] in issuers:
-            _check_times(known[0].claims, now, known[1])
-            return known[0]
+        if known is not None and known.issuer in issuers:
+            # Identity, not equality: a refresh keeps the objects of keys it
+            # serves again (keyset.RemoteKeys.apply); anything else verifies anew.
+            if known.issuer.key_for(known.kid) is known.key:
+                _check_times(known.who.claims, now, known.issuer)
+                return known.who
+            cache.drop(token)  # its key left the set (or the kid names another)
     if len(token) > MAX_TOKEN_LENGTH:
         raise TokenRejected("malformed", "token too long")
     if not B64TOKEN.match(token) or token.count(".") != 2:
@@ -399,7 +419,8 @@ def verify(
         raise TokenRejected("wrong_algorithm", f"alg {alg!r}")
     if issuer.typ is not None and not _typ_matches(header.get("typ"), issuer.typ):
         raise TokenRejected("wrong_type", f"typ {header.get('typ')!r}")
-    key = issuer.key_for(header.get("kid"))
+    kid = header.get("kid")
+    key = issuer.key_for(kid)
     if key is None:
         raise TokenRejected("unknown_key", "kid not in key set")
     if alg not in key.algorithms:
@@ -437,7 +458,7 @@ def verify(
     scopes = _string_set(claim_at(claims, issuer.scope_claim), split=True)
     who = Identity(sub, issuer.issuer, "jwt", roles, scopes, claims)
     if cache is not None:
-        cache.put(token, who, issuer)
+        cache.put(token, Verified(who, issuer, kid, key))
     return who
 
 

@@ -32,7 +32,7 @@ from authgate.core.credentials import (
 )
 from authgate.core.ipset import IPSet, cidr_key, parse_cidr, read_cidr_text
 from authgate.core.keyset import RemoteKeys, VerifyKey, check_url
-from authgate.core.model import LimitSpec, Policy, Rule, normalize_host
+from authgate.core.model import TRUSTED_BY_BACKENDS, LimitSpec, Policy, Rule, normalize_host
 from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
 from authgate.core.tokens import (
@@ -660,6 +660,33 @@ class _Builder:
             )
         return url
 
+    def strip_headers(self, top: MarkedDict) -> frozenset[str]:
+        """The client's fields the backend never receives: the default list
+        (TRUSTED_BY_BACKENDS), plus `add`, less `keep`."""
+        names = set(TRUSTED_BY_BACKENDS)
+        if "strip_headers" not in top:
+            return frozenset(names)
+        d = self.get(top, "strip_headers", dict, "the policy")
+        self.keys(d, {"add", "keep"}, "strip_headers")
+        for key in ("add", "keep"):
+            for line, name in self.strings(d, key, "strip_headers"):
+                lower = name.lower().replace("_", "-")  # one name for every spelling
+                if not HEADER_NAME.match(name):
+                    raise self.error(line, f"strip_headers.{key}: {name!r} is not a header name")
+                if key == "add" and lower in ("host", "content-length", "transfer-encoding"):
+                    raise self.error(line, f"strip_headers.add: {name} cannot be removed")
+                if key == "keep" and lower not in TRUSTED_BY_BACKENDS:
+                    raise self.error(
+                        line,
+                        f"strip_headers.keep: {name} is not removed by default, so there is "
+                        "nothing to keep (the default list: docs/security.md)",
+                    )
+                if key == "add":
+                    names.add(lower)
+                else:
+                    names.discard(lower)
+        return frozenset(names)
+
     def policy(self, doc: Any) -> Policy:
         if doc is None:
             raise self.error(1, "the policy is empty")
@@ -674,6 +701,7 @@ class _Builder:
             "rules",
             "default",
             "forward_credentials",
+            "strip_headers",
             "login_url",
             "mode",
             "tests",
@@ -796,6 +824,7 @@ class _Builder:
             lambda: self.get(top, "forward_credentials", bool, "the policy", True), True
         )
         mode = attempt(lambda: self.mode(top, "the policy"), None)
+        strip = attempt(lambda: self.strip_headers(top), frozenset(TRUSTED_BY_BACKENDS))
         if problems:
             problems.sort(key=lambda e: (e.file != self.file, e.line or 0))
             problems[0].more = tuple(problems[1:])
@@ -818,6 +847,7 @@ class _Builder:
             rules=rules,
             default=default,
             forward_credentials=forward,
+            strip_headers=strip,
             files=tuple(dict.fromkeys(self.files)),
             uses_host=any(r.host is not None for r in rules),
             tests_raw=tests,

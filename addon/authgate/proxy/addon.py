@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import IO, Any
 
-from mitmproxy import command, ctx, exceptions, flow, http
+from mitmproxy import command, exceptions, flow, http
 
 from authgate.core.credentials import KeyFetch, PasswordCheck
 from authgate.core.decision import (
@@ -64,15 +63,30 @@ WOULD_DENY_MARKER = ":warning:"
 LINT_MARKER = ":bangbang:"
 
 
-def request_view(flow: http.HTTPFlow, with_host: bool) -> RequestView:
+# The Host fields the client sent, noted by the guard (proxy/guard.py) on the
+# request before mitmproxy's reverse mode rewrites Host to the backend's
+# address: (host as mitmproxy reads it, HTTP/2's :authority included; the Host
+# field values). Judged in every mode, rewritten or kept.
+CLIENT_HOST = "_authgate_client_host"
+
+
+def request_view(flow: http.HTTPFlow) -> RequestView:
     req = flow.request
-    host = req.host_header if with_host else None
     authority = req.authority if req.authority and req.http_version.startswith("HTTP/1") else ""
+    sent: tuple[str | None, tuple[bytes, ...]] | None = getattr(req, CLIENT_HOST, None)
     # The fields decoded as mitmproxy's Headers decode them (UTF-8 with
     # surrogateescape), the names lower-cased, in one pass over the raw fields.
+    if sent is None:
+        host = req.host_header
+        raw = req.headers.fields
+    else:
+        # The client's own Host fields in place of mitmproxy's rewrite.
+        host = sent[0]
+        raw = tuple(f for f in req.headers.fields if f[0].lower() != b"host")
+        raw += tuple((b"host", v) for v in sent[1])
     fields = tuple(
         (k.decode("utf-8", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape"))
-        for k, v in req.headers.fields
+        for k, v in raw
     )
     return RequestView(
         req.method.upper(),
@@ -82,6 +96,12 @@ def request_view(flow: http.HTTPFlow, with_host: bool) -> RequestView:
         host,
         authority if "@" in authority else "",
     )
+
+
+def note_client_host(request: http.Request) -> None:
+    """Remember the Host the client sent (called before mitmproxy rewrites it)."""
+    fields = tuple(v for k, v in request.headers.fields if k.lower() == b"host")
+    setattr(request, CLIENT_HOST, (request.host_header, fields))
 
 
 def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
@@ -113,12 +133,16 @@ def load_checked(path: str, keep_host_header: bool, mode: str = "") -> Policy:
     return policy
 
 
+# Never forwarded from a client: the gateway's own headers (replaced), and the
+# hop-by-hop fields of RFC 9110 §7.6.1 that name no other field.
 _DROP = frozenset(name.encode() for name in IDENTITY_HEADERS) | {
     b"http2-settings",
     b"x-request-id",  # replaced by the gateway's own
+    b"keep-alive",
+    b"proxy-connection",
 }
-# What a client could use to tell the backend another host, scheme or client
-# address than the one judged: kept only from trusted proxies.
+# What a client could use to tell the backend another host, scheme, path,
+# method or client address than the one judged: kept only from trusted proxies.
 _PROXY_SAYS = frozenset(
     {
         b"forwarded",
@@ -126,12 +150,53 @@ _PROXY_SAYS = frozenset(
         b"x-forwarded-proto",
         b"x-forwarded-port",
         b"x-forwarded-prefix",
+        b"x-forwarded-uri",
+        b"x-forwarded-method",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-url-scheme",
+        b"front-end-https",
         b"x-original-host",
         b"x-real-ip",
         b"x-client-ip",
         b"true-client-ip",
     }
 )
+# Connection options that are not field names, and `upgrade` (kept for a
+# WebSocket upgrade, whose Upgrade field is forwarded).
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Fields the gateway writes itself, whose underscore spellings go too.
+_OWN_ALIASES = frozenset({b"x-forwarded-for", b"connection", b"upgrade"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Forwarding:
+    """What a forwarded request loses, worked out once per policy: the fields
+    dropped when the peer is / is not a trusted proxy, and the token cookies
+    taken out of Cookie (forward_credentials: false)."""
+
+    drop: dict[bool, frozenset[bytes]]
+    cookies: frozenset[bytes]
+
+    @classmethod
+    def of(cls, policy: Policy) -> Forwarding:
+        drop = _DROP | {name.encode() for name in policy.strip_headers}
+        cookies: frozenset[bytes] = frozenset()
+        if not policy.forward_credentials:
+            # Whatever can carry a credential the policy checks.
+            drop |= {b"authorization"}
+            if policy.api_keys is not None:
+                drop |= {policy.api_keys.header.encode()}
+            cookies = frozenset(name.encode() for name in policy.cookie_issuers)
+        return cls({True: drop, False: drop | _PROXY_SAYS}, cookies)
+
+
+def _without_cookies(value: bytes, names: frozenset[bytes]) -> bytes:
+    """A Cookie field's value without the named cookies (RFC 6265 §5.4)."""
+    kept = [p for p in value.split(b";") if p.split(b"=", 1)[0].strip() not in names]
+    return b";".join(kept).strip()
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -149,30 +214,25 @@ def request_id(policy: Policy | None, flow: http.HTTPFlow) -> str:
     return _new_request_id()
 
 
-def _ids() -> Callable[[], str]:
-    """Request ids: 32 hex digits, a random half per process (so workers and
-    restarts never repeat one another) and a counter. Unique, not secret: a
-    random id per request cost the event loop 3% (os.urandom each time)."""
-    prefix = os.urandom(8).hex()
-    counter = itertools.count(1)
-    return lambda: f"{prefix}{next(counter):016x}"
+def _ids(batch: int = 256) -> Callable[[], str]:
+    """Request ids: 128 random bits as 32 hex digits, unguessable (a counter
+    would tell every client how many requests the gateway serves). The
+    randomness is read `batch` ids at a time: one os.urandom per request cost
+    the event loop about 3%."""
+    pending: list[str] = []
+    # A forked child must not hand out its parent's ids.
+    os.register_at_fork(after_in_child=pending.clear)
+
+    def new_id() -> str:
+        if not pending:
+            data = os.urandom(16 * batch).hex()
+            pending.extend(data[i : i + 32] for i in range(0, len(data), 32))
+        return pending.pop()
+
+    return new_id
 
 
 _new_request_id = _ids()
-
-
-_DROP_WITH_CREDENTIALS = _DROP | {b"authorization"}
-# What to drop, by (forward credentials?, the peer a trusted proxy?): built once.
-_DROPS = {
-    (True, True): _DROP,
-    (True, False): _DROP | _PROXY_SAYS,
-    (False, True): _DROP_WITH_CREDENTIALS,
-    (False, False): _DROP_WITH_CREDENTIALS | _PROXY_SAYS,
-}
-
-
-def _keep_host_header() -> bool:
-    return "keep_host_header" in ctx.options and bool(ctx.options.keep_host_header)
 
 
 class Gateway:
@@ -202,10 +262,15 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._reloading: asyncio.Lock | None = None
         self._bcrypt_slots = asyncio.Semaphore(2)  # bcrypt is CPU-bound: two at a time
+        self._forwarding: tuple[Policy, Forwarding] | None = None  # for the policy in force
+        self.master: Any = None  # set in load()
 
     # --- options -----------------------------------------------------------
 
     def load(self, loader: Any) -> None:
+        # This master's own options and addons (not mitmproxy's global ctx,
+        # which names the last master made in the process).
+        self.master = loader.master
         loader.add_option("authgate_policy", str, "", "The authgate policy file (YAML). Required.")
         loader.add_option(
             "authgate_log",
@@ -261,58 +326,58 @@ class Gateway:
         )
 
     def configure(self, updated: set[str]) -> None:
+        opts = self.master.options
         if "authgate_policy" in updated or "keep_host_header" in updated:
-            path = ctx.options.authgate_policy
+            path = opts.authgate_policy
             if not path:
                 # Not an error yet: options arrive one by one. `running` refuses
                 # to serve without a policy, and until then nothing is forwarded.
                 self.policy = None
                 return
             try:
-                policy = load_checked(path, _keep_host_header(), ctx.options.authgate_mode)
+                policy = load_checked(path, self._keep_host_header(), opts.authgate_mode)
             except PolicyError as e:
                 raise exceptions.OptionsError(f"authgate: {e}") from e
             self._install(policy, "loaded")
         if "authgate_mode" in updated and "authgate_policy" not in updated and self.policy:
-            self.policy = dataclasses.replace(self.policy, mode_override=ctx.options.authgate_mode)
+            self.policy = dataclasses.replace(self.policy, mode_override=opts.authgate_mode)
         if "authgate_log" in updated:
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
-            self._log_terminal = ctx.options.authgate_log == "-"
-            if ctx.options.authgate_log and not self._log_terminal:
+            self._log_terminal = opts.authgate_log == "-"
+            if opts.authgate_log and not self._log_terminal:
                 try:
-                    self._log_file = open(ctx.options.authgate_log, "a", buffering=1)  # noqa: SIM115
+                    self._log_file = open(opts.authgate_log, "a", buffering=1)  # noqa: SIM115
                 except OSError as e:
                     raise exceptions.OptionsError(
-                        f"authgate: cannot open authgate_log {ctx.options.authgate_log}: "
-                        f"{e.strerror}"
+                        f"authgate: cannot open authgate_log {opts.authgate_log}: {e.strerror}"
                     ) from e
         if "authgate_store" in updated or "authgate_store_timeout" in updated:
-            self._configure_store(ctx.options.authgate_store, ctx.options.authgate_store_timeout)
+            self._configure_store(opts.authgate_store, opts.authgate_store_timeout)
         if "authgate_admin" in updated:
             if self.admin is not None:
                 self.admin.stop()
                 self.admin = None
-            if ctx.options.authgate_admin:
+            if opts.authgate_admin:
                 try:
                     self.admin = AdminServer(
-                        ctx.options.authgate_admin, self.status, self.ready, self._metrics_text
+                        opts.authgate_admin, self.status, self.ready, self._metrics_text
                     )
                 except (OSError, ValueError) as e:
                     raise exceptions.OptionsError(f"authgate: admin: {e}") from e
                 logger.info(
-                    f"authgate: admin on http://{ctx.options.authgate_admin} "
+                    f"authgate: admin on http://{opts.authgate_admin} "
                     "(/live /ready /metrics /status)"
                 )
         if "authgate_metrics" in updated:
             self.metrics.stop()
-            if ctx.options.authgate_metrics:
+            if opts.authgate_metrics:
                 try:
-                    self.metrics.serve(ctx.options.authgate_metrics)
+                    self.metrics.serve(opts.authgate_metrics)
                 except (OSError, ValueError) as e:
                     raise exceptions.OptionsError(f"authgate: metrics: {e}") from e
-                logger.info(f"authgate: metrics on http://{ctx.options.authgate_metrics}/metrics")
+                logger.info(f"authgate: metrics on http://{opts.authgate_metrics}/metrics")
 
     def running(self) -> None:
         if self.policy is None:
@@ -432,9 +497,9 @@ class Gateway:
         one if it does not load. True when the new policy took effect."""
         assert self._reloading is not None
         async with self._reloading:
-            path = ctx.options.authgate_policy
-            keep_host = _keep_host_header()
-            mode = ctx.options.authgate_mode
+            path = self.master.options.authgate_policy
+            keep_host = self._keep_host_header()
+            mode = self.master.options.authgate_mode
             try:
                 policy = await asyncio.to_thread(load_checked, path, keep_host, mode)
             except PolicyError as e:
@@ -462,7 +527,7 @@ class Gateway:
                 except OSError as e:
                     logger.warning(f"authgate: cannot write the worker status: {e}")
             await asyncio.sleep(1.0)
-            if not ctx.options.authgate_watch or not self._fingerprint:
+            if not self.master.options.authgate_watch or not self._fingerprint:
                 continue
             now = await asyncio.to_thread(fingerprint, list(self._fingerprint))
             if now != self._fingerprint:
@@ -483,13 +548,16 @@ class Gateway:
             wait = min((s.next_attempt - s.clock() for s in sources), default=60.0)
             await asyncio.sleep(min(max(wait, 0.5), 60.0))
 
-    @staticmethod
-    def _warn_in_clear(policy: Policy) -> None:
-        if ctx.master.addons.get("tlslistener") is not None:
+    def _keep_host_header(self) -> bool:
+        options = self.master.options
+        return "keep_host_header" in options and bool(options.keep_host_header)
+
+    def _warn_in_clear(self, policy: Policy) -> None:
+        if self.master.addons.get("tlslistener") is not None:
             return  # `authgate run --tls-cert`: the port refuses plain HTTP
-        for mode in ctx.options.mode:
+        for mode in self.master.options.mode:
             listen = mode.rpartition("@")[2] if "@" in mode else ""
-            where = listen or f"*:{ctx.options.listen_port or 8080}"
+            where = listen or f"*:{self.master.options.listen_port or 8080}"
             for kind, line in credentials_in_clear(policy, where):
                 at = f" ({policy.file}:{line})" if line else ""
                 logger.warning(
@@ -569,7 +637,7 @@ class Gateway:
                 self._fail(flow, 503, "no_policy")
                 return
             start = time.perf_counter()
-            view = request_view(flow, policy.uses_host)
+            view = request_view(flow)
             decision, without_store = await self._judge(policy, view, self.clock())
             self.metrics.decision_seconds.observe(time.perf_counter() - start)
             self._apply(flow, policy, view, decision, without_store)
@@ -596,7 +664,7 @@ class Gateway:
         # token must not be stored by shared caches.
         if entry.get("via") == "query" and "cache-control" not in flow.response.headers:
             flow.response.headers["Cache-Control"] = "private"
-        mode = ctx.options.authgate_lint_upstream
+        mode = self.master.options.authgate_lint_upstream
         if mode != "off":
             self._lint(flow, entry, repair=mode == "repair")
 
@@ -615,7 +683,7 @@ class Gateway:
             raise exceptions.CommandError("authgate: no policy loaded")
         for f in flows:
             if isinstance(f, http.HTTPFlow):
-                view = request_view(f, policy.uses_host)
+                view = request_view(f)
                 told = explain_request(policy, view, self.clock(), self.limiter)
                 text = told.text().rstrip("\n")
                 decided = f.comment.split(EXPLAINED, 1)[0].rstrip("\n")
@@ -789,28 +857,60 @@ class Gateway:
         if req.authority and req.http_version.startswith("HTTP/1"):
             req.authority = ""  # absolute-form: forward as origin-form, judged path only
         # The headers are rebuilt in one assignment (mitmproxy's per-header
-        # operations are comparatively slow): client-sent identity headers and
-        # X-Forwarded-For out, ours in, X-Forwarded-For with the peer appended.
-        trusted = policy.trusted_proxies.contains(*parse_ip(peer))
-        drop = _DROPS[policy.forward_credentials, trusted]
+        # operations are comparatively slow): client-sent identity headers,
+        # fields backends trust and X-Forwarded-For out, ours in,
+        # X-Forwarded-For with the peer appended.
+        forwarding = self._forwarding
+        if forwarding is None or forwarding[0] is not policy:
+            forwarding = self._forwarding = (policy, Forwarding.of(policy))
+        how = forwarding[1]
+        drop = how.drop[policy.trusted_proxies.contains(*parse_ip(peer))]
         chain: list[str] = []
         fields: list[tuple[bytes, bytes]] = []
+        options: list[bytes] = []  # the Connection options that go on
+        named: list[bytes] = []  # fields the client's Connection names: hop-by-hop
+        upgrade = False
         for name, value in req.headers.fields:
             lower = name.lower()
             if b"_" in lower:
                 # CGI, WSGI and PHP read "X_Auth_Subject" as X-Auth-Subject:
-                # an underscore spelling of a header we own is that header.
+                # an underscore spelling of a header we drop is that header.
                 alias = lower.replace(b"_", b"-")
-                if alias in drop or alias == b"x-forwarded-for":
+                if alias in drop or alias in _OWN_ALIASES:
                     continue
             if lower == b"x-forwarded-for":
                 chain.append(value.decode("latin-1"))
-            elif lower == b"upgrade" and value.strip().lower() != b"websocket":
+            elif lower == b"connection":
+                # RFC 9110 §7.6.1: the fields it names end at this hop; only
+                # close, keep-alive and upgrade go on.
+                for option in value.lower().split(b","):
+                    option = option.strip()
+                    if option in _CONNECTION_OPTIONS:
+                        options.append(option)
+                    elif option:
+                        named.append(option.replace(b"_", b"-"))
+            elif lower == b"upgrade":
                 # Only WebSocket upgrades pass: after a 101 to anything else
                 # (h2c above all) the connection carries requests nobody judges.
-                continue
+                if value.strip().lower() == b"websocket":
+                    upgrade = True
+                    fields.append((name, value))
+            elif lower == b"cookie" and how.cookies:
+                value = _without_cookies(value, how.cookies)
+                if value:
+                    fields.append((name, value))
             elif lower not in drop:
                 fields.append((name, value))
+        if named:
+            gone = frozenset(named)
+            fields = [f for f in fields if f[0].lower().replace(b"_", b"-") not in gone]
+            if b"x-forwarded-for" in gone:
+                chain.clear()  # the client's X-Forwarded-For ends here
+            upgrade = upgrade and b"upgrade" not in gone
+        if options:
+            kept = [o for o in dict.fromkeys(options) if o != b"upgrade" or upgrade]
+            if kept:
+                fields.append((b"Connection", b", ".join(kept)))
         for name_s, value_s in d.upstream_headers:
             fields.append((name_s.encode(), value_s.encode("utf-8", "surrogateescape")))
         fields.append((b"X-Request-Id", flow.metadata[REQUEST_ID_KEY].encode()))

@@ -91,7 +91,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.utils import human
 
 from authgate.core.responses import render_error
-from authgate.proxy.addon import REQUEST_ID_KEY
+from authgate.proxy.addon import REQUEST_ID_KEY, note_client_host
 
 logger = logging.getLogger("authgate")
 
@@ -528,6 +528,8 @@ def _discard_request_body(self: Any, event: events.Event) -> layer.CommandGenera
 
 
 def _wait_for_request_headers(self: Any, event: Any) -> layer.CommandGenerator[None]:
+    if isinstance(event, http_events.RequestHeaders) and self.context.client.id in _TRACKED:
+        note_client_host(event.request)  # before reverse mode rewrites Host
     yield from _ORIGINAL["wait_for_request_headers"](self, event)
     if (
         not event.end_stream

@@ -33,7 +33,9 @@ def fingerprint(files: Iterable[str]) -> Fingerprint:
 
 def carry_over(old: Policy, new: Policy) -> Policy:
     """The new policy, with the old one's fetched key sets where the issuer's
-    key source is unchanged (no 503 window, no refetch storm on reload)."""
+    key source is unchanged (no 503 window, no refetch storm on reload).
+    Verified tokens are not carried: the new policy's token cache starts
+    empty, so a key that left a `jwks_file` verifies nothing after the swap."""
     previous = {i.issuer: i.remote for i in old.issuers if i.remote is not None}
     issuers = []
     changed = False
