@@ -424,3 +424,22 @@ def test_host_rules_need_keep_host_header() -> None:
     [finding] = lint(p)
     assert finding.code == "host-needs-keep-host-header"
     assert "keep_host_header=true" in finding.message
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        ("", []),
+        ("strip_headers: {add: [X-Employee]}\n", []),
+        (
+            "strip_headers:\n  keep: [X-Original-URL, X_Remote_User]\n",
+            [("forwards-trusted-header", 2), ("forwards-trusted-header", 2)],
+        ),
+    ],
+)
+def test_forwards_trusted_header(head: str, expected: list[tuple[str, int]]) -> None:
+    """`check` names each field backends commonly trust that the policy keeps."""
+    p = policy("  - {name: r, match: {path: /x}, allow: anyone}\n", head)
+    assert found(p) == expected
+    names = sorted(f.message.split()[3] for f in lint(p))
+    assert names == (["x-original-url", "x-remote-user"] if expected else [])

@@ -141,6 +141,7 @@ class Policy:
     # Lower-case names of the client's fields the backend never receives
     # (TRUSTED_BY_BACKENDS, plus the policy's `strip_headers.add`, less `keep`).
     strip_headers: frozenset[str] = frozenset(TRUSTED_BY_BACKENDS)
+    strip_headers_line: int = 0  # where the policy changes that list (0: it does not)
     # The deployment's override of every mode (`--set authgate_mode`): "" none.
     mode_override: str = ""
     # The policy's own `tests:` as read (value, line), for the tools; never the gateway's.

@@ -848,6 +848,7 @@ class _Builder:
             default=default,
             forward_credentials=forward,
             strip_headers=strip,
+            strip_headers_line=self.line_of(top, "strip_headers") if "strip_headers" in top else 0,
             files=tuple(dict.fromkeys(self.files)),
             uses_host=any(r.host is not None for r in rules),
             tests_raw=tests,

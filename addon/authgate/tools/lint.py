@@ -14,7 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from authgate.core import conditions as c
-from authgate.core.model import LimitSpec, Policy, Rule, credentials_in_clear
+from authgate.core.model import (
+    TRUSTED_BY_BACKENDS,
+    LimitSpec,
+    Policy,
+    Rule,
+    credentials_in_clear,
+)
 from authgate.core.paths import PathPattern
 
 __all__ = [
@@ -338,6 +344,23 @@ def _host_rules(policy: Policy) -> list[Finding]:
     ]
 
 
+def _trusted_headers(policy: Policy) -> list[Finding]:
+    """Fields that services commonly take as proven, which this policy lets
+    clients send to the backend (`strip_headers.keep`)."""
+    kept = [name for name in TRUSTED_BY_BACKENDS if name not in policy.strip_headers]
+    return [
+        Finding(
+            policy.file,
+            policy.strip_headers_line or None,
+            "forwards-trusted-header",
+            f"the backend receives {name} as the client sent it (strip_headers.keep): "
+            "a backend that takes it as proven can be told anything; keep it only if "
+            "the backend ignores it",
+        )
+        for name in kept
+    ]
+
+
 def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
     """Every warning for a loaded policy, in file order.
     `listen`: the gateway's listener address, when known."""
@@ -352,5 +375,6 @@ def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
         *_weak_hashes(policy),
         *_nobody_qualifies(policy),
         *_host_rules(policy),
+        *_trusted_headers(policy),
     ]
     return sorted(found, key=lambda f: (f.line or 0, f.code))
