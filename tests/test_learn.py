@@ -295,6 +295,57 @@ def test_errors_exit_2(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--max-literals must be at least 1" in capsys.readouterr().err
 
 
+def test_the_proposal_loads_from_the_folder_it_is_written_to(
+    base: Path, tmp_path: Path, token: Token, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Hardening 2, item 11: `authgate learn ... > elsewhere/learnt.yaml` wrote
+    the base's file paths relative to the current folder, so the policy did not
+    load from where it landed. Standard output gets absolute paths (and says
+    so); --output FILE, paths relative to FILE's folder."""
+    (base.parent / "blocked.txt").write_text("192.0.2.0/24\n")
+    base.write_text(BASE.replace("rules:\n", "ip: {block_files: [blocked.txt]}\nrules:\n"))
+    bearer = [{"name": "Authorization", "value": f"Bearer {token(sub='alice', roles=['user'])}"}]
+    har = tmp_path / "p.har"
+    har.write_text(json.dumps({"log": {"entries": [
+        {"request": {"method": "GET", "url": "http://x/api/feed", "headers": bearer},
+         "response": {"status": 200}}]}}))  # fmt: skip
+    here = tmp_path / "a" / "b"  # not the depth of the base's folder nor the output's
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    base_arg = str(Path("..", "..", "base", "base.yaml"))
+    keys, blocked = (base.parent / "keys" / "jwks.json").resolve(), (base.parent / "blocked.txt")
+
+    # `> elsewhere/learnt.yaml`: absolute paths, said in the header.
+    assert main(["learn", str(har), "--policy", base_arg]) == 0
+    text = capsys.readouterr().out
+    redirected = tmp_path / "elsewhere" / "learnt.yaml"
+    redirected.parent.mkdir()
+    redirected.write_text(text)
+    doc = yaml.safe_load(text)
+    assert doc["authn"]["jwt"][0]["jwks_file"] == str(keys)
+    assert doc["ip"]["block_files"] == [str(blocked.resolve())]
+    assert (
+        "# Its file paths are absolute (it was written to standard output, so they cannot\n"
+        "# be relative to its folder); --output FILE writes them relative to FILE's folder.\n"
+    ) in text
+    assert load_policy(redirected).rules[-1].name == "api-feed"
+    assert main(["check", str(redirected)]) == 0
+    capsys.readouterr()
+
+    # --output FILE (given relative to here): relative to FILE's folder.
+    (tmp_path / "c").mkdir()
+    assert main(["learn", str(har), "--policy", base_arg, "--output", "../../c/learnt.yaml"]) == 0
+    written = tmp_path / "c" / "learnt.yaml"
+    doc = yaml.safe_load(written.read_text())
+    assert doc["authn"]["jwt"][0]["jwks_file"] == str(Path("..", "base", "keys", "jwks.json"))
+    assert doc["ip"]["block_files"] == [str(Path("..", "base", "blocked.txt"))]
+    assert "absolute" not in written.read_text()
+    monkeypatch.chdir(tmp_path)  # loads from anywhere
+    assert load_policy(written).rules[-1].name == "api-feed"
+    assert main(["check", str(written)]) == 0
+
+
 # --- the pure parts ----------------------------------------------------------------
 
 

@@ -1002,3 +1002,18 @@ def test_parse_duration_rejects(value: Any) -> None:
 )
 def test_normalize_host(host: str, normal: str) -> None:
     assert normalize_host(host) == normal
+
+
+def test_a_huge_rate_loads_and_too_huge_names_the_bound(folder: Path) -> None:
+    """Hardening 2, item 12: `rate: 1000000000/minute` was refused with
+    'expected N/second, N/minute, N/hour or N/day', which it is."""
+    limits = "version: 1\nlimits:\n  - {name: a, key: ip, rate: %s}  # <-\nrules: []\n"
+    policy = load_policy(write(folder, limits % "1000000000/minute"))
+    assert policy.limits[0].rate == Rate(1_000_000_000, 60)
+    path = write(folder, limits % "60000000001/minute")
+    with pytest.raises(PolicyError) as e:
+        load_policy(path)
+    assert str(e.value) == (
+        f"{path}:{marked_line(path)}: bad rate '60000000001/minute': at most "
+        "60000000000/minute (one request a nanosecond)"
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,6 +30,12 @@ GOOD_RATES = [
     P("5\tper\tminute", 5, 60, "5/minute", id="tabs"),
     P("5 per  minute", 5, 60, "5/minute", id="two-spaces"),
     P("999999999/second", 999999999, 1, "999999999/second", id="nine-digits"),
+    # Hardening 2, item 12: large counts, up to one request a nanosecond.
+    P("1000000000/minute", 10**9, 60, "1000000000/minute", id="ten-digits-per-minute"),
+    P("1000000000/second", 10**9, 1, "1000000000/second", id="one-a-nanosecond"),
+    P("60000000000/minute", 6 * 10**10, 60, "60000000000/minute", id="at-most-per-minute"),
+    P("3600000000000 per hour", 36 * 10**11, 3600, "3600000000000/hour", id="at-most-per-hour"),
+    P("86400000000000/days", 864 * 10**11, 86400, "86400000000000/day", id="at-most-per-day"),
     P("10/minute\n", 10, 60, "10/minute", id="trailing-newline"),
 ]
 
@@ -52,7 +60,6 @@ BAD_RATES = [
     P("   ", id="blank"),
     P("/minute", id="no-count"),
     P("05/minute", id="leading-zero"),
-    P("1000000000/second", id="ten-digits"),
     P("5.0/minute", id="decimal"),
     P("1e3/minute", id="exponent"),
     P("five/minute", id="word-count"),
@@ -77,6 +84,24 @@ BAD_RATES = [
 @pytest.mark.parametrize("text", BAD_RATES)
 def test_rate_parse_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"^bad rate "):
+        Rate.parse(text)
+
+
+# (rate, the bound the error names): one request a nanosecond at most, since
+# the GCRA emission interval is whole nanoseconds (zero beyond).
+TOO_FAST = [
+    P("1000000001/second", "at most 1000000000/second", id="per-second"),
+    P("60000000001/minute", "at most 60000000000/minute", id="per-minute"),
+    P("3600000000001 per hours", "at most 3600000000000/hour", id="per-hour"),
+    P("86400000000001/day", "at most 86400000000000/day", id="per-day"),
+    P("99999999999999999999999/second", "at most 1000000000/second", id="23-digits"),
+    P("9" * 5000 + "/minute", "at most 60000000000/minute", id="more-digits-than-int-takes"),
+]
+
+
+@pytest.mark.parametrize(("text", "bound"), TOO_FAST)
+def test_rate_parse_names_the_bound(text: str, bound: str) -> None:
+    with pytest.raises(ValueError, match=rf"^bad rate .*: {bound} \(one request a nanosecond\)$"):
         Rate.parse(text)
 
 
@@ -396,3 +421,62 @@ def test_a_request_refused_by_one_limit_counts_against_none() -> None:
         return judge(policy, view, 1000.0, store).status
 
     assert [ask("alice"), ask("alice"), ask("bob"), ask("carol")] == [0, 429, 0, 429]
+
+
+# --- huge rates (Hardening 2, item 12) --------------------------------------------
+
+HUGE = ["1000000000/minute", "1000000000/second", "60000000000/minute", "86400000000000/day"]
+
+
+@pytest.mark.parametrize("text", HUGE)
+def test_a_huge_rate_allows_and_counts_down(text: str) -> None:
+    lim = MemoryStore()
+    rate = Rate.parse(text)
+    got = [lim.hit("L", "k", rate, T0) for _ in range(1000)]
+    assert all(v.allowed for v in got)
+    assert [v.remaining for v in got] == list(range(rate.count - 1, rate.count - 1001, -1))
+
+
+@pytest.mark.parametrize("text", HUGE)
+def test_a_huge_rate_still_allows_exactly_its_burst(text: str) -> None:
+    """Too many to spend one by one: the GCRA state just before and after the
+    last request of the burst (N-1 and N emission intervals ahead)."""
+    from authgate.core.ratelimit import gcra
+
+    rate = Rate.parse(text)
+    assert rate.emission_ns >= 1
+    now = 1_700_000_000 * 10**9
+    last, _ = gcra(now + (rate.count - 1) * rate.emission_ns, now, rate)
+    assert (last.allowed, last.remaining) == (True, 0)
+    over, _ = gcra(now + rate.count * rate.emission_ns, now, rate)
+    assert (over.allowed, over.retry_after) == (False, 1)
+
+
+def test_a_huge_rate_allows_in_redis_too(redis_server: Any) -> None:
+    """The Redis script works in whole microseconds: a rate above one a µs
+    rounded to an interval of 0 and every reply was nonsense (so the store
+    was 'unavailable'); it is judged as one a µs, its remaining scaled back."""
+    import asyncio
+
+    from authgate.core.ratelimit import Hit
+    from authgate.runtime.redis_store import RedisStore
+
+    if not redis_server.running:
+        redis_server.start()
+    hits = [Hit("huge", "ip:1", Rate.parse("1000000000/minute")),
+            Hit("fast", "ip:1", Rate.parse("2000000/second")),
+            Hit("usual", "ip:1", Rate.parse("5/minute"))]  # fmt: skip
+
+    async def body() -> list[list[Verdict]]:
+        store = RedisStore.from_url(redis_server.url, timeout=2, prefix="huge-rates")
+        try:
+            # One instant (Redis's clock would refill a µs-sized quota between calls).
+            return [await store.hit_all_at(hits, 1_700_000_000_000_000) for _ in range(3)]
+        finally:
+            await store.close()
+
+    got = asyncio.run(body())
+    assert all(v.allowed for verdicts in got for v in verdicts)
+    huge = [verdicts[0].remaining for verdicts in got]
+    assert 10**9 - 100 < huge[2] < huge[1] < huge[0] < 10**9
+    assert [verdicts[2].remaining for verdicts in got] == [4, 3, 2]

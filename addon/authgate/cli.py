@@ -7,6 +7,8 @@ explain, test and replay are the policy tools (authgate.tools).
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -26,6 +28,45 @@ def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
     return call
 
 
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+def host_port(text: str) -> str:
+    """A listening address, `HOST:PORT`, checked and written out in full: a
+    port alone (`8080` or `:8080`) is 127.0.0.1, loopback, so that listening
+    beyond this machine always takes an address (`0.0.0.0:8080` for every
+    IPv4 interface, `[::]:8080` for every IPv6 one, or a name or address of
+    this machine's). An IPv6 address is bracketed. Raises ArgumentTypeError."""
+    text = text.strip()
+    host, _, port = text.rpartition(":")
+    if not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or a port, not {text!r}")
+    if not host:
+        return f"127.0.0.1:{int(port)}"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            if ipaddress.ip_address(host[1:-1]).version == 6:
+                return f"{host}:{int(port)}"
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{host} in {text!r} is not an IPv6 address")
+    if ":" in host:
+        raise argparse.ArgumentTypeError(
+            f"write an IPv6 address in brackets, as in [::1]:8080, not {text!r}"
+        )
+    if not _HOSTNAME.match(host):
+        raise argparse.ArgumentTypeError(
+            f"{host!r} in {text!r} is not a host name or address (every interface: "
+            f"0.0.0.0:{int(port)} or [::]:{int(port)})"
+        )
+    return f"{host}:{int(port)}"
+
+
+def _listener(text: str) -> str:
+    """`check --listen`: a URL as given, or HOST:PORT as `run --listen` reads it."""
+    return text.strip() if "://" in text else host_port(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="authgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -35,7 +76,14 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--policy", required=True, help="policy file (YAML); required")
         else:
             sp.add_argument("--policy", default=policy, help=f"policy file (YAML; {policy})")
-        sp.add_argument("--listen", default=listen, help=f"HOST:PORT to listen on ({listen})")
+        sp.add_argument(
+            "--listen",
+            default=listen,
+            type=host_port,
+            metavar="HOST:PORT",
+            help=f"where to listen ({listen}); a port alone is 127.0.0.1; "
+            "0.0.0.0:PORT or [::]:PORT for every interface",
+        )
         sp.add_argument(
             "--set",
             action="append",
@@ -67,13 +115,16 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--admin",
+        type=host_port,
         metavar="HOST:PORT",
-        help="serve /live, /ready, /metrics and /status there (off; e.g. 127.0.0.1:9901)",
+        help="serve /live, /ready, /metrics and /status there (off; e.g. 9901, which is "
+        "127.0.0.1:9901)",
     )
     run.add_argument("--web", action="store_true", help="also serve the mitmweb UI")
     run.add_argument(
         "--web-listen",
         default="127.0.0.1:8081",
+        type=host_port,
         metavar="HOST:PORT",
         help="where the mitmweb UI listens (127.0.0.1:8081)",
     )
@@ -81,11 +132,18 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the gateway and a demo backend (what `make run` starts)")
     gateway_options(demo, "127.0.0.1:8080", "policies/example.yaml")
-    demo.add_argument("--backend", default="127.0.0.1:9000", help="HOST:PORT of the demo backend")
+    demo.add_argument(
+        "--backend",
+        default="127.0.0.1:9000",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="where the demo backend listens (127.0.0.1:9000)",
+    )
     demo.add_argument(
         "--idp",
         nargs="?",
         const="127.0.0.1:8999",
+        type=host_port,
         metavar="HOST:PORT",
         help="also serve a demo identity provider (JWKS and discovery) for "
         "policies/identity-provider.yaml (127.0.0.1:8999)",
@@ -130,6 +188,7 @@ def parser() -> argparse.ArgumentParser:
     chk.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     chk.add_argument(
         "--listen",
+        type=_listener,
         metavar="ADDR",
         help="the gateway's listener (HOST:PORT or http(s)://HOST:PORT), to check "
         "credentials sent in clear",

@@ -263,7 +263,9 @@ def _field_problems(headers: tuple[tuple[str, str], ...]) -> tuple[str | None, i
     hosts = 0
     search = _CONTROL.search
     for name, value in headers:
-        if search(value) or search(name):
+        # isprintable() is false for every control character (and for HTAB,
+        # non-ASCII spaces, obs-text): only those values need the exact test.
+        if not (value.isprintable() and name.isprintable()) and (search(value) or search(name)):
             return name, hosts
         if name == "host":
             hosts += 1

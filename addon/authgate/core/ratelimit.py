@@ -8,7 +8,9 @@ GCRA (the generic cell rate algorithm) keeps one number per key, the
 theoretical arrival time (TAT). It allows bursts of up to N requests and then
 one every period/N, and it tells exactly when the next request would pass,
 which is what `Retry-After` promises. Times are integer nanoseconds, so a
-burst of N is exactly N (floats lose a request to rounding).
+burst of N is exactly N (floats lose a request to rounding), and a rate is
+at most one request a nanosecond (1000000000/second, 60000000000/minute, ...):
+beyond that the emission interval would be zero.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ NS = 1_000_000_000
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _RATE = re.compile(
     r"""^\s*
-    (?P<count>[1-9][0-9]{0,8})\s*
+    (?P<count>[1-9][0-9]*)\s*
     (?:/|\s+per\s+)\s*
     (?P<period>second|minute|hour|day)s?
     \s*$""",
@@ -42,7 +44,13 @@ class Rate:
             raise ValueError(
                 f"bad rate {text!r}: expected N/second, N/minute, N/hour or N/day (one rate)"
             )
-        return cls(int(m.group("count")), PERIODS[m.group("period")])
+        name = m.group("period")
+        period, count = PERIODS[name], m.group("count")
+        most = period * NS  # one request a nanosecond: an emission interval of 1
+        # (Compared by length first: int() refuses more than 4300 digits.)
+        if len(count) > len(str(most)) or int(count) > most:
+            raise ValueError(f"bad rate {text!r}: at most {most}/{name} (one request a nanosecond)")
+        return cls(int(count), period)
 
     @property
     def interval(self) -> float:

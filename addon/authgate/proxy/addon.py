@@ -63,31 +63,35 @@ WOULD_DENY_MARKER = ":warning:"
 LINT_MARKER = ":bangbang:"
 
 
-# The Host fields the client sent, noted by the guard (proxy/guard.py) on the
-# request before mitmproxy's reverse mode rewrites Host to the backend's
-# address: (host as mitmproxy reads it, HTTP/2's :authority included; the Host
-# field values). Judged in every mode, rewritten or kept.
+# The Host the client sent, noted by the guard (proxy/guard.py) on the request
+# before mitmproxy's reverse mode rewrites it to the backend's address: (HTTP/2's
+# :authority or b"", the Host field values). Judged in every mode.
 CLIENT_HOST = "_authgate_client_host"
+_SURROGATE = "surrogateescape"
 
 
 def request_view(flow: http.HTTPFlow) -> RequestView:
     req = flow.request
     authority = req.authority if req.authority and req.http_version.startswith("HTTP/1") else ""
-    sent: tuple[str | None, tuple[bytes, ...]] | None = getattr(req, CLIENT_HOST, None)
+    sent: tuple[bytes, tuple[bytes, ...]] | None = getattr(req, CLIENT_HOST, None)
     # The fields decoded as mitmproxy's Headers decode them (UTF-8 with
     # surrogateescape), the names lower-cased, in one pass over the raw fields.
     if sent is None:
         host = req.host_header
-        raw = req.headers.fields
+        fields = tuple(
+            (k.decode("utf-8", _SURROGATE).lower(), v.decode("utf-8", _SURROGATE))
+            for k, v in req.headers.fields
+        )
     else:
         # The client's own Host fields in place of mitmproxy's rewrite.
-        host = sent[0]
-        raw = tuple(f for f in req.headers.fields if f[0].lower() != b"host")
-        raw += tuple((b"host", v) for v in sent[1])
-    fields = tuple(
-        (k.decode("utf-8", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape"))
-        for k, v in raw
-    )
+        h2_authority, hosts = sent
+        first = h2_authority or (hosts[0] if hosts else None)
+        host = first.decode("utf-8", _SURROGATE) if first is not None else None
+        fields = tuple(
+            (name, v.decode("utf-8", _SURROGATE))
+            for k, v in req.headers.fields
+            if (name := k.decode("utf-8", _SURROGATE).lower()) != "host"
+        ) + tuple(("host", v.decode("utf-8", _SURROGATE)) for v in hosts)
     return RequestView(
         req.method.upper(),
         req.path,
@@ -100,8 +104,10 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
 
 def note_client_host(request: http.Request) -> None:
     """Remember the Host the client sent (called before mitmproxy rewrites it)."""
-    fields = tuple(v for k, v in request.headers.fields if k.lower() == b"host")
-    setattr(request, CLIENT_HOST, (request.host_header, fields))
+    data = request.data
+    hosts = tuple(v for k, v in data.headers.fields if k.lower() == b"host")
+    h2_authority = data.authority if not data.http_version.startswith(b"HTTP/1") else b""
+    setattr(request, CLIENT_HOST, (h2_authority, hosts))
 
 
 def _respond(flow: http.HTTPFlow, r: Rendered) -> None:

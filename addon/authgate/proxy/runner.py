@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ipaddress
 import logging
 import os
 import signal
@@ -34,16 +35,51 @@ from authgate.proxy.addon import Gateway
 
 
 class _Ready:
-    """Calls back with the bound port once the proxy server listens."""
+    """Once the proxy server listens: says where, in words (with `scheme`),
+    and calls back with the bound port (with `callback`)."""
 
-    def __init__(self, callback: Callable[[int], None]) -> None:
+    def __init__(self, callback: Callable[[int], None] | None, scheme: str | None = None) -> None:
         self.callback = callback
+        self.scheme = scheme
 
     def running(self) -> None:
         from mitmproxy import ctx
 
-        ps = ctx.master.addons.get("proxyserver")
-        self.callback(ps.listen_addrs()[0][1])
+        addrs = ctx.master.addons.get("proxyserver").listen_addrs()
+        if self.scheme is not None and addrs:
+            logging.getLogger("authgate").info(where_listening(self.scheme, addrs))
+        if self.callback is not None:
+            self.callback(addrs[0][1])
+
+
+def where_listening(scheme: str, addrs: Sequence[tuple[Any, ...]]) -> str:
+    """What the bound sockets `addrs` ((host, port, ...) each) mean for who can
+    connect: 'authgate: listening on http://127.0.0.1:8080 (loopback only; ...)'."""
+    urls: list[str] = []
+    kinds: set[str] = set()
+    for addr in addrs:
+        host, port = str(addr[0]), int(addr[1])
+        url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+        if url not in urls:
+            urls.append(url)
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            kinds.add("other")
+            continue
+        if ip.is_loopback:
+            kinds.add("loopback")
+        elif ip.is_unspecified:
+            kinds.add(f"every IPv{ip.version} interface")
+        else:
+            kinds.add("other")
+    port = int(addrs[0][1]) if addrs else 0
+    if kinds == {"loopback"}:
+        what = f"loopback only; --listen 0.0.0.0:{port} takes other machines' requests too"
+    else:
+        every = sorted(k for k in kinds if k.startswith("every"))
+        what = ", ".join([*every, "reachable from other machines"])
+    return f"authgate: listening on {' and '.join(urls)} ({what})"
 
 
 def lean_addons() -> list[Any]:
@@ -59,8 +95,11 @@ def lean_addons() -> list[Any]:
 
 
 def mode_spec(upstream: str, listen: str) -> str:
-    """`reverse:UPSTREAM@HOST:PORT` from `--upstream` and `--listen`."""
-    return f"reverse:{upstream}@{listen}"
+    """`reverse:UPSTREAM@HOST:PORT` from `--upstream` and `--listen`. A port
+    alone is 127.0.0.1 (mitmproxy would listen on every interface), and an
+    IPv6 host loses its brackets (mitmproxy would look them up as a name)."""
+    host, _, port = listen.rpartition(":")
+    return f"reverse:{upstream}@{host.strip('[]') or '127.0.0.1'}:{port}"
 
 
 async def build(
@@ -76,9 +115,11 @@ async def build(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     upstream_ca: str | None = None,
+    announce: bool = False,
 ) -> master.Master:
     """Build (not run) the gateway's master. Raises OptionsError on bad options
-    or a bad policy; call inside a running event loop.
+    or a bad policy; call inside a running event loop. `announce` logs where
+    it listens, in words, once it does.
 
     `web="HOST:PORT"` builds mitmweb's master instead (all of mitmproxy's
     addons, the flow list in a browser): for watching decisions, not for speed.
@@ -103,8 +144,8 @@ async def build(
         opts.update(certs=served.certs_option())
     m.addons.add(gateway or Gateway())
     m.addons.add(*guard.addons())  # after the Gateway: they read what it decided
-    if ready is not None:
-        m.addons.add(_Ready(ready))
+    if ready is not None or announce:
+        m.addons.add(_Ready(ready, ("https" if served else "http") if announce else None))
     opts.update(mode=[mode_spec(upstream, listen)], connection_strategy="lazy", **trust)
     if web is not None:
         host, _, port = web.rpartition(":")
@@ -165,6 +206,8 @@ def serve(
                 tls_cert=tls_cert,
                 tls_key=tls_key,
                 upstream_ca=upstream_ca,
+                # Of `--workers N`, the first says it for all.
+                announce=os.environ.get("AUTHGATE_WORKER", "0") == "0",
             )
         except exceptions.OptionsError as e:
             print(str(e), file=sys.stderr)  # already "authgate: FILE:LINE: problem"

@@ -12,8 +12,12 @@ time until its quota is fully back, so idle keys vanish by themselves.
 Times in the script are integer microseconds: Lua numbers are doubles, and a
 nanosecond epoch (~1.7e18) is beyond their 2**53 exact range; a microsecond
 epoch (~1.7e15) is not. The emission interval is rounded down to a whole
-microsecond, so a burst of N is exactly N. Retry-After and reset are whole
-seconds rounded up, as in the core.
+microsecond, so a burst of N is exactly N. A rate above one request a
+microsecond (more than 1000000/second, 60000000/minute, ...; the core takes
+up to one a nanosecond) would round to zero, which the script cannot divide
+by: it is judged as one a microsecond, a pace no single key reaches through
+one Redis, and its `remaining` scaled back to its own count. Retry-After and
+reset are whole seconds rounded up, as in the core.
 
 Key format: `{PREFIX}:LIMIT_ID:KEY`. The hash tag `{PREFIX}` comes first, so
 a Redis Cluster computes the slot from the prefix alone and nothing a client
@@ -43,7 +47,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -54,7 +58,7 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from authgate.core.ratelimit import Hit, Verdict
+from authgate.core.ratelimit import Hit, Rate, Verdict
 from authgate.runtime.stores import StoreUnavailable
 
 __all__ = ["Breaker", "RedisStore", "StoreURL", "StoreUnavailable", "parse_store_url", "store_key"]
@@ -396,7 +400,8 @@ class RedisStore:
         keys = [store_key(self.prefix, h.limit_id, h.key) for h in hits]
         args: list[str] = ["1" if consume else "0", now]
         for h in hits:
-            args += [str(h.rate.period * US // h.rate.count), str(h.rate.period * US)]
+            interval = max(1, h.rate.period * US // h.rate.count)  # see the module's doc
+            args += [str(interval), str(h.rate.period * US)]
         try:
             reply = await asyncio.wait_for(self._script(keys=keys, args=args), self.timeout)
             verdicts = _verdicts(reply, len(hits))
@@ -408,7 +413,7 @@ class RedisStore:
             self.breaker.failure(reason)
             raise StoreUnavailable(reason) from e
         self.breaker.success()
-        return verdicts
+        return [_own_count(v, h.rate) for v, h in zip(verdicts, hits, strict=True)]
 
     def _reason(self, e: BaseException) -> str:
         ms = round(self.timeout * 1000)
@@ -441,6 +446,15 @@ class RedisStore:
     def health(self) -> dict[str, object]:
         """For /status: the address (no password), the prefix and the breaker."""
         return {"url": self.where, "prefix": self.prefix, **self.breaker.snapshot()}
+
+
+def _own_count(verdict: Verdict, rate: Rate) -> Verdict:
+    """A rate above one request a µs was judged as one a µs (see the module's
+    doc): its remaining, scaled back to its own count (the same share left)."""
+    us = rate.period * US
+    if rate.count <= us:
+        return verdict
+    return replace(verdict, remaining=verdict.remaining * rate.count // us)
 
 
 def _verdicts(reply: object, n: int) -> list[Verdict]:

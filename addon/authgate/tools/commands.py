@@ -308,7 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     keys_dir = demo.prepare(policy)
     backend_host, _, backend_port = args.backend.rpartition(":")
     try:
-        server = demo.start_backend(backend_host, int(backend_port))
+        server = demo.start_backend(backend_host.strip("[]"), int(backend_port))
     except OSError as e:
         print(
             f"authgate demo: cannot start the demo backend on {args.backend}: {e.strerror}",
@@ -321,7 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.idp:
         idp_host, _, idp_port = args.idp.rpartition(":")
         try:
-            idp = demo.start_idp(keys_dir, idp_host, int(idp_port))
+            idp = demo.start_idp(keys_dir, idp_host.strip("[]"), int(idp_port))
         except (OSError, ValueError) as e:
             server.shutdown()
             print(

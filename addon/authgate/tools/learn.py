@@ -476,13 +476,19 @@ def _flow(value: Any) -> str:
 _PATH_KEYS = ("jwks_file", "public_key_file")
 
 
-def _moved(doc: dict[str, Any], base_dir: Path, out_dir: Path) -> None:
-    """Relative file paths of the base, rewritten for the output's folder."""
+def _moved(doc: dict[str, Any], base_dir: Path, out_dir: Path | None) -> bool:
+    """Relative file paths of the base, rewritten for the output's folder, or
+    made absolute when there is none (standard output: the policy may land in
+    any folder). Whether there was one to rewrite."""
+    moved = False
 
     def fix(text: Any) -> Any:
+        nonlocal moved
         if not isinstance(text, str) or Path(text).is_absolute():
             return text
-        return os.path.relpath((base_dir / text).resolve(), out_dir.resolve())
+        moved = True
+        where = (base_dir / text).resolve()
+        return str(where) if out_dir is None else os.path.relpath(where, out_dir.resolve())
 
     authn: dict[str, Any] = doc["authn"] if isinstance(doc.get("authn"), dict) else {}
     for issuer in authn.get("jwt") or []:
@@ -495,6 +501,7 @@ def _moved(doc: dict[str, Any], base_dir: Path, out_dir: Path) -> None:
     ip = doc.get("ip")
     if isinstance(ip, dict) and isinstance(ip.get("block_files"), list):
         ip["block_files"] = [fix(f) for f in ip["block_files"]]
+    return moved
 
 
 def _yaml_flow(value: Any) -> str:
@@ -505,12 +512,18 @@ def _yaml_flow(value: Any) -> str:
     return text.removesuffix("\n").removesuffix("\n...")
 
 
-def render(base_doc: dict[str, Any], base_dir: Path, out_dir: Path, learnt: Sequence[Learnt],
-           header: Sequence[str]) -> str:  # fmt: skip
+def render(base_doc: dict[str, Any], base_dir: Path, out_dir: Path | None,
+           learnt: Sequence[Learnt], header: Sequence[str]) -> str:  # fmt: skip
     """The proposed policy: the base (its comments are not kept) with mode:
-    report, its rules first, then the learnt ones, each with its evidence."""
+    report, its rules first, then the learnt ones, each with its evidence.
+    File paths are relative to `out_dir`, or absolute when it is None."""
     doc = {k: v for k, v in base_doc.items() if k not in ("rules", "tests", "mode")}
-    _moved(doc, base_dir, out_dir)
+    if _moved(doc, base_dir, out_dir) and out_dir is None:
+        header = [
+            *header,
+            "Its file paths are absolute (it was written to standard output, so they cannot",
+            "be relative to its folder); --output FILE writes them relative to FILE's folder.",
+        ]
     text = "".join(f"# {line}\n" for line in header)
     text += yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=None)
     text += "mode: report                        # decide and log, forward everything\n"
@@ -570,7 +583,7 @@ def learn(base: Policy, base_file: Path, records: Sequence[Recorded], capture: s
     learnt = propose(route_list, ids, {r.name for r in base.rules})
 
     base_doc = yaml.safe_load(base_file.read_text(encoding="utf-8")) or {}
-    out_dir = output.parent if output is not None else Path.cwd()
+    out_dir = output.parent if output is not None else None  # None: paths absolute
     header = [
         f"Proposed by `authgate learn` from {capture} on top of {base_file}:",
         f"{_plural(len(learnt), 'learnt rule')} after the base's own. Review it, replay it",
@@ -579,7 +592,7 @@ def learn(base: Policy, base_file: Path, records: Sequence[Recorded], capture: s
     text = render(base_doc, base_file.parent, out_dir, learnt, header)
     summary = _summary(capture, records, seen, ids, refused, base, base_file, kept, kept_denies,
                        route_list, learnt, max_literals)  # fmt: skip
-    summary += _self_check(text, output, out_dir, base, seen)
+    summary += _self_check(text, output, out_dir or Path.cwd(), base, seen)
     return Proposal(text, summary, learnt)
 
 
