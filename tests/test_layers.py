@@ -1,10 +1,12 @@
 """The package's layers, as docs/architecture.md draws them, checked from the
 imports themselves (an AST walk: nothing is imported to find out).
 
-    cli.py  ->  tools/  ->  proxy/  ->  runtime/  ->  policy/  ->  core/
+    cli.py  ->  tools/  ->  service/ | proxy/  ->  house/  ->  runtime/  ->  policy/  ->  core/
 
-Each layer imports only the layers to its right; core imports no mitmproxy,
-yaml, asyncio or network I/O; only proxy/ and tools/ import mitmproxy.
+Each layer imports only the layers to its right, and the two doors (proxy/,
+the mitmproxy addon; service/, the decision service) never import each
+other; core imports no mitmproxy, yaml, asyncio or network I/O; only proxy/
+and tools/ import mitmproxy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "addon" / "authgate"
-ORDER = ("core", "policy", "runtime", "proxy", "tools")
+ORDER = ("core", "policy", "runtime", "house", "proxy", "service", "tools")
+DOORS = {"proxy", "service"}
 # Third-party and standard modules a layer may not import (top-level names).
 # (Module prefixes: `urllib.parse` and `http.HTTPStatus` are pure and allowed.)
 _IO = ("asyncio", "threading", "subprocess", "urllib.request", "http.client", "http.server")
@@ -23,6 +26,8 @@ FORBIDDEN = {
     "core": ("mitmproxy", "yaml", "prometheus_client", *_IO),
     "policy": ("mitmproxy", "prometheus_client", *_IO),
     "runtime": ("mitmproxy",),
+    "house": ("mitmproxy",),
+    "service": ("mitmproxy",),
 }
 # The core converts addresses with socket's pure functions; it opens nothing.
 CORE_SOCKET_NAMES = {"inet_pton", "inet_ntop", "AF_INET", "AF_INET6"}
@@ -71,6 +76,8 @@ def _violations(path: Path, package: Path = PACKAGE) -> list[str]:
             for t in targets:
                 if layer in ORDER and t in ORDER and ORDER.index(t) > ORDER.index(layer):
                     found.append(where + f" (an upper layer: {t})")
+                elif layer in DOORS and t in DOORS and t != layer:
+                    found.append(where + f" (the other door: {t})")
                 if layer in ORDER and t == "cli":
                     found.append(where + " (the command line)")
                 if layer != "cli" and layer != "tools" and t == "tools":
@@ -122,6 +129,13 @@ def test_only_the_command_line_sits_at_the_top() -> None:
         ("proxy/x.py", "from mitmproxy import http\n", False),
         ("proxy/x.py", "from authgate.tools.explain import explain\n", True),
         ("tools/x.py", "from mitmproxy import io\n", False),
+        ("house/x.py", "from mitmproxy import http\n", True),
+        ("house/x.py", "from authgate.proxy.addon import Gateway\n", True),
+        ("proxy/x.py", "from authgate.house.gatehouse import Gatehouse\n", False),
+        ("proxy/x.py", "from authgate.service.server import serve\n", True),
+        ("service/x.py", "from authgate.proxy.addon import request_view\n", True),
+        ("service/x.py", "from authgate.house.gatehouse import Gatehouse\n", False),
+        ("service/x.py", "from mitmproxy import http\n", True),
         ("cli.py", "from authgate.tools.commands import check\n", False),
     ],
 )

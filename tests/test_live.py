@@ -20,7 +20,7 @@ from mitmproxy import flowfilter
 from prometheus_client.parser import text_string_to_metric_families
 
 from authgate.proxy.addon import Gateway
-from conftest import Answer, Backend, RunningGateway, Seen, send
+from conftest import REQUEST_SECONDS, Answer, Backend, RunningGateway, Seen, send, wait_until
 
 Start = Callable[..., RunningGateway]
 
@@ -57,14 +57,6 @@ def write_policy(folder: Path, **kw: str) -> Path:
     return path
 
 
-def wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
-
-
 # --- hot reload ----------------------------------------------------------------------------
 
 
@@ -83,23 +75,23 @@ def test_reload_under_traffic_break_and_fix(
     thread = threading.Thread(target=traffic)
     thread.start()
     try:
-        wait_for(lambda: len(results) > 20)
+        wait_until(lambda: len(results) > 20)
         write_policy(tmp_path, allow_a="authenticated")  # /a now needs credentials
-        wait_for(lambda: results[-1] == 401)
+        wait_until(lambda: results[-1] == 401)
         after_reload = len(results)
-        wait_for(lambda: len(results) > after_reload + 20)
+        wait_until(lambda: len(results) > after_reload + 20)
 
         # A broken edit: the last good policy keeps serving, the status says why.
         policy.write_text(policy.read_text().replace("rules:", "rules:\n  - {name: x}\n"))
-        wait_for(lambda: gw.addon.reload_error is not None)
+        wait_until(lambda: gw.addon.reload_error is not None)
         broken_at = len(results)
-        wait_for(lambda: len(results) > broken_at + 20)
+        wait_until(lambda: len(results) > broken_at + 20)
         status = gw.addon.status()
         assert status["reload_error"] == f"{policy}:11: rules[0] needs 'allow'"
 
         # Fixed: /a is open again.
         write_policy(tmp_path, allow_a="anyone")
-        wait_for(lambda: results[-1] == 200)
+        wait_until(lambda: results[-1] == 200)
         assert gw.addon.status()["reload_error"] is None
     finally:
         stop.set()
@@ -121,11 +113,11 @@ def test_a_reload_that_loses_a_needed_file_is_a_broken_edit(
     gw = start_gateway(policy)
     assert send(gw.address, "GET", "/a", source="127.0.0.1").status == 200
     (tmp_path / "block.txt").unlink()
-    wait_for(lambda: gw.addon.reload_error is not None)
+    wait_until(lambda: gw.addon.reload_error is not None)
     assert "cannot read block file" in gw.addon.reload_error
     assert send(gw.address, "GET", "/a").status == 200  # the last good policy serves
     (tmp_path / "block.txt").write_text("127.0.0.1\n")  # the file is back: reload
-    wait_for(lambda: gw.addon.reload_error is None and gw.addon.reloads == 1)
+    wait_until(lambda: gw.addon.reload_error is None and gw.addon.reloads == 1)
     assert send(gw.address, "GET", "/a").status == 403
     assert len(backend.seen) == 2
 
@@ -136,11 +128,11 @@ def test_rate_limit_counters_survive_a_reload_when_the_limit_is_unchanged(
     gw = start_gateway(write_policy(tmp_path, rate="3/minute"))
     assert [send(gw.address, "GET", "/a").status for _ in range(2)] == [200, 200]
     write_policy(tmp_path, rate="3/minute", allow_a="{any: [anyone]}")
-    wait_for(lambda: gw.addon.reloads == 1)
+    wait_until(lambda: gw.addon.reloads == 1)
     assert [send(gw.address, "GET", "/a").status for _ in range(2)] == [200, 429]
     # A changed limit starts afresh.
     write_policy(tmp_path, rate="4/minute")
-    wait_for(lambda: gw.addon.reloads == 2)
+    wait_until(lambda: gw.addon.reloads == 2)
     assert send(gw.address, "GET", "/a").status == 200
 
 
@@ -153,7 +145,7 @@ def test_reload_command_and_status(
     time.sleep(1.5)
     assert send(gw.address, "GET", "/a").status == 200  # not watching: nothing changed
     assert "reload started" in gw.call("authgate.reload")
-    wait_for(lambda: gw.addon.reloads == 1)
+    wait_until(lambda: gw.addon.reloads == 1)
     assert send(gw.address, "GET", "/a").status == 401
     status = json.loads(gw.call("authgate.status"))
     assert status["policy"] == str(policy) and status["rules"] == 2 and status["reloads"] == 1
@@ -168,7 +160,7 @@ def test_after_a_reload_nothing_keeps_the_old_policy(
     assert gw.addon.policy is not None
     old_block = weakref.ref(gw.addon.policy.block)  # (a Policy has no weakref slot)
     (tmp_path / "block.txt").write_text("192.0.2.2\n")
-    wait_for(lambda: gw.addon.reloads == 1)
+    wait_until(lambda: gw.addon.reloads == 1)
     assert send(gw.address, "GET", "/a").status == 200
     gc.collect()
     assert gw.addon.policy.block.contains(4, 0xC0000202)
@@ -337,7 +329,7 @@ def test_lint_repair_fixes_only_what_needs_no_guessing(
 
 
 def scrape(port: int) -> dict[str, list[Any]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=REQUEST_SECONDS) as r:
         text = r.read().decode()
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
@@ -367,7 +359,7 @@ def test_metrics_endpoint(
     send(gw.address, "GET", "/x", [("Authorization", "Bearer nope")])
     send(gw.address, "GET", "/x%2F")
     gw.call("authgate.reload")
-    wait_for(lambda: gw.addon.reloads == 1)
+    wait_until(lambda: gw.addon.reloads == 1)
     metrics = scrape(port)
     decisions = metrics["authgate_decisions"]
     assert (
@@ -409,8 +401,8 @@ class Recording(Gateway):
         super().__init__()
         self.flows: list[Any] = []
 
-    def _record(self, flow: Any, d: Any, outcome: str, without_store: str) -> None:
-        super()._record(flow, d, outcome, without_store)
+    def _record(self, flow: Any, d: Any, without_store: str) -> None:
+        super()._record(flow, d, without_store)
         self.flows.append(flow)
 
 

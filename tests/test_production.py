@@ -333,7 +333,7 @@ def test_workers_refuse_a_bad_policy_before_serving(tmp_path: Path, backend: Bac
     [
         (["--workers", "0"], "--workers must be a positive number or auto"),
         (["--workers", "two"], "--workers must be a positive number or auto"),
-        (["--admin", "nowhere"], "--admin must be HOST:PORT"),
+        (["--admin", "nowhere"], "argument --admin: expected HOST:PORT"),
         (["--store", "mysql://x"], "redis://"),
         (["--workers", "2", "--web"], "use it without --workers"),
     ],
@@ -374,8 +374,8 @@ def test_every_documented_run_command_parses_and_its_flags_are_valid(line: str) 
     import shlex
 
     from authgate.cli import parser
-    from authgate.proxy.admin import parse_address
-    from authgate.proxy.workers import worker_count
+    from authgate.house.admin import parse_address
+    from authgate.house.workers import worker_count
     from authgate.runtime.redis_store import parse_store_url
 
     words = shlex.split(line)  # an environment assignment may come first

@@ -9,50 +9,31 @@ answers 500 and the request never reaches the backend.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import IO, Any
+from typing import Any
 
 from mitmproxy import command, exceptions, flow, http
 
-from authgate.core.credentials import KeyFetch, PasswordCheck
-from authgate.core.decision import (
-    FORBIDDEN,
-    RATE_LIMITED,
-    Decision,
-    Prepared,
-    RequestView,
-    decide,
-    prepare,
-)
+from authgate.core.decision import Decision, RequestView
 from authgate.core.explanation import explain as explain_request
 from authgate.core.ipset import normalize_ip, parse_ip
-from authgate.core.model import IDENTITY_HEADERS, Policy, Rule, credentials_in_clear
-from authgate.core.ratelimit import ALLOWED, Hit, Recorder, Verdict
+from authgate.core.model import IDENTITY_HEADERS, Policy, Rule
 from authgate.core.responses import Rendered, challenge, render, render_error
-from authgate.policy.load import load_policy
+from authgate.house.admin import AdminServer, Readiness
+from authgate.house.gatehouse import Gatehouse, request_id
 from authgate.policy.marks import PolicyError
 from authgate.proxy import backend_lint as upstream_lint
-from authgate.proxy.admin import AdminServer, Readiness
-from authgate.proxy.workers import write_status
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
-from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
-from authgate.runtime.stores import MemoryStore, SharedStore, StoreUnavailable
+from authgate.runtime.stores import MemoryStore, SharedStore
 
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
-# The decision log's encoder: one line, keys in the entry's order.
-_LINE = json.JSONEncoder(separators=(",", ":"))
-# A limit with `on_store_error: deny` while the shared store is away.
-STORE_DENIED = Verdict(False, 0, 1, 1)
 REQUEST_ID_KEY = "authgate_request_id"
 EXPLAINED = "\n\n-- authgate.explain --\n"  # what follows a flow's decision line
 # Flow markers, by the names mitmproxy's views know: symbols that stock fonts
@@ -123,22 +104,6 @@ def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
     flow.request.stream = False
 
 
-def load_checked(path: str, keep_host_header: bool, mode: str = "") -> Policy:
-    """Load a policy and check it against how mitmproxy runs, with the
-    deployment's mode override. Raises PolicyError."""
-    policy = load_policy(path)
-    if mode:
-        policy = dataclasses.replace(policy, mode_override=mode)
-    if policy.uses_host and not keep_host_header:
-        raise PolicyError(
-            path,
-            None,
-            "rules match on host, but in reverse mode mitmproxy replaces the "
-            "client's Host unless keep_host_header=true is set",
-        )
-    return policy
-
-
 # Never forwarded from a client: the gateway's own headers (replaced), and the
 # hop-by-hop fields of RFC 9110 §7.6.1 that name no other field.
 _DROP = frozenset(name.encode() for name in IDENTITY_HEADERS) | {
@@ -203,73 +168,70 @@ def _without_cookies(value: bytes, names: frozenset[bytes]) -> bytes:
     return b";".join(kept).strip()
 
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def request_id(policy: Policy | None, flow: http.HTTPFlow) -> str:
-    """The request's id: a well-formed X-Request-Id from a trusted proxy, or a
-    new one (a client could otherwise pick ids to confuse the logs)."""
-    incoming = flow.request.headers.get_all("x-request-id")
-    if policy is not None and len(incoming) == 1 and _REQUEST_ID.match(incoming[0]):
-        try:
-            family, value = parse_ip(flow.client_conn.peername[0])
-        except ValueError:
-            family, value = 0, 0
-        if family and policy.trusted_proxies.contains(family, value):
-            return incoming[0]
-    return _new_request_id()
-
-
-def _ids(batch: int = 256) -> Callable[[], str]:
-    """Request ids: 128 random bits as 32 hex digits, unguessable (a counter
-    would tell every client how many requests the gateway serves). The
-    randomness is read `batch` ids at a time: one os.urandom per request cost
-    the event loop about 3%."""
-    pending: list[str] = []
-    # A forked child must not hand out its parent's ids.
-    os.register_at_fork(after_in_child=pending.clear)
-
-    def new_id() -> str:
-        if not pending:
-            data = os.urandom(16 * batch).hex()
-            pending.extend(data[i : i + 32] for i in range(0, len(data), 32))
-        return pending.pop()
-
-    return new_id
-
-
-_new_request_id = _ids()
-
-
 class Gateway:
-    """The authgate addon. One instance per mitmproxy master."""
+    """The authgate addon: mitmproxy's door to the Gatehouse. One instance per
+    mitmproxy master."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.policy: Policy | None = None
-        self.limiter = MemoryStore()
-        self.shared: SharedStore | None = None  # `authgate_store`: None for memory
-        self._store_url = "memory"
-        self._store_down = False
-        self.admin: AdminServer | None = None
-        self.draining = False
-        self._in_flight: set[str] = set()  # ids of flows judged and not yet answered
-        self.decided = 0  # decisions made by this process
+        self.house = Gatehouse(clock)
+        self.house.more_status = lambda: {"upstream_lint": self.lint.summary()}
         self.clock = clock
-        self.fetcher = Fetcher()
-        self.metrics = Metrics(lambda: self.policy)
         self.lint = upstream_lint.Ledger()
-        self.would_deny: dict[str, int] = {}
-        self.loaded_at = 0.0
-        self.reload_error: str | None = None
-        self.reloads = 0
-        self._log_file: IO[str] | None = None
-        self._log_terminal = False  # authgate_log=-: decisions to mitmproxy's log
-        self._fingerprint: Fingerprint = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._reloading: asyncio.Lock | None = None
-        self._bcrypt_slots = asyncio.Semaphore(2)  # bcrypt is CPU-bound: two at a time
         self._forwarding: tuple[Policy, Forwarding] | None = None  # for the policy in force
         self.master: Any = None  # set in load()
+
+    # What the house keeps, by the names tests and tools read.
+    @property
+    def policy(self) -> Policy | None:
+        return self.house.policy
+
+    @policy.setter
+    def policy(self, policy: Policy | None) -> None:
+        self.house.policy = policy
+
+    @property
+    def limiter(self) -> MemoryStore:
+        return self.house.limiter
+
+    @property
+    def shared(self) -> SharedStore | None:
+        return self.house.shared
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.house.metrics
+
+    @property
+    def fetcher(self) -> Fetcher:
+        return self.house.fetcher
+
+    @property
+    def admin(self) -> AdminServer | None:
+        return self.house.admin
+
+    @property
+    def reloads(self) -> int:
+        return self.house.reloads
+
+    @property
+    def reload_error(self) -> str | None:
+        return self.house.reload_error
+
+    @property
+    def decided(self) -> int:
+        return self.house.decided
+
+    @property
+    def would_deny(self) -> dict[str, int]:
+        return self.house.would_deny
+
+    @property
+    def draining(self) -> bool:
+        return self.house.draining
+
+    @draining.setter
+    def draining(self, draining: bool) -> None:
+        self.house.draining = draining
 
     # --- options -----------------------------------------------------------
 
@@ -333,297 +295,94 @@ class Gateway:
 
     def configure(self, updated: set[str]) -> None:
         opts = self.master.options
+        house = self.house
         if "authgate_policy" in updated or "keep_host_header" in updated:
             path = opts.authgate_policy
             if not path:
                 # Not an error yet: options arrive one by one. `running` refuses
                 # to serve without a policy, and until then nothing is forwarded.
-                self.policy = None
+                house.policy = None
                 return
             try:
-                policy = load_checked(path, self._keep_host_header(), opts.authgate_mode)
+                house.load(path, self._keep_host_header(), opts.authgate_mode)
             except PolicyError as e:
                 raise exceptions.OptionsError(f"authgate: {e}") from e
-            self._install(policy, "loaded")
-        if "authgate_mode" in updated and "authgate_policy" not in updated and self.policy:
-            self.policy = dataclasses.replace(self.policy, mode_override=opts.authgate_mode)
+        if "authgate_mode" in updated and "authgate_policy" not in updated:
+            house.set_mode(opts.authgate_mode)
+        if "authgate_watch" in updated:
+            house.watch = bool(opts.authgate_watch)
         if "authgate_log" in updated:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
-            self._log_terminal = opts.authgate_log == "-"
-            if opts.authgate_log and not self._log_terminal:
-                try:
-                    self._log_file = open(opts.authgate_log, "a", buffering=1)  # noqa: SIM115
-                except OSError as e:
-                    raise exceptions.OptionsError(
-                        f"authgate: cannot open authgate_log {opts.authgate_log}: {e.strerror}"
-                    ) from e
+            try:
+                house.open_log(opts.authgate_log)
+            except OSError as e:
+                raise exceptions.OptionsError(
+                    f"authgate: cannot open authgate_log {opts.authgate_log}: {e.strerror}"
+                ) from e
         if "authgate_store" in updated or "authgate_store_timeout" in updated:
-            self._configure_store(opts.authgate_store, opts.authgate_store_timeout)
+            try:
+                house.configure_store(opts.authgate_store, opts.authgate_store_timeout)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"authgate: authgate_store: {e}") from e
         if "authgate_admin" in updated:
-            if self.admin is not None:
-                self.admin.stop()
-                self.admin = None
-            if opts.authgate_admin:
-                try:
-                    self.admin = AdminServer(
-                        opts.authgate_admin, self.status, self.ready, self._metrics_text
-                    )
-                except (OSError, ValueError) as e:
-                    raise exceptions.OptionsError(f"authgate: admin: {e}") from e
-                logger.info(
-                    f"authgate: admin on http://{opts.authgate_admin} "
-                    "(/live /ready /metrics /status)"
-                )
+            try:
+                house.serve_admin(opts.authgate_admin)
+            except (OSError, ValueError) as e:
+                raise exceptions.OptionsError(f"authgate: admin: {e}") from e
         if "authgate_metrics" in updated:
-            self.metrics.stop()
-            if opts.authgate_metrics:
-                try:
-                    self.metrics.serve(opts.authgate_metrics)
-                except (OSError, ValueError) as e:
-                    raise exceptions.OptionsError(f"authgate: metrics: {e}") from e
-                logger.info(f"authgate: metrics on http://{opts.authgate_metrics}/metrics")
+            try:
+                house.serve_metrics(opts.authgate_metrics)
+            except (OSError, ValueError) as e:
+                raise exceptions.OptionsError(f"authgate: metrics: {e}") from e
 
     def running(self) -> None:
-        if self.policy is None:
+        if not self.house.start(self._in_clear_where()):
             logger.error(
                 "authgate: no policy; pass --set authgate_policy=FILE "
                 "(for example policies/example.yaml). Every request is answered 503."
             )
-            return
-        self._warn_in_clear(self.policy)
-        if self.policy.basic is not None:
-            for user, cost in self.policy.basic.weak():
-                logger.warning(
-                    f"authgate: user {user!r} in {self.policy.basic.file} has bcrypt cost "
-                    f"{cost:02d}; set the password again with `htpasswd -B -C 10 FILE {user}`"
-                )
-        loop = asyncio.get_running_loop()
-        self._reloading = asyncio.Lock()
-        self._tasks = [loop.create_task(self._keep_keys_fresh()), loop.create_task(self._watch())]
-        if self.shared is not None:
-            self._tasks.append(loop.create_task(self._say_store(self.shared)))
 
-    def _configure_store(self, url: str, timeout: float) -> None:
-        old = self.shared
-        if url in ("", "memory"):
-            self.shared = None
-        else:
-            from authgate.runtime.redis_store import RedisStore
-
-            try:
-                self.shared = RedisStore.from_url(url, timeout=timeout)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"authgate: authgate_store: {e}") from e
-        self._store_url = url or "memory"
-        if old is not None:
-            self._close_later(old)
-
-    async def _say_store(self, store: SharedStore) -> None:
-        """At start, whether the shared store answers: a Redis that is away is
-        not fatal (limits fall back), but it should not go unnoticed."""
-        where = store.health().get("url", self._store_url)
-        if await store.ping():
-            logger.info(f"authgate: rate limits are counted in {where}")
-        else:
-            logger.warning(
-                f"authgate: the rate-limit store {where} does not answer; limits use their "
-                "on_store_error (local, deny or allow) until it does"
-            )
-
-    def _close_later(self, store: SharedStore) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._tasks.append(loop.create_task(store.close()))
-
-    def _metrics_text(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.metrics.registry)
-
-    def ready(self) -> Readiness:
-        """Ready to take traffic: a policy, keys for every issuer that fetches
-        them, and not draining. A shared store that is away does not make the
-        gateway unready: its limits fall back (on_store_error)."""
-        policy = self.policy
-        if policy is None:
-            return Readiness(False, ("no policy loaded",))
-        reasons = [
-            f"no keys yet for issuer {i.issuer}"
-            + (f" ({i.remote.last_error})" if i.remote.last_error else "")
-            for i in policy.issuers
-            if i.remote is not None and not i.remote.keys
-        ]
-        if self.draining:
-            reasons.append("draining: shutting down")
-        return Readiness(not reasons, tuple(reasons))
-
-    async def drain(self, grace: float) -> int:
-        """Wait until no request is in flight, at most `grace` seconds; the
-        number still in flight then."""
-        self.draining = True
-        deadline = time.monotonic() + grace
-        while self._in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return len(self._in_flight)
-
-    def done(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self._tasks = []
-        self.metrics.stop()
-        if self.admin is not None:
-            self.admin.stop()
-            self.admin = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    # --- policy lifecycle ------------------------------------------------------
-
-    def _install(self, policy: Policy, how: str) -> None:
-        old = self.policy
-        if old is not None:
-            policy = carry_over(old, policy)
-        self._fingerprint = fingerprint(policy.files)
-        self.policy = policy  # one assignment: requests in flight keep the one they took
-        self.loaded_at = time.time()
-        self.reload_error = None
-        logger.info(
-            f"authgate: policy {policy.file} {how} ({len(policy.rules)} rules, "
-            f"{policy.block.entries} blocked ranges, {len(policy.issuers)} issuers"
-            f"{', mode ' + policy.mode if policy.mode != 'enforce' else ''})"
-        )
-
-    async def reload(self, why: str) -> bool:
-        """Build the new policy in a thread and swap it in; keep the last good
-        one if it does not load. True when the new policy took effect."""
-        assert self._reloading is not None
-        async with self._reloading:
-            path = self.master.options.authgate_policy
-            keep_host = self._keep_host_header()
-            mode = self.master.options.authgate_mode
-            try:
-                policy = await asyncio.to_thread(load_checked, path, keep_host, mode)
-            except PolicyError as e:
-                self.reload_error = str(e)
-                self.metrics.reload_failures.inc()
-                # Watch what we have plus the file the error names, so fixing
-                # either one triggers the next attempt.
-                files = list(self.policy.files if self.policy else ()) + [e.file]
-                self._fingerprint = fingerprint(files)
-                logger.error(
-                    f"authgate: reload ({why}) refused, the last good policy keeps serving: {e}"
-                )
-                return False
-            self.reloads += 1
-            self.metrics.reloads.inc()
-            self._install(policy, f"reloaded ({why})")
-            return True
-
-    async def _watch(self) -> None:
-        status_file = os.environ.get("AUTHGATE_STATUS_FILE")  # a worker of `--workers`
-        while True:
-            if status_file:
-                try:
-                    write_status(status_file, self.status())
-                except OSError as e:
-                    logger.warning(f"authgate: cannot write the worker status: {e}")
-            await asyncio.sleep(1.0)
-            if not self.master.options.authgate_watch or not self._fingerprint:
-                continue
-            now = await asyncio.to_thread(fingerprint, list(self._fingerprint))
-            if now != self._fingerprint:
-                await self.reload("a file changed")
-
-    async def _keep_keys_fresh(self) -> None:
-        """Fetch remote key sets at start and whenever they expire (or, after
-        a failure, when the backoff says). Off the request path."""
-        while True:
-            policy = self.policy
-            sources = [i.remote for i in policy.issuers if i.remote] if policy else []
-            # Not held across the sleep below: after a reload it would keep the
-            # old policy, block list and all, alive for up to a minute.
-            del policy
-            for source in sources:
-                if source.due():
-                    await self.fetcher.refresh(source)
-            wait = min((s.next_attempt - s.clock() for s in sources), default=60.0)
-            await asyncio.sleep(min(max(wait, 0.5), 60.0))
+    def _in_clear_where(self) -> str | None:
+        """Where the proxy listens in clear text (None: TLS only)."""
+        if self.master.addons.get("tlslistener") is not None:
+            return None  # `authgate run --tls-cert`: the port refuses plain HTTP
+        options = self.master.options
+        for mode in options.mode:
+            if "@" in mode:
+                return str(mode.rpartition("@")[2])
+        return f"*:{options.listen_port or 8080}"
 
     def _keep_host_header(self) -> bool:
         options = self.master.options
         return "keep_host_header" in options and bool(options.keep_host_header)
 
-    def _warn_in_clear(self, policy: Policy) -> None:
-        if self.master.addons.get("tlslistener") is not None:
-            return  # `authgate run --tls-cert`: the port refuses plain HTTP
-        for mode in self.master.options.mode:
-            listen = mode.rpartition("@")[2] if "@" in mode else ""
-            where = listen or f"*:{self.master.options.listen_port or 8080}"
-            for kind, line in credentials_in_clear(policy, where):
-                at = f" ({policy.file}:{line})" if line else ""
-                logger.warning(
-                    f"authgate: {kind}{at} are accepted on {listen or 'all interfaces'}; "
-                    "unless clients connect with TLS, they cross the network in clear text"
-                )
+    def ready(self) -> Readiness:
+        return self.house.ready()
+
+    async def drain(self, grace: float) -> int:
+        return await self.house.drain(grace)
+
+    async def reload(self, why: str) -> bool:
+        return await self.house.reload(why)
+
+    def status(self) -> dict[str, Any]:
+        return self.house.status()
+
+    def done(self) -> None:
+        self.house.close()
 
     # --- commands ----------------------------------------------------------------
 
     @command.command("authgate.reload")
     def reload_command(self) -> str:
         """Reload the policy now (the result shows in authgate.status and the log)."""
-        if self._reloading is None:
+        if not self.house.reload_later("requested"):
             return "authgate: not running yet"
-        task = asyncio.get_running_loop().create_task(self._run_reload("requested"))
-        self._tasks.append(task)
         return "authgate: reload started; see authgate.status"
-
-    async def _run_reload(self, why: str) -> None:
-        await self.reload(why)
 
     @command.command("authgate.status")
     def status_command(self) -> str:
         """The policy in force, the last reload error, report-mode and lint counts."""
         return json.dumps(self.status(), indent=2)
-
-    def status(self) -> dict[str, Any]:
-        policy = self.policy
-        keys = {
-            i.issuer: {
-                "keys": len(i.remote.keys),
-                "last_error": i.remote.last_error,
-                "fetches": i.remote.fetches,
-            }
-            for i in (policy.issuers if policy else ())
-            if i.remote is not None
-        }
-        shared = self.shared
-        store: dict[str, Any] = {"kind": "memory" if shared is None else "redis"}
-        if shared is not None:
-            store.update(shared.health())
-        readiness = self.ready()
-        return {
-            "pid": os.getpid(),
-            "worker": int(os.environ.get("AUTHGATE_WORKER", "0")),
-            "ready": readiness.ready,
-            "not_ready": list(readiness.reasons),
-            "in_flight": len(self._in_flight),
-            "decisions": self.decided,
-            "store": store,
-            "policy": policy.file if policy else None,
-            "rules": len(policy.rules) if policy else 0,
-            "mode": (policy.mode_override or policy.mode) if policy else None,
-            "loaded_at": self.loaded_at,
-            "reloads": self.reloads,
-            "reload_error": self.reload_error,
-            "would_deny": dict(sorted(self.would_deny.items())),
-            "upstream_lint": self.lint.summary(),
-            "jwks": keys,
-        }
 
     @command.command("authgate.lint")
     def lint_command(self) -> str:
@@ -635,17 +394,19 @@ class Gateway:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
+        house = self.house
         try:
-            policy = self.policy  # this request's policy, even if a reload swaps it
-            flow.metadata[REQUEST_ID_KEY] = request_id(policy, flow)
-            self._in_flight.add(flow.id)
+            policy = house.policy  # this request's policy, even if a reload swaps it
+            incoming = flow.request.headers.get_all("x-request-id")
+            flow.metadata[REQUEST_ID_KEY] = request_id(
+                policy, incoming, flow.client_conn.peername[0]
+            )
+            house.in_flight.add(flow.id)
             if policy is None:
                 self._fail(flow, 503, "no_policy")
                 return
-            start = time.perf_counter()
             view = request_view(flow)
-            decision, without_store = await self._judge(policy, view, self.clock())
-            self.metrics.decision_seconds.observe(time.perf_counter() - start)
+            decision, without_store = await house.judge(policy, view, self.clock())
             self._apply(flow, policy, view, decision, without_store)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             logger.exception("authgate: error while judging a request; answering 500")
@@ -659,10 +420,10 @@ class Gateway:
         self._fail(flow, 500, "unjudged")
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._in_flight.discard(flow.id)
+        self.house.in_flight.discard(flow.id)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._in_flight.discard(flow.id)
+        self.house.in_flight.discard(flow.id)
         entry = flow.metadata.get(METADATA_KEY)
         if flow.response is None or not isinstance(entry, dict) or not entry.get("forwarded"):
             return
@@ -711,126 +472,6 @@ class Gateway:
         flow.comment = f"authgate: {status} {reason}"
         flow.marked = DENIED_MARKER
 
-    async def _judge(self, policy: Policy, view: RequestView, now: float) -> tuple[Decision, str]:
-        """Judge a request; its rate limits are counted in one step at the end,
-        all or nothing, by the store (one round trip to a shared one). The core
-        first judges as if every limit allowed, noting the limits it asks
-        about; only when the store denies one does it judge again with the
-        store's verdicts, so the 429 is the core's. Returns the decision and,
-        when a shared store could not answer, what stood in for it."""
-        seen = Recorder()
-        first = prepare(policy, view, now, seen)
-        if isinstance(first, Decision):
-            decision = first
-        else:
-            if first.work is not None:
-                if seen.hits and isinstance(first.work, PasswordCheck):
-                    # Read the IP limits before spending a bcrypt on the
-                    # request: a client over its limit costs no hash.
-                    told, note = await self._count(policy, seen.hits, now, consume=False)
-                    if told is not None:
-                        return await self._again(policy, view, now, told), note
-                await self._slow_work(first)
-            decision = decide(first, self.clock(), seen)
-        if not seen.hits:
-            return decision, ""
-        told, note = await self._count(policy, seen.hits, now)
-        if told is None:
-            return decision, note
-        return await self._again(policy, view, now, told), note
-
-    async def _again(
-        self,
-        policy: Policy,
-        view: RequestView,
-        now: float,
-        told: Recorder,
-    ) -> Decision:
-        """The decision with the store's verdicts (one of them a denial)."""
-        again = prepare(policy, view, now, told)
-        if isinstance(again, Decision):
-            return again
-        if again.work is not None:
-            await self._slow_work(again)  # cached by the first pass, as a rule
-        return decide(again, self.clock(), told)
-
-    async def _count(
-        self, policy: Policy, hits: list[Hit], now: float, consume: bool = True
-    ) -> tuple[Recorder | None, str]:
-        """Count the hits in the store: (None when all are allowed, else a
-        Recorder answering with every hit's verdict; what answered instead of
-        an unavailable shared store)."""
-        note = ""
-        shared = self.shared
-        if shared is None:
-            verdicts = self.limiter.hit_all(hits, now, consume)
-        else:
-            start = time.perf_counter()
-            try:
-                verdicts = await shared.hit_all(hits, consume)
-            except StoreUnavailable as e:
-                verdicts, note = self._without_store(policy, hits, now, consume, e)
-            else:
-                self.metrics.store_seconds.observe(time.perf_counter() - start)
-                if self._store_down:
-                    self._store_down = False
-                    logger.warning("authgate: the rate-limit store answers again")
-        denied = False
-        for hit, verdict in zip(hits, verdicts, strict=True):
-            if not verdict.allowed:
-                denied = True
-            elif verdict.remaining * 10 < hit.rate.count:
-                self.metrics.near_limit(hit.limit_id)
-        if not denied:
-            return None, note
-        return Recorder.told(hits, verdicts), note
-
-    def _without_store(
-        self, policy: Policy, hits: list[Hit], now: float, consume: bool, e: StoreUnavailable
-    ) -> tuple[list[Verdict], str]:
-        """Each limit's `on_store_error` while the shared store cannot answer:
-        local (this process counts, at the same rate), deny (429) or allow."""
-        self.metrics.store_errors.inc()
-        if not self._store_down:
-            self._store_down = True
-            logger.warning(
-                f"authgate: the rate-limit store cannot answer ({e}); limits use their "
-                "on_store_error (local, deny or allow) until it does"
-            )
-        modes = [
-            spec.on_store_error if (spec := policy.limit_specs.get(h.limit_id)) else "local"
-            for h in hits
-        ]
-        local = [h for h, m in zip(hits, modes, strict=True) if m == "local"]
-        # A request that a `deny` limit refuses counts nowhere.
-        counted = self.limiter.hit_all(local, now, consume and "deny" not in modes)
-        verdicts: list[Verdict] = []
-        it = iter(counted)
-        for mode in modes:
-            if mode == "local":
-                verdicts.append(next(it))
-            elif mode == "deny":
-                verdicts.append(STORE_DENIED)
-            else:
-                verdicts.append(ALLOWED)
-        used = sorted(set(modes))
-        for mode in used:
-            self.metrics.store_fallbacks.labels(mode).inc()
-        return verdicts, ",".join(used)
-
-    async def _slow_work(self, prepared: Prepared) -> None:
-        """What the credential needs before `decide`: a bcrypt check (in a
-        thread, two at a time), or a key fetch (joined, waited on at most
-        about a second)."""
-        work = prepared.work
-        if isinstance(work, PasswordCheck) and prepared.policy.basic is not None:
-            async with self._bcrypt_slots:
-                await asyncio.to_thread(
-                    prepared.policy.basic.check, work.user, work.password, self.clock()
-                )
-        elif isinstance(work, KeyFetch):
-            await self.fetcher.join(work.source, work.reason, work.kid)
-
     def _apply(
         self,
         flow: http.HTTPFlow,
@@ -840,13 +481,9 @@ class Gateway:
         without_store: str = "",
     ) -> None:
         if decision.forwarded:
+            # Report mode too: forwarded as if allowed, and nothing of the
+            # would-be denial reaches the client.
             self._forward(flow, policy, view.peer, decision)
-            if decision.report:
-                # Report mode: judged and logged, forwarded as if allowed, and
-                # nothing of the would-be denial reaches the client.
-                key = decision.rule or "-"
-                self.would_deny[key] = self.would_deny.get(key, 0) + 1
-                self.metrics.would_deny.labels(key, str(decision.status), decision.reason).inc()
         else:
             accept = flow.request.headers.get("accept")
             rid = flow.metadata[REQUEST_ID_KEY]
@@ -854,7 +491,7 @@ class Gateway:
                 decision, policy.realm, flow.request.method, accept=accept, request_id=rid
             )
             _respond(flow, rendered)
-        self._record(flow, decision, decision.outcome, without_store)
+        self._record(flow, decision, without_store)
 
     def _forward(self, flow: http.HTTPFlow, policy: Policy, peer: str, d: Decision) -> None:
         req = flow.request
@@ -924,38 +561,12 @@ class Gateway:
         fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
         req.headers.fields = tuple(fields)
 
-    def _record(self, flow: http.HTTPFlow, d: Decision, outcome: str, without_store: str) -> None:
-        subject = d.identity.subject if d.identity is not None else None
-        entry: dict[str, Any] = {
-            "time": round(time.time(), 3),
-            "request_id": flow.metadata.get(REQUEST_ID_KEY),
-            "client_ip": d.client_ip,
-            "method": flow.request.method,
-            "path": d.path.path if d.path is not None else flow.request.path.split("?")[0][:200],
-            "rule": d.rule,
-            "decision": outcome,
-            "status": d.status or None,
-            "reason": d.reason,
-            "subject": subject,
-            "via": d.via,
-        }
-        if without_store:
-            entry["without_store"] = without_store  # limits judged without the shared store
-        self.decided += 1
-        self.metrics.decided(outcome, d.status, d.rule or "-", d.reason)
-        if d.reason == RATE_LIMITED:
-            self.metrics.rate_limited.labels(d.detail or "-").inc()
-        if self._log_file is not None or self._log_terminal or d.reason == FORBIDDEN:
-            line = _LINE.encode(entry)
-            if self._log_file is not None:
-                self._log_file.write(line + "\n")
-            if d.reason == FORBIDDEN:
-                logger.warning(line)  # an authenticated caller was refused: worth a look
-            elif self._log_terminal:
-                logger.info(line)
-        entry["forwarded"] = outcome != "deny"
+    def _record(self, flow: http.HTTPFlow, d: Decision, without_store: str) -> None:
+        rid = flow.metadata.get(REQUEST_ID_KEY)
+        entry = self.house.record(d, rid, flow.request.method, flow.request.path, without_store)
         flow.metadata[METADATA_KEY] = entry
         rule = f" by rule {d.rule}" if d.rule else ""
+        outcome = d.outcome
         if outcome == "allow":
             # "allowed by rule R (allowed)", "allowed by rule R (preflight)": every
             # comment names its rule followed by a space, so one filter finds them.

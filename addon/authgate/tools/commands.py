@@ -246,7 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             given, missing = missing, given
         print(f"authgate run: {given} needs {missing} too (HTTPS takes both)", file=sys.stderr)
         return 2
-    from authgate.proxy import workers
+    from authgate.house import workers
 
     try:
         count = workers.worker_count(args.workers)
