@@ -130,6 +130,36 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_lazy("cmd_run"))
 
+    srv = sub.add_parser(
+        "serve",
+        help="the decision service: the policy for nginx, Envoy, Caddy and Traefik",
+        description="Answer forward-auth check requests (nginx auth_request, Envoy "
+        "ext_authz, Caddy forward_auth, Traefik forwardAuth) with the policy's decisions. "
+        "See docs/decision-service.md.",
+    )
+    gateway_options(srv, "127.0.0.1:9191", None)
+    srv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS only, with this PEM cert")
+    srv.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    srv.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="service processes on the listen address (1; auto: one per core)",
+    )
+    srv.add_argument(
+        "--store",
+        default="memory",
+        metavar="URL",
+        help="where rate-limit counts live: memory, or redis://HOST:PORT/DB (memory)",
+    )
+    srv.add_argument(
+        "--admin",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve /live, /ready, /metrics and /status there (off)",
+    )
+    srv.set_defaults(func=_lazy("cmd_serve"))
+
     demo = sub.add_parser("demo", help="the gateway and a demo backend (what `make run` starts)")
     gateway_options(demo, "127.0.0.1:8080", "policies/example.yaml")
     demo.add_argument(

@@ -114,7 +114,7 @@ class Gatehouse:
         self._store_down = False
         self.admin: AdminServer | None = None
         self.draining = False
-        self.in_flight: set[str] = set()  # ids of requests judged and not yet answered
+        self.in_flight: set[object] = set()  # requests judged and not yet answered
         self.decided = 0  # decisions made by this process
         self.clock = clock
         self.fetcher = Fetcher()

@@ -287,6 +287,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`authgate serve`: the decision service (one process, or --workers N)."""
+    from authgate.house import workers
+    from authgate.service.server import serve as serve_decisions
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("authgate serve: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    try:
+        count = workers.worker_count(args.workers)
+        if args.store not in ("", "memory"):
+            from authgate.runtime.redis_store import parse_store_url
+
+            parse_store_url(args.store)
+    except ValueError as e:
+        print(f"authgate serve: {e}", file=sys.stderr)
+        return 2
+    if count > 1:
+        argv = ["--policy", args.policy, "--listen", args.listen, "--store", args.store]
+        for name in ("tls_cert", "tls_key"):
+            if getattr(args, name, None):
+                argv += ["--" + name.replace("_", "-"), getattr(args, name)]
+        for item in args.set:
+            argv += ["--set", item]
+        memory = args.store in ("", "memory")
+        supervisor = workers.Supervisor(
+            argv, count, admin=args.admin, memory_store=memory, command="serve"
+        )
+        return supervisor.run()
+    exit_now(
+        serve_decisions(
+            args.policy,
+            args.listen,
+            args.set,
+            store=args.store,
+            admin=args.admin,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    )
+
+
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     """A worker's `authgate run` arguments: the supervisor's, less what it
     does for all of them (--workers, --admin)."""

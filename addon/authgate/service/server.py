@@ -1,0 +1,394 @@
+"""`authgate serve`: the decision service. An HTTP/1.1 server made for many
+small requests (asyncio protocols and the llhttp parser through httptools,
+uvloop when installed), in front of the same Gatehouse that judges for the
+mitmproxy door: check request in (`checks.read_check`), `Gatehouse.judge`,
+answer out (`checks.answer`).
+
+- Keep-alive and pipelining (answers in order); no request body is needed:
+  one is read and dropped (at most MAX_BODY, then 413 and close).
+- A request head must be complete within `header_timeout` seconds; an idle
+  connection closes after `idle_timeout`.
+- Fail closed: an exception while judging answers 503 (never an allow).
+- SIGHUP reloads the policy; SIGTERM stops listening, lets the checks in
+  flight finish (at most GRACE_SECONDS), then exits; SIGINT exits now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+from authgate.core.ipset import parse_ip
+from authgate.core.responses import Rendered, render_error
+from authgate.house.gatehouse import Gatehouse, request_id
+from authgate.policy.marks import PolicyError
+from authgate.service import checks
+
+logger = logging.getLogger("authgate")
+MAX_HEAD = 64 * 1024  # request line and header fields, at most
+MAX_BODY = 64 * 1024  # a check request's body (dropped), at most
+GRACE_SECONDS = 25.0
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_S = "surrogateescape"
+
+
+def encode(r: Rendered, keep_alive: bool) -> bytes:
+    """The bytes of an HTTP/1.1 answer."""
+    lines = [b"HTTP/1.1 %d %s" % (r.status, _REASONS.get(r.status, b""))]
+    for name, value in r.headers:
+        lines.append(name.encode("latin-1") + b": " + value.encode("utf-8", _S))
+    lines.append(b"Content-Length: %d" % len(r.body))
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + r.body
+
+
+class Service:
+    """What every connection shares: the house, the settings, the listeners."""
+
+    def __init__(self, house: Gatehouse, header_timeout: float = 10, idle_timeout: float = 60):
+        self.house = house
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.connections: set[Connection] = set()
+        self.stopping = False
+
+    async def check(self, method: str, target: str, fields: list[tuple[str, str]], peer: str
+                    ) -> Rendered:  # fmt: skip
+        """One check request's answer."""
+        house = self.house
+        policy = house.policy
+        accept = next((v for k, v in fields if k == "accept"), None)
+        if policy is None:
+            return render_error(503, method, retry_after=5, accept=accept)
+        if any(k == checks.REFUSED for k, _ in fields):
+            # The nginx configuration's fail-closed route: authgate did not say allow.
+            refused = render_error(503, method, retry_after=5, accept=accept)
+            return Rendered(503, ((checks.DECISION, "deny"), *refused.headers), refused.body)
+        try:
+            family, value = parse_ip(peer)
+            trusted = policy.trusted_proxies.contains(family, value)
+        except ValueError:
+            trusted = False
+        if target.split("?", 1)[0] == "/_answer":
+            sealed = next((v for k, v in fields if k == "x-authgate-answer"), "")
+            replay = checks.unseal(sealed) if trusted else None
+            return replay or render_error(503, method, retry_after=5, accept=accept)
+        read = checks.read_check(method, target, fields, peer, trusted)
+        if isinstance(read, checks.Refusal):
+            return read.rendered
+        view = read.view
+        incoming = view.header_all("x-request-id")
+        rid = request_id(policy, incoming, peer)
+        key = object()
+        house.in_flight.add(key)
+        try:
+            decision, without_store = await house.judge(policy, view, house.clock())
+            house.record(decision, rid, view.method, view.target, without_store)
+            return checks.answer(read, decision, policy.realm, rid)
+        except Exception:  # noqa: BLE001 - the one place that must catch everything
+            logger.exception("authgate: error while judging a check request; answering 503")
+            failed = render_error(503, view.method, retry_after=5, accept=accept, request_id=rid)
+            return checks.denial(read, failed)
+        finally:
+            house.in_flight.discard(key)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parse, judge in order, answer."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.transport: Any = None  # asyncio's or uvloop's transport
+        self.peer = ""
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.fields: list[tuple[str, str]] = []
+        self.head_size = 0
+        self.body_size = 0
+        self.queue: deque[tuple[str, str, list[tuple[str, str]], bool]] = deque()
+        self.busy = False
+        self.closing = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else "0.0.0.0"
+        # IPv4-mapped IPv6 addresses and scope ids, as the proxy door normalizes them.
+        host = host.split("%")[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        self.peer = host
+        self.service.connections.add(self)
+        self._arm(self.service.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.service.connections.discard(self)
+        self.closing = True
+        self._disarm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if not self.busy and not self.queue and self.head_size == 0:
+            self._arm(self.service.header_timeout)  # a new request starts
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400)
+        except httptools.HttpParserError:
+            self._fail(400)
+
+    # --- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.fields = []
+        self.head_size = 0
+        self.body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._grow(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow(len(name) + len(value))
+        self.fields.append((name.decode("latin-1").lower(), value.decode("utf-8", _S)))
+
+    def on_headers_complete(self) -> None:
+        self.head_size = 0
+        self._disarm()
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > MAX_BODY:
+            self._fail(413)
+
+    def on_message_complete(self) -> None:
+        if self.closing:
+            return
+        method = self.parser.get_method().decode("latin-1")
+        keep = self.parser.should_keep_alive()
+        self.queue.append((method, self.url.decode("utf-8", _S), self.fields, keep))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._run())
+
+    # --- the work --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        service = self.service
+        while self.queue and not self.closing:
+            method, target, fields, keep = self.queue.popleft()
+            answer = await service.check(method, target, fields, self.peer)
+            keep = keep and not service.stopping
+            if self.transport is None or self.transport.is_closing():
+                break
+            self.transport.write(encode(answer, keep))
+            if not keep:
+                self.closing = True
+                self.transport.close()
+                break
+        self.busy = False
+        if not self.closing:
+            self._arm(self.service.idle_timeout)
+
+    def _grow(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > MAX_HEAD:
+            self._fail(431)
+
+    def _fail(self, status: int) -> None:
+        """A request that cannot be read: answer and close."""
+        if self.closing or self.transport is None:
+            return
+        self.closing = True
+        self.transport.write(encode(render_error(status, "GET"), keep_alive=False))
+        self.transport.close()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.busy or self.transport is None:
+            return
+        self.closing = True
+        self.transport.close()
+
+    def close_when_idle(self) -> None:
+        if not self.busy and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+
+# --- the process -------------------------------------------------------------------------
+
+
+def _listen_socket(listen: str, share: bool) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if share:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, int(port)))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+OPTIONS = {
+    "authgate_log": str,
+    "authgate_mode": str,
+    "authgate_watch": bool,
+    "authgate_store_timeout": float,
+    "authgate_metrics": str,
+    "authgate_header_timeout": float,
+    "authgate_idle_timeout": float,
+}
+
+
+def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
+    """`--set NAME=VALUE` for the options the decision service knows. Raises ValueError."""
+    out: dict[str, Any] = {}
+    for item in sets:
+        name, sep, value = item.partition("=")
+        kind = OPTIONS.get(name)
+        if not sep or kind is None:
+            known = ", ".join(sorted(OPTIONS))
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE, NAME one of {known}")
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(f"--set {name}: expected true or false, not {value!r}")
+            out[name] = value.lower() in ("true", "1", "yes", "on")
+        elif kind is float:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ValueError(f"--set {name}: expected a number, not {value!r}") from None
+            if out[name] <= 0:
+                raise ValueError(f"--set {name}: must be above 0")
+        else:
+            out[name] = value
+    if out.get("authgate_mode", "") not in ("", "enforce", "report"):
+        raise ValueError("--set authgate_mode: expected enforce or report")
+    return out
+
+
+async def run_service(
+    policy: str,
+    listen: str,
+    sets: Sequence[str] = (),
+    store: str = "memory",
+    admin: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    on_ready: str | None = None,
+    grace: float = GRACE_SECONDS,
+) -> int:
+    """Serve until SIGTERM/SIGINT; 2 when the policy or options are refused."""
+    try:
+        options = parse_sets(sets)
+    except ValueError as e:
+        print(f"authgate serve: {e}", file=sys.stderr)
+        return 2
+    house = Gatehouse()
+    try:
+        house.load(policy, False, options.get("authgate_mode", ""))
+        house.watch = options.get("authgate_watch", True)
+        house.open_log(options.get("authgate_log", ""))
+        house.configure_store(store, options.get("authgate_store_timeout", 0.05))
+        if admin:
+            house.serve_admin(admin)
+        house.serve_metrics(options.get("authgate_metrics", ""))
+        context = _tls(tls_cert, tls_key)
+        share = os.environ.get("AUTHGATE_SHARE_PORT") == "1"
+        sock = _listen_socket(listen, share)
+    except PolicyError as e:
+        print(f"authgate: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, ssl.SSLError) as e:
+        print(f"authgate serve: {e}", file=sys.stderr)
+        house.close()
+        return 2
+    service = Service(
+        house,
+        options.get("authgate_header_timeout", 10.0),
+        options.get("authgate_idle_timeout", 60.0),
+    )
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(service), sock=sock, ssl=context)
+    bound = sock.getsockname()
+    scheme = "https" if context else "http"
+    host = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
+    house.start(None if context else f"{host}:{bound[1]}")
+    if os.environ.get("AUTHGATE_WORKER", "0") == "0":
+        logger.info(f"authgate: decision service on {scheme}://{host}:{bound[1]}")
+    if on_ready:
+        print(on_ready, flush=True)
+    stopped = loop.create_future()
+
+    def stop(now: bool) -> None:
+        if not stopped.done():
+            stopped.set_result(now)
+
+    loop.add_signal_handler(signal.SIGTERM, stop, False)
+    loop.add_signal_handler(signal.SIGINT, stop, True)
+    loop.add_signal_handler(signal.SIGHUP, lambda: house.reload_later("SIGHUP"))
+    now = await stopped
+    server.close()  # no new connections
+    service.stopping = True
+    house.draining = True
+    for conn in list(service.connections):
+        conn.close_when_idle()
+    if not now:
+        deadline = time.monotonic() + grace
+        while (house.in_flight or any(c.busy for c in service.connections)) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.02)
+    house.close()
+    return 0
+
+
+def serve(policy: str, listen: str, sets: Sequence[str] = (), **kwargs: Any) -> int:
+    """Run the decision service in this process (uvloop when installed)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run_service(policy, listen, sets, **kwargs))
+    return uvloop.run(run_service(policy, listen, sets, **kwargs))
