@@ -404,6 +404,30 @@ class Gatehouse:
 
     # --- judging ---------------------------------------------------------------------
 
+    def judge_now(self, policy: Policy, view: RequestView, now: float) -> Decision | None:
+        """`judge` without waiting, for the common case: limits counted in this
+        process's memory and no slow work (a cached token, an API key, no
+        credentials). None: the request needs `judge`. The store is touched
+        only when the decision is returned."""
+        if self.shared is not None:
+            return None
+        start = time.perf_counter()
+        seen = Recorder()
+        first = prepare(policy, view, now, seen)
+        if isinstance(first, Decision):
+            decision = first
+        elif first.work is not None:
+            return None
+        else:
+            decision = decide(first, self.clock(), seen)
+        if seen.hits:
+            told = self._told(seen.hits, self.limiter.hit_all(seen.hits, now, True))
+            if told is not None:
+                again = prepare(policy, view, now, told)
+                # No slow work the first pass did not find done.
+                decision = again if isinstance(again, Decision) else decide(again, now, told)
+        return self._judged(decision, start)
+
     async def judge(self, policy: Policy, view: RequestView, now: float) -> tuple[Decision, str]:
         """Judge a request; its rate limits are counted in one step at the end,
         all or nothing, by the store (one round trip to a shared one). The core
@@ -423,7 +447,8 @@ class Gatehouse:
                     # request: a client over its limit costs no hash.
                     told, note = await self._count(policy, seen.hits, now, consume=False)
                     if told is not None:
-                        return await self._again(policy, view, now, told), note
+                        again = await self._again(policy, view, now, told)
+                        return self._judged(again, start), note
                 await self._slow_work(first)
             decision = decide(first, self.clock(), seen)
         note = ""
@@ -431,13 +456,16 @@ class Gatehouse:
             told, note = await self._count(policy, seen.hits, now)
             if told is not None:
                 decision = await self._again(policy, view, now, told)
+        return self._judged(decision, start), note
+
+    def _judged(self, decision: Decision, start: float) -> Decision:
         self.metrics.decision_seconds.observe(time.perf_counter() - start)
         if decision.report:
             # Report mode: judged and logged, forwarded as if allowed.
             key = decision.rule or "-"
             self.would_deny[key] = self.would_deny.get(key, 0) + 1
             self.metrics.would_deny.labels(key, str(decision.status), decision.reason).inc()
-        return decision, note
+        return decision
 
     async def _again(
         self,
@@ -475,15 +503,18 @@ class Gatehouse:
                 if self._store_down:
                     self._store_down = False
                     logger.warning("authgate: the rate-limit store answers again")
+        return self._told(hits, verdicts), note
+
+    def _told(self, hits: list[Hit], verdicts: list[Verdict]) -> Recorder | None:
+        """None when the store allowed every hit, else a Recorder answering
+        with each hit's verdict; limits close to their end counted."""
         denied = False
         for hit, verdict in zip(hits, verdicts, strict=True):
             if not verdict.allowed:
                 denied = True
             elif verdict.remaining * 10 < hit.rate.count:
                 self.metrics.near_limit(hit.limit_id)
-        if not denied:
-            return None, note
-        return Recorder.told(hits, verdicts), note
+        return Recorder.told(hits, verdicts) if denied else None
 
     def _without_store(
         self, policy: Policy, hits: list[Hit], now: float, consume: bool, e: StoreUnavailable

@@ -25,12 +25,15 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 import httptools
 
+from authgate.core.decision import Decision
 from authgate.core.ipset import parse_ip
+from authgate.core.model import Policy
 from authgate.core.responses import Rendered, render_error
 from authgate.house.gatehouse import Gatehouse, request_id
 from authgate.policy.marks import PolicyError
@@ -65,11 +68,12 @@ class Service:
         self.connections: set[Connection] = set()
         self.stopping = False
 
-    async def check(self, method: str, target: str, fields: list[tuple[str, str]], peer: str
-                    ) -> Rendered:  # fmt: skip
-        """One check request's answer."""
-        house = self.house
-        policy = house.policy
+    def begin(
+        self, method: str, target: str, fields: list[tuple[str, str]], peer: str
+    ) -> Rendered | Pending:
+        """A check request up to judging: an answer already (refused, the
+        replay of a sealed answer), or what judging needs."""
+        policy = self.house.policy
         accept = next((v for k, v in fields if k == "accept"), None)
         if policy is None:
             return render_error(503, method, retry_after=5, accept=accept)
@@ -89,21 +93,67 @@ class Service:
         read = checks.read_check(method, target, fields, peer, trusted)
         if isinstance(read, checks.Refusal):
             return read.rendered
-        view = read.view
-        incoming = view.header_all("x-request-id")
-        rid = request_id(policy, incoming, peer)
-        key = object()
-        house.in_flight.add(key)
+        rid = request_id(policy, read.view.header_all("x-request-id"), peer)
+        return Pending(policy, read, rid)
+
+    def finish(self, p: Pending, decision: Decision, without_store: str = "") -> Rendered:
+        view = p.check.view
+        self.house.record(decision, p.request_id, view.method, view.target, without_store)
+        return checks.answer(p.check, decision, p.policy.realm, p.request_id)
+
+    def failed(self, p: Pending) -> Rendered:
+        """Fail closed: an exception while judging is a 503, never an allow."""
+        logger.exception("authgate: error while judging a check request; answering 503")
+        view = p.check.view
+        accept = view.header("accept")
+        rendered = render_error(
+            503, view.method, retry_after=5, accept=accept, request_id=p.request_id
+        )
+        return checks.denial(p.check, rendered)
+
+    def check_now(
+        self, method: str, target: str, fields: list[tuple[str, str]], peer: str
+    ) -> Rendered | Pending:
+        """The answer, if it needs no waiting; else what `check` continues."""
+        p = self.begin(method, target, fields, peer)
+        if isinstance(p, Rendered):
+            return p
         try:
-            decision, without_store = await house.judge(policy, view, house.clock())
-            house.record(decision, rid, view.method, view.target, without_store)
-            return checks.answer(read, decision, policy.realm, rid)
+            decision = self.house.judge_now(p.policy, p.check.view, self.house.clock())
         except Exception:  # noqa: BLE001 - the one place that must catch everything
-            logger.exception("authgate: error while judging a check request; answering 503")
-            failed = render_error(503, view.method, retry_after=5, accept=accept, request_id=rid)
-            return checks.denial(read, failed)
+            return self.failed(p)
+        return p if decision is None else self.finish(p, decision)
+
+    async def check(self, p: Pending) -> Rendered:
+        """Judge with the store and the slow work (a shared store, a bcrypt, a key fetch)."""
+        house = self.house
+        house.in_flight.add(p)
+        try:
+            decision, without_store = await house.judge(p.policy, p.check.view, house.clock())
+            return self.finish(p, decision, without_store)
+        except Exception:  # noqa: BLE001 - the one place that must catch everything
+            return self.failed(p)
         finally:
-            house.in_flight.discard(key)
+            house.in_flight.discard(p)
+
+    async def sweep(self) -> None:
+        """Close connections past their deadline (head or idle timeout), once a
+        second: cheaper than a timer per request."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.deadline < now and not conn.busy:
+                    conn.close_now()
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """A check request waiting for its decision."""
+
+    policy: Policy
+    check: checks.Check
+    request_id: str
 
 
 class Connection(asyncio.Protocol):
@@ -118,14 +168,14 @@ class Connection(asyncio.Protocol):
         self.fields: list[tuple[str, str]] = []
         self.head_size = 0
         self.body_size = 0
-        self.queue: deque[tuple[str, str, list[tuple[str, str]], bool]] = deque()
+        self.queue: deque[tuple[Rendered | Pending, bool]] = deque()
         self.busy = False
         self.closing = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # monotonic time after which an unbusy connection closes
 
     # --- asyncio --------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) else "0.0.0.0"
@@ -135,18 +185,17 @@ class Connection(asyncio.Protocol):
             host = host[7:]
         self.peer = host
         self.service.connections.add(self)
-        self._arm(self.service.header_timeout)
+        self.deadline = time.monotonic() + self.service.header_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.service.connections.discard(self)
         self.closing = True
-        self._disarm()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if not self.busy and not self.queue and self.head_size == 0:
-            self._arm(self.service.header_timeout)  # a new request starts
+        if self.head_size == 0 and not self.busy:
+            self.deadline = time.monotonic() + self.service.header_timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -159,7 +208,7 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.fields = []
-        self.head_size = 0
+        self.head_size = 1
         self.body_size = 0
 
     def on_url(self, url: bytes) -> None:
@@ -172,7 +221,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_size = 0
-        self._disarm()
+        self.deadline = time.monotonic() + self.service.idle_timeout
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -184,9 +233,17 @@ class Connection(asyncio.Protocol):
             return
         method = self.parser.get_method().decode("latin-1")
         keep = self.parser.should_keep_alive()
-        self.queue.append((method, self.url.decode("utf-8", _S), self.fields, keep))
-        if not self.busy:
+        target = self.url.decode("utf-8", _S)
+        if self.busy:
+            # Pipelined behind a request still being judged: answers go in order.
+            self.queue.append((self.service.begin(method, target, self.fields, self.peer), keep))
+            return
+        now = self.service.check_now(method, target, self.fields, self.peer)
+        if isinstance(now, Rendered):
+            self._send(now, keep)
+        else:
             self.busy = True
+            self.queue.append((now, keep))
             asyncio.get_running_loop().create_task(self._run())
 
     # --- the work --------------------------------------------------------------------
@@ -194,19 +251,24 @@ class Connection(asyncio.Protocol):
     async def _run(self) -> None:
         service = self.service
         while self.queue and not self.closing:
-            method, target, fields, keep = self.queue.popleft()
-            answer = await service.check(method, target, fields, self.peer)
-            keep = keep and not service.stopping
-            if self.transport is None or self.transport.is_closing():
-                break
-            self.transport.write(encode(answer, keep))
-            if not keep:
-                self.closing = True
-                self.transport.close()
+            item, keep = self.queue.popleft()
+            answer = item if isinstance(item, Rendered) else await service.check(item)
+            if not self._send(answer, keep):
                 break
         self.busy = False
-        if not self.closing:
-            self._arm(self.service.idle_timeout)
+        self.deadline = time.monotonic() + service.idle_timeout
+
+    def _send(self, answer: Rendered, keep: bool) -> bool:
+        """Write an answer; False when the connection is done."""
+        keep = keep and not self.service.stopping
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(encode(answer, keep))
+        if not keep:
+            self.closing = True
+            self.transport.close()
+            return False
+        return True
 
     def _grow(self, size: int) -> None:
         self.head_size += size
@@ -221,26 +283,14 @@ class Connection(asyncio.Protocol):
         self.transport.write(encode(render_error(status, "GET"), keep_alive=False))
         self.transport.close()
 
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _expire(self) -> None:
-        self.timer = None
-        if self.busy or self.transport is None:
-            return
-        self.closing = True
-        self.transport.close()
-
-    def close_when_idle(self) -> None:
-        if not self.busy and self.transport is not None:
+    def close_now(self) -> None:
+        if self.transport is not None:
             self.closing = True
             self.transport.close()
+
+    def close_when_idle(self) -> None:
+        if not self.busy:
+            self.close_now()
 
 
 # --- the process -------------------------------------------------------------------------
@@ -351,6 +401,7 @@ async def run_service(
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(service), sock=sock, ssl=context)
+    sweeper = loop.create_task(service.sweep())
     bound = sock.getsockname()
     scheme = "https" if context else "http"
     host = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
@@ -380,6 +431,7 @@ async def run_service(
             time.monotonic() < deadline
         ):
             await asyncio.sleep(0.02)
+    sweeper.cancel()
     house.close()
     return 0
 
