@@ -240,22 +240,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if bool(args.tls_cert) != bool(args.tls_key):
-        given, missing = ("--tls-cert", "--tls-key")
-        if args.tls_key:
-            given, missing = missing, given
-        print(f"authgate run: {given} needs {missing} too (HTTPS takes both)", file=sys.stderr)
-        return 2
     from authgate.house import workers
 
-    try:
-        count = workers.worker_count(args.workers)
-        if args.store not in ("", "memory"):
-            from authgate.runtime.redis_store import parse_store_url
-
-            parse_store_url(args.store)
-    except ValueError as e:
-        print(f"authgate run: {e}", file=sys.stderr)
+    count = _processes(args, "run")
+    if count is None:
         return 2
     web = args.web_listen if args.web else None
     if count > 1:
@@ -287,14 +275,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """`authgate serve`: the decision service (one process, or --workers N)."""
+def _processes(args: argparse.Namespace, command: str) -> int | None:
+    """The number of processes `--workers` asks for, after checking the options
+    `run` and `serve` share (TLS files in pairs, the store's URL); None (and
+    the reason on stderr) when they are wrong."""
     from authgate.house import workers
-    from authgate.service.server import serve as serve_decisions
 
     if bool(args.tls_cert) != bool(args.tls_key):
-        print("authgate serve: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
+        given, missing = ("--tls-cert", "--tls-key")
+        if args.tls_key:
+            given, missing = missing, given
+        print(f"authgate {command}: {given} needs {missing} too (HTTPS takes both)",
+              file=sys.stderr)  # fmt: skip
+        return None
     try:
         count = workers.worker_count(args.workers)
         if args.store not in ("", "memory"):
@@ -302,7 +295,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             parse_store_url(args.store)
     except ValueError as e:
-        print(f"authgate serve: {e}", file=sys.stderr)
+        print(f"authgate {command}: {e}", file=sys.stderr)
+        return None
+    return count
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`authgate serve`: the decision service (one process, or --workers N)."""
+    from authgate.house import workers
+    from authgate.service.server import serve as serve_decisions
+
+    count = _processes(args, "serve")
+    if count is None:
         return 2
     if count > 1:
         argv = ["--policy", args.policy, "--listen", args.listen, "--store", args.store]
