@@ -505,6 +505,9 @@ def run(opts: Options) -> int:
         from authgate.tools.bench_production import bench_production
 
         bench_production(small, token, folder, opts)
+        from authgate.tools.bench_service import bench_service
+
+        bench_service(small, token, folder, opts)
     return 0
 
 
