@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import pytest
@@ -468,7 +470,8 @@ def test_a_huge_rate_allows_in_redis_too(redis_server: Any) -> None:
             Hit("usual", "ip:1", Rate.parse("5/minute"))]  # fmt: skip
 
     async def body() -> list[list[Verdict]]:
-        store = RedisStore.from_url(redis_server.url, timeout=2, prefix="huge-rates")
+        prefix = f"huge-rates-{os.getpid()}-{time.monotonic_ns()}"  # nothing left from before
+        store = RedisStore.from_url(redis_server.url, timeout=2, prefix=prefix)
         try:
             # One instant (Redis's clock would refill a µs-sized quota between calls).
             return [await store.hit_all_at(hits, 1_700_000_000_000_000) for _ in range(3)]
