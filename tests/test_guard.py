@@ -5,6 +5,7 @@ request line, and the gateway's own answers when the backend fails.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -13,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import h2.config
@@ -20,6 +22,8 @@ import h2.connection
 import h2.errors
 import h2.events
 import pytest
+from mitmproxy.http import Headers
+from mitmproxy.test import tflow
 
 from authgate.proxy import guard
 from conftest import EXAMPLE, Backend, RunningGateway, Seen, send
@@ -498,3 +502,115 @@ def test_a_backend_that_does_not_accept_gets_the_gateways_504(
     assert 0.9 <= took < 2.5
     warned = [x.getMessage() for x in caplog.records if x.levelno == logging.WARNING]
     assert any(f"127.0.0.1:{port}" in m and "504" in m for m in warned), warned
+
+
+# --- 5. the connection cap -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "soft, open_at_start, cap",
+    [
+        (64, 8, 12),  # (64 - 8 - 32) // 2
+        (1024, 10, 491),
+        (1_048_576, 20, 524_262),
+        (40, 8, 1),  # nothing left over: still one connection
+        (None, 8, 0),  # unlimited: no cap
+    ],
+)
+def test_the_automatic_connection_cap(soft: int | None, open_at_start: int, cap: int) -> None:
+    assert guard.automatic_max_connections(soft, open_at_start) == cap
+
+
+def test_a_negative_connection_cap_is_refused(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    with pytest.raises(Exception, match="authgate_max_connections must be 0"):
+        start_gateway(EXAMPLE, "authgate_max_connections=-1")
+
+
+def closed_unanswered(s: socket.socket, limit: float) -> float | None:
+    """Seconds until the peer closes having sent nothing, or None if still open."""
+    start = time.monotonic()
+    s.settimeout(limit)
+    try:
+        data = s.recv(65536)
+    except TimeoutError:
+        return None
+    except OSError:  # reset
+        return time.monotonic() - start
+    assert data == b"", data
+    return time.monotonic() - start
+
+
+def test_at_the_cap_a_new_connection_closes_the_longest_idle_or_is_refused(
+    start_gateway: Callable[..., RunningGateway],
+    backend: Backend,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="authgate")
+
+    def slow(seen: Seen) -> None:
+        time.sleep(2)
+        return None
+
+    backend.answer = slow
+    gw = start_gateway(EXAMPLE, "authgate_max_connections=2")
+    with ExitStack() as held:
+        c1, c2 = (held.enter_context(socket.create_connection(gw.address)) for _ in range(2))
+        c1.sendall(head("GET", "/health"))
+        c2.sendall(head("GET", "/health"))
+        deadline = time.monotonic() + 20
+        while len(backend.seen) < 2:  # both in flight: neither is idle
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with socket.create_connection(gw.address, timeout=10) as c3:
+            refused = closed_unanswered(c3, 5)
+        assert refused is not None and refused < 1.5  # at once, with no bytes
+        assert read_reply(c1, timeout=10).status == 200
+        assert read_reply(c2, timeout=10).status == 200
+        backend.answer = None
+        for c in (c2, c1):  # c2 is now idle the longest
+            c.sendall(head("GET", "/health"))
+            assert read_reply(c, timeout=10).status == 200
+        # A new client makes room by closing c2.
+        c4 = held.enter_context(socket.create_connection(gw.address, timeout=10))
+        c4.sendall(head("GET", "/health"))
+        assert read_reply(c4, timeout=10).status == 200
+        closed = closed_unanswered(c2, 5)
+        assert closed is not None and closed < 2
+        assert closed_unanswered(c1, 0.5) is None  # still open
+        c1.sendall(head("GET", "/health"))
+        assert read_reply(c1, timeout=10).status == 200
+    assert len(backend.seen) == 6  # the refused client sent nothing anywhere
+    warned = [r.getMessage() for r in caplog.records if "connection limit" in r.getMessage()]
+    # One line for both events: at most one every CAP_LOG_SECONDS.
+    assert len(warned) == 1 and "(2, authgate_max_connections)" in warned[0], warned
+    assert "refused 1 new one(s)" in warned[0]
+
+
+# --- 6. trailer fields (end to end in tests/test_trailers.py) ------------------------------
+
+
+@pytest.mark.parametrize("client, kept", [("HTTP/1.1", False), ("HTTP/2.0", True)])
+def test_a_backends_response_trailers_reach_only_an_http2_client(client: str, kept: bool) -> None:
+    # An HTTP/2 backend's trailers: mitmproxy's HTTP/1 writer raises on them.
+    f = tflow.tflow(resp=True)
+    f.request.http_version = client
+    assert f.response is not None
+    f.response.trailers = Headers(x_checksum="sha256=1")
+    guard.BackendErrors().response(f)
+    assert (f.response.trailers is not None) is kept
+
+
+def test_a_forwarded_requests_trailers_are_dropped() -> None:
+    f = tflow.tflow()
+    f.request.http_version = "HTTP/2.0"
+    f.request.trailers = Headers(x_checksum="sha256=1")
+
+    async def run() -> None:
+        errors = guard.BackendErrors()
+        errors.request(f)
+        errors.done()
+
+    asyncio.run(run())
+    assert f.request.trailers is None

@@ -1,6 +1,6 @@
 """Guards for what mitmproxy's HTTP layers leave unbounded or answer themselves.
 
-Two addons and three pinned patches of mitmproxy's HTTP layers:
+Two addons and five pinned patches of mitmproxy's HTTP layers:
 
 - A denial goes out before the request body. When a response is set in
   `requestheaders` (every gateway denial) and the body has not arrived yet,
@@ -20,6 +20,30 @@ Two addons and three pinned patches of mitmproxy's HTTP layers:
   after `authgate_idle_timeout` seconds (default 60). Closing is what
   mitmproxy's own inactivity timeout does (cancel the connection's task): no
   bytes are sent.
+- `ClientTimeouts` also caps the client connections open at once,
+  `authgate_max_connections` (nginx's `worker_connections`): 0, the default,
+  derives the cap at start from the soft RLIMIT_NOFILE, as
+  (limit - descriptors open at start - FD_RESERVE) // 2, two descriptors a
+  client connection (its own and a backend connection's). A client that
+  connects at the cap makes room by closing the keep-alive connection idle
+  the longest (no bytes sent, as the idle timeout does); with none idle, the
+  new connection is closed at once, unanswered (mitmproxy closes a
+  connection whose `client.error` the `client_connected` hook set). Without
+  the cap, idle keep-alive connections held open by one client used up the
+  descriptors, and then nothing was answered, `/health` included. At most one
+  warning every CAP_LOG_SECONDS says what the cap did.
+- Trailer fields (after a chunked body's last chunk) are discarded, never
+  forwarded (RFC 9110 §6.5.1), on HTTP/1 in both directions and on HTTP/2
+  requests; the request is judged and answered as any other. mitmproxy's
+  HTTP/1 reader raised on them and left the connection open for good. A
+  trailer section or a chunk-size line longer than MAX_TRAILER_BYTES is a
+  protocol error: a request gets a 400 (unless answered already) and the
+  connection closes.
+- A safety net: an exception in mitmproxy's HTTP layer for a client
+  connection (mitmproxy logs "mitmproxy has crashed!" and leaves the
+  connection open, past every timeout above) is logged at error level,
+  naming the peer, fails the connection's open flows (the `error` hook) and
+  closes the connection; later events for that layer are ignored.
 - Empty lines before a request line are skipped (RFC 9112 §2.2), at most
   MAX_EMPTY_LINES; more closes the connection.
 - `BackendErrors`: a backend that cannot be reached, fails, or is too slow
@@ -47,6 +71,11 @@ Read in mitmproxy 11.0.2, 12.1.2 and 12.3.1, where everything below is the
 same apart from 12's `ErrorCode` enum for protocol-error codes (see
 `_STREAM_CANCEL`); tests/test_guard.py passes on 11.0.2 (Python 3.11) and on
 12.1.2 and 12.3.1 (Python 3.12), and fails on all three without the guards.
+The `read_body` and `HttpLayer._handle_event` patches (and the connection
+cap) came later: tests/test_trailers.py and the cap's tests ran on 11.0.2
+only; 12.1.2's `read_body` (the NotImplementedError on trailers, the
+`CloseConnection` on an h11 ProtocolError), `HttpLayer._handle_event`,
+`HttpLayer.streams` and `handle_client`'s `client.error` check read the same.
 `install()` refuses other major versions and warns on an unread minor.
 
 - `HttpStream.state_wait_for_request_headers`, wrapped: it runs the
@@ -63,26 +92,49 @@ same apart from 12's `ErrorCode` enum for protocol-error codes (see
   incomplete" and waits for more bytes, though the request is in the buffer.
   The wrapper runs it again while it consumed an empty line. It also reports
   to `ClientTimeouts` when a head starts and when it is complete.
+- `Http1Connection.read_body`, wrapped: its h11 `ChunkedReader` (the body
+  reader `make_body_reader` gives a chunked message) is wrapped in
+  `_ChunkedBody`, which turns an `EndOfMessage` with trailer fields into one
+  without (`read_body` raises NotImplementedError on trailers) and raises
+  h11's `RemoteProtocolError` past MAX_TRAILER_BYTES; `read_body` turns that
+  into `CloseConnection` and a protocol error for the stream, and the wrapper
+  sends a 400 before the close where no response went out yet.
+- `HttpLayer._handle_event`, wrapped: the safety net above. On an exception
+  it yields `CloseConnection(client)`, then `HttpErrorHook` for the flows of
+  `HttpLayer.streams` still live.
 - Also relied on: `Layer._paused_event_queue` (events that came during a hook;
   mitmproxy's `check_killed` reads it too), `Proxyserver.connections` keyed by
   client id, `ConnectionHandler.transports[conn].handler` (the task that
   mitmproxy's own inactivity timeout cancels), and `Server.timestamp_start`,
   set just before the TCP connect (after the per-address connection limit).
+  `ConnectionHandler.handle_client` closes a client whose `client.error` is
+  set after the `client_connected` hook. `BackendErrors.request` clears
+  `flow.request.trailers` of a forwarded flow: HttpStream sends trailers
+  after the `request` hook (an HTTP/1 backend's `Http1Client.send` raises on
+  them), and `BackendErrors.response` those of a response to an HTTP/1
+  client (sent after the `response` hook; `Http1Server.send` raises on them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import time
 import types
 from collections.abc import Generator
 from http import HTTPStatus
 from typing import Any
 
+import h11
+from h11._readers import ChunkedReader
+from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import connection, exceptions, http
 from mitmproxy import version as mitmproxy_version
-from mitmproxy.net.http import status_codes
+from mitmproxy.connection import ConnectionState
+from mitmproxy.flow import Error as FlowError
+from mitmproxy.net.http import http1, status_codes
 from mitmproxy.proxy import commands, events, layer, server_hooks
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _events as http_events
@@ -99,12 +151,21 @@ GUARD_KEY = "authgate_guard"
 LINGER_SECONDS = 2.0  # after an early denial, how long a closing connection is read
 LINGER_BYTES = 256 * 1024  # ...and how much of the unwanted body is read, at most
 MAX_EMPTY_LINES = 10  # empty lines skipped before a request line (Apache's default)
+# A chunked body's trailer section, or one chunk-size line, at most (nginx reads
+# a request head into at most 4 buffers of 8 KiB: large_client_header_buffers).
+MAX_TRAILER_BYTES = 32 * 1024
+FD_RESERVE = 32  # descriptors kept out of the automatic connection cap (logs, JWKS, Redis...)
+FDS_PER_CONNECTION = 2  # a client connection and its backend connection
+CAP_LOG_SECONDS = 10.0  # at most one warning about the connection cap this often
+TRACEBACK_SECONDS = 60.0  # the safety net logs a full traceback at most this often
 VERIFIED = ("11.0.2", "12.1.2", "12.3.1")
 
 CONNECT_TIMEOUT_MESSAGE = "authgate: backend connect timeout"
 RESPONSE_TIMEOUT_MESSAGE = "authgate: backend response timeout"
 
 HttpStream = http_layer.HttpStream
+HttpLayer = http_layer.HttpLayer
+Http1Connection = _http1.Http1Connection
 Http1Server = _http1.Http1Server
 SendHttp = http_layer.SendHttp
 DropStream = http_layer.DropStream
@@ -122,10 +183,11 @@ HEAD = "head"  # waiting for a request head to complete
 BUSY = "busy"  # a request is in flight
 IDLE = "idle"  # keep-alive, nothing in flight
 LINGER = "linger"  # answered early, closing in stages
+CLOSING = "closing"  # closed to make room under the connection cap
 
 
 class _Conn:
-    __slots__ = ("client", "owner", "phase", "flows", "timer", "discarded")
+    __slots__ = ("client", "owner", "phase", "flows", "timer", "discarded", "counted")
 
     def __init__(self, client: connection.Client, owner: ClientTimeouts) -> None:
         self.client = client
@@ -134,6 +196,7 @@ class _Conn:
         self.flows: set[str] = set()
         self.timer: asyncio.TimerHandle | None = None
         self.discarded = 0
+        self.counted = False  # counted against the owner's connection cap
 
 
 # Client id -> its bookkeeping. The patched layers act only on connections in
@@ -143,12 +206,20 @@ _TRACKED: dict[str, _Conn] = {}
 
 class ClientTimeouts:
     """Bounds how long a client may take to send a request head, and how long
-    a keep-alive connection may sit idle; closes early-answered connections."""
+    a keep-alive connection may sit idle; closes early-answered connections;
+    caps the client connections open at once."""
 
     def __init__(self) -> None:
         self.master: Any = None
         self.header_timeout = 10
         self.idle_timeout = 60
+        self.max_connections = 0  # the cap in force; 0: none (until `running`)
+        self._fds_at_start: int | None = None  # counted in `running`
+        self._open = 0  # client connections counted against the cap
+        self._idle: dict[str, _Conn] = {}  # IDLE connections, idle the longest first
+        self._cap_closed = 0  # closed / refused at the cap, not logged yet
+        self._cap_refused = 0
+        self._cap_log: asyncio.TimerHandle | None = None
 
     def load(self, loader: Any) -> None:
         _install_or_refuse()
@@ -168,32 +239,88 @@ class ClientTimeouts:
             "Seconds a keep-alive client connection may stay open with no request in "
             "flight; then it is closed.",
         )
+        loader.add_option(
+            "authgate_max_connections",
+            int,
+            0,
+            "Client connections open at once, at most; at the cap a new one closes the "
+            "connection idle the longest, or is refused if none is idle. 0: derived at "
+            "start from the open-files limit (RLIMIT_NOFILE), two per connection.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = self.master.options
         for name in ("authgate_header_timeout", "authgate_idle_timeout"):
             if name in updated and getattr(opts, name) < 1:
                 raise exceptions.OptionsError(f"authgate: {name} must be at least 1 (seconds)")
+        if "authgate_max_connections" in updated:
+            if opts.authgate_max_connections < 0:
+                raise exceptions.OptionsError(
+                    "authgate: authgate_max_connections must be 0 (automatic) or more"
+                )
+            if self._fds_at_start is not None:
+                self._set_cap()
         self.header_timeout = opts.authgate_header_timeout
         self.idle_timeout = opts.authgate_idle_timeout
+
+    def running(self) -> None:
+        # Here, not in configure: the listeners and the policy's files are open now,
+        # and no client connection yet.
+        self._fds_at_start = open_fds()
+        self._set_cap()
 
     def done(self) -> None:
         for key, conn in list(_TRACKED.items()):
             if conn.owner is self:
                 _cancel(conn)
                 del _TRACKED[key]
+        self._idle.clear()
+        self._open = 0
+        if self._cap_log is not None:
+            self._cap_log.cancel()
+            self._cap_log = None
+
+    def _set_cap(self) -> None:
+        wanted = self.master.options.authgate_max_connections
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fds = self._fds_at_start or 0
+        automatic = automatic_max_connections(None if soft == resource.RLIM_INFINITY else soft, fds)
+        self.max_connections = wanted or automatic
+        if wanted and automatic and wanted > automatic:
+            logger.warning(
+                f"authgate: authgate_max_connections={wanted} may need more file "
+                f"descriptors than the open-files limit ({soft}, {fds} open at start) allows; "
+                f"automatic would be {automatic}"
+            )
+        logger.debug(
+            f"authgate: at most {self.max_connections or 'unlimited'} client connections "
+            f"(open-files limit {soft}, {fds} open at start)"
+        )
 
     # --- hooks -----------------------------------------------------------------------
 
     def client_connected(self, client: connection.Client) -> None:
+        if self.max_connections and self._open >= self.max_connections:
+            if not self._make_room():
+                # mitmproxy closes the connection, unanswered (server.py handle_client).
+                client.error = "authgate: connection limit reached"
+                self._cap_refused += 1
+                self._note_cap()
+                return
         conn = _Conn(client, self)
         _TRACKED[client.id] = conn
+        conn.counted = True
+        self._open += 1
         self._arm(conn, HEAD, self.header_timeout)
 
     def client_disconnected(self, client: connection.Client) -> None:
         conn = _TRACKED.pop(client.id, None)
         if conn is not None:
             _cancel(conn)
+            self._idle.pop(client.id, None)
+            if conn.counted and conn.owner is self:
+                conn.counted = False
+                self._open -= 1
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -227,7 +354,10 @@ class ClientTimeouts:
 
     def _busy(self, conn: _Conn) -> None:
         _cancel(conn)
+        if conn.phase == CLOSING:
+            return
         conn.phase = BUSY
+        self._idle.pop(conn.client.id, None)
 
     def head_started(self, conn: _Conn) -> None:
         """Bytes of a request head are waiting (called by the HTTP/1 reader)."""
@@ -255,7 +385,12 @@ class ClientTimeouts:
 
     def _arm(self, conn: _Conn, phase: str, seconds: float) -> None:
         _cancel(conn)
+        if conn.phase == CLOSING:
+            return
         conn.phase = phase
+        self._idle.pop(conn.client.id, None)
+        if phase == IDLE:
+            self._idle[conn.client.id] = conn  # last: idle the shortest
         loop = asyncio.get_running_loop()
         conn.timer = loop.call_later(seconds, self._expire, conn, phase)
 
@@ -292,6 +427,69 @@ class ClientTimeouts:
             return None
         handler = self.master.addons.get("proxyserver").connections.get(conn.client.id)
         return None if handler is None else handler.transports.get(conn.client)
+
+    # --- the connection cap --------------------------------------------------------------
+
+    def _make_room(self) -> bool:
+        """Close connections idle the longest until one more fits; False if none is idle."""
+        for conn in list(self._idle.values()):
+            if self._open < self.max_connections:
+                break
+            io = self._io(conn)
+            if io is None or io.handler is None:
+                continue
+            transport = getattr(io.writer, "transport", None)
+            if isinstance(transport, asyncio.WriteTransport) and (
+                transport.get_write_buffer_size() > 0
+            ):
+                continue  # still sending its last response: not idle
+            _cancel(conn)
+            del self._idle[conn.client.id]
+            conn.phase = CLOSING
+            conn.counted = False
+            self._open -= 1
+            self._cap_closed += 1
+            io.handler.cancel("authgate: connection limit reached; closing an idle connection")
+        if self._cap_closed:
+            self._note_cap()
+        return self._open < self.max_connections
+
+    def _note_cap(self) -> None:
+        if self._cap_log is None:
+            self._log_cap()
+
+    def _log_cap(self) -> None:
+        """Says what the cap did since the last time; at most once every CAP_LOG_SECONDS."""
+        self._cap_log = None
+        closed, refused = self._cap_closed, self._cap_refused
+        if not (closed or refused):
+            return
+        self._cap_closed = self._cap_refused = 0
+        logger.warning(
+            f"authgate: at the connection limit ({self.max_connections}, "
+            f"authgate_max_connections): closed {closed} idle keep-alive connection(s), "
+            f"refused {refused} new one(s)"
+        )
+        self._cap_log = asyncio.get_running_loop().call_later(CAP_LOG_SECONDS, self._log_cap)
+
+
+def open_fds() -> int:
+    """File descriptors this process has open (0 where that cannot be read)."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return max(0, len(os.listdir(folder)) - 1)  # less the one listdir used
+        except OSError:
+            continue
+    return 0
+
+
+def automatic_max_connections(soft_limit: int | None, open_at_start: int) -> int:
+    """The cap `authgate_max_connections=0` means: what the soft RLIMIT_NOFILE
+    leaves after the descriptors open at start and FD_RESERVE, two a client
+    connection; at least 1. 0 (no cap) when the limit is unlimited (None)."""
+    if soft_limit is None:
+        return 0
+    return max(1, (soft_limit - open_at_start - FD_RESERVE) // FDS_PER_CONNECTION)
 
 
 def _cancel(conn: _Conn) -> None:
@@ -351,6 +549,9 @@ class BackendErrors:
         if flow.response is not None or flow.error is not None:
             return  # answered by the gateway: nothing goes to the backend
         flow.metadata[GUARD_KEY] = {"forwarded": True}
+        # Trailer fields are never forwarded (HTTP/2 ones reach here; HTTP/1
+        # ones are dropped as they are read): mitmproxy sends them after this hook.
+        flow.request.trailers = None
         loop = asyncio.get_running_loop()
         self._waiting[flow.id] = loop.call_later(self.response_timeout, self._response_late, flow)
 
@@ -360,6 +561,9 @@ class BackendErrors:
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._stop(flow)
+        if flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
+            # An HTTP/2 backend's trailers: mitmproxy's HTTP/1 writer cannot send them.
+            flow.response.trailers = None
 
     def _stop(self, flow: http.HTTPFlow) -> None:
         timer = self._waiting.pop(flow.id, None)
@@ -618,6 +822,121 @@ def _read_headers(self: Any, event: events.Event) -> layer.CommandGenerator[None
     self.state = self.done
 
 
+class _ChunkedBody:
+    """h11's ChunkedReader with trailer fields dropped, and bounded: a trailer
+    section or chunk-size line past MAX_TRAILER_BYTES is a protocol error."""
+
+    __slots__ = ("reader", "too_large")
+
+    def __init__(self, reader: ChunkedReader) -> None:
+        self.reader = reader
+        self.too_large = False
+
+    def __call__(self, buf: ReceiveBuffer) -> h11.Data | h11.EndOfMessage | None:
+        before = len(buf)
+        event = self.reader(buf)
+        if event is None:
+            # Only a line the reader is waiting for (a chunk size, or the trailer
+            # section up to its empty line) stays in the buffer unread.
+            if len(buf) > MAX_TRAILER_BYTES:
+                self._refuse()
+            return None
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            if before - len(buf) > MAX_TRAILER_BYTES:
+                self._refuse()
+            return h11.EndOfMessage()  # RFC 9110 §6.5.1: discarded
+        return event
+
+    def _refuse(self) -> None:
+        self.too_large = True
+        raise h11.RemoteProtocolError(
+            f"chunked body: trailer section or chunk-size line over {MAX_TRAILER_BYTES} bytes"
+        )
+
+    def read_eof(self) -> h11.EndOfMessage:
+        return self.reader.read_eof()
+
+
+def _bad_request(request: http.Request | None) -> bytes:
+    """The gateway's 400, closing the connection, as bytes for an HTTP/1 client."""
+    method = request.method if request is not None else "GET"
+    accept = request.headers.get("accept") if request is not None else None
+    r = render_error(400, method, accept=accept)
+    response = http.Response.make(
+        r.status, r.body, [(k.encode(), v.encode()) for k, v in r.headers]
+    )
+    response.reason = HTTPStatus.BAD_REQUEST.phrase
+    response.headers["Connection"] = "close"
+    raw: bytes = http1.assemble_response(response)
+    return raw
+
+
+def _read_body(self: Any, event: events.Event) -> layer.CommandGenerator[None]:
+    original = _ORIGINAL["read_body"]
+    reader = self.body_reader
+    if type(reader) is ChunkedReader and self.context.client.id in _TRACKED:
+        reader = self.body_reader = _ChunkedBody(reader)
+    if not isinstance(reader, _ChunkedBody):
+        yield from original(self, event)
+        return
+    commands_ = original(self, event)
+    reply: Any = None
+    while True:
+        try:
+            command = commands_.send(reply)
+        except StopIteration:
+            return
+        if (
+            reader.too_large
+            and isinstance(command, commands.CloseConnection)
+            and isinstance(self, Http1Server)
+            and self.response is None
+            and self.conn.state & ConnectionState.CAN_WRITE
+        ):
+            # mitmproxy only closes on a body's protocol error; RFC 9112 wants a 400.
+            yield commands.SendData(self.conn, _bad_request(self.request))
+        reply = yield command
+
+
+# When the safety net last logged a whole traceback (once per TRACEBACK_SECONDS).
+_LAST_TRACEBACK = [float("-inf")]
+_GUARDED = "_authgate_guarded"  # set on an HttpLayer: True, or "failed" after an exception
+
+
+def _http_layer_event(self: Any, event: events.Event) -> layer.CommandGenerator[None]:
+    original = _ORIGINAL["http_layer_event"]
+    guarded = getattr(self, _GUARDED, None)
+    if guarded is None:
+        guarded = self.context.client.id in _TRACKED
+        setattr(self, _GUARDED, guarded)
+    if guarded == "failed":
+        return  # closed after an exception: nothing more to do here
+    if not guarded:
+        yield from original(self, event)
+        return
+    try:
+        yield from original(self, event)
+    except Exception as e:  # noqa: BLE001 - the safety net: whatever failed, close
+        setattr(self, _GUARDED, "failed")
+        client = self.context.client
+        now = time.monotonic()
+        with_traceback = now - _LAST_TRACEBACK[0] >= TRACEBACK_SECONDS
+        if with_traceback:
+            _LAST_TRACEBACK[0] = now
+        logger.error(
+            f"authgate: closing the connection from {human.format_address(client.peername)}: "
+            f"mitmproxy's HTTP layer failed: {type(e).__name__}: {e}",
+            exc_info=with_traceback,
+        )
+        yield commands.CloseConnection(client)
+        for stream in list(getattr(self, "streams", {}).values()):
+            flow = getattr(stream, "flow", None)
+            if isinstance(flow, http.HTTPFlow) and flow.live and flow.error is None:
+                flow.error = FlowError("authgate: connection closed after an internal error")
+                flow.live = False
+                yield http_hooks.HttpErrorHook(flow)
+
+
 _PATCHES = (
     (
         HttpStream,
@@ -627,6 +946,8 @@ _PATCHES = (
     ),
     (HttpStream, "handle_protocol_error", "handle_protocol_error", _handle_protocol_error),
     (Http1Server, "read_headers", "read_headers", _read_headers),
+    (Http1Connection, "read_body", "read_body", _read_body),
+    (HttpLayer, "_handle_event", "http_layer_event", _http_layer_event),
 )
 # What the patches call or read besides the functions they wrap.
 _RELIED_ON = (
@@ -643,6 +964,8 @@ _RELIED_ON = (
         ),
     ),
     (Http1Server, ("done",)),
+    (Http1Connection, ("request", "response")),
+    (ChunkedReader, ("__call__", "read_eof")),
     (layer.Layer, ("handle_event",)),
 )
 
