@@ -481,5 +481,7 @@ def test_a_huge_rate_allows_in_redis_too(redis_server: Any) -> None:
     got = asyncio.run(body())
     assert all(v.allowed for verdicts in got for v in verdicts)
     huge = [verdicts[0].remaining for verdicts in got]
-    assert 10**9 - 100 < huge[2] < huge[1] < huge[0] < 10**9
+    # A µs-sized quota's key lives a few µs of Redis's own clock: on a busy
+    # machine it may be gone before the next call, which then starts afresh.
+    assert 10**9 - 100 < huge[2] <= huge[1] <= huge[0] < 10**9
     assert [verdicts[2].remaining for verdicts in got] == [4, 3, 2]
