@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test redis-server lint fix typecheck check bench screenshots clean
+.PHONY: install run test redis-server proxies lint fix typecheck check bench screenshots clean
 
 install: $(STAMP) policies/keys/jwks.json
 
@@ -23,7 +23,7 @@ policies/keys/jwks.json: | $(STAMP)
 run: install
 	$(BIN)/authgate demo $(ARGS)
 
-test: install redis-server
+test: install redis-server proxies
 	$(BIN)/python -m pytest
 
 # The tests start their own redis-server (Debian package redis-server) on a free
@@ -34,6 +34,21 @@ redis-server:
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
 	  else \
 	    echo "authgate: the tests need redis-server: sudo apt-get install redis-server" >&2; \
+	    exit 1; \
+	  fi
+
+# tests/test_service_proxies.py runs Debian's nginx (its auth_request module)
+# and caddy in front of `authgate serve`; install them when missing (as root),
+# else say how.
+proxies:
+	@missing=""; \
+	  command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="nginx"; \
+	  command -v caddy >/dev/null || missing="$${missing:+$$missing }caddy"; \
+	  if [ -z "$$missing" ]; then exit 0; fi; \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	  else \
+	    echo "authgate: the tests need $$missing: sudo apt-get install $$missing" >&2; \
 	    exit 1; \
 	  fi
 

@@ -160,6 +160,38 @@ def parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(func=_lazy("cmd_serve"))
 
+    cfg = sub.add_parser(
+        "config",
+        help="print a proxy's configuration for the decision service (nginx, caddy, ...)",
+        description="Print a working configuration that puts nginx, Caddy, Traefik or Envoy "
+        "in front of a backend, every request judged by `authgate serve`. See "
+        "docs/decision-service.md.",
+    )
+    cfg.add_argument("proxy", choices=["nginx", "caddy", "traefik", "envoy"], help="the proxy")
+    cfg.add_argument(
+        "--authgate",
+        default="127.0.0.1:9191",
+        metavar="HOST:PORT",
+        help="where `authgate serve` listens (127.0.0.1:9191); a port alone is 127.0.0.1",
+    )
+    cfg.add_argument(
+        "--upstream", required=True, metavar="URL", help="the backend, e.g. http://127.0.0.1:9000"
+    )
+    cfg.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="where the proxy listens (127.0.0.1:8080); a port alone is 127.0.0.1",
+    )
+    cfg.add_argument(
+        "--policy",
+        metavar="POLICY",
+        help="the policy authgate serves: the proxy also removes the fields it strips "
+        "(default: the default strip_headers list)",
+    )
+    cfg.set_defaults(func=_lazy("cmd_config"))
+
     demo = sub.add_parser("demo", help="the gateway and a demo backend (what `make run` starts)")
     gateway_options(demo, "127.0.0.1:8080", "policies/example.yaml")
     demo.add_argument(

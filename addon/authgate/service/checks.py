@@ -65,7 +65,8 @@ def _one(headers: Sequence[tuple[str, str]], name: str) -> tuple[str | None, boo
 
 
 def _refuse(status: int, reason: str, method: str, accept: str | None) -> Refusal:
-    return Refusal(render_error(status, method, accept=accept), reason)
+    r = render_error(status, method, accept=accept)
+    return Refusal(Rendered(r.status, ((DECISION, "deny"), *r.headers), r.body), reason)
 
 
 def read_check(
@@ -146,7 +147,8 @@ def unseal(text: str) -> Rendered | None:
     try:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         status, headers, body = json.loads(data)
-        if not (isinstance(status, int) and 400 <= status <= 599 and isinstance(body, str)):
+        # 3xx too: a browser sent to the sign-in page (303, Location) is a denial.
+        if not (isinstance(status, int) and 300 <= status <= 599 and isinstance(body, str)):
             return None
         pairs = tuple((str(k), str(v)) for k, v in headers)
     except (ValueError, TypeError):

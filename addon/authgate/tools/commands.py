@@ -462,3 +462,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
     except PolicyError as e:
         return _error("learn", str(e))
     return learn.main(base, args)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """`authgate config PROXY`: a proxy's configuration for the decision service."""
+    from authgate.tools import proxyconfig
+
+    try:
+        policy = load_policy(args.policy) if args.policy else None
+    except PolicyError as e:
+        return _error("config", str(e))
+    try:
+        text = proxyconfig.generate(args.proxy, args.authgate, args.upstream, args.listen, policy)
+    except ValueError as e:
+        return _error("config", str(e))
+    sys.stdout.write(text)
+    return OK
