@@ -151,7 +151,7 @@ def unseal(text: str) -> Rendered | None:
         if not (isinstance(status, int) and 300 <= status <= 599 and isinstance(body, str)):
             return None
         pairs = tuple((str(k), str(v)) for k, v in headers)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
         return None
     if any("\r" in k + v or "\n" in k + v for k, v in pairs):
         return None

@@ -16,6 +16,7 @@ answer out (`checks.answer`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ logger = logging.getLogger("authgate")
 MAX_HEAD = 64 * 1024  # request line and header fields, at most
 MAX_BODY = 64 * 1024  # a check request's body (dropped), at most
 GRACE_SECONDS = 25.0
+LINGER_SECONDS = 2.0  # after refusing a request, what the client still sends is dropped
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _S = "surrogateescape"
 
@@ -56,6 +58,28 @@ def encode(r: Rendered, keep_alive: bool) -> bytes:
     if not keep_alive:
         lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n" + r.body
+
+
+def denied(r: Rendered) -> Rendered:
+    """One of the service's own answers, saying `X-Authgate-Decision: deny`."""
+    return Rendered(r.status, ((checks.DECISION, "deny"), *r.headers), r.body)
+
+
+def unreadable(status: int) -> Rendered:
+    """The answer to a request that cannot be read: 400, 413 or 431, problem+json
+    (the request's Accept may not have been read). core.responses has no text
+    for 413 and 431: they are the service's own."""
+    base = render_error(400, "GET")
+    if status == 400:
+        return denied(base)
+    problem = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": "The request cannot be read; it was not judged.",
+    }
+    body = json.dumps(problem, separators=(", ", ": ")).encode() + b"\n"
+    return denied(Rendered(status, base.headers, body))
 
 
 class Service:
@@ -76,11 +100,10 @@ class Service:
         policy = self.house.policy
         accept = next((v for k, v in fields if k == "accept"), None)
         if policy is None:
-            return render_error(503, method, retry_after=5, accept=accept)
+            return denied(render_error(503, method, retry_after=5, accept=accept))
         if any(k == checks.REFUSED for k, _ in fields):
             # The nginx configuration's fail-closed route: authgate did not say allow.
-            refused = render_error(503, method, retry_after=5, accept=accept)
-            return Rendered(503, ((checks.DECISION, "deny"), *refused.headers), refused.body)
+            return denied(render_error(503, method, retry_after=5, accept=accept))
         try:
             family, value = parse_ip(peer)
             trusted = policy.trusted_proxies.contains(family, value)
@@ -89,7 +112,7 @@ class Service:
         if target.split("?", 1)[0] == "/_answer":
             sealed = next((v for k, v in fields if k == "x-authgate-answer"), "")
             replay = checks.unseal(sealed) if trusted else None
-            return replay or render_error(503, method, retry_after=5, accept=accept)
+            return replay or denied(render_error(503, method, retry_after=5, accept=accept))
         read = checks.read_check(method, target, fields, peer, trusted)
         if isinstance(read, checks.Refusal):
             return read.rendered
@@ -168,9 +191,16 @@ class Connection(asyncio.Protocol):
         self.fields: list[tuple[str, str]] = []
         self.head_size = 0
         self.body_size = 0
+        # A head that spans several reads, counted as its bytes arrive: httptools
+        # holds a field until it ends, so `_grow` alone would let one endless
+        # field grow (and be copied again at every read) until the header timeout.
+        self.in_head = False
+        self.completed = 0  # requests read whole on this connection
+        self.raw_head = 0
         self.queue: deque[tuple[Rendered | Pending, bool]] = deque()
         self.busy = False
         self.closing = False
+        self.failed = 0  # a request could not be read: its status, answered after those before it
         self.deadline = 0.0  # monotonic time after which an unbusy connection closes
 
     # --- asyncio --------------------------------------------------------------
@@ -192,16 +222,21 @@ class Connection(asyncio.Protocol):
         self.closing = True
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.failed:
             return
-        if self.head_size == 0 and not self.busy:
-            self.deadline = time.monotonic() + self.service.header_timeout
+        completed = self.completed
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400)
         except httptools.HttpParserError:
             self._fail(400)
+        if self.in_head and self.completed == completed:
+            # No request ended in this read, and a head is open: the read is the
+            # head's (but CR LF between requests). Else not counted, at most one read.
+            self.raw_head += len(data)
+            if self.raw_head > MAX_HEAD:
+                self._fail(431)
 
     # --- httptools callbacks ---------------------------------------------------------
 
@@ -210,6 +245,12 @@ class Connection(asyncio.Protocol):
         self.fields = []
         self.head_size = 1
         self.body_size = 0
+        self.in_head = True
+        self.raw_head = 0
+        # The head must be whole within the header timeout, counted from its
+        # first byte: not from every read (CR LF between requests, or a body
+        # sent a byte at a time, would hold a connection open for good).
+        self.deadline = time.monotonic() + self.service.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -221,6 +262,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_size = 0
+        self.in_head = False
         self.deadline = time.monotonic() + self.service.idle_timeout
 
     def on_body(self, body: bytes) -> None:
@@ -229,7 +271,11 @@ class Connection(asyncio.Protocol):
             self._fail(413)
 
     def on_message_complete(self) -> None:
-        if self.closing:
+        self.completed += 1
+        if self.closing or self.failed:
+            return
+        if self.parser.should_upgrade():
+            self._fail(400)  # a check request never switches protocols
             return
         method = self.parser.get_method().decode("latin-1")
         keep = self.parser.should_keep_alive()
@@ -257,6 +303,8 @@ class Connection(asyncio.Protocol):
                 break
         self.busy = False
         self.deadline = time.monotonic() + service.idle_timeout
+        if self.failed and not self.closing:
+            self._refuse()
 
     def _send(self, answer: Rendered, keep: bool) -> bool:
         """Write an answer; False when the connection is done."""
@@ -276,12 +324,25 @@ class Connection(asyncio.Protocol):
             self._fail(431)
 
     def _fail(self, status: int) -> None:
-        """A request that cannot be read: answer and close."""
-        if self.closing or self.transport is None:
+        """A request that cannot be read: answer it after the requests before it
+        (answers go in order) and close; read nothing more."""
+        if self.closing or self.failed or self.transport is None:
             return
+        self.failed = status
+        if not self.busy:
+            self._refuse()
+
+    def _refuse(self) -> None:
         self.closing = True
-        self.transport.write(encode(render_error(status, "GET"), keep_alive=False))
-        self.transport.close()
+        self.transport.write(encode(unreadable(self.failed), keep_alive=False))
+        if self.transport.can_write_eof():
+            # A lingering close: closing with the client's bytes unread would
+            # reset the connection, and the client could lose the answer. Read
+            # and drop them for a moment (the sweep closes), or until the client closes.
+            self.transport.write_eof()
+            self.deadline = time.monotonic() + LINGER_SECONDS
+        else:
+            self.transport.close()
 
     def close_now(self) -> None:
         if self.transport is not None:
@@ -377,7 +438,9 @@ async def run_service(
         return 2
     house = Gatehouse()
     try:
-        house.load(policy, False, options.get("authgate_mode", ""))
+        # keep_host_header: the Host judged is the client's, as the proxy tells it
+        # (X-Forwarded-Host on /auth and /nginx, Host on /envoy): `host` rules work.
+        house.load(policy, True, options.get("authgate_mode", ""))
         house.watch = options.get("authgate_watch", True)
         house.open_log(options.get("authgate_log", ""))
         house.configure_store(store, options.get("authgate_store_timeout", 0.05))
