@@ -508,6 +508,7 @@ def _traefik(site: Site) -> str:
         "        # An empty value removes the field: the client's copies of the fields",
         "        # backends take as proven (the policy's strip_headers), every spelling.",
         "        customRequestHeaders:",
+        '          X-Request-Id: ""  # the client\'s: authgate makes its own',
     ]
     for name in site.strip:
         for spelled in spellings(name):
