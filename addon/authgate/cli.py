@@ -71,7 +71,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="authgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def gateway_options(sp: argparse.ArgumentParser, listen: str, policy: str | None) -> None:
+    def gateway_options(
+        sp: argparse.ArgumentParser,
+        listen: str,
+        policy: str | None,
+        sets: str = "a mitmproxy option, as with mitmdump --set (repeatable)",
+    ) -> None:
         if policy is None:
             sp.add_argument("--policy", required=True, help="policy file (YAML); required")
         else:
@@ -89,36 +94,40 @@ def parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="NAME=VALUE",
-            help="a mitmproxy option, as with mitmdump --set (repeatable)",
+            help=sets,
+        )
+
+    def production_options(sp: argparse.ArgumentParser, what: str) -> None:
+        """What `run` and `serve` share beyond gateway_options."""
+        sp.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS only, with this PEM cert")
+        sp.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+        sp.add_argument(
+            "--workers",
+            default="1",
+            metavar="N",
+            help=f"{what} processes on the listen address (1; auto: one per core)",
+        )
+        sp.add_argument(
+            "--store",
+            default="memory",
+            metavar="URL",
+            help="where rate-limit counts live: memory, or redis://HOST:PORT/DB (rediss:// "
+            "for TLS; password in the URL or AUTHGATE_REDIS_PASSWORD) to share them (memory)",
+        )
+        sp.add_argument(
+            "--admin",
+            type=host_port,
+            metavar="HOST:PORT",
+            help="serve /live, /ready, /metrics and /status there (off; e.g. 9901, which "
+            "is 127.0.0.1:9901)",
         )
 
     run = sub.add_parser("run", help="run the gateway in front of a backend")
     gateway_options(run, "127.0.0.1:8080", None)
     run.add_argument("--upstream", required=True, help="the backend, e.g. http://127.0.0.1:9000")
-    run.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS only, with this PEM cert")
-    run.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    production_options(run, "gateway")
     run.add_argument(
         "--upstream-ca", metavar="FILE", help="verify an https:// upstream against this CA (PEM)"
-    )
-    run.add_argument(
-        "--workers",
-        default="1",
-        metavar="N",
-        help="gateway processes on the listen address (1; auto: one per core)",
-    )
-    run.add_argument(
-        "--store",
-        default="memory",
-        metavar="URL",
-        help="where rate-limit counts live: memory, or redis://HOST:PORT/DB (rediss:// for "
-        "TLS; password in the URL or AUTHGATE_REDIS_PASSWORD) to share them (memory)",
-    )
-    run.add_argument(
-        "--admin",
-        type=host_port,
-        metavar="HOST:PORT",
-        help="serve /live, /ready, /metrics and /status there (off; e.g. 9901, which is "
-        "127.0.0.1:9901)",
     )
     run.add_argument("--web", action="store_true", help="also serve the mitmweb UI")
     run.add_argument(
@@ -137,27 +146,15 @@ def parser() -> argparse.ArgumentParser:
         "ext_authz, Caddy forward_auth, Traefik forwardAuth) with the policy's decisions. "
         "See docs/decision-service.md.",
     )
-    gateway_options(srv, "127.0.0.1:9191", None)
-    srv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS only, with this PEM cert")
-    srv.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
-    srv.add_argument(
-        "--workers",
-        default="1",
-        metavar="N",
-        help="service processes on the listen address (1; auto: one per core)",
+    gateway_options(
+        srv,
+        "127.0.0.1:9191",
+        None,
+        "authgate_log, authgate_mode, authgate_watch, authgate_store_timeout, "
+        "authgate_metrics, authgate_header_timeout or authgate_idle_timeout, as for "
+        "`authgate run` (repeatable)",
     )
-    srv.add_argument(
-        "--store",
-        default="memory",
-        metavar="URL",
-        help="where rate-limit counts live: memory, or redis://HOST:PORT/DB (memory)",
-    )
-    srv.add_argument(
-        "--admin",
-        type=host_port,
-        metavar="HOST:PORT",
-        help="serve /live, /ready, /metrics and /status there (off)",
-    )
+    production_options(srv, "service")
     srv.set_defaults(func=_lazy("cmd_serve"))
 
     cfg = sub.add_parser(

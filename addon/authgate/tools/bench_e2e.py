@@ -389,11 +389,31 @@ class Bench:
         got = _status(port, "/api/profile", dict(case.headers))
         if got != case.status:
             raise SystemExit(f"authgate bench: {case.label}: expected {case.status}, got {got}")
+        url = f"http://127.0.0.1:{port}/api/profile"
+        result, _ = self.run_wrk(case.server, url, case.headers, opts)
+        wrong = result.requests - result.not_2xx if case.status >= 300 else result.not_2xx
+        if wrong > result.requests // 1000:  # a request or two cut short at the end is wrk's doing
+            raise SystemExit(
+                f"authgate bench: {case.label}: {wrong} of {result.requests} answers "
+                f"were not {case.status}"
+            )
+        return result
+
+    def run_wrk(
+        self,
+        server: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        opts: Options,
+        extra: Sequence[str] = (),
+    ) -> tuple[Wrk, str]:
+        """One wrk run on the load CPUs: (the figures, with `server`'s CPU time
+        per request; wrk's output)."""
         argv = ["wrk", f"-t{opts.threads}", f"-c{opts.connections}", f"-d{opts.duration}s"]
-        for k, v in case.headers:
+        for k, v in headers:
             argv += ["-H", f"{k}: {v}"]
-        argv.append(f"http://127.0.0.1:{port}/api/profile")
-        pid = self.pids[case.server]
+        argv += [*extra, url]
+        pid = self.pids[server]
         before = cpu_seconds(pid)
         out = subprocess.run(
             argv, capture_output=True, text=True, check=False, preexec_fn=_pinned(self.load_cpus)
@@ -402,14 +422,7 @@ class Bench:
         if out.returncode != 0:
             raise SystemExit(f"authgate bench: wrk failed ({out.returncode}): {out.stderr.strip()}")
         result = parse_wrk(out.stdout)
-        result = replace(result, cpu_per_request=used / max(1, result.requests))
-        wrong = result.requests - result.not_2xx if case.status >= 300 else result.not_2xx
-        if wrong > result.requests // 1000:  # a request or two cut short at the end is wrk's doing
-            raise SystemExit(
-                f"authgate bench: {case.label}: {wrong} of {result.requests} answers "
-                f"were not {case.status}"
-            )
-        return result
+        return replace(result, cpu_per_request=used / max(1, result.requests)), out.stdout
 
 
 def _cpus() -> tuple[set[int] | None, set[int] | None, str]:

@@ -19,22 +19,12 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from authgate.tools.bench_e2e import (
-    Bench,
-    Options,
-    Wrk,
-    _cpus,
-    _free_port,
-    _pinned,
-    cpu_seconds,
-    parse_wrk,
-)
+from authgate.tools.bench_e2e import Bench, Options, Wrk, _cpus, _free_port
 
 _DELAY_SCRIPT = """
 wrk.method = "GET"
@@ -42,11 +32,11 @@ function delay() return {delay_ms} end
 """
 
 
-def _with_trusted_proxy(source: Path, folder: Path) -> Path:
+def _with_trusted_proxy(source: Path) -> Path:
     """The bench copy of the policy, trusting the loopback proxy."""
     doc = yaml.safe_load(source.read_text())
     doc.setdefault("client_ip", {})["trusted_proxies"] = ["127.0.0.1/32"]
-    out = folder / "service.yaml"
+    out = source.parent / "bench-service.yaml"  # beside it: its relative paths hold
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
 
@@ -61,41 +51,27 @@ def _wrk(
     latency: bool = False,
     script: Path | None = None,
 ) -> tuple[Wrk, float]:
-    """One wrk run: (the figures, p99 in seconds or 0)."""
-    argv = ["wrk", f"-t{opts.threads}", f"-c{opts.connections}", f"-d{opts.duration}s"]
-    for k, v in headers.items():
-        argv += ["-H", f"{k}: {v}"]
-    if latency:
-        argv.append("--latency")
+    """One wrk run, every answer a 2xx: (the figures, p99 in seconds or 0)."""
+    extra = ["--latency"] if latency else []
     if script is not None:
-        argv += ["-s", str(script)]
-    argv.append(url)
-    pid = bench.pids[name]
-    before = cpu_seconds(pid)
-    out = subprocess.run(
-        argv, capture_output=True, text=True, check=False, preexec_fn=_pinned(bench.load_cpus)
-    )
-    used = cpu_seconds(pid) - before
-    if out.returncode != 0:
-        raise SystemExit(f"authgate bench: wrk failed ({out.returncode}): {out.stderr.strip()}")
-    got = parse_wrk(out.stdout)
+        extra += ["-s", str(script)]
+    got, out = bench.run_wrk(name, url, tuple(headers.items()), opts, extra)
     if got.not_2xx > got.requests // 1000:
         raise SystemExit(f"authgate bench: {name}: {got.not_2xx} answers were not 2xx")
     p99 = 0.0
-    for line in out.stdout.splitlines():
+    for line in out.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == "99%":
             value = parts[1]
             unit = 1e-6 if value.endswith("us") else 1e-3 if value.endswith("ms") else 1.0
             p99 = float(value.rstrip("usm")) * unit
-    got = Wrk(got.rps, got.requests, got.not_2xx, got.socket_errors, used / max(1, got.requests))
     return got, p99
 
 
 def bench_service(small: Path, token: str, folder: Path, opts: Options) -> None:
     proxy_cpus, load_cpus, placement = _cpus()
     bench = Bench(folder, proxy_cpus, load_cpus)
-    policy = _with_trusted_proxy(small, folder)
+    policy = _with_trusted_proxy(small)
     check = {
         "X-Forwarded-Method": "GET",
         "X-Forwarded-Uri": "/api/profile",
