@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -799,3 +800,23 @@ def test_explain_and_judge_say_what_the_service_says(
             d.rule,
             d.client_ip,
         ), (method, target)
+
+
+def test_two_services_share_one_limit_on_redis(
+    serve: Callable[..., Serve], tmp_path: Path, redis_server: Any
+) -> None:
+    """--store redis://: two `authgate serve` processes count one limit exactly,
+    as two gateways do (docs/decision-service.md: the same options)."""
+    name = f"l{uuid.uuid4().hex[:10]}"  # the session's Redis keeps counts between tests
+    path = tmp_path / "limited.yaml"
+    path.write_text(
+        "version: 1\nclient_ip: {trusted_proxies: [127.0.0.1/32]}\nrules:\n"
+        "  - name: api\n    match: {path: '/api/**'}\n    allow: anyone\n"
+        f"    limits: [{{name: {name}, key: ip, rate: 6/hour}}]\n"
+    )
+    a = serve(path, "--store", redis_server.url, name="a")
+    b = serve(path, "--store", redis_server.url, name="b")
+    got = [ask((a if i % 2 else b).address, "GET", "/auth", auth("/api/x")) for i in range(10)]
+    assert [r.status for r in got] == [200] * 6 + [429] * 4
+    assert all(r.header("X-Authgate-Decision") == "deny" for r in got[6:])
+    assert int(got[-1].header("Retry-After") or 0) >= 1
