@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +24,35 @@ from redis_server import redis_server  # noqa: F401 - the session's real Redis
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
 EXAMPLE = POLICIES / "example.yaml"
+
+# --- waiting on a busy machine ----------------------------------------------------
+# The suite must pass while other work (another copy of it) keeps both cores
+# busy: a test never sleeps for a fixed time and then asserts; it polls for the
+# condition, up to a generous deadline that is still a deadline (a test that can
+# fail). A mitmproxy gateway with `--workers 2` can take 10+ s to start there.
+START_SECONDS = 60.0  # a process (gateway, worker, redis-server) to start listening
+REQUEST_SECONDS = 30.0  # one request to a gateway (socket timeouts), or a stop
+SETTLE_SECONDS = 60.0  # something that follows on its own: a reload, a status report
+# For a subprocess whose output a test polls (in a file): written as it happens.
+UNBUFFERED_ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def wait_until(
+    check: Callable[[], Any],
+    seconds: float = SETTLE_SECONDS,
+    every: float = 0.05,
+    what: str | None = None,
+) -> Any:
+    """Poll `check()` until it returns something true and return that; fail
+    after `seconds`, saying `what` (or which check) never came."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not so after {seconds:g} s: {what or check}")
+        time.sleep(every)
 
 
 @pytest.fixture(scope="session")
@@ -162,8 +193,8 @@ class RunningGateway:
 
         self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()
-        if not self._ready.wait(15):
-            raise RuntimeError("gateway did not start")
+        if not self._ready.wait(START_SECONDS):
+            raise RuntimeError(f"gateway did not start within {START_SECONDS:g} s")
         if self._error is not None:
             raise self._error
 
@@ -178,15 +209,15 @@ class RunningGateway:
         async def run() -> Any:
             return self.master.commands.call(command, *args)
 
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(REQUEST_SECONDS)
 
     def stop(self) -> None:
         if self.loop is None or self.master is None or not self.thread.is_alive():
             return
         ps = self.master.addons.get("proxyserver")
-        asyncio.run_coroutine_threadsafe(ps.servers.update([]), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(ps.servers.update([]), self.loop).result(REQUEST_SECONDS)
         self.loop.call_soon_threadsafe(self.master.shutdown)
-        self.thread.join(10)
+        self.thread.join(REQUEST_SECONDS)
 
 
 @pytest.fixture
@@ -241,7 +272,7 @@ def send(
     lines.append("Connection: close")
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
     with socket.create_connection(
-        address, timeout=10, source_address=(source, 0) if source else None
+        address, timeout=REQUEST_SECONDS, source_address=(source, 0) if source else None
     ) as s:
         s.sendall(raw)
         chunks = []

@@ -30,7 +30,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def answers_ping(port: int, timeout: float = 0.2, password: str | None = None) -> bool:
+def answers_ping(port: int, timeout: float = 1.0, password: str | None = None) -> bool:
     """Whether a Redis on 127.0.0.1:port answers PING (raw RESP, no client)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
@@ -66,7 +66,7 @@ class RedisServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Start (again) on the same port and wait until it answers PING."""
         if self.running:
             return
@@ -93,10 +93,10 @@ class RedisServer:
             self.proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(10)
+                self.proc.wait(30)
         self.proc = None
 
     def kill(self) -> None:
@@ -104,7 +104,7 @@ class RedisServer:
         if self.proc is None:
             return
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.proc.wait(30)
         self.proc = None
 
     def pause(self) -> None:

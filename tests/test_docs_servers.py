@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Backend, send
-from test_startup import free_port, wait_for_port
+from conftest import ROOT, START_SECONDS, Backend, send, wait_until
+from test_startup import LISTENING, free_port, wait_for_port, wait_for_text
 
 BIN = Path(sys.executable).parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -220,37 +220,60 @@ def _portable_policy(policy: str, ports: Ports, tmp_path: Path) -> str:
 
 
 def _env() -> dict[str, str]:
-    """The reader's shell after `. .venv/bin/activate`."""
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    """The reader's shell after `. .venv/bin/activate` (output unbuffered, so
+    the test reads what the server says as it says it)."""
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1")
 
 
-def _start(command: str) -> subprocess.Popen[str]:
+def _start(command: str, log: Path) -> subprocess.Popen[str]:
     # Its own process group, so SIGTERM reaches what `make run` starts, as
-    # Ctrl-C reaches a terminal's foreground group.
-    return subprocess.Popen(
-        ["bash", "-c", command],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    # Ctrl-C reaches a terminal's foreground group. Its output goes to `log`.
+    with log.open("w") as out:
+        return subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=ROOT,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def _wait_started(command: str, listen: int, proc: subprocess.Popen[str], log: Path) -> None:
+    """Until it listens and says it has started, as the reader sees it do before
+    using it (or stopping it: a SIGTERM in the midst of start-up is another
+    test's business): "authgate: listening on" (mitmdump: mitmproxy's
+    "listening at"), and with `--workers N` every worker listening."""
+    wait_for_text(log, " listening at " if "mitmdump" in command else LISTENING, proc)
+    wait_for_port(listen, proc)
+    workers = re.search(r"--workers (\S+)", command)
+    n = 1 if not workers else int(workers.group(1).replace("auto", str(_cores())))
+    wait_until(
+        lambda: log.read_text(errors="replace").count(" listening at ") >= n,
+        START_SECONDS,
+        what=f"{n} processes listening",
     )
 
 
-def _stop(proc: subprocess.Popen[str]) -> str:
+def _cores() -> int:
+    """What `--workers auto` starts: the cores this process may use."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _stop(proc: subprocess.Popen[str], log: Path) -> str:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        out, _ = proc.communicate(timeout=15)
+        proc.wait(timeout=START_SECONDS)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"did not stop on SIGTERM:\n{out}") from None
+        proc.wait()
+        raise AssertionError(f"did not stop on SIGTERM:\n{log.read_text()}") from None
     # Nothing it started (workers, make's demo) outlives it.
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
-    return out
+    return log.read_text(errors="replace")
 
 
 def _curl_status(line: str) -> tuple[int, str]:
@@ -261,7 +284,7 @@ def _curl_status(line: str) -> tuple[int, str]:
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=START_SECONDS,
     )
     assert r.returncode == 0, f"curl failed ({r.returncode}): {r.stderr}"
     statuses = re.findall(r"^@status (\d{3})$", r.stdout, re.M)
@@ -302,9 +325,10 @@ def test_a_documented_server_command_serves_as_written(
     curls = [ports.rewrite(c) for c in doc.curls]
     listen = _listen_port(command)
 
-    proc = _start(command)
+    log = tmp_path / "server.out"
+    proc = _start(command, log)
     try:
-        wait_for_port(listen, proc, seconds=30)
+        _wait_started(command, listen, proc, log)
         admin = re.search(r"--admin \S+:(\d+)", command)
         if admin:
             wait_for_port(int(admin.group(1)), proc)
@@ -325,7 +349,7 @@ def test_a_documented_server_command_serves_as_written(
             promised = STATUS_COMMENT.search(line.partition(" #")[2])
             _check_curl(line, int(promised.group(1)) if promised else None)
     finally:
-        out = _stop(proc)
+        out = _stop(proc, log)
     # mitmdump's own passlib traceback is harmless and documented (operations.md).
     assert out.count("Traceback") == out.count("(trapped) error reading bcrypt version"), out
     if not command.startswith("make "):
@@ -370,18 +394,20 @@ TEXT_CURLS = _text_curls()
 
 
 @pytest.fixture(scope="module")
-def demo() -> Iterator[Ports]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ports]:
     """One `authgate demo` on free ports; yields the port map for 8080/9000."""
     ports = Ports()
-    proc = _start(
+    command = (
         f"authgate demo --listen 127.0.0.1:{ports[DEFAULT_LISTEN]}"
         f" --backend 127.0.0.1:{ports[DEFAULT_BACKEND]}"
     )
+    log = tmp_path_factory.mktemp("demo") / "demo.out"
+    proc = _start(command, log)
     try:
-        wait_for_port(ports[DEFAULT_LISTEN], proc, seconds=30)
+        _wait_started(command, ports[DEFAULT_LISTEN], proc, log)
         yield ports
     finally:
-        _stop(proc)
+        _stop(proc, log)
 
 
 def test_the_docs_show_curl_sessions_against_the_demo() -> None:

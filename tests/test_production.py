@@ -23,7 +23,18 @@ from typing import Any
 
 import pytest
 
-from conftest import EXAMPLE, POLICIES, Backend, send
+from conftest import (
+    EXAMPLE,
+    POLICIES,
+    REQUEST_SECONDS,
+    START_SECONDS,
+    UNBUFFERED_ENV,
+    Answer,
+    Backend,
+    Seen,
+    send,
+    wait_until,
+)
 from test_startup import free_port, wait_for_port
 
 BIN = Path(sys.executable).parent
@@ -31,7 +42,7 @@ BIN = Path(sys.executable).parent
 
 def get(port: int, path: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=REQUEST_SECONDS) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -41,17 +52,6 @@ def status(port: int) -> Any:
     code, body = get(port, "/status")
     assert code == 200
     return json.loads(body)
-
-
-def wait_until(what: Any, seconds: float = 20.0, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        got = what()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not so after {seconds} s: {what}")
-        time.sleep(every)
 
 
 class Gateway:
@@ -64,7 +64,9 @@ class Gateway:
         cmd = [str(BIN / "authgate"), "run", "--listen", f"127.0.0.1:{self.port}"]
         cmd += ["--admin", f"127.0.0.1:{self.admin}", *args]
         self._out = self.log.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._out, stderr=subprocess.STDOUT, text=True, env=UNBUFFERED_ENV
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -73,7 +75,7 @@ class Gateway:
     def output(self) -> str:
         return self.log.read_text()
 
-    def wait_ready(self, seconds: float = 30.0) -> None:
+    def wait_ready(self, seconds: float = START_SECONDS) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"exited with {self.proc.returncode}: {self.output()}")
@@ -82,13 +84,13 @@ class Gateway:
             except OSError:
                 return False
 
-        wait_until(ready, seconds)
+        wait_until(ready, seconds, every=0.1, what=f"/ready 200 on the admin port {self.admin}")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(START_SECONDS)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -163,7 +165,8 @@ def test_ready_is_503_until_the_identity_provider_has_given_keys(
     assert get(g.admin, "/live")[0] == 200  # alive, just not ready
     idp = start_idp(POLICIES / "keys", port=idp_port)
     try:
-        g.wait_ready(seconds=30)  # the next scheduled fetch (1 s backoff, doubling)
+        # The next scheduled fetch: 1 s backoff, doubling, up to 64 s apart.
+        g.wait_ready(seconds=120)
     finally:
         idp.shutdown()
         idp.server_close()
@@ -210,9 +213,18 @@ def test_sighup_reloads_the_policy(
 def test_sigterm_lets_requests_in_flight_finish_and_takes_no_new_ones(
     gateways: list[Gateway], tmp_path: Path, backend: Backend
 ) -> None:
-    backend.answer = lambda seen: (
-        (time.sleep(2.0), (200, [], b"slow"))[1] if seen.target == "/slow" else None
-    )
+    # The backend holds /slow until the test has seen the listener closed: the
+    # request is in flight for as long as that takes on a busy machine (within
+    # the gateway's 25 s grace), never by a fixed sleep that the drain may outlast.
+    release = threading.Event()
+
+    def held(seen: Seen) -> Answer | None:
+        if seen.target != "/slow":
+            return None
+        release.wait(20)
+        return (200, [], b"slow")
+
+    backend.answer = held
     policy = tmp_path / "open.yaml"
     policy.write_text("version: 1\nrules:\n  - {name: all, match: {path: '/**'}, allow: anyone}\n")
     g = run(gateways, tmp_path, "--policy", str(policy), "--upstream", backend.url)
@@ -230,14 +242,24 @@ def test_sigterm_lets_requests_in_flight_finish_and_takes_no_new_ones(
     t.start()
     wait_until(lambda: any(s.target == "/slow" for s in backend.seen))
     g.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(g.address, timeout=REQUEST_SECONDS).close()
+        except OSError:
+            return True
+        return False
+
     # No new connections once draining (the listener is closed)...
+    wait_until(refused, seconds=15, what="the listener closed")
+    assert t.is_alive() and g.proc.poll() is None  # ...with /slow still in flight...
     with pytest.raises(OSError):
-        socket.create_connection(g.address, timeout=1).close()
-    # ...while the one in flight gets its answer, and then the gateway exits 0.
-    t.join(10)
+        socket.create_connection(g.address, timeout=REQUEST_SECONDS).close()
+    release.set()
+    # ...which gets its answer, and then the gateway exits 0.
+    t.join(REQUEST_SECONDS)
     assert result["reply"].status == 200 and result["reply"].body == b"slow"
-    assert g.proc.wait(10) == 0
+    assert g.proc.wait(START_SECONDS) == 0
     assert "waiting up to 25 s for requests in flight" in g.output()
 
 
@@ -262,12 +284,12 @@ def test_workers_share_the_address_and_a_dead_one_is_replaced(
     def both_served() -> bool:
         return all((w["status"] or {}).get("decisions", 0) > 0 for w in status(g.admin)["workers"])
 
-    wait_until(both_served, seconds=5)
+    wait_until(both_served)
 
     def total() -> int:  # the workers report every second
         return sum((w["status"] or {}).get("decisions", 0) for w in status(g.admin)["workers"])
 
-    wait_until(lambda: total() == 40, seconds=5)
+    wait_until(lambda: total() == 40)
     _, metrics = get(g.admin, "/metrics")  # one endpoint, every worker's counts
     assert (
         'authgate_decisions_total{decision="deny",reason="no_credentials",rule="profile",status="401"}'
@@ -304,7 +326,7 @@ def test_sighup_to_the_supervisor_reloads_every_worker(
     def all_reloaded() -> bool:
         return all((w["status"] or {}).get("reloads") == 1 for w in status(g.admin)["workers"])
 
-    wait_until(all_reloaded, seconds=10)
+    wait_until(all_reloaded)
     for _ in range(10):  # whichever worker takes the connection
         assert send(g.address, "GET", "/new").status == 200
         assert send(g.address, "GET", "/old").status == 404
@@ -391,15 +413,17 @@ def test_the_demo_logs_decisions_and_run_does_not(
     gateways: list[Gateway], tmp_path: Path, backend: Backend
 ) -> None:
     g = run(gateways, tmp_path, "--policy", str(EXAMPLE), "--upstream", backend.url)
-    g.wait_ready()
-    assert send(g.address, "GET", "/health").status == 200
-    assert send(g.address, "GET", "/api/profile").status == 401
-    time.sleep(0.5)
-    assert '"decision":' not in g.output()
     logged = run(
         gateways, tmp_path, "--policy", str(EXAMPLE), "--upstream", backend.url,
         "--set", "authgate_log=-", name="logged",
     )  # fmt: skip
+    g.wait_ready()
     logged.wait_ready()
+    assert send(g.address, "GET", "/health").status == 200
+    assert send(g.address, "GET", "/api/profile").status == 401
     assert send(logged.address, "GET", "/api/profile").status == 401
-    wait_until(lambda: '"reason":"no_credentials"' in logged.output(), seconds=5)
+    # The positive control first: the logging one has written its line...
+    wait_until(lambda: '"reason":"no_credentials"' in logged.output())
+    time.sleep(0.5)
+    # ...and by then, and half a second more, the other has written none.
+    assert '"decision":' not in g.output()

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from conftest import Backend, send
+from conftest import Backend, send, wait_until
 from redis_server import RedisServer
-from test_production import Gateway, get, run, status, wait_until
+from test_production import Gateway, get, run, status
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_a_store_away_at_start_is_said_and_limits_fall_back(
     g = run(gateways, tmp_path, "--policy", str(policy), "--upstream", backend.url,
             "--store", nowhere)  # fmt: skip
     g.wait_ready()  # not fatal: the gateway serves, and says so
-    wait_until(lambda: "does not answer; limits use their on_store_error" in g.output(), 5)
+    wait_until(lambda: "does not answer; limits use their on_store_error" in g.output())
     assert [send(g.address, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
     assert len(backend.seen) == 2  # the 429 reached nothing
 
@@ -102,7 +102,7 @@ def test_workers_share_one_limit_exactly_on_redis(
     def both() -> bool:
         return all((w["status"] or {}).get("decisions", 0) > 0 for w in status(g.admin)["workers"])
 
-    wait_until(both, seconds=5)  # both workers answered, and still the count is exact
+    wait_until(both)  # both workers answered, and still the count is exact
 
 
 def test_redis_down_each_on_store_error_then_back(
@@ -156,7 +156,9 @@ def _down_and_back(
     # allow: not limited while the store is away (Redis had said 429).
     assert [timed("/allow") for _ in range(3)] == [200, 200, 200]
     assert len(backend.seen) == seen + 3 + 3
-    assert max(timings) < 1.0  # the store timeout is 50 ms; never a hang
+    # The store timeout is 50 ms: never a hang (the client's socket timeout is
+    # 30 s), though a busy machine may take a few seconds over a request.
+    assert max(timings) < 10.0, timings
     st = status(g.admin)["store"]
     assert st["state"] == "open" and st["errors"] >= 3
     _, metrics = get(g.admin, "/metrics")
@@ -176,6 +178,6 @@ def _down_and_back(
     def store_back() -> bool:
         return send(g.address, "GET", "/allow").status == 429
 
-    wait_until(store_back, seconds=40, every=0.5)
-    wait_until(lambda: status(g.admin)["store"]["state"] == "closed", seconds=5)
+    wait_until(store_back, seconds=90, every=0.5)
+    wait_until(lambda: status(g.admin)["store"]["state"] == "closed")
     assert "the rate-limit store answers again" in g.output()

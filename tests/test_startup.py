@@ -12,12 +12,20 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE, ROOT, Backend, send
+from conftest import (
+    EXAMPLE,
+    REQUEST_SECONDS,
+    ROOT,
+    START_SECONDS,
+    UNBUFFERED_ENV,
+    Backend,
+    send,
+    wait_until,
+)
 
 BIN = Path(sys.executable).parent
 BROKEN = "version: 1\nrules:\n  - name: a\n    match: {path: /x, methods: GET}\n    allow: anyone\n"
@@ -29,28 +37,68 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[str], seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+def wait_for_port(port: int, proc: subprocess.Popen[str], seconds: float = START_SECONDS) -> None:
+    """Until something accepts on 127.0.0.1:port; fails at once if `proc` exits."""
+
+    def listening() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(f"exited early with {proc.returncode}: {proc.stdout.read()}")  # type: ignore[union-attr]
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"exited early with {proc.returncode}: {out}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
         except OSError:
-            time.sleep(0.1)
-    raise AssertionError("the gateway did not start listening")
+            return False
+
+    wait_until(listening, seconds, every=0.1, what=f"something listening on port {port}")
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
     """SIGTERM, then collect the output (closing the pipe)."""
     proc.send_signal(signal.SIGTERM)
     try:
-        out, _ = proc.communicate(timeout=15)
+        out, _ = proc.communicate(timeout=START_SECONDS)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-    return out
+    return out or ""
+
+
+def wait_for_text(log: Path, text: str, proc: subprocess.Popen[str] | None = None) -> str:
+    """Until `text` is in the file a process writes its output to; the output.
+    Fails at once if `proc` exits first."""
+
+    def said() -> str | None:
+        out = log.read_text(errors="replace") if log.exists() else ""
+        if text in out:
+            return out
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode} before saying {text!r}: {out}")
+        return None
+
+    result: str = wait_until(said, START_SECONDS, what=f"{text!r} in {log}")
+    return result
+
+
+# What `authgate run` says once it has started (its last start-up hook), as
+# docs/operations.md shows; mitmdump says only mitmproxy's " listening at ".
+LISTENING = "authgate: listening on "
+
+
+def wait_started(log: Path, proc: subprocess.Popen[str], port: int, said: str = LISTENING) -> None:
+    """Until the gateway writing to `log` listens on `port` and has said it has
+    started: its start-up hooks (which log the start-up warnings) have run,
+    and a SIGTERM no longer races them."""
+    wait_for_text(log, said, proc)  # (with the output, should it exit instead)
+    wait_for_port(port, proc)
+
+
+def start_logged(cmd: list[str], log: Path) -> subprocess.Popen[str]:
+    """`cmd` with its output (stdout and stderr) going to `log`, readable while it runs."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=UNBUFFERED_ENV
+        )
 
 
 def authgate_run(policy: Path | str, upstream: str, port: int, *extra: str) -> list[str]:
@@ -112,18 +160,13 @@ def test_mitmdump_without_a_policy_refuses_to_start() -> None:
 
 @pytest.mark.parametrize("door", [authgate_run, mitmdump], ids=["authgate-run", "mitmdump-s"])
 def test_both_doors_serve_the_example_policy(  # type: ignore[no-untyped-def]
-    door, backend: Backend, token, demo_key
+    door, backend: Backend, token, demo_key, tmp_path: Path
 ) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        door(EXAMPLE, backend.url, port),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-    )
+    log = tmp_path / "gateway.out"
+    proc = start_logged(door(EXAMPLE, backend.url, port), log)
     try:
-        wait_for_port(port, proc)
+        wait_started(log, proc, port, LISTENING if door is authgate_run else " listening at ")
         address = ("127.0.0.1", port)
         assert send(address, "GET", "/api/profile").status == 401
         user = token(sub="alice", roles=["user"])
@@ -140,7 +183,7 @@ def test_both_doors_serve_the_example_policy(  # type: ignore[no-untyped-def]
     finally:
         stop(proc)
     if door is authgate_run:
-        assert proc.returncode == 0
+        assert proc.returncode == 0, log.read_text()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
@@ -180,7 +223,7 @@ def test_the_demo_prints_a_curl_for_every_status_and_each_gets_it() -> None:
             expected = what[:3]
             seen_statuses.add(expected)
             out = subprocess.run(
-                ["bash", "-c", command], capture_output=True, text=True, timeout=30, cwd=ROOT
+                ["bash", "-c", command], capture_output=True, text=True, timeout=60, cwd=ROOT
             ).stdout
             got = re.findall(r"^HTTP/1.1 (\d{3})", out, re.MULTILINE) or out.split()
             if expected == "429":
@@ -193,7 +236,9 @@ def test_the_demo_prints_a_curl_for_every_status_and_each_gets_it() -> None:
 
 
 @pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
-def test_basic_beyond_loopback_is_warned_about_at_start(host: str, warned: bool) -> None:
+def test_basic_beyond_loopback_is_warned_about_at_start(
+    host: str, warned: bool, tmp_path: Path
+) -> None:
     port = free_port()
     cmd = [
         str(BIN / "authgate"),
@@ -205,14 +250,14 @@ def test_basic_beyond_loopback_is_warned_about_at_start(host: str, warned: bool)
         "--listen",
         f"{host}:{port}",
     ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
-    )
+    log = tmp_path / "gateway.out"
+    proc = start_logged(cmd, log)
     try:
-        wait_for_port(port, proc)
-        time.sleep(0.3)
+        # The warning comes with the start-up hooks, after the port listens.
+        wait_started(log, proc, port)
     finally:
-        out = stop(proc)
+        stop(proc)
+    out = log.read_text()
     assert ("cross the network in clear text" in out) == warned, out
 
 
@@ -238,11 +283,15 @@ def test_mitmweb_shows_the_decision_in_the_flow_list(backend: Backend) -> None:
 
         def get(path: str) -> object:
             request = urllib.request.Request(f"http://127.0.0.1:{web}{path}", headers=auth)
-            with urllib.request.urlopen(request, timeout=5) as r:
+            with urllib.request.urlopen(request, timeout=REQUEST_SECONDS) as r:
                 return json.load(r)
 
-        flows = get("/flows")
-        assert isinstance(flows, list)
+        def both_listed() -> object:
+            flows = get("/flows")
+            assert isinstance(flows, list)
+            return {"/api/profile", "/health"} <= {f["request"]["path"] for f in flows} and flows
+
+        flows = wait_until(both_listed, what="both flows in mitmweb's list")
         comments = {f["request"]["path"]: f["comment"] for f in flows}
         markers = {f["request"]["path"]: f["marked"] for f in flows}
         # Symbols stock fonts draw, not emoji that show as boxes without an emoji font.
@@ -257,17 +306,15 @@ def test_mitmweb_shows_the_decision_in_the_flow_list(backend: Backend) -> None:
         stop(proc)
 
 
-def test_run_with_an_https_upstream_exits_0_on_sigterm_every_time() -> None:
+def test_run_with_an_https_upstream_exits_0_on_sigterm_every_time(tmp_path: Path) -> None:
     """The interpreter's teardown after a clean stop used to crash (SIGSEGV)
     about one exit in ten with an https:// upstream; a stopped gateway now
     ends without it. Several starts, each stopped after one request."""
-    for _ in range(6):
+    for i in range(6):
         port = free_port()
-        proc = subprocess.Popen(
-            authgate_run(EXAMPLE, "https://127.0.0.1:9", port),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        wait_for_port(port, proc)
+        log = tmp_path / f"gateway-{i}.out"
+        proc = start_logged(authgate_run(EXAMPLE, "https://127.0.0.1:9", port), log)
+        wait_started(log, proc, port)
         assert send(("127.0.0.1", port), "GET", "/api/profile").status == 401
-        out = stop(proc)
-        assert proc.returncode == 0, (proc.returncode, out)
+        stop(proc)
+        assert proc.returncode == 0, (proc.returncode, log.read_text())

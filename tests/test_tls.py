@@ -17,7 +17,6 @@ import ssl
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,9 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from authgate.proxy.tls import CertError, CertPair, parse_pair, validity_warning
-from conftest import EXAMPLE, POLICIES, ROOT, Backend, _handler
+from conftest import EXAMPLE, POLICIES, REQUEST_SECONDS, ROOT, Backend, _handler, wait_until
 from test_startup import authgate_run as run_cmd
-from test_startup import free_port, stop, wait_for_port
+from test_startup import free_port, start_logged, stop, wait_for_port, wait_for_text, wait_started
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -211,7 +210,7 @@ class Gateway:
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         conn = http.client.HTTPSConnection(
-            "localhost", self.port, context=self.context(["http/1.1"]), timeout=10
+            "localhost", self.port, context=self.context(["http/1.1"]), timeout=REQUEST_SECONDS
         )
         try:
             conn.request("GET", path, headers=headers or {})
@@ -221,24 +220,29 @@ class Gateway:
             conn.close()
 
     def peer_cert(self) -> x509.Certificate:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=REQUEST_SECONDS) as raw:
             with self.context().wrap_socket(raw, server_hostname="localhost") as s:
                 der = s.getpeercert(binary_form=True)
         assert der is not None
         return x509.load_der_x509_certificate(der)
 
 
-def start(cmd: list[str]) -> subprocess.Popen[str]:
+def start(cmd: list[str], log: Path | None = None) -> subprocess.Popen[str]:
+    """`cmd` running; its output read at stop(), or written as it comes to `log`."""
+    if log is not None:
+        return start_logged(cmd, log)
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
     )
 
 
-def start_tls(backend: Backend, cert: Path, key: Path, ca: Issued) -> Gateway:
+def start_tls(
+    backend: Backend, cert: Path, key: Path, ca: Issued, log: Path | None = None
+) -> Gateway:
     """`authgate run --tls-cert CERT --tls-key KEY` with the example policy, listening."""
     port = free_port()
     proc = start(
-        run_cmd(EXAMPLE, backend.url, port, "--tls-cert", str(cert), "--tls-key", str(key))
+        run_cmd(EXAMPLE, backend.url, port, "--tls-cert", str(cert), "--tls-key", str(key)), log
     )
     try:
         wait_for_port(port, proc)
@@ -279,7 +283,7 @@ def test_https_http1_denies_without_and_forwards_with_a_token(
 
 def h2_get(gw: Gateway, path: str, headers: dict[str, str]) -> tuple[str | None, int]:
     """One HTTP/2 request over TLS with ALPN: (negotiated protocol, status)."""
-    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=REQUEST_SECONDS)
     with gw.context(["h2", "http/1.1"]).wrap_socket(raw, server_hostname="localhost") as s:
         proto = s.selected_alpn_protocol()
         if proto != "h2":
@@ -317,7 +321,7 @@ def test_http2_over_alpn(tls_gateway: Gateway, backend: Backend, token: Callable
 
 
 def test_plain_http_on_the_tls_port_is_refused(tls_gateway: Gateway, backend: Backend) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", tls_gateway.port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", tls_gateway.port, timeout=REQUEST_SECONDS)
     conn.request("GET", "/health")
     r = conn.getresponse()
     assert (r.status, r.read()) == (400, b"This port takes HTTPS only.\n")
@@ -329,24 +333,24 @@ def test_plain_http_on_the_tls_port_is_refused(tls_gateway: Gateway, backend: Ba
 def test_certificate_reload_on_change(tmp_path: Path, backend: Backend) -> None:
     ca = make_ca()
     cert, key = write_pair(tmp_path, issue(ca, "first.test", 111))
-    gw = start_tls(backend, cert, key, ca)
+    log = tmp_path / "gateway.out"
+    gw = start_tls(backend, cert, key, ca, log)
     proc = gw.proc
     try:
         assert gw.peer_cert().serial_number == 111
         # A bad pair (a key that does not match) is refused; the old one serves.
         key.write_bytes(issue(ca, "stray.test", 5).key_pem())
-        time.sleep(2.5)
+        wait_for_text(log, f"--tls-key {key}: does not match the certificate in {cert}", proc)
         assert gw.peer_cert().serial_number == 111
         write_pair(tmp_path, issue(ca, "second.test", 222))
-        deadline = time.monotonic() + 5
-        while gw.peer_cert().serial_number != 222 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: gw.peer_cert().serial_number == 222, every=0.2, what="serial 222")
         seen = gw.peer_cert()
         assert seen.serial_number == 222
         assert seen.subject == _name("second.test")
         assert gw.get("/health")[0] == 200
     finally:
-        out = stop(proc)
+        stop(proc)
+    out = log.read_text()
     assert "reload refused, the old one keeps serving" in out
     assert f"--tls-key {key}: does not match the certificate in {cert}" in out
     assert "TLS certificate reloaded: CN=second.test (serial de," in out
@@ -362,11 +366,14 @@ def test_the_in_clear_warning_only_without_tls(
     tls = ["--tls-cert", str(cert), "--tls-key", str(key)] if with_tls else []
     cmd = run_cmd(POLICIES / "basic-auth.yaml", backend.url, port, *tls)
     cmd[cmd.index("--listen") + 1] = f"0.0.0.0:{port}"
-    proc = start(cmd)
+    log = tmp_path / "gateway.out"
+    proc = start(cmd, log)
     try:
-        wait_for_port(port, proc)
+        # The warning comes with the start-up hooks, after the port listens.
+        wait_started(log, proc, port)
     finally:
-        out = stop(proc)
+        stop(proc)
+    out = log.read_text()
     assert ("cross the network in clear text" in out) is not with_tls, out
 
 
@@ -431,7 +438,7 @@ def https_backend(tmp_path: Path) -> Iterator[tuple[Backend, Path]]:
 
 
 def _plain_get(port: int, path: str) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_SECONDS)
     try:
         conn.request("GET", path)
         return conn.getresponse().status
