@@ -46,7 +46,9 @@ class _Ready:
         from mitmproxy import ctx
 
         addrs = ctx.master.addons.get("proxyserver").listen_addrs()
-        if self.scheme is not None and addrs:
+        if not addrs:
+            return  # stopped (SIGTERM) before it started: nothing listens
+        if self.scheme is not None:
             logging.getLogger("authgate").info(where_listening(self.scheme, addrs))
         if self.callback is not None:
             self.callback(addrs[0][1])
@@ -272,4 +274,6 @@ def install_signals(m: master.Master, grace: float = GRACE_SECONDS) -> None:
     loop.add_signal_handler(signal.SIGINT, m.shutdown)
     loop.add_signal_handler(signal.SIGTERM, on_term)
     if gateway is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: later(gateway.reload("SIGHUP")))
+        # Before the gateway runs, a reload has nothing to do: the policy
+        # was just read.
+        loop.add_signal_handler(signal.SIGHUP, lambda: gateway.house.reload_later("SIGHUP"))
