@@ -439,9 +439,7 @@ def _caddy(site: Site) -> str:
         "\t\t\t# Fields backends take as proven (the policy's strip_headers), in",
         "\t\t\t# every spelling (CGI, WSGI and PHP read `_` as `-`).",
     ]
-    for name in site.strip:
-        for spelled in spellings(name):
-            out.append(f"\t\t\theader_up -{spelled}")
+    out += _every_spelling(site, "\t\t\theader_up -{}")
     out += [
         "\t\t}",
         "\t}",
@@ -466,6 +464,11 @@ def _caddy(site: Site) -> str:
 def _yaml(value: object) -> str:
     """A YAML scalar (JSON's quoting is YAML's)."""
     return json.dumps(value)
+
+
+def _every_spelling(site: Site, line: str) -> list[str]:
+    """`line` for each spelling of each field the proxy removes."""
+    return [line.format(spelled) for name in site.strip for spelled in spellings(name)]
 
 
 def _traefik(site: Site) -> str:
@@ -510,9 +513,7 @@ def _traefik(site: Site) -> str:
         "        customRequestHeaders:",
         '          X-Request-Id: ""  # the client\'s: authgate makes its own',
     ]
-    for name in site.strip:
-        for spelled in spellings(name):
-            out.append(f'          {spelled}: ""')
+    out += _every_spelling(site, '          {}: ""')
     out += [
         "  services:",
         "    authgate-backend:",
