@@ -153,7 +153,11 @@ class _Trace:
             self.lines.append(line)
 
     def done(self) -> tuple[str, ...]:
-        return tuple(self.lines)
+        return tuple(self.lines) if self.on else ()
+
+
+# The trace nobody asked for: one for every request (it records nothing).
+_NO_TRACE = _Trace(False)
 
 
 def _limit(
@@ -315,7 +319,7 @@ def prepare(
 ) -> Prepared | Decision:
     """Phase one: everything up to the credential. Consumes the IP limits
     (unless `consume=False`). Returns an early Decision or a Prepared."""
-    t = _Trace(trace)
+    t = _Trace(True) if trace else _NO_TRACE
 
     # 0. Header fields that could carry a second, forged field; a target with
     # userinfo (RFC 9110 §4.2.4 forbids it).
