@@ -191,6 +191,19 @@ CASES: list[tuple[str, str, str, list[tuple[str, str]], float]] = [
         [("role: ops", "rule ops, allow (role ops): never true")],
         50.0,
     ),
+    (
+        # issue 23, item 8: the five requests before the 429 went through `anyone`
+        "every-request-of-a-repeat-counts",
+        """
+  - name: login
+    match: {path: /login}
+    allow: anyone
+    limits: [{name: login-ip, key: ip, rate: 5/minute}]
+""",
+        "  - {name: sixth is refused, request: {path: /login}, repeat: 6, expect: {status: 429}}",
+        [],
+        100.0,
+    ),
 ]
 
 

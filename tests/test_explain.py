@@ -133,11 +133,15 @@ def test_no_token_is_ever_shown_whole(example: Policy, demo_key: Any) -> None:
 @pytest.mark.parametrize(
     "name, value, shown",
     [("Authorization", "Bearer eyJhbGciOiJSUzI1NiJ9.payload.sig", "Bearer eyJhbGciOi…"),
-     ("authorization", "Basic YWxpY2U6c2VjcmV0", "Basic YWxpY2U6c2…"),
+     # The first characters of a Basic value decode to the password's first
+     # (`YWxpY2U6c2` is `alice:s`): only the user is shown.
+     ("authorization", "Basic YWxpY2U6c2VjcmV0", "Basic (user 'alice', password hidden)"),
+     ("authorization", "Basic !!!", "Basic (not user:password)"),
+     ("authorization", "Digest username=x", "Digest … (hidden)"),
      ("Proxy-Authorization", "Bearer short", "Bearer short"),
-     ("Cookie", "session=0123456789abcdef", "session=01…"),
-     ("X-API-Key", "k-0123456789", "k-01234567…"),
-     ("authorization", "justatokenwithoutscheme", "justatoken…"),
+     ("Cookie", "session=0123456789abcdef", "… (24 characters, hidden)"),
+     ("X-API-Key", "k-0123456789", "… (12 characters, hidden)"),
+     ("authorization", "justatokenwithoutscheme", "… (23 characters, hidden)"),
      ("Accept", "application/json", "application/json")],
 )  # fmt: skip
 def test_redact(name: str, value: str, shown: str) -> None:

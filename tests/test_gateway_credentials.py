@@ -21,8 +21,19 @@ from typing import Any
 
 import pytest
 
+from authgate.proxy.addon import Gateway
+from authgate.runtime.jwks import REQUEST_WAIT, http_get
 from authgate.tools.keys import jwks_for, mint, new_rsa_key
-from conftest import POLICIES, Backend, Reply, RunningGateway, send
+from conftest import (
+    POLICIES,
+    REQUEST_SECONDS,
+    SETTLE_SECONDS,
+    Backend,
+    Reply,
+    RunningGateway,
+    send,
+    wait_until,
+)
 
 Start = Callable[..., RunningGateway]
 CI_BOT = "demo-ci-bot-key-not-secret"
@@ -450,19 +461,11 @@ def idp_policy(tmp_path: Path, idp: JWKSServer, extra: str = "") -> Path:
     return path
 
 
-def wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
-
-
 def test_keys_are_fetched_rotated_and_kept_when_the_provider_is_down(
     start_gateway: Start, backend: Backend, idp: JWKSServer, tmp_path: Path
 ) -> None:
     gw = start_gateway(idp_policy(tmp_path, idp))
-    wait_for(lambda: idp.fetches >= 1)  # fetched in the background at start
+    wait_until(lambda: idp.fetches >= 1, what="the first fetch")  # in the background at start
     assert send(gw.address, "GET", "/api/x", bearer(idp.token())).status == 200
 
     # The provider rotates: a token with the new kid triggers one refresh.
@@ -492,10 +495,14 @@ def test_cold_start_with_the_provider_down_is_503_then_recovers(
     assert r.header("WWW-Authenticate") is None  # not a credentials problem
     assert backend.seen == []
     idp.up()
-    deadline = time.monotonic() + 15
-    while (r := send(gw.address, "GET", "/api/x", bearer(t))).status == 503:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+
+    # The next try comes after a backoff that doubles with each failure (1 s,
+    # 2 s, 4 s, ...): on a busy machine, several may have failed by now.
+    def answered() -> Reply | None:
+        r = send(gw.address, "GET", "/api/x", bearer(t))
+        return r if r.status != 503 else None
+
+    r = wait_until(answered, SETTLE_SECONDS, every=0.5, what="keys once the provider is back")
     assert r.status == 200
 
 
@@ -503,7 +510,7 @@ def test_random_kids_cause_at_most_one_fetch_per_cooldown(
     start_gateway: Start, backend: Backend, idp: JWKSServer, tmp_path: Path
 ) -> None:
     gw = start_gateway(idp_policy(tmp_path, idp).parent / "identity-provider.yaml")
-    wait_for(lambda: idp.fetches >= 1)
+    wait_until(lambda: idp.fetches >= 1, what="the first fetch")
     before = idp.fetches
     start = time.monotonic()
     statuses = []
@@ -542,7 +549,7 @@ def test_access_token_profile(
     status: int,
 ) -> None:
     gw = start_gateway(idp_policy(tmp_path, idp))
-    wait_for(lambda: idp.fetches >= 1)
+    wait_until(lambda: idp.fetches >= 1, what="the first fetch")
     r = send(gw.address, "GET", "/api/x", bearer(make(idp)))
     assert r.status == status
     assert len(backend.seen) == (1 if status == 200 else 0)
@@ -561,7 +568,7 @@ def test_a_token_signed_by_one_issuer_cannot_claim_another(
     text = idp_policy(tmp_path, idp).read_text().replace("rules:", extra + "rules:", 1)
     (tmp_path / "two.yaml").write_text(text)
     gw = start_gateway(tmp_path / "two.yaml")
-    wait_for(lambda: idp.fetches >= 1)
+    wait_until(lambda: idp.fetches >= 1, what="the first fetch")
     assert send(gw.address, "GET", "/api/x", bearer(mint(demo_key, sub="d"))).status == 200
     assert send(gw.address, "GET", "/api/x", bearer(idp.token())).status == 200
     forged = mint(idp.keys["k1"], sub="d", kid="demo-1")  # the provider's key, demo's iss
@@ -598,34 +605,44 @@ class HungProvider:
         self.sock.close()
 
 
-def test_a_hung_provider_never_queues_requests(
-    start_gateway: Start, backend: Backend, tmp_path: Path
-) -> None:
+def test_a_hung_provider_never_queues_requests(backend: Backend, tmp_path: Path) -> None:
+    # `bound` is generous for one REQUEST_WAIT, yet below what queueing takes:
+    # the fetch waits on the hung provider longer than a request's socket
+    # timeout, and n requests one after another would take n * REQUEST_WAIT.
+    n, bound = 20, 10.0
+    assert n * REQUEST_WAIT > bound
+    addon = Gateway()
+    addon.fetcher.get = lambda url, _timeout: http_get(url, 2 * REQUEST_SECONDS)
     hung = HungProvider()
+    gw: RunningGateway | None = None
     try:
         fake = JWKSServer()
         fake.down()
         fake.port = hung.port  # the policy and the tokens name the hung provider
-        gw = start_gateway(idp_policy(tmp_path, fake))
+        gw = RunningGateway(idp_policy(tmp_path, fake), backend.url, [], gateway=addon)
+        address = gw.address
         token = fake.token()
         times: list[float] = []
         statuses: list[int] = []
 
         def one() -> None:
             start = time.monotonic()
-            statuses.append(send(gw.address, "GET", "/api/x", bearer(token)).status)
+            statuses.append(send(address, "GET", "/api/x", bearer(token)).status)
             times.append(time.monotonic() - start)
 
-        threads = [threading.Thread(target=one) for _ in range(3)]
+        threads = [threading.Thread(target=one) for _ in range(n)]
         for th in threads:
             th.start()
         for th in threads:
-            th.join(15)
-        assert statuses == [503, 503, 503]
-        # Each waits at most about a second for the one fetch in flight.
-        assert max(times) < 2.5, times
+            th.join(2 * REQUEST_SECONDS)
+        assert statuses == [503] * n
+        # Each waits at most about REQUEST_WAIT for the one fetch in flight.
+        assert max(times) < bound, times
         # One fetch at a time: the start-up fetch, which the requests joined.
+        wait_until(lambda: hung.accepted, what="the start-up fetch connecting")
         assert len(hung.accepted) == 1
         assert backend.seen == []
     finally:
-        hung.close()
+        hung.close()  # ends the fetch, so that the gateway can stop
+        if gw is not None:
+            gw.stop()

@@ -36,7 +36,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from conftest import EXAMPLE, Backend, RunningGateway, Seen, _handler, send
+from conftest import (
+    EXAMPLE,
+    REQUEST_SECONDS,
+    Backend,
+    RunningGateway,
+    Seen,
+    _handler,
+    send,
+    wait_until,
+)
 
 DEMO_KID = "demo-1"
 ISSUER = "https://issuer.example"
@@ -132,18 +141,25 @@ def _parse(data: bytes) -> Raw:
 
 
 def raw_send(
-    address: tuple[str, int], data: bytes, timeout: float = 5.0, until_close: bool = False
+    address: tuple[str, int],
+    data: bytes,
+    timeout: float = REQUEST_SECONDS,
+    until_close: bool = False,
+    sent: Callable[[], object] | None = None,
 ) -> Raw:
     """Send bytes exactly as given; read one answer (or, with until_close,
-    everything until the gateway closes). Never waits more than `timeout`."""
+    everything until the gateway closes). Never waits more than `timeout`
+    for it, counted once the bytes are sent and `sent()` has returned."""
     chunks: list[bytes] = []
     closed = False
-    deadline = time.monotonic() + timeout
-    with socket.create_connection(address, timeout=timeout) as s:
+    with socket.create_connection(address, timeout=REQUEST_SECONDS) as s:
         try:
             s.sendall(data)
         except OSError:
             pass  # the gateway may answer and close before reading everything
+        if sent is not None:
+            sent()
+        deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 s.settimeout(max(0.05, deadline - time.monotonic()))
@@ -443,7 +459,7 @@ def test_hostile_path_bytes_are_400(gw: RunningGateway, be: Backend, target: byt
 
 def test_ten_thousand_segments(gw: RunningGateway, be: Backend) -> None:
     target = "/legacy/" + "a/" * 10_000 + "x"
-    r = raw_send(gw.address, request(target), timeout=10)
+    r = raw_send(gw.address, request(target))
     assert_safe(r, be, allowed=(200, 400, 414, 431))
     if r.status == 200:
         assert be.seen[0].target == target
@@ -451,7 +467,7 @@ def test_ten_thousand_segments(gw: RunningGateway, be: Backend) -> None:
 
 def test_ten_thousand_dot_segments_never_climb_into_admin(gw: RunningGateway, be: Backend) -> None:
     target = "/legacy/" + "a/../" * 10_000 + "../api/admin/x"
-    r = raw_send(gw.address, request(target), timeout=10)
+    r = raw_send(gw.address, request(target))
     # Judged as the backend reads it: /api/admin/x, which needs a token.
     assert r.status in (400, 401, 414, 431), r.status_line
     assert be.seen == []
@@ -518,7 +534,7 @@ def test_absolute_form_to_another_host_goes_to_the_backend_or_nowhere(
 def test_odd_request_lines_never_reach_the_backend_unjudged(
     gw: RunningGateway, be: Backend, data: bytes
 ) -> None:
-    r = raw_send(gw.address, data, timeout=3, until_close=True)
+    r = raw_send(gw.address, data, until_close=True)
     assert r.status < 500, r.status_line
     assert be.seen == []
 
@@ -528,10 +544,11 @@ def test_odd_request_lines_never_reach_the_backend_unjudged(
 
 def test_leading_crlf_before_the_request_line_is_answered(gw: RunningGateway, be: Backend) -> None:
     """RFC 9112 §2.2: a server SHOULD ignore at least one empty line before
-    the request line. Sent in one packet; the test fails (not hangs) after 5 s."""
+    the request line. Sent in one packet; the test fails (not hangs) after
+    REQUEST_SECONDS."""
     data = b"\r\n" + request(PUBLIC)
     started = time.monotonic()
-    r = raw_send(gw.address, data, timeout=5)
+    r = raw_send(gw.address, data)
     assert r.status == 200, f"after {time.monotonic() - started:.1f}s: {r.data[:200]!r}"
     [seen] = be.seen
     assert seen.target == PUBLIC
@@ -610,21 +627,27 @@ def _assert_no_smuggling(r: Raw, be: Backend) -> None:
 def test_framing_tricks_never_smuggle_a_request(
     gw: RunningGateway, be: Backend, lines: list[bytes], body: bytes
 ) -> None:
-    r = raw_send(gw.address, _smuggle(lines, body), timeout=4, until_close=True)
+    r = raw_send(gw.address, _smuggle(lines, body), until_close=True)
     _assert_no_smuggling(r, be)
 
 
 def test_a_chunk_of_2_to_the_68_bytes_forwards_nothing(gw: RunningGateway, be: Backend) -> None:
-    """The body can never complete; nothing may reach the backend meanwhile."""
+    """The body can never complete; nothing may reach the backend meanwhile:
+    for 2 s once the gateway has judged the request (and is reading its body)."""
     data = _smuggle([b"Transfer-Encoding: chunked"], b"ffffffffffffffff1\r\nabcd\r\n0\r\n\r\n")
-    r = raw_send(gw.address, data, timeout=2, until_close=True)
+    before = gw.addon.decided
+
+    def judged() -> None:
+        wait_until(lambda: gw.addon.decided > before, REQUEST_SECONDS, what="the request judged")
+
+    r = raw_send(gw.address, data, timeout=2, until_close=True, sent=judged)
     assert all(s < 500 for s in r.statuses), r.statuses
     assert be.seen == []
 
 
 def test_pipelined_requests_are_each_judged(gw: RunningGateway, be: Backend) -> None:
     data = request(b"/legacy/first", close=False) + SMUGGLED + LAST
-    r = raw_send(gw.address, data, timeout=4, until_close=True)
+    r = raw_send(gw.address, data, until_close=True)
     assert r.statuses == [200, 401, 200], r.statuses
     assert [s.target for s in be.seen] == ["/legacy/first", "/legacy/end"]
     for seen in be.seen:
@@ -650,7 +673,7 @@ def _gateway_made(r: Raw) -> bool:
 @pytest.mark.usefixtures("lenient_backend")
 def test_a_64_kb_header_value(gw: RunningGateway, be: Backend) -> None:
     value = "a" * 65536
-    r = raw_send(gw.address, request(PUBLIC, [f"X-Note: {value}"]), timeout=10)
+    r = raw_send(gw.address, request(PUBLIC, [f"X-Note: {value}"]))
     assert_safe(r, be, allowed=(200, 400, 431))
     if r.status == 200:
         assert be.seen[0].header("X-Note") == value
@@ -661,7 +684,7 @@ def test_a_64_kb_header_value(gw: RunningGateway, be: Backend) -> None:
 @pytest.mark.usefixtures("lenient_backend")
 def test_five_hundred_headers(gw: RunningGateway, be: Backend) -> None:
     lines = [f"X-H-{i}: v{i}" for i in range(500)] + ["X-Auth-Subject: root"] * 10
-    r = raw_send(gw.address, request(PUBLIC, lines), timeout=10)
+    r = raw_send(gw.address, request(PUBLIC, lines))
     assert_safe(r, be, allowed=(200, 400, 431))
     if r.status == 200:
         assert len([k for k, _ in be.seen[0].headers if k.startswith("X-H-")]) == 500
@@ -671,7 +694,7 @@ def test_five_hundred_headers(gw: RunningGateway, be: Backend) -> None:
 
 def test_many_forwarded_for_fields_are_one_chain(gw: RunningGateway, be: Backend) -> None:
     lines = [f"X-Forwarded-For: 10.0.0.{i}" for i in range(200)]
-    r = raw_send(gw.address, request(PUBLIC, lines), timeout=10)
+    r = raw_send(gw.address, request(PUBLIC, lines))
     assert r.status == 200, r.status_line
     [seen] = be.seen
     [chain] = seen.header_all("X-Forwarded-For")
@@ -881,9 +904,7 @@ def test_deeply_nested_token_json_is_invalid(
         header = HEADER[:-1] + ',"x":' + _nested(depth) + "}"
     else:
         payload = claims(x=_nested(depth))
-    r = raw_send(
-        gw.address, request(PROFILE, [bearer(rs256(demo_key, header, payload))]), timeout=10
-    )
+    r = raw_send(gw.address, request(PROFILE, [bearer(rs256(demo_key, header, payload))]))
     assert_invalid_token(r, be)
 
 
@@ -892,7 +913,7 @@ def test_a_100_kb_token_is_refused_never_5xx(
 ) -> None:
     t = rs256(demo_key, HEADER, claims(pad=json.dumps("a" * 100_000)))
     assert len(t) > 100_000
-    r = raw_send(gw.address, request(PROFILE, [bearer(t)]), timeout=10)
+    r = raw_send(gw.address, request(PROFILE, [bearer(t)]))
     assert r.status in (400, 401, 431), r.status_line
     assert be.seen == []
 
@@ -1043,7 +1064,7 @@ def test_backend_down_is_a_clean_502(
 ) -> None:
     g, port = dead_gw
     lines = [f"Accept: {accept}"] if accept else []
-    r = raw_send(g.address, request(PUBLIC, lines), timeout=10)
+    r = raw_send(g.address, request(PUBLIC, lines))
     assert r.status == 502, r.status_line
     assert r.header("Cache-Control") == "no-store"
     assert (r.header("Content-Type") or "").split(";")[0] == "application/problem+json"
@@ -1055,7 +1076,7 @@ def test_backend_down_is_a_clean_502(
 
 def test_backend_down_html_leaks_nothing(dead_gw: tuple[RunningGateway, int]) -> None:
     g, port = dead_gw
-    r = raw_send(g.address, request(PUBLIC, ["Accept: text/html"]), timeout=10)
+    r = raw_send(g.address, request(PUBLIC, ["Accept: text/html"]))
     assert r.status == 502, r.status_line
     assert r.header("Cache-Control") == "no-store"
     for leak in (b"127.0.0.1", str(port).encode(), b"Errno", b"mitmproxy"):
@@ -1112,7 +1133,7 @@ def host_gw(
         async def switch() -> None:
             g.master.options.update(authgate_policy=str(folder / "host.yaml"))
 
-        asyncio.run_coroutine_threadsafe(switch(), g.loop).result(10)
+        asyncio.run_coroutine_threadsafe(switch(), g.loop).result(REQUEST_SECONDS)
         assert g.addon.policy is not None and g.addon.policy.uses_host
         yield g
     finally:

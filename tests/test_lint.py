@@ -13,7 +13,14 @@ from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
 from authgate.policy.load import parse_policy
 from authgate.runtime.stores import MemoryStore
-from authgate.tools.lint import at_least_as_strict, covers, lint, overlaps, rule_covers
+from authgate.tools.lint import (
+    at_least_as_strict,
+    covers,
+    fill_ins,
+    lint,
+    overlaps,
+    rule_covers,
+)
 
 HTPASSWD = Path(__file__).resolve().parent.parent / "policies" / "users.htpasswd"
 BASIC_HEAD = "authn:\n  basic: {htpasswd: HTPASSWD}\n"
@@ -443,3 +450,44 @@ def test_forwards_trusted_header(head: str, expected: list[tuple[str, int]]) -> 
     assert found(p) == expected
     names = sorted(f.message.split()[3] for f in lint(p))
     assert names == (["x-original-url", "x-remote-user"] if expected else [])
+
+
+# --- issue 23: conditions that can never hold, FILL-IN placeholders ----------------------
+
+
+@pytest.mark.parametrize("allow, expected", [
+    ("{all: [{role: admin}, {not: {role: admin}}]}", [("never-holds", 3)]),
+    ("{all: [{not: {scope: s}}, authenticated, {scope: s}]}", [("never-holds", 3)]),
+    ("{all: [authenticated, nobody]}", [("never-holds", 3)]),
+    ("{not: anyone}", [("never-holds", 3)]),
+    ("{any: [{all: [{role: a}, {not: {role: a}}]}, nobody]}", [("never-holds", 3)]),
+    ("{any: [{role: x}, {all: [{role: a}, {not: {role: a}}]}]}", [("never-holds", 3)]),
+    ("{all: [{role: admin}, {not: {role: ops}}]}", []),
+    ("{any: [{role: x}, nobody]}", []),  # nobody written: said on purpose
+    ("nobody", []),
+])  # fmt: skip
+def test_never_holds(allow: str, expected: list[tuple[str, int]]) -> None:
+    p = policy(f"  - {{name: r, match: {{path: /r}}, allow: {allow}}}\n")
+    assert found(p) == expected
+
+
+def test_never_holds_names_the_contradiction() -> None:
+    p = policy(
+        "  - {name: r, match: {path: /r}, allow: {all: [{role: admin}, {not: {role: admin}}]}}\n"
+    )
+    [f] = lint(p)
+    assert "can never hold: it needs both role admin and not role admin" in f.message
+
+
+@pytest.mark.parametrize("text, lines", [
+    ("a: 1\n", []),
+    ("a: FILL-IN\nb: x\nc: [FILL-IN-audience]\n", [1, 3]),
+    ('a: "https://FILL-IN.invalid/x"  # FILL-IN\n', [1]),
+    ("# FILL-IN marks what is yours\na: 1  # FILL-IN here\n", []),  # comments do not count
+    ("FILL-IN: {roles: [a]}\n", [1]),  # a key too (htpasswd users)
+])  # fmt: skip
+def test_fill_ins(text: str, lines: list[int]) -> None:
+    found_ = fill_ins("p.yaml", text)
+    assert [(f.line, f.severity, f.code) for f in found_] == [
+        (n, "error", "fill-in") for n in lines
+    ]

@@ -299,3 +299,69 @@ def test_the_demo_banner_with_the_provider_shows_its_tokens() -> None:
     )
     assert "--typ at+jwt --claim client_id=web" in text
     assert "http://127.0.0.1:8999/realms/demo/jwks" in text
+
+
+# --- issue 23: what a new user still trips on ----------------------------------------
+
+
+def test_token_finds_the_demo_key_from_any_folder(tmp_path: Path) -> None:
+    r = authgate("token", "--sub", "alice", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count(".") == 2, r.stderr
+
+
+def test_token_without_a_demo_key_names_the_fix(tmp_path: Path) -> None:
+    # The project's key is not found when authgate seems installed elsewhere.
+    code = (
+        "import sys, authgate.tools.keys as k; k.__file__ = '/nowhere/a/b/c/keys.py'; "
+        "from authgate.cli import main; sys.exit(main(['token', '--sub', 'alice']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert "authgate demo-keys" in r.stderr and "--key FILE" in r.stderr
+
+
+@pytest.mark.parametrize("ttl", ["-1h", "-30m"])
+def test_token_ttl_takes_a_negative_value_as_written(ttl: str) -> None:
+    r = authgate("token", "--sub", "alice", "--ttl", ttl, "--role", "user")
+    assert r.returncode == 0, r.stderr
+    body = r.stdout.strip().split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    assert claims["exp"] < claims["iat"] + 120 and claims["roles"] == ["user"]
+    assert "expected one argument" in authgate("token", "--sub", "a", "--ttl", "--role", "x").stderr
+
+
+def test_help_is_for_users_and_version_names_mitmproxy() -> None:
+    from importlib.metadata import version
+
+    top = authgate("--help").stdout
+    assert "dispatch" not in top and "An auth gateway" in top
+    v = authgate("--version")
+    assert v.returncode == 0
+    assert v.stdout == f"authgate {version('authgate')} (mitmproxy {version('mitmproxy')})\n"
+    for command, line in [("token", "Mint a signed JWT"), ("check", "Validate policies"),
+                          ("demo", "The gateway and a demo backend")]:  # fmt: skip
+        assert line in authgate(command, "--help").stdout, command
+    assert "(default: 127.0.0.1:9000)" in " ".join(authgate("demo", "--help").stdout.split())
+
+
+def test_a_second_demo_names_the_port_and_how_to_move(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = authgate("demo", "--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:0")
+    assert r.returncode == 2
+    assert f"127.0.0.1:{port} (the gateway) is already in use" in r.stderr
+    assert re.search(
+        r'make run ARGS="--listen 127\.0\.0\.1:\d+ --backend 127\.0\.0\.1:\d+"', r.stderr
+    )
+
+
+def test_files_the_docs_make_in_the_repository_are_ignored() -> None:
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "check-ignore", "capture.flows", ".venv312"], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.stdout.split() == ["capture.flows", ".venv312"]

@@ -44,6 +44,9 @@ def fill_in(policy: Path) -> None:
             hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
             (policy.parent / name).write_text(f"tester:{hashed}\n")
     text = text.replace("sha256: FILL-IN", f"sha256: {hash_key(TEST_KEY)}")
+    # issuer and audience, as docs/tools.md's `sed` does (`check` fails on any FILL-IN)
+    text = text.replace("https://FILL-IN.invalid/", "https://idp.example/")
+    text = text.replace("FILL-IN-audience", "api")
     text = text.replace("{name: FILL-IN", "{name: tester").replace(
         "FILL-IN: {roles", "tester: {roles"
     )
@@ -142,7 +145,7 @@ def test_unmappable_is_reported_with_its_location_and_stays_denied(tmp_path: Pat
     fill_in(policy)
     # The explain trace of a request with a valid token to the AND operation: denied.
     key = str(ROOT / "policies/keys/demo-private.pem")
-    iss, aud = "https://FILL-IN.invalid/bearer", "FILL-IN-audience"
+    iss, aud = "https://idp.example/bearer", "api"  # as fill_in set them
     token = run("token", "--key", key, "--sub", "u", "--iss", iss, "--aud", aud).stdout.strip()
     told = run("explain", str(policy), "GET", "/both", "--token", token)
     assert told.returncode == 0, told.stderr

@@ -784,6 +784,44 @@ BROKEN = [
     ("yaml-tab-indent", "version: 1\n\trules: []  # <-\n",
      "YAML: found character '\\t' that cannot start any token"),
     ("yaml-non-string-key", "version: 1\n1: a  # <-\nrules: []\n", "YAML: key 1 is not a string"),
+    ("yaml-bad-indentation-says-so", """
+        version: 1
+        rules:
+          - name: r
+            match: {path: /a}
+          allow: anyone  # <-
+     """, "found '?' (usually indentation: this line is indented more or less than"),
+    # issue 23, item 5: `{user}` unquoted is YAML for the mapping {'user': None}
+    ("unquoted-path-parameter-in-equals", """
+        version: 1
+        rules:
+          - name: notes
+            match: {path: "/notes/{user}"}
+            allow: {claim: sub, equals: {user}}  # <-
+     """, 'quote the path parameter: equals: "{user}"'),
+    ("unquoted-path-parameter-in-contains", """
+        version: 1
+        rules:
+          - name: notes
+            match: {path: "/notes/{user}"}
+            allow:
+              claim: groups
+              contains: {user}  # <-
+     """, 'quote the path parameter: contains: "{user}"'),
+    ("unquoted-path-parameter-in-in", """
+        version: 1
+        rules:
+          - name: notes
+            match: {path: "/notes/{user}"}
+            allow: {claim: sub, in: [{user}, admin]}  # <-
+     """, 'quote the path parameter: in: ["{user}"]'),
+    ("a-mapping-as-claim-value", """
+        version: 1
+        rules:
+          - name: r
+            match: {path: /a}
+            allow: {claim: sub, equals: {a: 1}}  # <-
+     """, "equals: a mapping where a value belongs"),
 ]  # fmt: skip
 
 

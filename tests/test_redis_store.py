@@ -33,8 +33,12 @@ from authgate.runtime.stores import MemoryStore
 from redis_server import RedisServer
 
 T = TypeVar("T")
-TIMEOUT = 0.05
-BOUND = TIMEOUT * 3  # generous: "answers within the timeout", not a benchmark
+# The machine may be busy: a store timeout that a live Redis meets with room to
+# spare. What must come without waiting for Redis (a refused connection, an open
+# circuit) comes within NO_WAIT, far below it: "no wait" is not "a wait".
+TIMEOUT = 5.0
+NO_WAIT = 1.0
+HUNG_TIMEOUT = 2.0  # what a hung Redis waits for: each call ends within it, not twice it
 BASE_US = 1_700_000_000_000_000  # a realistic epoch in µs for the fixed-timeline tests
 _prefixes = itertools.count()
 
@@ -69,7 +73,7 @@ def hits(*specs: tuple[str, str, str]) -> list[Hit]:
 
 def test_burst_of_n_then_429_with_retry_after(redis_server: RedisServer, admin: Any) -> None:
     async def body() -> list[Verdict]:
-        store = RedisStore.from_url(redis_server.url, timeout=1)
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         try:
             return [(await store.hit_all(hits(("r", "ip:1", "5/minute"))))[0] for _ in range(7)]
         finally:
@@ -86,8 +90,8 @@ def test_burst_of_n_then_429_with_retry_after(redis_server: RedisServer, admin: 
 
 def test_two_clients_share_one_limit_exactly(redis_server: RedisServer, admin: Any) -> None:
     async def body() -> list[bool]:
-        a = RedisStore.from_url(redis_server.url, timeout=1)
-        b = RedisStore.from_url(redis_server.url, timeout=1)
+        a = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
+        b = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         try:
             out = []
             for i in range(25):
@@ -106,7 +110,7 @@ def test_concurrent_requests_from_many_connections_count_exactly(
     redis_server: RedisServer, admin: Any
 ) -> None:
     async def body() -> list[bool]:
-        stores = [RedisStore.from_url(redis_server.url, timeout=2) for _ in range(3)]
+        stores = [RedisStore.from_url(redis_server.url, timeout=TIMEOUT) for _ in range(3)]
         try:
             calls = [s.hit_all(hits(("r", "ip:9", "50/hour"))) for s in stores for _ in range(40)]
             return [v[0].allowed for v in await asyncio.gather(*calls)]
@@ -121,7 +125,7 @@ def test_a_denied_request_consumes_nothing(redis_server: RedisServer, admin: Any
     both = hits(("per-ip", "ip:1", "10/minute"), ("per-sub", "sub:bob", "1/minute"))
 
     async def body() -> tuple[list[Verdict], list[Verdict], list[Verdict], bytes, bytes]:
-        store = RedisStore.from_url(redis_server.url, timeout=1)
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         try:
             first = await store.hit_all(both)
             before = admin.get(store_key("authgate", "per-ip", "ip:1"))
@@ -142,7 +146,7 @@ def test_a_denied_request_consumes_nothing(redis_server: RedisServer, admin: Any
 
 def test_consume_false_only_reads(redis_server: RedisServer, admin: Any) -> None:
     async def body() -> list[Verdict]:
-        store = RedisStore.from_url(redis_server.url, timeout=1)
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         try:
             h = hits(("r", "ip:2", "2/minute"))
             reads = [(await store.hit_all(h, consume=False))[0] for _ in range(5)]
@@ -160,7 +164,7 @@ def test_consume_false_only_reads(redis_server: RedisServer, admin: Any) -> None
 
 def test_ttl_is_the_time_until_the_quota_is_back(redis_server: RedisServer, admin: Any) -> None:
     async def body() -> list[int]:
-        store = RedisStore.from_url(redis_server.url, timeout=1)
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         key = store_key("authgate", "r", "ip:3")
         try:
             ttls = []
@@ -218,7 +222,7 @@ def test_same_verdicts_as_memory_store(
     limits = [Hit(f"lim{i}", f"key{i % 2}", Rate.parse(r)) for i, r in enumerate(rates)]
 
     async def body() -> tuple[list[list[Verdict]], list[list[Verdict]]]:
-        store = RedisStore.from_url(redis_server.url, timeout=2, prefix=fresh_prefix())
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT, prefix=fresh_prefix())
         memory = MemoryStore()
         t = 0
         ours, theirs = [], []
@@ -281,7 +285,7 @@ def test_microsecond_arithmetic(
     h = hits(("r", "k", rate))
 
     async def body() -> list[Verdict]:
-        store = RedisStore.from_url(redis_server.url, timeout=1)
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         try:
             return [(await store.hit_all_at(h, BASE_US + t))[0] for t in times_us]
         finally:
@@ -330,7 +334,7 @@ def test_keys_are_injective_and_keep_the_tag(a: tuple[str, str], b: tuple[str, s
 
 def test_a_braced_subject_cannot_reach_another_key(redis_server: RedisServer, admin: Any) -> None:
     async def body() -> list[bool]:
-        store = RedisStore.from_url(redis_server.url, timeout=1)
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         try:
             out = []
             for key in ["x}{y", "x", "{y", "x}{y", "x:y", "x%3Ay"]:
@@ -345,8 +349,8 @@ def test_a_braced_subject_cannot_reach_another_key(redis_server: RedisServer, ad
 
 def test_prefixes_are_separate(redis_server: RedisServer, admin: Any) -> None:
     async def body() -> list[bool]:
-        a = RedisStore.from_url(redis_server.url, timeout=1, prefix="tenant-a")
-        b = RedisStore.from_url(redis_server.url, timeout=1, prefix="tenant-b")
+        a = RedisStore.from_url(redis_server.url, timeout=TIMEOUT, prefix="tenant-a")
+        b = RedisStore.from_url(redis_server.url, timeout=TIMEOUT, prefix="tenant-b")
         try:
             h = hits(("r", "ip:1", "1/minute"))
             return [(await s.hit_all(h))[0].allowed for s in (a, b, a)]
@@ -381,7 +385,7 @@ def test_redis_killed_then_back(redis_server: RedisServer, admin: Any) -> None:
                 start = time.monotonic()
                 with pytest.raises(StoreUnavailable, match="cannot connect"):
                     await store.hit_all(h)
-                assert time.monotonic() - start < BOUND
+                assert time.monotonic() - start < NO_WAIT  # refused: no wait for the timeout
             assert breaker.state == "open"
             assert not await store.ping()
 
@@ -391,7 +395,7 @@ def test_redis_killed_then_back(redis_server: RedisServer, admin: Any) -> None:
                 start = time.monotonic()
                 with pytest.raises(StoreUnavailable, match="circuit open"):
                     await store.hit_all(h)
-                assert time.monotonic() - start < 0.01
+                assert time.monotonic() - start < NO_WAIT  # no wait for a Redis that is back
             after = admin.info("stats")
             # Not one connection or command from the store while open (the
             # admin's own INFO is the one command in between).
@@ -436,7 +440,7 @@ def test_a_hung_redis_times_out(redis_server: RedisServer, admin: Any) -> None:
     h = hits(("r", "ip:6", "100/minute"))
 
     async def body() -> list[float]:
-        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
+        store = RedisStore.from_url(redis_server.url, timeout=HUNG_TIMEOUT)
         elapsed = []
         try:
             await store.hit_all(h)
@@ -444,7 +448,7 @@ def test_a_hung_redis_times_out(redis_server: RedisServer, admin: Any) -> None:
             try:
                 for _ in range(2):
                     start = time.monotonic()
-                    with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
+                    with pytest.raises(StoreUnavailable, match="no answer within 2000 ms"):
                         await store.hit_all(h)
                     elapsed.append(time.monotonic() - start)
                 start = time.monotonic()
@@ -457,7 +461,7 @@ def test_a_hung_redis_times_out(redis_server: RedisServer, admin: Any) -> None:
             await store.close()
         return elapsed
 
-    assert all(e < BOUND for e in run(body))
+    assert all(e < 2 * HUNG_TIMEOUT for e in run(body))
 
 
 def test_nothing_listening(admin: Any) -> None:
@@ -477,7 +481,7 @@ def test_script_flush_recovers(redis_server: RedisServer, admin: Any) -> None:
     breaker = Breaker()
 
     async def body() -> list[int]:
-        store = RedisStore.from_url(redis_server.url, timeout=1, breaker=breaker)
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT, breaker=breaker)
         h = hits(("r", "ip:7", "10/minute"))
         try:
             out = [(await store.hit_all(h))[0].remaining]
@@ -495,7 +499,7 @@ def test_script_flush_recovers(redis_server: RedisServer, admin: Any) -> None:
 
 def test_a_reply_of_the_wrong_shape(redis_server: RedisServer, admin: Any) -> None:
     async def body() -> str:
-        store = RedisStore.from_url(redis_server.url, timeout=1)
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         # A script that answers something else, as a Redis proxy or another
         # version of the script could.
         store._script = store.client.register_script("return {1, 2}")
@@ -560,7 +564,7 @@ def test_passwords(
     url = f"redis://{auth}127.0.0.1:{locked_redis.port}/0"
 
     async def body() -> str:
-        store = RedisStore.from_url(url, timeout=1)
+        store = RedisStore.from_url(url, timeout=TIMEOUT)
         try:
             await store.hit_all(hits(("r", "k", "1/second")))
             return ""

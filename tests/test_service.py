@@ -14,7 +14,6 @@ for its condition up to a generous deadline; nothing sleeps a fixed time.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -26,7 +25,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,27 +35,21 @@ from authgate.core.decision import judge
 from authgate.policy.load import load_policy
 from authgate.runtime.stores import MemoryStore
 from authgate.service import checks
-from conftest import POLICIES, Backend, send
+from conftest import (
+    POLICIES,
+    REQUEST_SECONDS,
+    SETTLE_SECONDS,
+    START_SECONDS,
+    UNBUFFERED_ENV,
+    Backend,
+    Reply,
+    send,
+    wait_until,
+)
 
 BIN = Path(sys.executable).parent
-START_SECONDS = 60.0  # a process to start listening
-REQUEST_SECONDS = 30.0  # one answer (socket timeouts), or a process to stop
-SETTLE_SECONDS = 60.0  # something that follows on its own: a reload, a worker's status
-ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 JWKS = POLICIES / "keys" / "jwks.json"
 LISTENING = re.compile(r"decision service on https?://127\.0\.0\.1:(\d+)")
-
-
-def poll(check: Callable[[], Any], seconds: float, what: str) -> Any:
-    """`check()` until it returns something true (returned); fail after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not so after {seconds:g} s: {what}")
-        time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -166,7 +158,9 @@ class Serve:
         self._out = self.log.open("w")
         cmd = [str(BIN / "authgate"), "serve", "--policy", str(policy)]
         cmd += ["--listen", f"127.0.0.1:{port}", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=ENV)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._out, stderr=subprocess.STDOUT, env=UNBUFFERED_ENV
+        )
         self.port = port
 
     @property
@@ -189,7 +183,7 @@ class Serve:
             found = LISTENING.search(self.output())
             return int(found.group(1)) if found else 0
 
-        self.port = poll(listening, START_SECONDS, "authgate serve listening")
+        self.port = wait_until(listening, START_SECONDS, what="authgate serve listening")
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -220,19 +214,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
 
 
 # --- a raw HTTP/1.1 client ------------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-    def header_all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
 def request(method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
@@ -270,7 +251,7 @@ class Client:
         self.buffer += chunk
         return bool(chunk)
 
-    def answer(self) -> Answer:
+    def answer(self) -> Reply:
         while b"\r\n\r\n" not in self.buffer:
             if not self._more():
                 raise AssertionError(f"closed before a whole answer: {self.buffer!r}")
@@ -283,7 +264,7 @@ class Client:
             if not self._more():
                 raise AssertionError("closed in the middle of a body")
         body, self.buffer = self.buffer[:size], self.buffer[size:]
-        return Answer(int(status_line.split(" ")[1]), headers, body)
+        return Reply(int(status_line.split(" ")[1]), headers, body)
 
     def closed(self) -> bool:
         """True when the service closes the connection (within the socket
@@ -303,7 +284,7 @@ def ask(
     target: str,
     headers: list[tuple[str, str]],
     source: str | None = None,
-) -> Answer:
+) -> Reply:
     """One check request on its own connection."""
     with Client(address, source) as c:
         c.send(request(method, target, headers))
@@ -546,7 +527,7 @@ def test_a_connection_kept_busy_a_byte_at_a_time_is_closed(
             except OSError:  # reset, broken pipe: closed too
                 return True
 
-        poll(closed, REQUEST_SECONDS, "the service closing the connection")
+        wait_until(closed, REQUEST_SECONDS, what="the service closing the connection")
 
 
 # --- signals ------------------------------------------------------------------------------------
@@ -561,15 +542,15 @@ def test_sighup_reloads_and_a_broken_policy_keeps_the_last_good_one(
 
     policy.write_text(policy_text().replace("allow: anyone", "allow: authenticated"))
     svc.proc.send_signal(signal.SIGHUP)
-    poll(
+    wait_until(
         lambda: ask(svc.address, "GET", "/auth", auth("/health")).status == 401,
         SETTLE_SECONDS,
-        "the changed rule in effect after SIGHUP",
+        what="the changed rule in effect after SIGHUP",
     )
 
     policy.write_text("version: 1\nrules: [\n")  # broken
     svc.proc.send_signal(signal.SIGHUP)
-    poll(lambda: "reload (SIGHUP) refused" in svc.output(), SETTLE_SECONDS, "the refusal")
+    wait_until(lambda: "reload (SIGHUP) refused" in svc.output(), what="the refusal")
     assert "the last good policy keeps serving" in svc.output()
     assert ask(svc.address, "GET", "/auth", auth("/health")).status == 401  # still the last good
     assert svc.proc.poll() is None
@@ -587,10 +568,10 @@ def test_sigterm_finishes_the_check_in_flight_and_exits_0(
     assert idle.answer().status == 200
     with Client(svc.address) as busy:
         busy.send(request("GET", "/auth", auth("/basic", SLOW)))
-        poll(
+        wait_until(
             lambda: admin_get(admin, "/status")[1]["in_flight"] == 1,
             SETTLE_SECONDS,
-            "the Basic check in flight",
+            what="the Basic check in flight",
         )
         svc.proc.send_signal(signal.SIGTERM)
         a = busy.answer()  # finished, not cut off
@@ -609,7 +590,9 @@ def test_two_workers_both_answer(serve: Callable[..., Serve], ready_policy: Path
     admin = free_port()
     args = ("--workers", "2", "--admin", f"127.0.0.1:{admin}")
     svc = serve(ready_policy, *args, port=free_port())
-    poll(lambda: admin_get(admin, "/ready")[0] == 200, START_SECONDS, "both workers ready")
+    wait_until(
+        lambda: admin_get(admin, "/ready")[0] == 200, START_SECONDS, what="both workers ready"
+    )
 
     def both_decided() -> bool:
         # New connections: the kernel spreads them over the two listeners.
@@ -618,7 +601,7 @@ def test_two_workers_both_answer(serve: Callable[..., Serve], ready_policy: Path
         workers = admin_get(admin, "/status")[1]["workers"]
         return all((w["status"] or {}).get("decisions", 0) > 0 for w in workers)
 
-    poll(both_decided, SETTLE_SECONDS, "each worker made decisions")
+    wait_until(both_decided, SETTLE_SECONDS, what="each worker made decisions")
     workers = admin_get(admin, "/status")[1]["workers"]
     assert len(workers) == 2
     assert len({w["status"]["pid"] for w in workers} - {svc.proc.pid}) == 2
@@ -748,7 +731,7 @@ def test_the_decision_log_line_is_the_gateways(
         client = [("X-Forwarded-For", "198.51.100.7"), *fields]  # the same client for both
         send(gw.address, method, target, client)
         ask(svc.address, "GET", "/auth", auth(target, *client, method=method))
-    poll(lambda: len(log_lines(gw_log)) == len(cases), SETTLE_SECONDS, "the gateway's lines")
+    wait_until(lambda: len(log_lines(gw_log)) == len(cases), what="the gateway's lines")
     gateway, service = log_lines(gw_log), log_lines(svc_log)
     assert len(service) == len(cases)
     for g, s in zip(gateway, service, strict=True):

@@ -46,16 +46,14 @@ from typing import Any
 import pytest
 
 from authgate.tools.proxyconfig import CHECK_FIELDS
+from conftest import SETTLE_SECONDS, Reply, wait_until
 from test_service import (
-    SETTLE_SECONDS,
-    Answer,
     Client,
     Serve,
     ask,
     auth,
     log_lines,
     policy_text,
-    poll,
     request,
 )
 
@@ -226,7 +224,7 @@ def service(tmp_path: Path, demo_key: Any) -> Iterator[Serve]:
         svc.stop()
 
 
-def send_shape(svc: Serve, proxy: str, case: Case, accept: str | None = None) -> Answer:
+def send_shape(svc: Serve, proxy: str, case: Case, accept: str | None = None) -> Reply:
     fields = list(case.fields)
     if accept is not None:
         fields.append(("Accept", accept))
@@ -236,7 +234,7 @@ def send_shape(svc: Serve, proxy: str, case: Case, accept: str | None = None) ->
         return c.answer()
 
 
-def assert_answer(a: Answer, case: Case) -> None:
+def assert_answer(a: Reply, case: Case) -> None:
     """What the proxy needs to pass on, for one case of the table."""
     assert a.status == case.status, case.name
     rid = a.header("X-Request-Id")
@@ -289,7 +287,7 @@ def test_a_hidden_route_answers_as_an_unknown_path_does(
     hidden = send_shape(service, proxy, cases["hidden"])
     unknown = send_shape(service, proxy, cases["unknown path"])
 
-    def same(a: Answer) -> tuple[Any, ...]:
+    def same(a: Reply) -> tuple[Any, ...]:
         rid = a.header("X-Request-Id") or ""
         kept = [(k, v) for k, v in a.headers if k not in ("Date", "X-Request-Id")]
         return a.status, kept, a.body.replace(rid.encode(), b"ID")
@@ -350,7 +348,7 @@ def test_envoy_sends_two_authorization_fields_as_one_and_it_is_refused(
     assert via_traefik.header("WWW-Authenticate") == 'Bearer realm="api", error="invalid_request"'
 
 
-def ask_raw(svc: Serve, data: bytes, source: str | None = None) -> Answer:
+def ask_raw(svc: Serve, data: bytes, source: str | None = None) -> Reply:
     with Client(svc.address, source) as c:
         c.send(data)
         return c.answer()
@@ -396,7 +394,7 @@ def test_envoys_node_address_must_be_trusted_too(service: Serve, tmp_path: Path)
         a = ask_raw(svc, envoy("GET", "/health", [], client="203.0.113.9", node="10.1.2.3"))
         return a.status == 403
 
-    poll(blocked, SETTLE_SECONDS, "the real client judged once the node is trusted")
+    wait_until(blocked, SETTLE_SECONDS, what="the real client judged once the node is trusted")
 
 
 # --- callers that are not trusted proxies --------------------------------------------------------
@@ -446,7 +444,7 @@ def test_an_untrusted_caller_cannot_replay_a_sealed_answer(service: Serve) -> No
     from authgate.service.checks import seal
 
     forged = seal(Rendered(418, (("Location", "https://evil.example"),), b"hi"))
-    fields = [("Host", "x"), ("X-Authgate-Answer", forged)]
+    fields = [("Host", "x"), ("X-Authgate-Reply", forged)]
     a = ask(service.address, "GET", "/_answer", fields, source=UNTRUSTED)
     assert (a.status, a.header("Location")) == (503, None)
     assert a.header("X-Authgate-Decision") == "deny"

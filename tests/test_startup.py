@@ -296,8 +296,11 @@ def test_mitmweb_shows_the_decision_in_the_flow_list(backend: Backend) -> None:
         markers = {f["request"]["path"]: f["marked"] for f in flows}
         # Symbols stock fonts draw, not emoji that show as boxes without an emoji font.
         assert markers == {"/api/profile": "\u2716", "/health": ""}
-        assert comments["/api/profile"] == "authgate: 401 by rule profile (no_credentials)"
-        assert comments["/health"] == "authgate: allowed by rule health (allowed)"
+        # The short form first (the Comment column is narrow), then the line filters read.
+        assert comments["/api/profile"] == (
+            "401 no credentials\nauthgate: 401 by rule profile (no_credentials)"
+        )
+        assert comments["/health"] == "200 health\nauthgate: allowed by rule health (allowed)"
         options = get("/options")
         assert isinstance(options, dict)
         assert "comment" in options["web_columns"]["value"]  # a column, no click needed

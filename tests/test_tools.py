@@ -195,7 +195,8 @@ def test_test_strict_wants_every_rule_tested(
     # warns.yaml has no tests: fine, unless --strict.
     assert run(capsys, "test", files["warns"])[0] == 0
     code, out, _ = run(capsys, "test", "--strict", files["warns"])
-    assert (code, out) == (1, f"{files['warns']}: 0 tests, 0 passed\n")
+    assert (code, out) == (1, f"{files['warns']}: 0 tests, 0 passed\n"
+                              f"{files['warns']}: --strict: the policy has no tests\n")  # fmt: skip
     assert run(capsys, "test", "--strict", files["clean"])[0] == 0
 
 
@@ -263,3 +264,34 @@ def test_explain_a_broken_policy(capsys: pytest.CaptureFixture[str], files: dict
     code, _, err = run(capsys, "explain", files["broken"], "GET", "/a")
     assert (code, err) == (2, f"authgate explain: {files['broken']}:3: rule 'a' match.methods "
                               "must be a list, not str 'GET'\n")  # fmt: skip
+
+
+# --- issue 23: what a new user still trips on --------------------------------------------
+
+
+def test_check_fails_on_a_fill_in_left_anywhere(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`authgate import openapi` marks what is the user's with FILL-IN; a policy
+    that loads with one left (an issuer, a test credential) must not pass."""
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\n"
+        "# FILL-IN in a comment is no placeholder\n"
+        "rules:\n"
+        '  - {name: a, match: {path: /a}, allow: {claim: iss, equals: "https://FILL-IN.invalid/x"}}\n'
+        "  - {name: b, match: {path: /b}, allow: anyone}  # FILL IN: nothing\n"
+    )
+    (tmp_path / "p.tests.yaml").write_text(
+        "tests:\n"
+        "  - name: b\n"
+        "    request: {path: /b, headers: {X-Key: FILL-IN-test-key}}\n"
+        "    expect: {status: 200}\n"
+    )
+    code, out, _ = run(capsys, "check", str(tmp_path / "p.yaml"))
+    assert code == 2, out
+    assert f"{tmp_path / 'p.yaml'}:4: error: 'https://FILL-IN.invalid/x' is a placeholder" in out
+    assert f"{tmp_path / 'p.tests.yaml'}:3: error: 'FILL-IN-test-key' is a placeholder" in out
+    assert ":2:" not in out and ":5:" not in out
+    assert out.endswith(f"{tmp_path / 'p.yaml'}: 2 FILL-IN left (2 rules, 1 test)\n")
+    json_code, json_out, _ = run(capsys, "check", "--format", "json", str(tmp_path / "p.yaml"))
+    assert (json_code, json.loads(json_out)["errors"]) == (2, 2)

@@ -11,6 +11,7 @@ import ipaddress
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from authgate.tools.keys import DEMO_AUDIENCE, DEMO_ISSUER, DEMO_KID
 
@@ -67,8 +68,43 @@ def _listener(text: str) -> str:
     return text.strip() if "://" in text else host_port(text)
 
 
+DESCRIPTION = """An auth gateway for HTTP APIs, run by mitmproxy: each request is judged
+by a policy (YAML) before it reaches the backend. `make run` starts the demo;
+`authgate COMMAND --help` tells about each command."""
+
+
+class _Version(argparse.Action):
+    """`--version`: authgate's version and mitmproxy's, read from the installed
+    packages (so without loading mitmproxy)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "not installed"
+
+        print(f"authgate {of('authgate')} (mitmproxy {of('mitmproxy')})")
+        parser.exit()
+
+
+def _describe(subs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Each command's own --help opens with the line `authgate --help` shows for
+    it, unless it has a longer description."""
+    for shown in subs._choices_actions:
+        command = subs.choices[shown.dest]
+        if command.description is None and shown.help:
+            command.description = shown.help[0].upper() + shown.help[1:] + "."
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="authgate", description=__doc__)
+    p = argparse.ArgumentParser(prog="authgate", description=DESCRIPTION)
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
     def gateway_options(
@@ -196,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
         default="127.0.0.1:9000",
         type=host_port,
         metavar="HOST:PORT",
-        help="where the demo backend listens (127.0.0.1:9000)",
+        help="where the demo backend listens (default: 127.0.0.1:9000)",
     )
     demo.add_argument(
         "--idp",
@@ -210,11 +246,18 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_lazy("cmd_demo"))
 
     tok = sub.add_parser("token", help="mint a signed JWT (defaults: the demo key and issuer)")
-    tok.add_argument("--key", default="policies/keys/demo-private.pem", help="private key (PEM)")
+    tok.add_argument(
+        "--key",
+        metavar="FILE",
+        help="private key (PEM); default: policies/keys/demo-private.pem here, else in "
+        "the authgate project",
+    )
     tok.add_argument("--sub", required=True, help="subject")
     tok.add_argument("--role", action="append", default=[], help="a role (repeatable)")
     tok.add_argument("--scope", action="append", default=[], help="a scope (repeatable)")
-    tok.add_argument("--ttl", default="1h", help="lifetime: 30s, 5m, 1h; negative for expired")
+    tok.add_argument(
+        "--ttl", default="1h", help="lifetime: 30s, 5m, 1h; negative for expired (--ttl -1h)"
+    )
     tok.add_argument("--iss", default=DEMO_ISSUER, help=f"issuer ({DEMO_ISSUER})")
     tok.add_argument("--aud", default=DEMO_AUDIENCE, help=f"audience ({DEMO_AUDIENCE})")
     tok.add_argument("--kid", default=DEMO_KID, help=f"key id ({DEMO_KID}); empty for none")
@@ -339,11 +382,28 @@ def parser() -> argparse.ArgumentParser:
         help="more distinct values than K at one path position make it a parameter (10)",
     )  # fmt: skip
     lrn.set_defaults(func=_lazy("cmd_learn"))
+    _describe(sub)
+    _describe(imp_sub)
     return p
 
 
+_NEGATIVE = re.compile(r"^-\d")
+
+
+def _negative_values(argv: Sequence[str]) -> list[str]:
+    """`--ttl -1h` as `--ttl=-1h`: argparse takes a value starting with '-' (and
+    not a plain number) for an option, and refuses it as the value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--ttl" and _NEGATIVE.match(arg):
+            out[-1] = f"--ttl={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_negative_values(sys.argv[1:] if argv is None else argv))
     code: int = args.func(args)
     return code
 

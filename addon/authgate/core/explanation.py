@@ -4,11 +4,13 @@ gateway's `authgate.explain` command in mitmproxy).
 Built from `Decision.trace` (what `prepare` and `decide` did, step by step)
 and the response `responses.render()` builds, so what it says is what the
 gateway does, report mode included. Rate limits are read, never counted
-(`consume=False`). A token is never shown beyond its first 10 characters.
+(`consume=False`). A bearer token is never shown beyond its first 10
+characters; a password, an API key or a cookie not at all.
 """
 
 from __future__ import annotations
 
+import base64
 import http
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,13 +35,26 @@ def shorten(secret: str) -> str:
 
 
 def redact(name: str, value: str) -> str:
-    """A header value fit for printing: credentials shortened, scheme kept."""
+    """A header value fit for printing: a bearer token's first characters (its
+    header, public anyway), a Basic credential's user, nothing of a password,
+    an API key or a cookie (their first characters are guessing help)."""
     if name.lower() not in SECRET_HEADERS:
         return value
     scheme, sep, rest = value.strip().partition(" ")
     if sep and scheme.isalpha() and name.lower() in ("authorization", "proxy-authorization"):
-        return f"{scheme} {shorten(rest.strip())}"
-    return shorten(value)
+        if scheme.lower() == "bearer":
+            return f"{scheme} {shorten(rest.strip())}"
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return f"{scheme} (not user:password)"
+            user, colon, _ = decoded.partition(":")
+            return (
+                f"{scheme} (user {user!r}, password hidden)" if colon else f"{scheme} (no password)"
+            )
+        return f"{scheme} … (hidden)"
+    return f"… ({len(value)} characters, hidden)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -538,6 +538,9 @@ class _Builder:
             op = ops[0]
             path = self.get(d, "claim", str, where)
             raw = d[op]
+            for item in raw if op == "in" and isinstance(raw, list) else [raw]:
+                if isinstance(item, dict):
+                    raise self.error(self.line_of(d, op), _unquoted(op, item))
             try:
                 if op == "in":
                     if not isinstance(raw, list) or not raw:
@@ -853,6 +856,19 @@ class _Builder:
             uses_host=any(r.host is not None for r in rules),
             tests_raw=tests,
         )
+
+
+def _unquoted(op: str, value: dict[str, Any]) -> str:
+    """The error for a claim value YAML read as a mapping: most often a path
+    parameter without quotes (`equals: {user}` is the mapping {'user': None})."""
+    if len(value) == 1 and next(iter(value.values())) is None:
+        quoted = f'"{{{next(iter(value))}}}"'
+        fix = f"in: [{quoted}]" if op == "in" else f"{op}: {quoted}"
+        return (
+            f"{op}: {{{next(iter(value))}}} without quotes is a YAML mapping, not a value; "
+            f"quote the path parameter: {fix}"
+        )
+    return f"{op}: a mapping where a value belongs (quote it to mean a string)"
 
 
 def _unique(

@@ -107,6 +107,12 @@ def load(text: str, file: str) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
-        raise PolicyError(file, line, f"YAML: {e.problem or e.context}") from None
+        message = f"YAML: {e.problem or e.context}"
+        if (e.problem or "").startswith("expected <block end>"):
+            message += (
+                " (usually indentation: this line is indented more or less than the "
+                "keys it belongs with; line them up, with spaces)"
+            )
+        raise PolicyError(file, line, message) from None
     except yaml.YAMLError as e:
         raise PolicyError(file, None, f"YAML: {e}") from None

@@ -21,6 +21,7 @@ from mitmproxy import command, exceptions, flow, http
 
 from authgate.core.decision import Decision, RequestView
 from authgate.core.explanation import explain as explain_request
+from authgate.core.headline import failed, headline
 from authgate.core.ipset import normalize_ip, parse_ip
 from authgate.core.model import IDENTITY_HEADERS, Policy, Rule
 from authgate.core.responses import Rendered, challenge, render, render_error
@@ -28,6 +29,7 @@ from authgate.house.admin import AdminServer, Readiness
 from authgate.house.gatehouse import Gatehouse, request_id
 from authgate.policy.marks import PolicyError
 from authgate.proxy import backend_lint as upstream_lint
+from authgate.proxy import views
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.stores import MemoryStore, SharedStore
@@ -239,6 +241,8 @@ class Gateway:
         # This master's own options and addons (not mitmproxy's global ctx,
         # which names the last master made in the process).
         self.master = loader.master
+        # The "authgate" content view in mitmweb and the console (proxy/views.py).
+        views.attach(self, lambda: self.policy, lambda: self.limiter, request_view)
         loader.add_option("authgate_policy", str, "", "The authgate policy file (YAML). Required.")
         loader.add_option(
             "authgate_log",
@@ -368,6 +372,7 @@ class Gateway:
         return self.house.status()
 
     def done(self) -> None:
+        views.detach(self)
         self.house.close()
 
     # --- commands ----------------------------------------------------------------
@@ -406,6 +411,7 @@ class Gateway:
                 self._fail(flow, 503, "no_policy")
                 return
             view = request_view(flow)
+            setattr(flow, views.JUDGED, view)  # for the content view: as judged
             decision, without_store = await house.judge(policy, view, self.clock())
             self._apply(flow, policy, view, decision, without_store)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
@@ -444,7 +450,8 @@ class Gateway:
         gave it), and attach the story to the flow: its comment keeps the
         decision's line first, then the explanation (mitmweb's Comment tab shows
         it). Also logged. Rate limits are read, not counted. Try
-        `authgate.explain @all` or `authgate.explain ~comment "authgate: [45]"`."""
+        `authgate.explain @all`, `@marked`, or a filter quoted whole:
+        `authgate.explain '~comment "authgate: [45]"'`."""
         policy = self.policy
         if policy is None:
             raise exceptions.CommandError("authgate: no policy loaded")
@@ -469,7 +476,7 @@ class Gateway:
         )
         _respond(flow, rendered)
         flow.metadata[METADATA_KEY] = {"status": status, "reason": reason}
-        flow.comment = f"authgate: {status} {reason}"
+        flow.comment = f"{failed(status, reason)}\nauthgate: {status} {reason}"
         flow.marked = DENIED_MARKER
 
     def _apply(
@@ -567,15 +574,18 @@ class Gateway:
         flow.metadata[METADATA_KEY] = entry
         rule = f" by rule {d.rule}" if d.rule else ""
         outcome = d.outcome
+        # The first line in a few words, for mitmweb's narrow Comment column
+        # ("403 user-record: sub≠{id}"); the second for filters.
+        head = headline(d, self.policy) if outcome != "allow" else headline(d)
         if outcome == "allow":
             # "allowed by rule R (allowed)", "allowed by rule R (preflight)": every
             # comment names its rule followed by a space, so one filter finds them.
-            flow.comment = f"authgate: allowed{rule} ({d.reason})"
+            flow.comment = f"{head}\nauthgate: allowed{rule} ({d.reason})"
         elif outcome == "would_deny":
-            flow.comment = f"authgate: would deny: {d.status}{rule} ({d.reason})"
+            flow.comment = f"{head}\nauthgate: would deny: {d.status}{rule} ({d.reason})"
             flow.marked = WOULD_DENY_MARKER
         else:
-            flow.comment = f"authgate: {d.status}{rule} ({d.reason})"
+            flow.comment = f"{head}\nauthgate: {d.status}{rule} ({d.reason})"
             flow.marked = DENIED_MARKER
 
     def _lint(self, flow: http.HTTPFlow, entry: dict[str, Any], repair: bool) -> None:

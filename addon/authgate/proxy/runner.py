@@ -214,11 +214,22 @@ def serve(
         except exceptions.OptionsError as e:
             print(str(e), file=sys.stderr)  # already "authgate: FILE:LINE: problem"
             return 2
+        if web:
+            print(f"authgate: mitmweb on {web_url(m, web)} (each flow shows its decision)",
+                  flush=True)  # fmt: skip
         install_signals(m)
         await m.run()
         return 0
 
     return asyncio.run(main())
+
+
+def web_url(m: master.Master, web: str) -> str:
+    """The address to open mitmweb at: 12 wants its token (`?token=...`, random
+    at each start unless `web_password` is set, then no token: type it), 11
+    has no password."""
+    url = getattr(m, "web_url", None)  # mitmproxy 12's WebMaster
+    return url if isinstance(url, str) else f"http://{web}/"
 
 
 def exit_now(code: int) -> NoReturn:

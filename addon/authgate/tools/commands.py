@@ -8,9 +8,11 @@ replay. Exit codes: 0 fine, 1 warnings (`check --strict`) or failed tests,
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -25,8 +27,8 @@ from authgate.proxy.runner import exit_now, serve
 from authgate.runtime.jwks import refresh_sync
 from authgate.runtime.stores import MemoryStore
 from authgate.tools import demo
-from authgate.tools.keys import ensure_demo_keys, load_private_key, mint
-from authgate.tools.lint import Finding, lint
+from authgate.tools.keys import demo_key_path, ensure_demo_keys, load_private_key, mint
+from authgate.tools.lint import Finding, fill_ins, lint
 from authgate.tools.policytests import load_cases
 from authgate.tools.testcases import Case
 
@@ -83,14 +85,20 @@ def check(paths: Sequence[str], *, strict: bool = False, fmt: str = "text",
             findings.extend(Finding(p.file, p.line, "invalid", p.message, "error") for p in e.all())
             summaries.append(f"{path}: does not load")
             continue
+        placeholders = [
+            f
+            for file in dict.fromkeys([policy.file, *(case.file for case in cases)])
+            for f in fill_ins(file, Path(file).read_text(encoding="utf-8"))
+        ]
         found = lint(policy, listen)
-        findings.extend(found)
+        findings.extend(sorted([*found, *placeholders], key=lambda f: (f.file, f.line or 0)))
         about = f"{_plural(len(policy.rules), 'rule')}, {_plural(len(cases), 'test')}"
-        summaries.append(
-            f"{path}: {_plural(len(found), 'warning')} ({about})"
-            if found
-            else f"{path}: ok ({about})"
-        )
+        if placeholders:
+            summaries.append(f"{path}: {len(placeholders)} FILL-IN left ({about})")
+        elif found:
+            summaries.append(f"{path}: {_plural(len(found), 'warning')} ({about})")
+        else:
+            summaries.append(f"{path}: ok ({about})")
     errors = sum(1 for f in findings if f.severity == "error")
     warnings = len(findings) - errors
     code = ERRORS if errors else (WARNINGS if warnings and strict else OK)
@@ -171,6 +179,8 @@ def test(paths: Sequence[str], *, strict: bool = False, verbose: bool = False,
             documents.append(cov.as_json(report, measured))
         else:
             print(format_report(report, verbose), end="")
+            if strict and not report.outcomes:
+                print(f"{path}: --strict: the policy has no tests")
             if measured is not None:
                 print(cov.format_coverage(measured), end="")
             if below and measured is not None:
@@ -259,8 +269,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     sets = [*args.set, f"authgate_store={args.store}"]
     if args.admin:
         sets.append(f"authgate_admin={args.admin}")
-    if web:
-        print(f"authgate: mitmweb on http://{web}/ (each flow shows its decision)", flush=True)
     exit_now(
         serve(
             args.policy,
@@ -346,18 +354,54 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _cannot_bind(address: str) -> int | None:
+    """The errno of listening on HOST:PORT now (bound as the servers bind, with
+    SO_REUSEADDR), or None when it can be listened on."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError as e:
+            return e.errno
+    return None
+
+
+def _move(args: argparse.Namespace) -> str:
+    """What to do when the demo's ports are taken, with free ones to take."""
+
+    def free(address: str, step: int) -> str:
+        host, _, port = address.rpartition(":")
+        ports = range(int(port) + step, min(int(port) + 20 * step, 65536), step)
+        tries = [f"{host}:{p}" for p in ports]
+        return next((a for a in tries if _cannot_bind(a) is None), tries[0] if tries else address)
+
+    listen, backend = free(args.listen, 10), free(args.backend, 1)
+    return (
+        "is another `make run` (or `authgate demo`) running? Stop it, or run this one "
+        f'beside it: make run ARGS="--listen {listen} --backend {backend}"'
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     # The demo's log is for decisions: keep mitmproxy's per-connection lines out.
     logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
 
     policy = Path(args.policy)
     keys_dir = demo.prepare(policy)
+    for what, address in (("the gateway", args.listen), ("the demo backend", args.backend)):
+        if _cannot_bind(address) == errno.EADDRINUSE:
+            print(f"authgate demo: {address} ({what}) is already in use: {_move(args)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     backend_host, _, backend_port = args.backend.rpartition(":")
     try:
         server = demo.start_backend(backend_host.strip("[]"), int(backend_port))
     except OSError as e:
+        more = f": {_move(args)}" if e.errno == errno.EADDRINUSE else ""
         print(
-            f"authgate demo: cannot start the demo backend on {args.backend}: {e.strerror}",
+            f"authgate demo: cannot start the demo backend on {args.backend}: {e.strerror}{more}",
             file=sys.stderr,
         )
         return 2
@@ -393,10 +437,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    path = Path(args.key) if args.key else demo_key_path()
     try:
-        key = load_private_key(Path(args.key))
+        key = load_private_key(path)
     except (OSError, ValueError) as e:
-        print(f"authgate token: cannot load the private key {args.key}: {e}", file=sys.stderr)
+        fix = "" if args.key else (
+            "; make the demo key with `authgate demo-keys` (`make install` does), or give "
+            "--key FILE")  # fmt: skip
+        print(f"authgate token: cannot load the private key {path}: {e}{fix}", file=sys.stderr)
         return 2
     try:
         ttl = parse_duration(args.ttl, signed=True)

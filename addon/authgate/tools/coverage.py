@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from authgate.core import conditions as c
-from authgate.core.decision import Prepared, prepare
-from authgate.core.explanation import Explanation
+from authgate.core.decision import Decision, Prepared, RequestView, prepare
 from authgate.core.identity import Identity
 from authgate.core.model import Policy, Rule
 from authgate.runtime.stores import MemoryStore
@@ -147,9 +146,9 @@ def _visit(
     return value
 
 
-def _condition_value(e: Explanation) -> bool | None:
+def _condition_value(d: Decision) -> bool | None:
     """What the trace says the rule's condition came to; None: not evaluated."""
-    for line in e.decision.trace:
+    for line in d.trace:
         if line.startswith("condition: "):
             return line.endswith(" is true")
     return None
@@ -163,15 +162,17 @@ def _identity(policy: Policy, p: Prepared, now: float) -> Identity | None:
     return policy.verifiers[p.presented.kind].check(p.presented, now).identity
 
 
-def _seen(policy: Policy, e: Explanation, now: float) -> tuple[str, set[tuple[str, bool]]] | None:
-    """(rule, the branches this case covered), or None when the case stopped
+def _seen(
+    policy: Policy, request: RequestView, d: Decision, now: float
+) -> tuple[str, set[tuple[str, bool]]] | None:
+    """(rule, the branches this request covered), or None when it stopped
     before any condition."""
-    told = _condition_value(e)
+    told = _condition_value(d)
     if told is None:
         return None
-    p = prepare(policy, e.request, now, MemoryStore(), consume=False)
-    if not isinstance(p, Prepared) or p.rule.name != e.decision.rule:
-        raise RuntimeError(f"coverage: cannot re-trace the decision of {e.request.target!r}")
+    p = prepare(policy, request, now, MemoryStore(), consume=False)
+    if not isinstance(p, Prepared) or p.rule.name != d.rule:
+        raise RuntimeError(f"coverage: cannot re-trace the decision of {request.target!r}")
     seen: set[tuple[str, bool]] = set()
     value = _visit(p.rule.allow, _identity(policy, p, now), p.params, "allow", seen)
     if value != told:
@@ -206,10 +207,14 @@ def measure(policy: Policy, cases: Iterable[Case],
         if rule is None:
             continue
         reached[rule] = reached.get(rule, 0) + 1
-        got = _seen(testable, o.explanation, now)
-        if got is not None:
+        # Every request of the case: `repeat: N` sends N, the last one told.
+        request = o.explanation.request
+        got = [_seen(testable, request, d, now) for d in (*o.earlier, o.explanation.decision)]
+        if any(g is not None for g in got):
             evaluated[rule] = evaluated.get(rule, 0) + 1
-            seen.setdefault(rule, set()).update(got[1])
+        for g in got:
+            if g is not None:
+                seen.setdefault(g[0], set()).update(g[1])
     rules = tuple(
         _rule_coverage(r, reached.get(r.name, 0), evaluated.get(r.name, 0), seen.get(r.name, set()))
         for r in policy.rules

@@ -25,6 +25,15 @@ PRIVATE_NAME = "demo-private.pem"
 JWKS_NAME = "jwks.json"
 
 
+def demo_key_path() -> Path:
+    """The key `authgate token` signs with by default: policies/keys/ under the
+    current folder (the repository, or a copy of it), else under the project
+    authgate is installed from, so that the command works from any folder."""
+    here = Path("policies", "keys", PRIVATE_NAME)
+    project = Path(__file__).resolve().parents[3] / "policies" / "keys" / PRIVATE_NAME
+    return project if not here.is_file() and project.is_file() else here
+
+
 def new_rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import yaml
+
 from authgate.core import conditions as c
 from authgate.core.model import (
     TRUSTED_BY_BACKENDS,
@@ -26,6 +28,7 @@ from authgate.core.paths import PathPattern
 __all__ = [
     "Finding",
     "covers",
+    "fill_ins",
     "lint",
     "overlaps",
     "rule_covers",
@@ -33,6 +36,7 @@ __all__ = [
 ]
 
 _PARAM_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+FILL_IN = "FILL-IN"  # what `authgate import openapi` leaves for the user to fill in
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +333,50 @@ def _nobody_qualifies(policy: Policy) -> list[Finding]:
     return out
 
 
+def _never_holds(cond: c.Condition) -> str | None:
+    """Why `cond` can hold for nobody, found exactly (`nobody`, `not anyone`,
+    an `all` holding `nobody` or both X and `not X`, an `any` whose every
+    branch never holds), or None."""
+    if isinstance(cond, c.Nobody):
+        return "it is nobody"
+    if isinstance(cond, c.Not) and isinstance(cond.item, c.Anyone):
+        return "not anyone"
+    if isinstance(cond, c.AllOf):
+        for item in cond.items:
+            if isinstance(item, c.Not) and item.item in cond.items:
+                return f"it needs both {item.item.describe()} and not {item.item.describe()}"
+        for item in cond.items:
+            if _never_holds(item):
+                return f"it needs {item.describe()} (line {item.line}), which never holds"
+    if isinstance(cond, c.AnyOf) and all(_never_holds(item) for item in cond.items):
+        return "none of its branches can hold"
+    return None
+
+
+def _impossible(policy: Policy) -> list[Finding]:
+    """Conditions that hold for nobody, where `nobody` was not written: the
+    outermost such condition of each rule."""
+    out = []
+    for rule in policy.rules:
+        todo = [rule.allow]
+        while todo:
+            cond = todo.pop(0)
+            why = None if isinstance(cond, c.Nobody) else _never_holds(cond)
+            if why is None:
+                todo.extend(cond.children())
+                continue
+            out.append(
+                Finding(
+                    policy.file,
+                    cond.line or rule.line,
+                    "never-holds",
+                    f"rule {rule.name!r}: its condition ({cond.describe()} ...) can never "
+                    f"hold: {why}; write nobody if that is meant",
+                )
+            )
+    return out
+
+
 def _host_rules(policy: Policy) -> list[Finding]:
     return [
         Finding(
@@ -361,6 +409,32 @@ def _trusted_headers(policy: Policy) -> list[Finding]:
     ]
 
 
+def fill_ins(file: str, text: str) -> list[Finding]:
+    """An error for each line of a policy (or tests) file that still holds a
+    FILL-IN placeholder (`authgate import openapi` writes them) in a key or
+    value; comments do not count."""
+    if FILL_IN not in text:
+        return []
+    lines: dict[int, str] = {}  # the first placeholder on each line
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, yaml.ScalarToken) and FILL_IN in token.value:
+                lines.setdefault(token.start_mark.line + 1, token.value)
+    except yaml.YAMLError:
+        pass  # the loader reports it
+    return [
+        Finding(
+            file,
+            line,
+            "fill-in",
+            f"{value!r} is a placeholder: put in your value (an issuer, audience, key "
+            f"digest, user or test credential)",
+            "error",
+        )
+        for line, value in sorted(lines.items())
+    ]
+
+
 def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
     """Every warning for a loaded policy, in file order.
     `listen`: the gateway's listener address, when known."""
@@ -374,6 +448,7 @@ def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
         *_in_clear(policy, listen),
         *_weak_hashes(policy),
         *_nobody_qualifies(policy),
+        *_impossible(policy),
         *_host_rules(policy),
         *_trusted_headers(policy),
     ]

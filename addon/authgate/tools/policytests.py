@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from authgate.core.decision import RequestView, judge
+from authgate.core.decision import Decision, RequestView, judge
 from authgate.core.explanation import Explanation, explain
 from authgate.core.keyset import VerifyKey
 from authgate.core.model import Policy
@@ -153,6 +153,9 @@ class Outcome:
     case: Case
     explanation: Explanation
     problems: tuple[str, ...]  # empty: passed
+    # The decisions (with traces) of the requests `repeat:` sent before the last
+    # one, the one `explanation` tells about: for coverage.
+    earlier: tuple[Decision, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -249,10 +252,11 @@ def run_case(policy: Policy, keys: dict[str, SigningKey], case: Case, now: float
             case, explain(policy, empty, now, MemoryStore()), (f"cannot sign the token: {e}",)
         )
     limiter = MemoryStore()
-    for _ in range(case.repeat - 1):
-        judge(policy, request, now, limiter)
+    earlier = tuple(
+        judge(policy, request, now, limiter, trace=True) for _ in range(case.repeat - 1)
+    )
     told = explain(policy, request, now, limiter)
-    return Outcome(case, told, tuple(_check(case, told)))
+    return Outcome(case, told, tuple(_check(case, told)), earlier)
 
 
 def run_policy(policy: Policy, cases: Iterable[Case] | None = None,
