@@ -67,11 +67,11 @@ def test_a_denial_with_a_jwt_opens_on_the_authgate_view(demo_key: Any) -> None:
 
     flow = judged(EXAMPLE, "/api/users/bob", [("Authorization", f"Bearer {token}")], check)
     head, long = flow.comment.split("\n")
-    assert head == "403 user-record: sub≠{id} / role admin"
+    assert head == "403 sub≠{id} / role admin (user-record)"
     assert long == "authgate: 403 by rule user-record (forbidden)"
     name, text = seen["response"]
     assert "authgate" in name
-    assert text.startswith("authgate: 403 user-record: sub≠{id} / role admin\n")
+    assert text.startswith("authgate: 403 sub≠{id} / role admin (user-record)\n")
     assert "  rule        user-record\n" in text
     assert "  subject     alice\n" in text
     assert "  client ip   127.0.0.1\n" in text

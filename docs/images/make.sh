@@ -30,6 +30,6 @@ chrome=(chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first
         --user-data-dir="$(mktemp -d)" --hide-scrollbars)
 "${chrome[@]}" --window-size=900,600 --screenshot="$out/denial-page.png" \
     "http://$gw/api/admin/users" 2>/dev/null
-"${chrome[@]}" --window-size=1400,500 --virtual-time-budget=5000 \
+"${chrome[@]}" --window-size=1280,800 --virtual-time-budget=5000 \
     --screenshot="$out/mitmweb-flows.png" "http://$web/" 2>/dev/null
 echo "wrote $out/denial-page.png and $out/mitmweb-flows.png"

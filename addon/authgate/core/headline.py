@@ -1,7 +1,8 @@
 """A decision in a few words, for the first thing people read: mitmweb's
-Comment column is 150 px wide, so a flow's comment starts with
-`403 user-record: sub≠{id}`, `401 expired`, `429 reports 5/min` or
-`200 profile` (200: forwarded; the Status column shows the backend's answer).
+Comment column is 150 px wide (about 20 characters), so a flow's comment
+starts with the reason: `401 expired`, `403 sub≠{id} (user-record)`,
+`404 hidden (secrets)`, `429 reports 5/min` or `200 profile` (200: forwarded;
+the Status column shows the backend's answer).
 
 Pure: a Decision (and the policy it was made under) in, one line out.
 """
@@ -66,7 +67,8 @@ def headline(d: Decision, policy: Policy | None = None) -> str:
     elif d.reason == RATE_LIMITED:
         head = f"{d.status} {d.rule} {_rate(d, named=False)}"  # `429 reports 5/min`
     else:
-        head = f"{d.status} {d.rule}: {why}"  # `403 user-record: sub≠{id}`
+        # The reason first: mitmweb's Comment cell shows about 20 characters.
+        head = f"{d.status} {why} ({d.rule})"  # `403 sub≠{id} (user-record)`
     return f"would {head}" if d.report else head
 
 
@@ -84,7 +86,7 @@ def _why(d: Decision, policy: Policy | None) -> str:
     if reason == INSUFFICIENT_SCOPE:
         return f"no scope {d.detail}"
     if reason == HIDDEN:
-        return f"hidden ({d.detail.replace('_', ' ')})" if d.detail else "hidden"
+        return "hidden"  # what it hid (forbidden, 401...) is on the line below
     if reason in (IP_BLOCKED, IP_NOT_ALLOWED) and d.client_ip:
         return f"{_WORDS[reason]} {d.client_ip}"
     if reason == FORBIDDEN and policy is not None and d.rule and d.path is not None:
