@@ -13,7 +13,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -477,19 +477,28 @@ def test_a_keep_alive_connection_survives_a_502(
         assert read_reply(s).status == 401
 
 
+@pytest.fixture
+def released(backend: Backend) -> Iterator[threading.Event]:
+    """The backend holds every request (answering 200 only) until the event is
+    set, at the latest after REQUEST_SECONDS; set at the test's end whatever happens."""
+    event = threading.Event()
+
+    def hold(seen: Seen) -> None:
+        event.wait(REQUEST_SECONDS)
+        return None
+
+    backend.answer = hold
+    yield event
+    event.set()
+
+
 def test_a_backend_that_does_not_answer_gets_the_gateways_504(
     start_gateway: Callable[..., RunningGateway],
     backend: Backend,
+    released: threading.Event,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="authgate")
-    released = threading.Event()
-
-    def hang(seen: Seen) -> None:
-        released.wait(REQUEST_SECONDS)  # an answer (200) only long after the bound below
-        return None
-
-    backend.answer = hang
     gw = start_gateway(EXAMPLE, "authgate_response_timeout=1")
     port = backend.server.server_address[1]
     try:
@@ -571,16 +580,10 @@ def closed_unanswered(s: socket.socket, limit: float) -> float | None:
 def test_at_the_cap_a_new_connection_closes_the_longest_idle_or_is_refused(
     start_gateway: Callable[..., RunningGateway],
     backend: Backend,
+    released: threading.Event,  # requests stay in flight until the refusal is seen
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="authgate")
-    released = threading.Event()
-
-    def slow(seen: Seen) -> None:
-        released.wait(REQUEST_SECONDS)  # in flight until the refusal below is seen
-        return None
-
-    backend.answer = slow
     # Header and idle timeouts far above the bounds below: only the cap closes in time.
     options = ("authgate_header_timeout=60", "authgate_idle_timeout=120")
     gw = start_gateway(EXAMPLE, "authgate_max_connections=2", *options)

@@ -25,14 +25,14 @@ from authgate.core.headline import failed, headline
 from authgate.core.ipset import normalize_ip, parse_ip
 from authgate.core.model import IDENTITY_HEADERS, Policy, Rule
 from authgate.core.responses import Rendered, challenge, render, render_error
-from authgate.house.admin import AdminServer, Readiness
+from authgate.house.admin import Readiness
 from authgate.house.gatehouse import Gatehouse, request_id
 from authgate.policy.marks import PolicyError
 from authgate.proxy import backend_lint as upstream_lint
 from authgate.proxy import views
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
-from authgate.runtime.stores import MemoryStore, SharedStore
+from authgate.runtime.stores import MemoryStore
 
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
@@ -196,20 +196,12 @@ class Gateway:
         return self.house.limiter
 
     @property
-    def shared(self) -> SharedStore | None:
-        return self.house.shared
-
-    @property
     def metrics(self) -> Metrics:
         return self.house.metrics
 
     @property
     def fetcher(self) -> Fetcher:
         return self.house.fetcher
-
-    @property
-    def admin(self) -> AdminServer | None:
-        return self.house.admin
 
     @property
     def reloads(self) -> int:
@@ -222,10 +214,6 @@ class Gateway:
     @property
     def decided(self) -> int:
         return self.house.decided
-
-    @property
-    def would_deny(self) -> dict[str, int]:
-        return self.house.would_deny
 
     @property
     def draining(self) -> bool:
@@ -556,7 +544,6 @@ class Gateway:
             fields = [f for f in fields if f[0].lower().replace(b"_", b"-") not in gone]
             if b"x-forwarded-for" in gone:
                 chain.clear()  # the client's X-Forwarded-For ends here
-            upgrade = upgrade and b"upgrade" not in gone
         if options:
             kept = [o for o in dict.fromkeys(options) if o != b"upgrade" or upgrade]
             if kept:

@@ -64,9 +64,13 @@ def _one(headers: Sequence[tuple[str, str]], name: str) -> tuple[str | None, boo
     return (found[0] if found else None), len(found) > 1
 
 
+def denied(r: Rendered) -> Rendered:
+    """An answer as a denial: `X-Authgate-Decision: deny` first."""
+    return Rendered(r.status, ((DECISION, "deny"), *r.headers), r.body)
+
+
 def _refuse(status: int, reason: str, method: str, accept: str | None) -> Refusal:
-    r = render_error(status, method, accept=accept)
-    return Refusal(Rendered(r.status, ((DECISION, "deny"), *r.headers), r.body), reason)
+    return Refusal(denied(render_error(status, method, accept=accept)), reason)
 
 
 def read_check(
@@ -126,11 +130,9 @@ def answer(check: Check, d: Decision, realm: str, request_id: str) -> Rendered:
 
 def denial(check: Check, rendered: Rendered) -> Rendered:
     """A denial (or the service's own 5xx) as this door delivers it."""
-    headers = ((DECISION, "deny"), *rendered.headers)
     if check.door != "nginx":
-        return Rendered(rendered.status, headers, rendered.body)
-    sealed = seal(Rendered(rendered.status, rendered.headers, rendered.body))
-    return Rendered(403, ((DECISION, "deny"), (ANSWER, sealed)), b"")
+        return denied(rendered)
+    return Rendered(403, ((DECISION, "deny"), (ANSWER, seal(rendered))), b"")
 
 
 def seal(r: Rendered) -> str:
@@ -155,4 +157,4 @@ def unseal(text: str) -> Rendered | None:
         return None
     if any("\r" in k + v or "\n" in k + v for k, v in pairs):
         return None
-    return Rendered(status, ((DECISION, "deny"), *pairs), body.encode("utf-8", "surrogateescape"))
+    return denied(Rendered(status, pairs, body.encode("utf-8", "surrogateescape")))

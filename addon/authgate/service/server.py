@@ -61,18 +61,13 @@ def encode(r: Rendered, keep_alive: bool) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n" + r.body
 
 
-def denied(r: Rendered) -> Rendered:
-    """One of the service's own answers, saying `X-Authgate-Decision: deny`."""
-    return Rendered(r.status, ((checks.DECISION, "deny"), *r.headers), r.body)
-
-
 def unreadable(status: int) -> Rendered:
     """The answer to a request that cannot be read: 400, 413 or 431, problem+json
     (the request's Accept may not have been read). core.responses has no text
     for 413 and 431: they are the service's own."""
     base = render_error(400, "GET")
     if status == 400:
-        return denied(base)
+        return checks.denied(base)
     problem = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
@@ -80,7 +75,7 @@ def unreadable(status: int) -> Rendered:
         "detail": "The request cannot be read; it was not judged.",
     }
     body = json.dumps(problem, separators=(", ", ": ")).encode() + b"\n"
-    return denied(Rendered(status, base.headers, body))
+    return checks.denied(Rendered(status, base.headers, body))
 
 
 class Service:
@@ -99,12 +94,16 @@ class Service:
         """A check request up to judging: an answer already (refused, the
         replay of a sealed answer), or what judging needs."""
         policy = self.house.policy
-        accept = next((v for k, v in fields if k == "accept"), None)
+
+        def unavailable() -> Rendered:
+            accept = next((v for k, v in fields if k == "accept"), None)
+            return checks.denied(render_error(503, method, retry_after=5, accept=accept))
+
         if policy is None:
-            return denied(render_error(503, method, retry_after=5, accept=accept))
+            return unavailable()
         if any(k == checks.REFUSED for k, _ in fields):
             # The nginx configuration's fail-closed route: authgate did not say allow.
-            return denied(render_error(503, method, retry_after=5, accept=accept))
+            return unavailable()
         try:
             family, value = parse_ip(peer)
             trusted = policy.trusted_proxies.contains(family, value)
@@ -113,7 +112,7 @@ class Service:
         if target.split("?", 1)[0] == "/_answer":
             sealed = next((v for k, v in fields if k == "x-authgate-answer"), "")
             replay = checks.unseal(sealed) if trusted else None
-            return replay or denied(render_error(503, method, retry_after=5, accept=accept))
+            return replay or unavailable()
         read = checks.read_check(method, target, fields, peer, trusted)
         if isinstance(read, checks.Refusal):
             return read.rendered
