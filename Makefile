@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test redis-server proxies lint fix typecheck check bench screenshots clean
+.PHONY: install run test redis-server proxies oidc-provider lint fix typecheck check bench screenshots clean
 
 install: $(STAMP) policies/keys/jwks.json
 
@@ -23,7 +23,7 @@ policies/keys/jwks.json: | $(STAMP)
 run: install
 	$(BIN)/authgate demo $(ARGS)
 
-test: install redis-server proxies
+test: install redis-server proxies oidc-provider
 	$(BIN)/python -m pytest
 
 # The tests start their own redis-server (Debian package redis-server) on a free
@@ -51,6 +51,21 @@ proxies:
 	    echo "authgate: the tests need $$missing: sudo apt-get install $$missing" >&2; \
 	    exit 1; \
 	  fi
+
+# The login and introspection tests start a real OpenID provider: panva's
+# oidc-provider (OpenID Certified) from the npm registry, pinned in
+# tests/oidc/package-lock.json. Node.js and npm (Debian packages nodejs, npm)
+# are installed when missing (as root), else the command says how.
+oidc-provider:
+	@command -v npm >/dev/null || \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm; \
+	  else \
+	    echo "authgate: the tests need Node.js and npm: sudo apt-get install nodejs npm" >&2; \
+	    exit 1; \
+	  fi
+	@test -d tests/oidc/node_modules/oidc-provider || \
+	  npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 
 lint: install
 	$(BIN)/ruff check addon tests
