@@ -41,7 +41,9 @@ MISSING = (
 class OpenIDProvider:
     """One oidc-provider process. `clients`: oidc-provider client metadata;
     `accounts`: login name -> extra claims (email, groups, ...); `ttl`:
-    lifetimes in seconds by oidc-provider model name (AccessToken, ...)."""
+    lifetimes in seconds by oidc-provider model name (AccessToken, ...);
+    `scopes`: scope values beyond openid and offline_access that clients may
+    ask for (a client_credentials grant asks for these)."""
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class OpenIDProvider:
         accounts: dict[str, dict[str, Any]] | None = None,
         ttl: dict[str, int] | None = None,
         id_token_claims: bool = True,
+        scopes: list[str] | None = None,
         port: int | None = None,
     ) -> None:
         node = shutil.which("node")
@@ -66,6 +69,7 @@ class OpenIDProvider:
                     "accounts": accounts or {},
                     "ttl": ttl or {},
                     "idTokenClaims": id_token_claims,
+                    "scopes": scopes or [],
                 }
             )
         )

@@ -6,7 +6,8 @@
 // SETTINGS.json (written by tests/oidc_provider.py):
 //   port, clients (oidc-provider client metadata), accounts ({login: claims}),
 //   ttl ({AccessToken, IdToken, RefreshToken, Session, Grant, ...} seconds),
-//   idTokenClaims (true: the ID token carries the profile claims itself).
+//   idTokenClaims (true: the ID token carries the profile claims itself),
+//   scopes (extra scope values clients may ask for, e.g. for client_credentials).
 // It prints "listening on PORT" once it accepts connections.
 import { readFileSync } from "node:fs";
 import Provider from "oidc-provider";
@@ -26,9 +27,11 @@ const configuration = {
     groups: ["groups"],
   },
   conformIdTokenClaims: !settings.idTokenClaims,
+  scopes: ["openid", "offline_access", ...(settings.scopes || [])],
   features: {
     devInteractions: { enabled: true },
     introspection: { enabled: true },
+    clientCredentials: { enabled: true },
     revocation: { enabled: true },
     rpInitiatedLogout: { enabled: true },
   },
