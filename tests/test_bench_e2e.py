@@ -51,6 +51,13 @@ def test_prints_every_row_with_a_rate_and_a_ratio() -> None:
             out.stdout,
         )
     assert re.search(r"^  lean master \(no gateway\), forwarded\s+\d+\s+1\.00x", out.stdout, re.M)
+    # The goals' figures: each round's ratio to the lean master of that round,
+    # req/s and CPU, at the usual concurrency and at 64 connections.
+    for row in ROWS[1:]:
+        for what in ("req/s", "CPU/req"):
+            label = re.escape(f"{row}, {what}")
+            assert re.search(rf"^  {label}\s+\d+\.\d\dx\s+\d+\.\d\d$", out.stdout, re.M), out.stdout
+    assert "end to end at -c64:" in out.stdout
     # The production part: workers and the store's latency.
     for workers in ("1", "2"):
         assert re.search(rf"^  --workers {workers}, allow \(200\)\s+\d+ req/s", out.stdout, re.M)
@@ -138,6 +145,20 @@ def test_generated_policies_load_and_keep_the_example_rules_last(
     assert (len(blocked.read_text().splitlines()) if entries else blocked.exists()) == (
         entries or False
     )
+
+
+@pytest.mark.parametrize(
+    ("ours", "lean", "want"),
+    [
+        ([90.0, 80.0], [100.0, 100.0], [0.9, 0.8]),
+        ([50.0], [0.0], []),  # a round where the lean master served nothing says nothing
+        ([], [], []),
+    ],
+)
+def test_round_ratios_pair_each_round_with_the_lean_master_of_that_round(
+    ours: list[float], lean: list[float], want: list[float]
+) -> None:
+    assert bench_e2e.round_ratios(ours, lean) == pytest.approx(want)
 
 
 def test_without_wrk_says_how_to_install_it_and_still_times_decide(tmp_path: Path) -> None:
