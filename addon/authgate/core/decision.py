@@ -24,11 +24,13 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import quote, unquote_plus
 
 from authgate.core import conditions as c
+from authgate.core.clientcert import ClientCert
 from authgate.core.clientip import ClientIP, resolve
 from authgate.core.credentials import (
     API_KEY,
     BASIC,
     JWT,
+    MTLS,
     Ambiguous,
     Challenge,
     Presented,
@@ -53,6 +55,8 @@ class RequestView:
     peer: str  # socket peer IP address
     host: str | None = None  # the Host the client asked for, if known
     authority: str = ""  # an absolute-form target's authority, as received
+    # The client certificate the connection's TLS handshake verified, if any.
+    client_cert: ClientCert | None = None
 
     @classmethod
     def build(
@@ -63,10 +67,11 @@ class RequestView:
         peer: str,
         host: str | None = None,
         authority: str = "",
+        client_cert: ClientCert | None = None,
     ) -> RequestView:
         """The one way to make a view: header names lower-cased, order kept."""
         fields = tuple((k.lower(), v) for k, v in headers)
-        return cls(method.upper(), target, fields, peer, host, authority)
+        return cls(method.upper(), target, fields, peer, host, authority, client_cert)
 
     def header_all(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k == name]
@@ -224,6 +229,7 @@ def identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
         ("X-Auth-Roles", ",".join(sorted(who.roles))),
         ("X-Auth-Scopes", ",".join(sorted(who.scopes))),
         ("X-Auth-Issuer", who.issuer),
+        *who.forward,
     )
 
 
@@ -452,6 +458,7 @@ def prepare(
             path.query,
             cookies=policy.cookie_issuers if jwt else {},
             params=policy.query_issuers if jwt else {},
+            client_cert=request.client_cert if MTLS in accept else None,
         )
     except Ambiguous as e:
         if t.on:
@@ -596,7 +603,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
         if t.on:
             where = (
                 ""
-                if presented.via in ("authorization", API_KEY)
+                if presented.via in ("authorization", API_KEY, "tls")
                 else f" (from the {presented.via})"
             )
             t(f"credentials: {verifier.label} for {who.subject!r} from {who.issuer}{where}")

@@ -8,6 +8,18 @@ and watches the two files: a change re-sets `certs`, which makes mitmproxy's
 tlsconfig build a new certstore, so the next connection gets the new
 certificate. A bad new pair is refused and the old one keeps serving.
 
+With `--tls-client-ca`, the listener asks every client for a certificate
+(mutual TLS) and verifies it in the handshake, against that CA file alone:
+mitmproxy's own TlsConfig addon builds each connection's pyOpenSSL context in
+`tls_start_client` (loading the serving chain into the context's store, to
+send the intermediates), then this addon, later in the chain, asks for a
+certificate, names the acceptable CAs, and sets a verify callback that accepts
+only chains through a certificate of the CA file. A missing certificate is
+refused in the handshake when the policy's `authn.mtls.required` says so; an
+untrusted, expired or otherwise invalid one always is. Once the handshake is
+done, the certificate's facts are read once (core/clientcert.py) and kept on
+the connection for every request on it.
+
 For the backend, mitmproxy verifies by default (`ssl_insecure` is False) but
 against certifi's bundle; `upstream_trust` points it at the system store or at
 `--upstream-ca` instead.
@@ -24,7 +36,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +44,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from mitmproxy import ctx, exceptions, http
+from mitmproxy import tls as mtls
+from OpenSSL import SSL, crypto
+
+from authgate.core import clientcert
+from authgate.core.model import Policy
 
 logger = logging.getLogger("authgate")
 SOON = datetime.timedelta(days=14)  # warn this long before the certificate expires
 POLL_SECONDS = 1.0
+# On mitmproxy's Client: the ClientCert its handshake verified (absent: none).
+CLIENT_CERT = "_authgate_client_cert"
+_CHECK = "_authgate_cert_check"  # on the Client: its handshake's _ChainCheck
 
 
 class CertError(ValueError):
@@ -125,6 +145,100 @@ def load_pair(cert_file: str, key_file: str) -> CertPair:
     )
 
 
+@dataclass(frozen=True)
+class ClientCA:
+    """The certificates client certificates must chain to (`--tls-client-ca`)."""
+
+    file: str
+    certs: tuple[crypto.X509, ...]  # pyOpenSSL's, as the handshake takes them
+    digests: frozenset[bytes]  # their SHA-256, as crypto.X509.digest writes it
+    subjects: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "; ".join(self.subjects)
+
+
+def parse_client_ca(file: str, pem: bytes) -> ClientCA:
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise CertError(f"authgate: --tls-client-ca {file}: no PEM certificate in it")
+    try:
+        found = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise CertError(f"authgate: --tls-client-ca {file}: not a valid PEM certificate") from e
+    certs = tuple(crypto.X509.from_cryptography(c) for c in found)
+    return ClientCA(
+        file,
+        certs,
+        frozenset(c.digest("sha256") for c in certs),
+        tuple(c.subject.rfc4514_string() or "(empty subject)" for c in found),
+    )
+
+
+def load_client_ca(file: str) -> ClientCA:
+    return parse_client_ca(file, _read("--tls-client-ca", file))
+
+
+# OpenSSL's X509_V_ERR_* codes a client certificate most often fails with.
+_VERIFY_ERRORS = {
+    2: "the issuer's certificate is unknown",
+    7: "the signature does not verify",
+    9: "not valid yet",
+    10: "expired",
+    18: "self-signed, and not in --tls-client-ca",
+    19: "a self-signed certificate in the chain, not in --tls-client-ca",
+    20: "not issued under --tls-client-ca (no known issuer)",
+    21: "not issued under --tls-client-ca (cannot verify the first certificate)",
+    24: "an issuer that is not a CA",
+    26: "not for client authentication (extended key usage)",
+}
+
+
+class _ChainCheck:
+    """One handshake's verify callback. OpenSSL calls it for each certificate
+    of the chain it built, from the trust anchor down to the client's own
+    (depth 0), with its own verdict (`ok`: signature, validity, purpose
+    ssl_client). The context's store also holds the serving chain that
+    mitmproxy loads into it, so OpenSSL's verdict alone would trust whatever
+    the serving certificate's CA issued: the chain must also pass through a
+    certificate of the client CA file."""
+
+    __slots__ = ("digests", "seen", "through", "verified", "error")
+
+    def __init__(self, digests: frozenset[bytes]) -> None:
+        self.digests = digests
+        self.seen = False  # a certificate came
+        self.through = False  # a certificate of the CA file was in the chain
+        self.verified = False  # the whole chain passed, through the CA file
+        self.error = 0  # OpenSSL's X509_V_ERR_* code of a refusal
+
+    def __call__(
+        self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        self.seen = True
+        if not ok:
+            self.error = errno
+            return False
+        if cert.digest("sha256") in self.digests:
+            self.through = True
+        if depth == 0:
+            self.verified = self.through
+            return self.through
+        return True
+
+
+def check_order(chain: Sequence[Any], listener: TlsListener) -> None:
+    """The listener's `tls_start_client` must run after mitmproxy's TlsConfig
+    (hooks run in chain order): before it there is no connection to ask for
+    a client certificate on. Raises OptionsError otherwise."""
+    names = [type(a).__name__ for a in chain]
+    if "TlsConfig" not in names or listener not in chain:
+        raise exceptions.OptionsError("authgate: the TLS listener needs mitmproxy's tlsconfig")
+    if names.index("TlsConfig") > list(chain).index(listener):
+        raise exceptions.OptionsError(
+            "authgate: the TLS listener must come after mitmproxy's tlsconfig addon"
+        )
+
+
 def validity_warning(pair: CertPair, now: datetime.datetime) -> str | None:
     """What to say when clients will (soon) refuse this certificate; None if fine."""
     where = f"authgate: --tls-cert {pair.cert_file}"
@@ -171,24 +285,98 @@ def _digest(paths: Sequence[str]) -> str:
 
 
 class TlsListener:
-    """Serves the operator's certificate, refuses plain HTTP, and reloads the
-    certificate when either file changes."""
+    """Serves the operator's certificate, refuses plain HTTP, asks clients for
+    a certificate when given a client CA, and reloads the certificate (and the
+    client CA) when one of the files changes."""
 
-    def __init__(self, cert_file: str, key_file: str, poll: float = POLL_SECONDS) -> None:
-        self.files = (cert_file, key_file)
+    def __init__(
+        self,
+        cert_file: str,
+        key_file: str,
+        poll: float = POLL_SECONDS,
+        client_ca: str | None = None,
+    ) -> None:
+        self.files = (cert_file, key_file) + ((client_ca,) if client_ca else ())
         self.poll = poll
         self._seen = _digest(self.files)
         self.pair = load_pair(cert_file, key_file)  # CertError: refused at start
+        self.client_ca = load_client_ca(client_ca) if client_ca else None
         self.combined = write_combined(self.pair.pem)
         self.reloads = 0
         self.reload_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        # The policy in force (the gateway's), read at each handshake for
+        # authn.mtls.required; set by whoever builds the master.
+        self.policy: Callable[[], Policy | None] = lambda: None
+
+    def required(self) -> bool:
+        """Whether the handshake refuses a client without a certificate."""
+        policy = self.policy()
+        return policy is not None and policy.mtls is not None and policy.mtls.required
+
+    # --- client certificates (mutual TLS) -----------------------------------------
+
+    def tls_start_client(self, data: mtls.TlsData) -> None:
+        cas = self.client_ca
+        if cas is None:
+            return
+        conn = data.ssl_conn
+        if conn is None:
+            # mitmproxy's TlsConfig makes the connection before this hook
+            # (runner.build adds this addon after it, and checks so).
+            logger.error("authgate: no TLS connection to ask for a client certificate on")
+            return
+        check = _ChainCheck(cas.digests)
+        mode = SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
+        if self.required():
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        conn.set_verify(mode, check)
+        # The CAs named in the CertificateRequest, so that clients with
+        # several certificates present the right one. The context is this
+        # connection's own (TlsConfig makes one per connection).
+        context = conn.get_context()
+        for ca in cas.certs:
+            context.add_client_ca(ca)
+        setattr(data.conn, _CHECK, check)
+
+    def tls_established_client(self, data: mtls.TlsData) -> None:
+        check = getattr(data.conn, _CHECK, None)
+        if check is None or not check.verified or data.ssl_conn is None:
+            return  # no certificate (optional), or none this addon verified
+        chain = data.ssl_conn.get_verified_chain()
+        if not chain:
+            return
+        cert = clientcert.read([c.to_cryptography() for c in chain])
+        setattr(data.conn, CLIENT_CERT, cert)
+
+    def tls_failed_client(self, data: mtls.TlsData) -> None:
+        check = getattr(data.conn, _CHECK, None)
+        if check is None or not check.seen:
+            return  # no certificate came (mitmproxy logs the handshake's failure)
+        why = (
+            _VERIFY_ERRORS.get(check.error, f"OpenSSL verify error {check.error}")
+            if check.error
+            else "not issued under --tls-client-ca"
+        )
+        peer = data.conn.peername[0] if data.conn.peername else "?"
+        logger.info(f"authgate: client {peer}: certificate refused in the handshake: {why}")
+
+    def describe_client_ca(self) -> str | None:
+        if self.client_ca is None:
+            return None
+        how = "required" if self.required() else "optional"
+        return (
+            f"authgate: asking clients for a certificate ({how}, authn.mtls) issued by "
+            f"{self.client_ca.describe()} ({self.client_ca.file})"
+        )
 
     def certs_option(self) -> list[str]:
         return [f"*={self.combined}"]  # any SNI, and none, gets this certificate
 
     def running(self) -> None:
         logger.info(f"authgate: serving HTTPS with {self.pair.describe()} from {self.files[0]}")
+        if said := self.describe_client_ca():
+            logger.info(said)
         self._warn_validity()
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
@@ -225,9 +413,11 @@ class TlsListener:
                 await self.reload()
 
     async def reload(self) -> bool:
-        """Swap in the pair on disk; keep the serving one if it does not load."""
+        """Swap in the pair (and client CA) on disk; keep the serving ones if
+        either does not load."""
         try:
-            pair = await asyncio.to_thread(load_pair, *self.files)
+            pair = await asyncio.to_thread(load_pair, *self.files[:2])
+            cas = await asyncio.to_thread(load_client_ca, self.files[2]) if self.client_ca else None
         except CertError as e:
             return self._refuse(str(e))
         combined = write_combined(pair.pem)
@@ -237,6 +427,8 @@ class TlsListener:
             _remove(combined)
             return self._refuse(f"authgate: {self.files[0]}: {e}")
         old, self.combined, self.pair = self.combined, combined, pair
+        if cas is not None:
+            self.client_ca = cas
         _remove(old)
         self.reloads += 1
         self.reload_error = None
