@@ -1,11 +1,12 @@
-"""What a verified TLS client certificate says, read once per connection.
+"""What a TLS client certificate says, read once per connection.
 
-The TLS handshake verifies the certificate (proxy/tls.py); this module only
-reads the facts a policy can name the client by or write conditions on: the
-subject, the subject alternative names, the issuer, the SHA-256 fingerprint,
-the validity, and the certificate (and its chain) as RFC 9440 `Client-Cert`
-and `Client-Cert-Chain` field values for the backend. No I/O, no trust
-decisions: the handshake made those.
+The TLS handshake verifies the certificate (proxy/tls.py) and notes what was
+wrong if it did not verify; this module only reads the facts a policy can
+name the client by or write conditions on: the subject, the subject
+alternative names, the issuer, the SHA-256 fingerprint, the validity, and the
+certificate (and its chain) as RFC 9440 `Client-Cert` and `Client-Cert-Chain`
+field values for the backend. No I/O, no trust decisions: the handshake made
+those.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True, slots=True)
 class ClientCert:
-    """The facts of a client certificate the handshake verified."""
+    """The facts of a client certificate the handshake received; `problem`
+    says what was wrong if it did not verify (then it names nobody)."""
 
     sha256: str  # the fingerprint of the DER certificate: 64 lower-case hex digits
     subject: str  # RFC 4514, as `openssl x509 -nameopt rfc2253` prints it
@@ -45,6 +47,9 @@ class ClientCert:
     # (leaf excluded, in TLS order) as sf-binary items.
     client_cert: str = ""
     client_cert_chain: str = ""
+    # Empty when the chain verified through the client CA; else what did not:
+    # untrusted, expired, not_yet_valid, not_for_client_auth, bad_signature.
+    problem: str = ""
     # For conditions: the `cert` claim of the identity (lists, as JSON has them).
     claims: dict[str, Any] = field(init=False, compare=False, repr=False)
 
@@ -61,6 +66,11 @@ class ClientCert:
             "san_ip": list(self.san_ip),
         }
         object.__setattr__(self, "claims", claims)
+
+    def valid_at(self, now: float) -> bool:
+        """Verified, and within its validity at `now` (a connection can outlive
+        its certificate)."""
+        return not self.problem and self.not_before <= now < self.not_after
 
     def name(self, name_from: str) -> str | None:
         """The holder's name by one of NAME_FIELDS: the subject, or the first
@@ -88,8 +98,9 @@ def normalize_fingerprint(text: str) -> str:
     return hexed
 
 
-def read(chain: Sequence[x509.Certificate]) -> ClientCert:
-    """The facts of `chain[0]`; `chain[1:]`: the rest of the chain that verified it."""
+def read(chain: Sequence[x509.Certificate], problem: str = "") -> ClientCert:
+    """The facts of `chain[0]`; `chain[1:]`: the rest of the chain that verified
+    it (or as the client sent it, with the `problem` found)."""
     leaf = chain[0]
     der = leaf.public_bytes(serialization.Encoding.DER)
     dns: tuple[str, ...] = ()
@@ -105,9 +116,7 @@ def read(chain: Sequence[x509.Certificate]) -> ClientCert:
         uri = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
         email = tuple(san.get_values_for_type(x509.RFC822Name))
         ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
-    cns = tuple(
-        str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    )
+    cns = tuple(str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
     rest = [c.public_bytes(serialization.Encoding.DER) for c in chain[1:]]
     return ClientCert(
         sha256=hashlib.sha256(der).hexdigest(),
@@ -123,4 +132,5 @@ def read(chain: Sequence[x509.Certificate]) -> ClientCert:
         san_ip=ips,
         client_cert=sf_binary(der),
         client_cert_chain=", ".join(sf_binary(d) for d in rest),
+        problem=problem,
     )

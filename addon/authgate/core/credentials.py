@@ -204,7 +204,7 @@ class ClientCerts:
     field, with the roles and scopes `by_name` gives that name (none when the
     name is not listed, or a refusal with `listed_only`)."""
 
-    required: bool  # the handshake refuses a client without a certificate
+    required: bool  # every request needs a valid certificate: a 401 before any rule
     name_from: str  # one of clientcert.NAME_FIELDS
     by_sha256: dict[str, CertClient]
     by_name: dict[str, CertClient]
@@ -524,9 +524,10 @@ class BasicVerifier:
 
 @dataclass(frozen=True, slots=True)
 class MtlsVerifier:
-    """The certificate was verified in the TLS handshake (chain, CA, validity,
-    purpose); what is left is naming its holder and the validity now, for a
-    connection that outlives its certificate."""
+    """The TLS handshake verified the certificate (chain through the client
+    CA, validity, purpose) and noted any problem; what is left is that
+    verdict, the validity now (a connection can outlive its certificate), and
+    naming the holder."""
 
     certs: ClientCerts
     kind: str = MTLS
@@ -548,13 +549,13 @@ class MtlsVerifier:
     def check(self, presented: Presented, now: float) -> Outcome:
         cert = presented.cert
         assert cert is not None
-        if not cert.not_before <= now < cert.not_after:
+        if not cert.valid_at(now):
+            code = cert.problem or ("expired" if now >= cert.not_after else "not_yet_valid")
             return Outcome(
                 failed=MTLS,
-                reason="The client certificate is not valid now",
-                code="expired" if now >= cert.not_after else "not_yet_valid",
-                detail=f"certificate {cert.sha256[:16]}… valid {cert.not_before:.0f}"
-                f"..{cert.not_after:.0f}",
+                reason="The client certificate is not valid",
+                code=code,
+                detail=f"certificate {cert.sha256[:16]}… from {cert.issuer[:80]!r}: {code}",
             )
         who = self.certs.identify(cert)
         if isinstance(who, tuple):

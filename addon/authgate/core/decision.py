@@ -406,6 +406,32 @@ def prepare(
             )
             return _early(policy, request, d)
 
+    # 3b. A policy that requires client certificates (authn.mtls.required):
+    # without a valid one, nothing else is judged. After the IP limits, which
+    # count anonymous floods; before the rules, so no path answers otherwise.
+    if policy.cert_required:
+        cert = request.client_cert
+        if cert is None or not cert.valid_at(now):
+            problem = "" if cert is None else cert.problem or "not valid now"
+            if t.on:
+                t(
+                    "client certificate: required, "
+                    + (f"presented but not valid ({problem})" if problem else "none presented")
+                )
+            d = Decision(
+                False,
+                401,
+                INVALID_CREDENTIALS if problem else NO_CREDENTIALS,
+                client_ip=ip.address,
+                path=path,
+                challenges=policy.cert_required,
+                detail=problem or "no client certificate",
+                via="tls" if cert is not None else None,
+                trace=t.done(),
+            )
+            return _early(policy, request, d)
+        t("client certificate: required, presented and valid")
+
     # 4. The first matching rule.
     host = normalize_host(request.host) if request.host is not None else None
     rule, params = _match(policy, request.method, host, path, t)

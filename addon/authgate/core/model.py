@@ -189,6 +189,9 @@ class Policy:
     verifiers: dict[str, Verifier] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+    # authn.mtls.required: the 401 challenges of a request without a valid
+    # client certificate, answered before any rule; () when not required.
+    cert_required: tuple[Challenge, ...] = field(default=(), init=False, compare=False, repr=False)
     # Every limit by its limiter_id (what a store's outage policy is read from).
     limit_specs: dict[str, LimitSpec] = field(
         default_factory=dict, init=False, compare=False, repr=False
@@ -206,6 +209,8 @@ class Policy:
             verifiers[BASIC] = BasicVerifier(self.basic)
         if self.mtls is not None:
             verifiers[MTLS] = MtlsVerifier(self.mtls)
+            if self.mtls.required:
+                object.__setattr__(self, "cert_required", (verifiers[MTLS].challenge(),))
         object.__setattr__(self, "verifiers", verifiers)
         object.__setattr__(self, "cookie_issuers", issuers_by(self.issuers, "cookie"))
         object.__setattr__(self, "query_issuers", issuers_by(self.issuers, "query_param"))

@@ -539,9 +539,7 @@ class _Builder:
                 except ValueError as e:
                     raise self.error(self.line_of(k, "sha256"), str(e)) from None
                 if digest in by_sha256:
-                    raise self.error(
-                        self.line_of(k, "sha256"), "this fingerprint is listed twice"
-                    )
+                    raise self.error(self.line_of(k, "sha256"), "this fingerprint is listed twice")
                 by_sha256[digest] = client
             else:
                 if name in by_name:

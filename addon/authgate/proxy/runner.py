@@ -159,7 +159,6 @@ async def build(
         # before the Gateway: plain HTTP is refused first.
         m.addons.add(served)
         opts.update(certs=served.certs_option())
-        served.policy = lambda: gw.policy
         tls.check_order(m.addons.chain, served)
         if served.client_ca is not None:
             gw.house.no_client_certs = ""

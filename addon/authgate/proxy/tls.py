@@ -36,7 +36,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +48,12 @@ from mitmproxy import tls as mtls
 from OpenSSL import SSL, crypto
 
 from authgate.core import clientcert
-from authgate.core.model import Policy
 
 logger = logging.getLogger("authgate")
 SOON = datetime.timedelta(days=14)  # warn this long before the certificate expires
 POLL_SECONDS = 1.0
-# On mitmproxy's Client: the ClientCert its handshake verified (absent: none).
+# On mitmproxy's Client: the ClientCert its handshake received (absent: none),
+# with the `problem` found when it did not verify.
 CLIENT_CERT = "_authgate_client_cert"
 _CHECK = "_authgate_cert_check"  # on the Client: its handshake's _ChainCheck
 
@@ -178,52 +178,52 @@ def load_client_ca(file: str) -> ClientCA:
     return parse_client_ca(file, _read("--tls-client-ca", file))
 
 
-# OpenSSL's X509_V_ERR_* codes a client certificate most often fails with.
-_VERIFY_ERRORS = {
-    2: "the issuer's certificate is unknown",
-    7: "the signature does not verify",
-    9: "not valid yet",
+# What a client certificate's OpenSSL X509_V_ERR_* code means, as the
+# decision's detail; any other code is "untrusted".
+PROBLEMS = {
+    7: "bad_signature",
+    9: "not_yet_valid",
     10: "expired",
-    18: "self-signed, and not in --tls-client-ca",
-    19: "a self-signed certificate in the chain, not in --tls-client-ca",
-    20: "not issued under --tls-client-ca (no known issuer)",
-    21: "not issued under --tls-client-ca (cannot verify the first certificate)",
-    24: "an issuer that is not a CA",
-    26: "not for client authentication (extended key usage)",
+    26: "not_for_client_auth",  # its extended key usage lacks clientAuth
 }
 
 
 class _ChainCheck:
     """One handshake's verify callback. OpenSSL calls it for each certificate
     of the chain it built, from the trust anchor down to the client's own
-    (depth 0), with its own verdict (`ok`: signature, validity, purpose
-    ssl_client). The context's store also holds the serving chain that
-    mitmproxy loads into it, so OpenSSL's verdict alone would trust whatever
-    the serving certificate's CA issued: the chain must also pass through a
+    (depth 0), and for each problem it finds, with its own verdict (`ok`:
+    signature, validity, purpose ssl_client, a known issuer). The callback
+    notes the first problem and lets the handshake go on: the request is
+    answered over HTTP (a 401 that says so), where a failed handshake would
+    tell the client nothing (mitmproxy closes it without sending the alert).
+
+    The context's store also holds the serving chain (mitmproxy loads it to
+    send the intermediates), so OpenSSL's verdict alone would trust what the
+    serving certificate's CA issued: the chain must also pass through a
     certificate of the client CA file."""
 
-    __slots__ = ("digests", "seen", "through", "verified", "error")
+    __slots__ = ("digests", "through", "error")
 
     def __init__(self, digests: frozenset[bytes]) -> None:
         self.digests = digests
-        self.seen = False  # a certificate came
         self.through = False  # a certificate of the CA file was in the chain
-        self.verified = False  # the whole chain passed, through the CA file
-        self.error = 0  # OpenSSL's X509_V_ERR_* code of a refusal
+        self.error = 0  # OpenSSL's X509_V_ERR_* code of the first problem
 
     def __call__(
         self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
-        self.seen = True
         if not ok:
-            self.error = errno
-            return False
-        if cert.digest("sha256") in self.digests:
+            self.error = self.error or errno or -1
+        elif cert.digest("sha256") in self.digests:
             self.through = True
-        if depth == 0:
-            self.verified = self.through
-            return self.through
         return True
+
+    def problem(self) -> str:
+        """What is wrong with the certificate; empty when its chain verified
+        through the CA file."""
+        if self.error:
+            return PROBLEMS.get(self.error, "untrusted")
+        return "" if self.through else "untrusted"
 
 
 def check_order(chain: Sequence[Any], listener: TlsListener) -> None:
@@ -305,14 +305,6 @@ class TlsListener:
         self.reloads = 0
         self.reload_error: str | None = None
         self._task: asyncio.Task[None] | None = None
-        # The policy in force (the gateway's), read at each handshake for
-        # authn.mtls.required; set by whoever builds the master.
-        self.policy: Callable[[], Policy | None] = lambda: None
-
-    def required(self) -> bool:
-        """Whether the handshake refuses a client without a certificate."""
-        policy = self.policy()
-        return policy is not None and policy.mtls is not None and policy.mtls.required
 
     # --- client certificates (mutual TLS) -----------------------------------------
 
@@ -327,46 +319,56 @@ class TlsListener:
             logger.error("authgate: no TLS connection to ask for a client certificate on")
             return
         check = _ChainCheck(cas.digests)
-        mode = SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
-        if self.required():
-            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        conn.set_verify(mode, check)
-        # The CAs named in the CertificateRequest, so that clients with
-        # several certificates present the right one. The context is this
-        # connection's own (TlsConfig makes one per connection).
+        # Asked for, never demanded: a client without one (or with a bad one)
+        # gets an HTTP answer, from the rule or from authn.mtls.required.
+        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, check)
+        # The CA file's certificates in the store the chain is built from (as
+        # trust anchors even when they are intermediates: PARTIAL_CHAIN), and
+        # named in the CertificateRequest so that a client with several
+        # certificates presents the right one. The context is this
+        # connection's own: TlsConfig makes one per connection.
         context = conn.get_context()
+        store = context.get_cert_store()
+        assert store is not None
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
         for ca in cas.certs:
+            store.add_cert(ca)
             context.add_client_ca(ca)
         setattr(data.conn, _CHECK, check)
 
     def tls_established_client(self, data: mtls.TlsData) -> None:
         check = getattr(data.conn, _CHECK, None)
-        if check is None or not check.verified or data.ssl_conn is None:
-            return  # no certificate (optional), or none this addon verified
-        chain = data.ssl_conn.get_verified_chain()
-        if not chain:
+        conn = data.ssl_conn
+        if check is None or conn is None:
             return
-        cert = clientcert.read([c.to_cryptography() for c in chain])
+        leaf = conn.get_peer_certificate()
+        if leaf is None:
+            return  # none sent
+        problem = check.problem()
+        # The chain that verified it (RFC 9440 Client-Cert-Chain), or as sent.
+        chain = (conn.get_verified_chain() if not problem else None) or [
+            leaf,
+            *(conn.get_peer_cert_chain() or []),
+        ]
+        cert = clientcert.read([c.to_cryptography() for c in chain], problem)
         setattr(data.conn, CLIENT_CERT, cert)
-
-    def tls_failed_client(self, data: mtls.TlsData) -> None:
-        check = getattr(data.conn, _CHECK, None)
-        if check is None or not check.seen:
-            return  # no certificate came (mitmproxy logs the handshake's failure)
-        why = (
-            _VERIFY_ERRORS.get(check.error, f"OpenSSL verify error {check.error}")
-            if check.error
-            else "not issued under --tls-client-ca"
-        )
-        peer = data.conn.peername[0] if data.conn.peername else "?"
-        logger.info(f"authgate: client {peer}: certificate refused in the handshake: {why}")
+        if problem:
+            peer = data.conn.peername[0] if data.conn.peername else "?"
+            why = (
+                f"OpenSSL verify error {check.error}"
+                if check.error
+                else "its chain does not pass through --tls-client-ca"
+            )
+            logger.info(
+                f"authgate: client {peer} presented a certificate that does not verify "
+                f"({problem}: {why}): {cert.subject[:120]!r}, issuer {cert.issuer[:120]!r}"
+            )
 
     def describe_client_ca(self) -> str | None:
         if self.client_ca is None:
             return None
-        how = "required" if self.required() else "optional"
         return (
-            f"authgate: asking clients for a certificate ({how}, authn.mtls) issued by "
+            f"authgate: asking clients for a certificate issued under "
             f"{self.client_ca.describe()} ({self.client_ca.file})"
         )
 
