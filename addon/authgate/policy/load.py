@@ -556,7 +556,7 @@ class _Builder:
             by_name=by_name,
             listed_only=self.get(d, "listed_only", bool, where, False),
             forward=self.get(d, "forward_certificate", bool, where, False),
-            line=d.line,
+            line=line,
         )
 
     def condition(self, value: Any, line: int, where: str) -> c.Condition:
