@@ -30,8 +30,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given
-from mitmproxy import exceptions
 from hypothesis import strategies as st
+from mitmproxy import exceptions
 
 from authgate.core.clientcert import ClientCert, normalize_fingerprint, read, sf_binary
 from authgate.core.credentials import MTLS, CertClient, ClientCerts, hash_key
@@ -656,8 +656,13 @@ BILLING = cert(san_dns=("svc.internal",))
         ("    name_from: san_dns", "/svc/a", BILLING, NOW + 2 * DAY, (401, "invalid_credentials")),
         ("    name_from: cn", "/svc/a", BILLING, NOW, (403, "forbidden")),
         ("    name_from: san_dns", "/open", None, NOW, (0, "allowed")),
-        ("    name_from: san_dns", "/open", cert(problem="untrusted"), NOW,
-         (401, "invalid_credentials")),  # fmt: skip
+        (
+            "    name_from: san_dns",
+            "/open",
+            cert(problem="untrusted"),
+            NOW,
+            (401, "invalid_credentials"),
+        ),  # fmt: skip
         ("    required: true", "/open", None, NOW, (401, "no_credentials")),
         ("    required: true", "/nowhere", None, NOW, (401, "no_credentials")),
         ("    required: true", "/open", cert(problem="expired"), NOW, (401, "invalid_credentials")),
