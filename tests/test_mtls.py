@@ -17,6 +17,7 @@ import base64
 import datetime
 import hashlib
 import http.client
+import re
 import ssl
 import subprocess
 import threading
@@ -41,6 +42,7 @@ from authgate.policy.load import parse_policy
 from authgate.policy.marks import PolicyError
 from authgate.proxy import runner, tls
 from authgate.runtime.stores import MemoryStore
+from authgate.tools.policytests import run_policy
 from conftest import REQUEST_SECONDS, ROOT, Backend, _handler, wait_until
 from test_startup import BIN, authgate_run, free_port, start_logged, stop, wait_started
 
@@ -697,3 +699,43 @@ def test_the_identity_headers_carry_the_certificate_only_when_asked() -> None:
         assert names - {"X-Auth-Subject", "X-Auth-Roles", "X-Auth-Scopes", "X-Auth-Issuer"} == (
             fields
         )
+
+
+# --- policy tests (`authgate test`) describe the certificate ----------------------------
+
+
+@pytest.mark.parametrize(
+    "client_cert,problem",
+    [
+        ("{san_dns: billing.internal}", "client_cert.san_dns must be a list of strings"),
+        ("{problem: revoked}", "client_cert.problem must be one of untrusted, expired"),
+        ("{sha256: abc}", "64 hex digits"),
+        ("{issuer: x}", "unknown key 'issuer' in test 't' client_cert"),
+    ],
+)
+def test_a_case_describing_a_bad_certificate_names_the_line(client_cert: str, problem: str) -> None:
+    cases = f"tests:\n  - name: t\n    request: {{path: /x}}\n    client_cert: {client_cert}\n"
+    cases += "    expect: {status: 200}\n"
+    with pytest.raises(PolicyError, match=re.escape(problem)) as e:
+        run_policy(parse_policy(BASE.format(mtls="    required: false") + cases, "p.yaml"))
+    assert e.value.line == 16
+
+
+def test_a_case_with_a_certificate_is_judged_as_the_gateway_would() -> None:
+    cases = """\
+tests:
+  - name: valid
+    request: {path: /svc/a}
+    client_cert: {san_dns: [svc.internal]}
+    expect: {status: 200, headers: {X-Auth-Subject: svc.internal, X-Auth-Roles: billing}}
+  - name: untrusted
+    request: {path: /svc/a}
+    client_cert: {san_dns: [svc.internal], problem: untrusted}
+    expect: {status: 401, reason: invalid_credentials}
+"""
+    mtls = "    name_from: san_dns\n    clients: [{name: svc.internal, roles: [billing]}]"
+    report = run_policy(parse_policy(BASE.format(mtls=mtls) + cases, "p.yaml"))
+    assert [(o.case.name, o.problems) for o in report.outcomes] == [
+        ("valid", ()),
+        ("untrusted", ()),
+    ]

@@ -24,6 +24,8 @@ from cryptography.x509.oid import NameOID
 
 # The fields a policy may name a certificate's holder by (`authn.mtls.name_from`).
 NAME_FIELDS = ("subject", "cn", "san_dns", "san_uri", "san_email")
+# What the handshake can find wrong with a client certificate (ClientCert.problem).
+PROBLEMS = ("untrusted", "expired", "not_yet_valid", "not_for_client_auth", "bad_signature")
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 

@@ -178,8 +178,8 @@ def load_client_ca(file: str) -> ClientCA:
     return parse_client_ca(file, _read("--tls-client-ca", file))
 
 
-# What a client certificate's OpenSSL X509_V_ERR_* code means, as the
-# decision's detail; any other code is "untrusted".
+# What a client certificate's OpenSSL X509_V_ERR_* code means (one of
+# clientcert.PROBLEMS, the decision's detail); any other code is "untrusted".
 PROBLEMS = {
     7: "bad_signature",
     9: "not_yet_valid",
