@@ -40,7 +40,7 @@ from authgate.core.decision import RequestView, judge
 from authgate.core.identity import Identity
 from authgate.policy.load import parse_policy
 from authgate.policy.marks import PolicyError
-from authgate.proxy import runner, tls
+from authgate.proxy import runner, tls, views
 from authgate.runtime.stores import MemoryStore
 from authgate.tools.policytests import run_policy
 from conftest import REQUEST_SECONDS, ROOT, Backend, _handler, wait_until
@@ -739,3 +739,24 @@ tests:
         ("valid", ()),
         ("untrusted", ()),
     ]
+
+
+@pytest.mark.parametrize(
+    "client_cert,first",
+    [
+        (BILLING, "credential: client certificate (verified in the TLS handshake)"),
+        (
+            cert(san_dns=("svc.internal",), problem="expired"),
+            "credential: client certificate (did not verify in the TLS handshake: expired)",
+        ),
+    ],
+)
+def test_the_content_view_shows_the_certificate_and_its_verdict(
+    client_cert: ClientCert, first: str
+) -> None:
+    policy = load("    name_from: san_dns")
+    view = RequestView("GET", "/svc/a", (("host", "x"),), "127.0.0.1", client_cert=client_cert)
+    lines = views.credential(view, policy, NOW)
+    assert lines[0] == first
+    assert any(line.split() == ["dns", "svc.internal"] for line in lines), lines
+    assert any(line.split() == ["sha256", "a" * 64] for line in lines), lines

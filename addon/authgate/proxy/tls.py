@@ -12,13 +12,15 @@ With `--tls-client-ca`, the listener asks every client for a certificate
 (mutual TLS) and verifies it in the handshake, against that CA file alone:
 mitmproxy's own TlsConfig addon builds each connection's pyOpenSSL context in
 `tls_start_client` (loading the serving chain into the context's store, to
-send the intermediates), then this addon, later in the chain, asks for a
-certificate, names the acceptable CAs, and sets a verify callback that accepts
-only chains through a certificate of the CA file. A missing certificate is
-refused in the handshake when the policy's `authn.mtls.required` says so; an
-untrusted, expired or otherwise invalid one always is. Once the handshake is
-done, the certificate's facts are read once (core/clientcert.py) and kept on
-the connection for every request on it.
+send the intermediates), then this addon, later in the chain, adds the CA
+file to that store, names its CAs in the CertificateRequest, and sets a
+verify callback that notes OpenSSL's verdict and whether the chain passes
+through a certificate of the CA file. The handshake goes on either way: a
+missing or bad certificate is answered over HTTP (401, by the policy), since
+mitmproxy would close a failed handshake without telling the client why.
+Once the handshake is done the certificate's facts, and what was wrong with
+it, are read once (core/clientcert.py) and kept on the connection for every
+request on it.
 
 For the backend, mitmproxy verifies by default (`ssl_insecure` is False) but
 against certifi's bundle; `upstream_trust` points it at the system store or at
@@ -350,10 +352,15 @@ class TlsListener:
             leaf,
             *(conn.get_peer_cert_chain() or []),
         ]
-        cert = clientcert.read([c.to_cryptography() for c in chain], problem)
+        peer = data.conn.peername[0] if data.conn.peername else "?"
+        try:
+            cert = clientcert.read([c.to_cryptography() for c in chain], problem)
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+            # OpenSSL took it, but its fields cannot be read: it names nobody.
+            logger.warning(f"authgate: client {peer}: a certificate that cannot be read: {e}")
+            return
         setattr(data.conn, CLIENT_CERT, cert)
         if problem:
-            peer = data.conn.peername[0] if data.conn.peername else "?"
             why = (
                 f"OpenSSL verify error {check.error}"
                 if check.error

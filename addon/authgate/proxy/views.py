@@ -161,8 +161,13 @@ def credential(request: RequestView, policy: Policy | None, now: float) -> list[
     if presented.kind == MTLS:
         cert = presented.cert
         assert cert is not None
+        verdict = (
+            f"did not verify in the TLS handshake: {cert.problem}"
+            if cert.problem
+            else "verified in the TLS handshake"
+        )
         return [
-            "credential: client certificate (verified in the TLS handshake)",
+            f"credential: client certificate ({verdict})",
             *_pairs(
                 [
                     ("subject", cert.subject),
