@@ -343,6 +343,7 @@ class TlsListener:
         conn = data.ssl_conn
         if check is None or conn is None:
             return
+        delattr(data.conn, _CHECK)  # its work is done
         leaf = conn.get_peer_certificate()
         if leaf is None:
             return  # none sent
