@@ -418,6 +418,36 @@ def test_required_without_a_valid_certificate_nothing_is_served(
     assert [s.target for s in required.backend.seen] == ["/health"]
 
 
+def test_a_new_client_ca_file_is_used_for_new_connections(
+    pki: Pki, recorder: Backend, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "clients-ca.crt"
+    ca_file.write_bytes(pki.path("client-ca").read_bytes())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(pki, False))
+    port = free_port()
+    log = tmp_path / "gateway.out"
+    cmd = authgate_run(
+        policy, recorder.url, port,
+        "--tls-cert", str(pki.path("server-chain")), "--tls-key", str(pki.path("server", "key")),
+        "--tls-client-ca", str(ca_file),
+    )  # fmt: skip
+    proc = start_logged(cmd, log)
+    try:
+        wait_started(log, proc, port)
+        g = Gate(port, pki, recorder, log)
+        assert (
+            py_get(g, "/billing/x", "billing").status,
+            py_get(g, "/billing/x", "stranger").status,
+        ) == (200, 401)
+        ca_file.write_bytes(pki.path("other-ca").read_bytes())
+        wait_until(lambda: py_get(g, "/billing/x", "stranger").status == 200, every=0.2,
+                   what="the other CA's client served")  # fmt: skip
+        assert py_get(g, "/billing/x", "billing").status == 401
+    finally:
+        stop(proc)
+
+
 # --- starting: what is refused ------------------------------------------------------------
 
 
