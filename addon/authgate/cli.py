@@ -165,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--upstream-ca", metavar="FILE", help="verify an https:// upstream against this CA (PEM)"
     )
+    run.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="ask clients for a certificate issued under this CA (PEM; mutual TLS, with "
+        "--tls-cert; the policy's authn.mtls says whether it is required)",
+    )
     run.add_argument("--web", action="store_true", help="also serve the mitmweb UI")
     run.add_argument(
         "--web-listen",

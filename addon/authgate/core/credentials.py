@@ -1,5 +1,5 @@
 """Finding and verifying credentials: bearer JWTs (header, cookie, query),
-API keys and Basic.
+API keys, Basic and TLS client certificates (mTLS).
 
 `find()` locates the credential a request presents; one `Verifier` per kind
 describes, challenges and checks it, and names the slow work (a bcrypt check,
@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 
 import bcrypt
 
+from authgate.core.clientcert import ClientCert
 from authgate.core.identity import Identity
 from authgate.core.keyset import RemoteKeys
 from authgate.core.tokens import (
@@ -36,7 +37,8 @@ from authgate.core.tokens import (
 JWT = "jwt"
 API_KEY = "api_key"
 BASIC = "basic"
-KINDS = (JWT, API_KEY, BASIC)
+MTLS = "mtls"
+KINDS = (JWT, API_KEY, BASIC, MTLS)
 
 MIN_BCRYPT_COST = 4  # bcrypt's own minimum; htpasswd -B writes 5 by default
 WEAK_BCRYPT_COST = 10  # below this, `check` and the start-up log warn
@@ -181,15 +183,72 @@ def parse_htpasswd(text: str) -> tuple[dict[str, bytes], tuple[int, str] | None]
     return users, None
 
 
+# --- client certificates (mTLS) ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CertClient:
+    """A client the policy lists: by its name, or by its certificate's fingerprint."""
+
+    name: str
+    roles: frozenset[str]
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCerts:
+    """`authn.mtls`: how a certificate the handshake verified names its holder.
+
+    A fingerprint listed in `by_sha256` names the holder whatever the
+    certificate says; otherwise the holder is the certificate's `name_from`
+    field, with the roles and scopes `by_name` gives that name (none when the
+    name is not listed, or a refusal with `listed_only`)."""
+
+    required: bool  # every request needs a valid certificate: a 401 before any rule
+    name_from: str  # one of clientcert.NAME_FIELDS
+    by_sha256: dict[str, CertClient]
+    by_name: dict[str, CertClient]
+    listed_only: bool = False
+    forward: bool = False  # send the backend RFC 9440 Client-Cert and Client-Cert-Chain
+    line: int = 0  # where the policy configures it
+
+    def identify(self, cert: ClientCert) -> Identity | tuple[str, str]:
+        """The holder's identity, or (code, detail) of why the certificate names nobody."""
+        listed = self.by_sha256.get(cert.sha256)
+        if listed is not None:
+            name = listed.name
+        else:
+            found = cert.name(self.name_from)
+            if found is None:
+                return "no_name", f"no {self.name_from} in the certificate"
+            # Names go to the backend in header fields: never a control character.
+            if _CONTROL.search(found):
+                return "bad_name", f"a control character in the certificate's {self.name_from}"
+            name = found
+            listed = self.by_name.get(name)
+            if listed is None and self.listed_only:
+                return "unlisted_certificate", f"{self.name_from} {name[:80]!r} is not listed"
+        roles = listed.roles if listed is not None else frozenset()
+        scopes = listed.scopes if listed is not None else frozenset()
+        forward: tuple[tuple[str, str], ...] = ()
+        if self.forward:
+            forward = (("Client-Cert", cert.client_cert),)
+            if cert.client_cert_chain:
+                forward += (("Client-Cert-Chain", cert.client_cert_chain),)
+        claims = {"sub": name, "cert": cert.claims}
+        return Identity(name, MTLS, MTLS, roles, scopes, claims, forward)
+
+
 # --- what the request carries ------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Presented:
-    kind: str  # JWT | API_KEY | BASIC
-    via: str  # "authorization", "cookie", "query", or the API key header
-    value: str  # the token, the key, or "user:password"
+    kind: str  # JWT | API_KEY | BASIC | MTLS
+    via: str  # "authorization", "cookie", "query", the API key header, or "tls"
+    value: str  # the token, the key, "user:password", or a certificate's fingerprint
     issuers: tuple[Issuer, ...] = ()  # for JWTs: the issuers that may have signed it
+    cert: ClientCert | None = None  # for MTLS: what the handshake verified
 
 
 class Ambiguous(Exception):
@@ -235,6 +294,7 @@ def find(
     *,
     cookies: dict[str, tuple[Issuer, ...]] | None = None,
     params: dict[str, tuple[Issuer, ...]] | None = None,
+    client_cert: ClientCert | None = None,
 ) -> tuple[Presented | None, Presented | None]:
     """-> (the credential to use, a malformed one). Raises Ambiguous.
 
@@ -242,6 +302,10 @@ def find(
     nothing else is sent (a browser's session cookie beside an explicit
     token is normal, and the explicit one wins). `cookies` and `params`: the
     issuers by cookie and query-parameter name (worked out here when not given).
+    `client_cert`: the connection's verified certificate (when the rule
+    accepts one), used only when the request itself carries no credential:
+    the TLS stack presents it for every request on the connection, the
+    request's own credential is the more specific statement.
     """
     if cookies is None:
         cookies = issuers_by(issuers, "cookie")
@@ -294,6 +358,8 @@ def find(
             raise Ambiguous(f"more than one token cookie: {', '.join(sorted(found))}")
         for name, (token,) in found.items():
             return Presented(JWT, "cookie", token, cookies[name]), None
+    if client_cert is not None:
+        return Presented(MTLS, "tls", client_cert.sha256, cert=client_cert), None
     return None, None
 
 
@@ -456,6 +522,53 @@ class BasicVerifier:
         return Outcome(self.users.identity(user))
 
 
+@dataclass(frozen=True, slots=True)
+class MtlsVerifier:
+    """The TLS handshake verified the certificate (chain through the client
+    CA, validity, purpose) and noted any problem; what is left is that
+    verdict, the validity now (a connection can outlive its certificate), and
+    naming the holder."""
+
+    certs: ClientCerts
+    kind: str = MTLS
+    label: str = "client certificate"
+
+    def challenge(self) -> Challenge:
+        # No HTTP authentication scheme exists for TLS client certificates;
+        # like ApiKey, a name that says what to present (on a new connection).
+        return ("ClientCert", ())
+
+    def describe(self, presented: Presented) -> str:
+        cert = presented.cert
+        assert cert is not None
+        return f"client certificate {cert.subject[:80]!r} (sha256 {cert.sha256[:16]}…)"
+
+    def slow_work(self, presented: Presented, now: float) -> Work | None:
+        return None
+
+    def check(self, presented: Presented, now: float) -> Outcome:
+        cert = presented.cert
+        assert cert is not None
+        if not cert.valid_at(now):
+            code = cert.problem or ("expired" if now >= cert.not_after else "not_yet_valid")
+            return Outcome(
+                failed=MTLS,
+                reason="The client certificate is not valid",
+                code=code,
+                detail=f"certificate {cert.sha256[:16]}… from {cert.issuer[:80]!r}: {code}",
+            )
+        who = self.certs.identify(cert)
+        if isinstance(who, tuple):
+            code, detail = who
+            return Outcome(
+                failed=MTLS,
+                reason="The client certificate does not name a known client",
+                code=code,
+                detail=detail,
+            )
+        return Outcome(who)
+
+
 # The order challenges are listed in a 401 (RFC 9110 §11.6.1: Basic first, as
 # some clients read only the first).
-CHALLENGE_ORDER = (BASIC, JWT, API_KEY)
+CHALLENGE_ORDER = (BASIC, JWT, API_KEY, MTLS)

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import quote, unquote_plus
 
 from authgate.core import conditions as c
+from authgate.core.clientcert import ClientCert
 from authgate.core.clientip import ClientIP, resolve
 from authgate.core.credentials import (
     API_KEY,
     BASIC,
     JWT,
+    MTLS,
     Ambiguous,
     Challenge,
     Presented,
@@ -53,6 +55,8 @@ class RequestView:
     peer: str  # socket peer IP address
     host: str | None = None  # the Host the client asked for, if known
     authority: str = ""  # an absolute-form target's authority, as received
+    # The client certificate the connection's TLS handshake verified, if any.
+    client_cert: ClientCert | None = None
 
     @classmethod
     def build(
@@ -63,10 +67,11 @@ class RequestView:
         peer: str,
         host: str | None = None,
         authority: str = "",
+        client_cert: ClientCert | None = None,
     ) -> RequestView:
         """The one way to make a view: header names lower-cased, order kept."""
         fields = tuple((k.lower(), v) for k, v in headers)
-        return cls(method.upper(), target, fields, peer, host, authority)
+        return cls(method.upper(), target, fields, peer, host, authority, client_cert)
 
     def header_all(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k == name]
@@ -224,6 +229,7 @@ def identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
         ("X-Auth-Roles", ",".join(sorted(who.roles))),
         ("X-Auth-Scopes", ",".join(sorted(who.scopes))),
         ("X-Auth-Issuer", who.issuer),
+        *who.forward,
     )
 
 
@@ -400,6 +406,32 @@ def prepare(
             )
             return _early(policy, request, d)
 
+    # 3b. A policy that requires client certificates (authn.mtls.required):
+    # without a valid one, nothing else is judged. After the IP limits, which
+    # count anonymous floods; before the rules, so no path answers otherwise.
+    if policy.cert_required:
+        cert = request.client_cert
+        if cert is None or not cert.valid_at(now):
+            problem = "" if cert is None else cert.problem or "not valid now"
+            if t.on:
+                t(
+                    "client certificate: required, "
+                    + (f"presented but not valid ({problem})" if problem else "none presented")
+                )
+            d = Decision(
+                False,
+                401,
+                INVALID_CREDENTIALS if problem else NO_CREDENTIALS,
+                client_ip=ip.address,
+                path=path,
+                challenges=policy.cert_required,
+                detail=problem or "no client certificate",
+                via="tls" if cert is not None else None,
+                trace=t.done(),
+            )
+            return _early(policy, request, d)
+        t("client certificate: required, presented and valid")
+
     # 4. The first matching rule.
     host = normalize_host(request.host) if request.host is not None else None
     rule, params = _match(policy, request.method, host, path, t)
@@ -452,6 +484,7 @@ def prepare(
             path.query,
             cookies=policy.cookie_issuers if jwt else {},
             params=policy.query_issuers if jwt else {},
+            client_cert=request.client_cert if MTLS in accept else None,
         )
     except Ambiguous as e:
         if t.on:
@@ -596,7 +629,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
         if t.on:
             where = (
                 ""
-                if presented.via in ("authorization", API_KEY)
+                if presented.via in ("authorization", API_KEY, "tls")
                 else f" (from the {presented.via})"
             )
             t(f"credentials: {verifier.label} for {who.subject!r} from {who.issuer}{where}")

@@ -11,10 +11,13 @@ from typing import Any
 class Identity:
     subject: str
     issuer: str  # the policy's name for the credential source (the issuer URL for JWTs)
-    method: str  # "jwt" (later: "api_key", "basic")
+    method: str  # the credential kind: "jwt", "api_key", "basic", "mtls"
     roles: frozenset[str]
     scopes: frozenset[str]
     claims: dict[str, Any]
+    # Fields the credential sends the backend besides the identity headers
+    # (a client certificate: RFC 9440 Client-Cert, when the policy asks).
+    forward: tuple[tuple[str, str], ...] = ()
 
     def with_scopes(self, scopes: frozenset[str]) -> Identity:
         return dataclasses.replace(self, scopes=scopes)

@@ -14,12 +14,15 @@ from authgate.core.credentials import (
     BASIC,
     CHALLENGE_ORDER,
     JWT,
+    MTLS,
     ApiKeys,
     ApiKeyVerifier,
     BasicUsers,
     BasicVerifier,
     Challenge,
+    ClientCerts,
     JwtVerifier,
+    MtlsVerifier,
     Verifier,
     issuers_by,
 )
@@ -30,6 +33,10 @@ from authgate.core.routing import Router
 from authgate.core.tokens import Issuer, TokenCache
 
 IDENTITY_HEADERS = ("x-auth-subject", "x-auth-roles", "x-auth-scopes", "x-auth-issuer")
+# RFC 9440: the client certificate a TLS-terminating proxy vouches for. Only
+# the gateway writes them (authn.mtls.forward_certificate); a client's never
+# reaches the backend, whatever the policy keeps.
+CERT_HEADERS = ("client-cert", "client-cert-chain")
 # Header fields that services behind other gateways and web servers take as
 # proven (a user, an email, groups, a token) or as the real method or URL:
 # removed from every forwarded request, with their underscore spellings,
@@ -68,6 +75,15 @@ TRUSTED_BY_BACKENDS = (
     "x-authenticated-userid",
     "x-authenticated-scope",
     "x-credential-identifier",
+    # a client certificate as other TLS-terminating proxies pass it on
+    # (Envoy's XFCC, nginx and HAProxy setups, Azure)
+    "x-forwarded-client-cert",
+    "x-ssl-client-cert",
+    "x-ssl-client-dn",
+    "x-ssl-client-verify",
+    "x-client-cert",
+    "x-client-verify",
+    "x-arr-clientcert",
     # the real method or URL, as rewriting front ends pass them on
     "x-original-url",
     "x-rewrite-url",
@@ -136,6 +152,7 @@ class Policy:
     uses_host: bool = False
     api_keys: ApiKeys | None = None
     basic: BasicUsers | None = field(default=None, compare=False)
+    mtls: ClientCerts | None = None  # client certificates (authn.mtls)
     mode: str = "enforce"  # "report": decide and log, but forward everything
     client_ip_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
     # Lower-case names of the client's fields the backend never receives
@@ -172,6 +189,9 @@ class Policy:
     verifiers: dict[str, Verifier] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+    # authn.mtls.required: the 401 challenges of a request without a valid
+    # client certificate, answered before any rule; () when not required.
+    cert_required: tuple[Challenge, ...] = field(default=(), init=False, compare=False, repr=False)
     # Every limit by its limiter_id (what a store's outage policy is read from).
     limit_specs: dict[str, LimitSpec] = field(
         default_factory=dict, init=False, compare=False, repr=False
@@ -187,6 +207,10 @@ class Policy:
             verifiers[API_KEY] = ApiKeyVerifier(self.api_keys)
         if self.basic is not None:
             verifiers[BASIC] = BasicVerifier(self.basic)
+        if self.mtls is not None:
+            verifiers[MTLS] = MtlsVerifier(self.mtls)
+            if self.mtls.required:
+                object.__setattr__(self, "cert_required", (verifiers[MTLS].challenge(),))
         object.__setattr__(self, "verifiers", verifiers)
         object.__setattr__(self, "cookie_issuers", issuers_by(self.issuers, "cookie"))
         object.__setattr__(self, "query_issuers", issuers_by(self.issuers, "query_param"))

@@ -53,9 +53,19 @@ STORE_DENIED = Verdict(False, 0, 1, 1)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def load_checked(path: str, keep_host_header: bool, mode: str = "") -> Policy:
+# Why a door that does not ask for client certificates refuses authn.mtls.
+NO_CLIENT_CERTS = (
+    "this gateway does not ask clients for certificates: run it with --tls-cert, "
+    "--tls-key and --tls-client-ca"
+)
+
+
+def load_checked(
+    path: str, keep_host_header: bool, mode: str = "", no_client_certs: str = ""
+) -> Policy:
     """Load a policy and check it against how the door runs, with the
-    deployment's mode override. Raises PolicyError."""
+    deployment's mode override. `no_client_certs`: why the door sees no
+    client certificates ("" when it does). Raises PolicyError."""
     policy = load_policy(path)
     if mode:
         policy = dataclasses.replace(policy, mode_override=mode)
@@ -66,6 +76,9 @@ def load_checked(path: str, keep_host_header: bool, mode: str = "") -> Policy:
             "rules match on host, but in reverse mode mitmproxy replaces the "
             "client's Host unless keep_host_header=true is set",
         )
+    if policy.mtls is not None and no_client_certs:
+        # Rules that accept only certificates would answer 401 to everyone.
+        raise PolicyError(policy.file, policy.mtls.line or None, f"authn.mtls: {no_client_certs}")
     return policy
 
 
@@ -126,6 +139,8 @@ class Gatehouse:
         self.watch = True  # reload when a file of the policy changes
         # Where the policy comes from: (file, keep_host_header, mode override).
         self.source: tuple[str, bool, str] = ("", False, "")
+        # Why the door sees no client certificates ("": it does; authn.mtls).
+        self.no_client_certs = NO_CLIENT_CERTS
         # What a door adds to `status()` (the proxy: its backend lint).
         self.more_status: Callable[[], dict[str, Any]] = dict
         self._log_file: IO[str] | None = None
@@ -139,7 +154,7 @@ class Gatehouse:
 
     def load(self, path: str, keep_host_header: bool, mode: str) -> None:
         """Load the policy now. Raises PolicyError (the old one stays)."""
-        policy = load_checked(path, keep_host_header, mode)
+        policy = load_checked(path, keep_host_header, mode, self.no_client_certs)
         self.source = (path, keep_host_header, mode)
         self._install(policy, "loaded")
 
@@ -310,7 +325,9 @@ class Gatehouse:
         async with self._reloading:
             path, keep_host, mode = self.source
             try:
-                policy = await asyncio.to_thread(load_checked, path, keep_host, mode)
+                policy = await asyncio.to_thread(
+                    load_checked, path, keep_host, mode, self.no_client_certs
+                )
             except PolicyError as e:
                 self.reload_error = str(e)
                 self.metrics.reload_failures.inc()

@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from authgate.core import conditions as c
+from authgate.core.clientcert import NAME_FIELDS, normalize_fingerprint
 from authgate.core.credentials import (
     API_KEY,
     BASIC,
     JWT,
     KINDS,
+    MTLS,
     ApiKey,
     ApiKeys,
     BasicUser,
     BasicUsers,
+    CertClient,
+    ClientCerts,
     parse_htpasswd,
 )
 from authgate.core.ipset import IPSet, cidr_key, parse_cidr, read_cidr_text
@@ -499,6 +503,62 @@ class _Builder:
                 raise self.error(extra.key_lines[user], f"user {user!r} is not in {name}")
         return BasicUsers(users, line=d.line, file=path)
 
+    def mtls(self, value: Any, line: int) -> ClientCerts:
+        where = "authn.mtls"
+        d = self.mapping(value, where, line)
+        self.keys(
+            d, {"required", "name_from", "clients", "listed_only", "forward_certificate"}, where
+        )
+        name_from = self.get(d, "name_from", str, where, "subject")
+        if name_from not in NAME_FIELDS:
+            raise self.error(
+                self.line_of(d, "name_from"),
+                f"name_from must be one of {', '.join(NAME_FIELDS)}, not {name_from!r}",
+            )
+        by_sha256: dict[str, CertClient] = {}
+        by_name: dict[str, CertClient] = {}
+        items = self.get(d, "clients", list, where, MarkedList())
+        for i, (item, item_line) in enumerate(
+            zip(items, getattr(items, "item_lines", []), strict=False)
+        ):
+            at = f"{where}.clients[{i}]"
+            k = self.mapping(item, at, item_line)
+            self.keys(k, {"name", "sha256", "roles", "scopes"}, at, {"name"})
+            name = self.get(k, "name", str, at)
+            if not name or _CONTROL_OR_COMMA.search(name):
+                raise self.error(
+                    self.line_of(k, "name"),
+                    f"client name {name!r} must be non-empty, without a comma or control character",
+                )
+            client = CertClient(
+                name, self.string_set(k, "roles", at), self.string_set(k, "scopes", at)
+            )
+            if "sha256" in k:
+                try:
+                    digest = normalize_fingerprint(self.get(k, "sha256", str, at))
+                except ValueError as e:
+                    raise self.error(self.line_of(k, "sha256"), str(e)) from None
+                if digest in by_sha256:
+                    raise self.error(self.line_of(k, "sha256"), "this fingerprint is listed twice")
+                by_sha256[digest] = client
+            else:
+                if name in by_name:
+                    raise self.error(
+                        self.line_of(k, "name"),
+                        f"client {name!r} is listed twice (by {name_from}; a fingerprint "
+                        "entry may share a name)",
+                    )
+                by_name[name] = client
+        return ClientCerts(
+            required=self.get(d, "required", bool, where, False),
+            name_from=name_from,
+            by_sha256=by_sha256,
+            by_name=by_name,
+            listed_only=self.get(d, "listed_only", bool, where, False),
+            forward=self.get(d, "forward_certificate", bool, where, False),
+            line=line,
+        )
+
     def condition(self, value: Any, line: int, where: str) -> c.Condition:
         if isinstance(value, str):
             simple: dict[str, type[c.Condition]] = {
@@ -761,7 +821,7 @@ class _Builder:
         authn = attempt(
             lambda: self.get(top, "authn", dict, "the policy", MarkedDict()), MarkedDict()
         )
-        attempt(lambda: self.keys(authn, {"jwt", "api_keys", "basic"}, "authn"), None)
+        attempt(lambda: self.keys(authn, {"jwt", "api_keys", "basic", "mtls"}, "authn"), None)
         jwt_items = attempt(lambda: self.get(authn, "jwt", list, "authn", MarkedList()), None)
         jwt_items = jwt_items if jwt_items is not None else MarkedList()
         read: list[Issuer | None] = []
@@ -791,6 +851,11 @@ class _Builder:
             if "basic" in authn
             else None
         )
+        mtls = (
+            attempt(lambda: self.mtls(authn["mtls"], authn.key_lines["mtls"]), None)
+            if "mtls" in authn
+            else None
+        )
         # What the rules may accept: the kinds the file configures, even one
         # whose section is wrong (its problem is reported once, not per rule).
         self.configured = frozenset(
@@ -799,6 +864,7 @@ class _Builder:
                 (JWT, jwt_items),
                 (API_KEY, "api_keys" in authn),
                 (BASIC, "basic" in authn),
+                (MTLS, "mtls" in authn),
             )
             if present
         )
@@ -840,6 +906,7 @@ class _Builder:
             client_ip_header=ip_header,
             api_keys=api_keys,
             basic=basic,
+            mtls=mtls,
             file=self.file,
             realm=realm,
             trusted_proxies=trusted,

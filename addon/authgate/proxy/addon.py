@@ -23,13 +23,14 @@ from authgate.core.decision import Decision, RequestView
 from authgate.core.explanation import explain as explain_request
 from authgate.core.headline import failed, headline
 from authgate.core.ipset import normalize_ip, parse_ip
-from authgate.core.model import IDENTITY_HEADERS, Policy, Rule
+from authgate.core.model import CERT_HEADERS, IDENTITY_HEADERS, Policy, Rule
 from authgate.core.responses import Rendered, challenge, render, render_error
 from authgate.house.admin import Readiness
 from authgate.house.gatehouse import Gatehouse, request_id
 from authgate.policy.marks import PolicyError
 from authgate.proxy import backend_lint as upstream_lint
 from authgate.proxy import views
+from authgate.proxy.tls import CLIENT_CERT
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.stores import MemoryStore
@@ -82,6 +83,8 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
         flow.client_conn.peername[0],
         host,
         authority if "@" in authority else "",
+        # The certificate this connection's handshake verified (proxy/tls.py).
+        getattr(flow.client_conn, CLIENT_CERT, None),
     )
 
 
@@ -106,9 +109,10 @@ def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
     flow.request.stream = False
 
 
-# Never forwarded from a client: the gateway's own headers (replaced), and the
-# hop-by-hop fields of RFC 9110 §7.6.1 that name no other field.
-_DROP = frozenset(name.encode() for name in IDENTITY_HEADERS) | {
+# Never forwarded from a client: the gateway's own headers (replaced, the
+# client certificate's too), and the hop-by-hop fields of RFC 9110 §7.6.1 that
+# name no other field.
+_DROP = frozenset(name.encode() for name in IDENTITY_HEADERS + CERT_HEADERS) | {
     b"http2-settings",
     b"x-request-id",  # replaced by the gateway's own
     b"keep-alive",

@@ -118,6 +118,7 @@ async def build(
     tls_key: str | None = None,
     upstream_ca: str | None = None,
     announce: bool = False,
+    tls_client_ca: str | None = None,
 ) -> master.Master:
     """Build (not run) the gateway's master. Raises OptionsError on bad options
     or a bad policy; call inside a running event loop. `announce` logs where
@@ -125,11 +126,21 @@ async def build(
 
     `web="HOST:PORT"` builds mitmweb's master instead (all of mitmproxy's
     addons, the flow list in a browser): for watching decisions, not for speed.
-    `tls_cert`/`tls_key` make the listener HTTPS only (see authgate.proxy.tls).
+    `tls_cert`/`tls_key` make the listener HTTPS only (see authgate.proxy.tls);
+    `tls_client_ca` makes it ask clients for certificates issued under that CA.
     """
+    if tls_client_ca and not (tls_cert and tls_key):
+        raise exceptions.OptionsError(
+            "authgate: --tls-client-ca needs --tls-cert and --tls-key (client certificates "
+            "come with HTTPS)"
+        )
     try:
         trust = tls.upstream_trust(upstream, upstream_ca)
-        served = tls.TlsListener(tls_cert, tls_key) if tls_cert and tls_key else None
+        served = (
+            tls.TlsListener(tls_cert, tls_key, client_ca=tls_client_ca)
+            if tls_cert and tls_key
+            else None
+        )
     except tls.CertError as e:
         raise exceptions.OptionsError(str(e)) from e
     opts = options.Options()
@@ -141,10 +152,17 @@ async def build(
     else:
         m = master.Master(opts, with_termlog=termlog)
         m.addons.add(*lean_addons())
+    gw = gateway or Gateway()
     if served is not None:
-        m.addons.add(served)  # before the Gateway: plain HTTP is refused first
+        # After mitmproxy's TlsConfig, which makes each connection's TLS
+        # context that the listener then asks for a client certificate on;
+        # before the Gateway: plain HTTP is refused first.
+        m.addons.add(served)
         opts.update(certs=served.certs_option())
-    m.addons.add(gateway or Gateway())
+        tls.check_order(m.addons.chain, served)
+        if served.client_ca is not None:
+            gw.house.no_client_certs = ""
+    m.addons.add(gw)
     m.addons.add(*guard.addons())  # after the Gateway: they read what it decided
     if ready is not None or announce:
         m.addons.add(_Ready(ready, ("https" if served else "http") if announce else None))
@@ -185,6 +203,7 @@ def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     upstream_ca: str | None = None,
+    tls_client_ca: str | None = None,
 ) -> int:
     """Run the gateway until SIGINT/SIGTERM; 2 when the policy or options are refused."""
 
@@ -208,6 +227,7 @@ def serve(
                 tls_cert=tls_cert,
                 tls_key=tls_key,
                 upstream_ca=upstream_ca,
+                tls_client_ca=tls_client_ca,
                 # Of `--workers N`, the first says it for all.
                 announce=os.environ.get("AUTHGATE_WORKER", "0") == "0",
             )

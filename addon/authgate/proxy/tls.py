@@ -8,6 +8,20 @@ and watches the two files: a change re-sets `certs`, which makes mitmproxy's
 tlsconfig build a new certstore, so the next connection gets the new
 certificate. A bad new pair is refused and the old one keeps serving.
 
+With `--tls-client-ca`, the listener asks every client for a certificate
+(mutual TLS) and verifies it in the handshake, against that CA file alone:
+mitmproxy's own TlsConfig addon builds each connection's pyOpenSSL context in
+`tls_start_client` (loading the serving chain into the context's store, to
+send the intermediates), then this addon, later in the chain, adds the CA
+file to that store, names its CAs in the CertificateRequest, and sets a
+verify callback that notes OpenSSL's verdict and whether the chain passes
+through a certificate of the CA file. The handshake goes on either way: a
+missing or bad certificate is answered over HTTP (401, by the policy), since
+mitmproxy would close a failed handshake without telling the client why.
+Once the handshake is done the certificate's facts, and what was wrong with
+it, are read once (core/clientcert.py) and kept on the connection for every
+request on it.
+
 For the backend, mitmproxy verifies by default (`ssl_insecure` is False) but
 against certifi's bundle; `upstream_trust` points it at the system store or at
 `--upstream-ca` instead.
@@ -32,10 +46,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from mitmproxy import ctx, exceptions, http
+from mitmproxy import tls as mtls
+from OpenSSL import SSL, crypto
+
+from authgate.core import clientcert
 
 logger = logging.getLogger("authgate")
 SOON = datetime.timedelta(days=14)  # warn this long before the certificate expires
 POLL_SECONDS = 1.0
+# On mitmproxy's Client: the ClientCert its handshake received (absent: none),
+# with the `problem` found when it did not verify.
+CLIENT_CERT = "_authgate_client_cert"
+_CHECK = "_authgate_cert_check"  # on the Client: its handshake's _ChainCheck
 
 
 class CertError(ValueError):
@@ -125,6 +147,100 @@ def load_pair(cert_file: str, key_file: str) -> CertPair:
     )
 
 
+@dataclass(frozen=True)
+class ClientCA:
+    """The certificates client certificates must chain to (`--tls-client-ca`)."""
+
+    file: str
+    certs: tuple[crypto.X509, ...]  # pyOpenSSL's, as the handshake takes them
+    digests: frozenset[bytes]  # their SHA-256, as crypto.X509.digest writes it
+    subjects: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "; ".join(self.subjects)
+
+
+def parse_client_ca(file: str, pem: bytes) -> ClientCA:
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise CertError(f"authgate: --tls-client-ca {file}: no PEM certificate in it")
+    try:
+        found = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise CertError(f"authgate: --tls-client-ca {file}: not a valid PEM certificate") from e
+    certs = tuple(crypto.X509.from_cryptography(c) for c in found)
+    return ClientCA(
+        file,
+        certs,
+        frozenset(c.digest("sha256") for c in certs),
+        tuple(c.subject.rfc4514_string() or "(empty subject)" for c in found),
+    )
+
+
+def load_client_ca(file: str) -> ClientCA:
+    return parse_client_ca(file, _read("--tls-client-ca", file))
+
+
+# What a client certificate's OpenSSL X509_V_ERR_* code means (one of
+# clientcert.PROBLEMS, the decision's detail); any other code is "untrusted".
+PROBLEMS = {
+    7: "bad_signature",
+    9: "not_yet_valid",
+    10: "expired",
+    26: "not_for_client_auth",  # its extended key usage lacks clientAuth
+}
+
+
+class _ChainCheck:
+    """One handshake's verify callback. OpenSSL calls it for each certificate
+    of the chain it built, from the trust anchor down to the client's own
+    (depth 0), and for each problem it finds, with its own verdict (`ok`:
+    signature, validity, purpose ssl_client, a known issuer). The callback
+    notes the first problem and lets the handshake go on: the request is
+    answered over HTTP (a 401 that says so), where a failed handshake would
+    tell the client nothing (mitmproxy closes it without sending the alert).
+
+    The context's store also holds the serving chain (mitmproxy loads it to
+    send the intermediates), so OpenSSL's verdict alone would trust what the
+    serving certificate's CA issued: the chain must also pass through a
+    certificate of the client CA file."""
+
+    __slots__ = ("digests", "through", "error")
+
+    def __init__(self, digests: frozenset[bytes]) -> None:
+        self.digests = digests
+        self.through = False  # a certificate of the CA file was in the chain
+        self.error = 0  # OpenSSL's X509_V_ERR_* code of the first problem
+
+    def __call__(
+        self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        if not ok:
+            self.error = self.error or errno or -1
+        elif cert.digest("sha256") in self.digests:
+            self.through = True
+        return True
+
+    def problem(self) -> str:
+        """What is wrong with the certificate; empty when its chain verified
+        through the CA file."""
+        if self.error:
+            return PROBLEMS.get(self.error, "untrusted")
+        return "" if self.through else "untrusted"
+
+
+def check_order(chain: Sequence[Any], listener: TlsListener) -> None:
+    """The listener's `tls_start_client` must run after mitmproxy's TlsConfig
+    (hooks run in chain order): before it there is no connection to ask for
+    a client certificate on. Raises OptionsError otherwise."""
+    names = [type(a).__name__ for a in chain]
+    if "TlsConfig" not in names or listener not in chain:
+        raise exceptions.OptionsError("authgate: the TLS listener needs mitmproxy's tlsconfig")
+    if names.index("TlsConfig") > list(chain).index(listener):
+        raise exceptions.OptionsError(
+            "authgate: the TLS listener must come after mitmproxy's tlsconfig addon"
+        )
+
+
 def validity_warning(pair: CertPair, now: datetime.datetime) -> str | None:
     """What to say when clients will (soon) refuse this certificate; None if fine."""
     where = f"authgate: --tls-cert {pair.cert_file}"
@@ -171,24 +287,106 @@ def _digest(paths: Sequence[str]) -> str:
 
 
 class TlsListener:
-    """Serves the operator's certificate, refuses plain HTTP, and reloads the
-    certificate when either file changes."""
+    """Serves the operator's certificate, refuses plain HTTP, asks clients for
+    a certificate when given a client CA, and reloads the certificate (and the
+    client CA) when one of the files changes."""
 
-    def __init__(self, cert_file: str, key_file: str, poll: float = POLL_SECONDS) -> None:
-        self.files = (cert_file, key_file)
+    def __init__(
+        self,
+        cert_file: str,
+        key_file: str,
+        poll: float = POLL_SECONDS,
+        client_ca: str | None = None,
+    ) -> None:
+        self.files = (cert_file, key_file) + ((client_ca,) if client_ca else ())
         self.poll = poll
         self._seen = _digest(self.files)
         self.pair = load_pair(cert_file, key_file)  # CertError: refused at start
+        self.client_ca = load_client_ca(client_ca) if client_ca else None
         self.combined = write_combined(self.pair.pem)
         self.reloads = 0
         self.reload_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+
+    # --- client certificates (mutual TLS) -----------------------------------------
+
+    def tls_start_client(self, data: mtls.TlsData) -> None:
+        cas = self.client_ca
+        if cas is None:
+            return
+        conn = data.ssl_conn
+        if conn is None:
+            # mitmproxy's TlsConfig makes the connection before this hook
+            # (runner.build adds this addon after it, and checks so).
+            logger.error("authgate: no TLS connection to ask for a client certificate on")
+            return
+        check = _ChainCheck(cas.digests)
+        # Asked for, never demanded: a client without one (or with a bad one)
+        # gets an HTTP answer, from the rule or from authn.mtls.required.
+        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, check)
+        # The CA file's certificates in the store the chain is built from (as
+        # trust anchors even when they are intermediates: PARTIAL_CHAIN), and
+        # named in the CertificateRequest so that a client with several
+        # certificates presents the right one. The context is this
+        # connection's own: TlsConfig makes one per connection.
+        context = conn.get_context()
+        store = context.get_cert_store()
+        assert store is not None
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+        for ca in cas.certs:
+            store.add_cert(ca)
+            context.add_client_ca(ca)
+        setattr(data.conn, _CHECK, check)
+
+    def tls_established_client(self, data: mtls.TlsData) -> None:
+        check = getattr(data.conn, _CHECK, None)
+        conn = data.ssl_conn
+        if check is None or conn is None:
+            return
+        delattr(data.conn, _CHECK)  # its work is done
+        leaf = conn.get_peer_certificate()
+        if leaf is None:
+            return  # none sent
+        problem = check.problem()
+        # The chain that verified it (RFC 9440 Client-Cert-Chain), or as sent.
+        chain = (conn.get_verified_chain() if not problem else None) or [
+            leaf,
+            *(conn.get_peer_cert_chain() or []),
+        ]
+        peer = data.conn.peername[0] if data.conn.peername else "?"
+        try:
+            cert = clientcert.read([c.to_cryptography() for c in chain], problem)
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+            # OpenSSL took it, but its fields cannot be read: it names nobody.
+            logger.warning(f"authgate: client {peer}: a certificate that cannot be read: {e}")
+            return
+        setattr(data.conn, CLIENT_CERT, cert)
+        if problem:
+            why = (
+                f"OpenSSL verify error {check.error}"
+                if check.error
+                else "its chain does not pass through --tls-client-ca"
+            )
+            logger.info(
+                f"authgate: client {peer} presented a certificate that does not verify "
+                f"({problem}: {why}): {cert.subject[:120]!r}, issuer {cert.issuer[:120]!r}"
+            )
+
+    def describe_client_ca(self) -> str | None:
+        if self.client_ca is None:
+            return None
+        return (
+            f"authgate: asking clients for a certificate issued under "
+            f"{self.client_ca.describe()} ({self.client_ca.file})"
+        )
 
     def certs_option(self) -> list[str]:
         return [f"*={self.combined}"]  # any SNI, and none, gets this certificate
 
     def running(self) -> None:
         logger.info(f"authgate: serving HTTPS with {self.pair.describe()} from {self.files[0]}")
+        if said := self.describe_client_ca():
+            logger.info(said)
         self._warn_validity()
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
@@ -225,9 +423,11 @@ class TlsListener:
                 await self.reload()
 
     async def reload(self) -> bool:
-        """Swap in the pair on disk; keep the serving one if it does not load."""
+        """Swap in the pair (and client CA) on disk; keep the serving ones if
+        either does not load."""
         try:
-            pair = await asyncio.to_thread(load_pair, *self.files)
+            pair = await asyncio.to_thread(load_pair, *self.files[:2])
+            cas = await asyncio.to_thread(load_client_ca, self.files[2]) if self.client_ca else None
         except CertError as e:
             return self._refuse(str(e))
         combined = write_combined(pair.pem)
@@ -237,6 +437,8 @@ class TlsListener:
             _remove(combined)
             return self._refuse(f"authgate: {self.files[0]}: {e}")
         old, self.combined, self.pair = self.combined, combined, pair
+        if cas is not None:
+            self.client_ca = cas
         _remove(old)
         self.reloads += 1
         self.reload_error = None

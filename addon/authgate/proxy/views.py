@@ -23,7 +23,7 @@ from typing import Any
 from mitmproxy import contentviews, http
 from mitmproxy import flow as mflow
 
-from authgate.core.credentials import API_KEY, BASIC, JWT, Ambiguous, find
+from authgate.core.credentials import API_KEY, BASIC, JWT, MTLS, Ambiguous, find
 from authgate.core.decision import RequestView
 from authgate.core.explanation import explain
 from authgate.core.model import Policy
@@ -141,6 +141,7 @@ def credential(request: RequestView, policy: Policy | None, now: float) -> list[
             query,
             cookies=policy.cookie_issuers,
             params=policy.query_issuers,
+            client_cert=request.client_cert if policy.mtls is not None else None,
         )
     except Ambiguous as e:
         return [f"credential: ambiguous ({e})"]
@@ -157,6 +158,27 @@ def credential(request: RequestView, policy: Policy | None, now: float) -> list[
         who = policy.api_keys.verify(presented.value)
         name = repr(who.subject) if who is not None else "none: not a key of this policy"
         return [f"credential: API key {where}", f"  name  {name}", "  key   (not shown)"]
+    if presented.kind == MTLS:
+        cert = presented.cert
+        assert cert is not None
+        verdict = (
+            f"did not verify in the TLS handshake: {cert.problem}"
+            if cert.problem
+            else "verified in the TLS handshake"
+        )
+        return [
+            f"credential: client certificate ({verdict})",
+            *_pairs(
+                [
+                    ("subject", cert.subject),
+                    ("dns", ", ".join(cert.san_dns)),
+                    ("uri", ", ".join(cert.san_uri)),
+                    ("email", ", ".join(cert.san_email)),
+                    ("issuer", cert.issuer),
+                    ("sha256", cert.sha256),
+                ]
+            ),
+        ]
     assert presented.kind == JWT
     return [f"credential: JWT {where}", *token_lines(presented.value, now)]
 

@@ -437,6 +437,10 @@ async def run_service(
         print(f"authgate serve: {e}", file=sys.stderr)
         return 2
     house = Gatehouse()
+    house.no_client_certs = (
+        "the decision service sees no client certificates (the proxy in front of it "
+        "ends TLS); docs/decision-service.md"
+    )
     try:
         # keep_host_header: the Host judged is the client's, as the proxy tells it
         # (X-Forwarded-Host on /auth and /nginx, Host on /envoy): `host` rules work.

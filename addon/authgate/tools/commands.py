@@ -255,6 +255,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     count = _processes(args, "run")
     if count is None:
         return 2
+    if args.tls_client_ca and not args.tls_cert:
+        print("authgate run: --tls-client-ca needs --tls-cert and --tls-key (client "
+              "certificates come with HTTPS)", file=sys.stderr)  # fmt: skip
+        return 2
     web = args.web_listen if args.web else None
     if count > 1:
         if web:
@@ -279,6 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             upstream_ca=args.upstream_ca,
+            tls_client_ca=args.tls_client_ca,
         )
     )
 
@@ -346,7 +351,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     does for all of them (--workers, --admin)."""
     argv = ["--policy", args.policy, "--listen", args.listen, "--upstream", args.upstream]
     argv += ["--store", args.store]
-    for name in ("tls_cert", "tls_key", "upstream_ca"):
+    for name in ("tls_cert", "tls_key", "upstream_ca", "tls_client_ca"):
         if getattr(args, name, None):
             argv += ["--" + name.replace("_", "-"), getattr(args, name)]
     for item in args.set:

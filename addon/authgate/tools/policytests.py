@@ -10,6 +10,7 @@ checks the last answer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import secrets
 import time
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from authgate.core.clientcert import ClientCert, sf_binary
 from authgate.core.decision import Decision, RequestView, judge
 from authgate.core.explanation import Explanation, explain
 from authgate.core.keyset import VerifyKey
@@ -26,7 +28,7 @@ from authgate.core.tokens import Issuer
 from authgate.policy.marks import PolicyError
 from authgate.runtime.stores import MemoryStore
 from authgate.tools.keys import mint
-from authgate.tools.testcases import Case, CaseToken, load_beside, parse_cases
+from authgate.tools.testcases import Case, CaseCert, CaseToken, load_beside, parse_cases
 
 __all__ = [
     "Outcome",
@@ -211,7 +213,30 @@ def _request(case: Case, keys: dict[str, SigningKey], now: float) -> RequestView
     host = case.request.host
     if host is None:
         host = next((v for k, v in headers if k == "host"), None)
-    return RequestView.build(case.request.method, target, headers, case.request.ip, host)
+    cert = _client_cert(case.client_cert, now) if case.client_cert is not None else None
+    return RequestView.build(
+        case.request.method, target, headers, case.request.ip, host, client_cert=cert
+    )
+
+
+def _client_cert(spec: CaseCert, now: float) -> ClientCert:
+    """The certificate a case describes, valid for a day around `now` (an
+    expired one says `problem: expired`: the handshake finds it)."""
+    made_up = hashlib.sha256(repr(spec).encode()).hexdigest()
+    return ClientCert(
+        sha256=spec.sha256 or made_up,
+        subject=spec.subject,
+        issuer="CN=authgate test CA",
+        serial=made_up[:16],
+        not_before=now - 86400,
+        not_after=now + 86400,
+        cn=spec.cn,
+        san_dns=spec.san_dns,
+        san_uri=spec.san_uri,
+        san_email=spec.san_email,
+        client_cert=sf_binary(bytes.fromhex(made_up)),
+        problem=spec.problem,
+    )
 
 
 def _issuer_of(keys: dict[str, SigningKey], spec: CaseToken) -> Issuer:

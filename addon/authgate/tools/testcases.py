@@ -8,6 +8,10 @@ Only the format lives here (parsed once into frozen values, every problem a
         request: {method: GET, path: /api/admin/dashboard, ip: 127.0.0.1}
         token: {sub: root, roles: [admin]}     # optional; omit for anonymous
         expect: {status: 200, rule: admin, headers: {X-Auth-Subject: root}}
+
+`client_cert: {san_dns: [billing.internal]}` describes the certificate the
+connection's TLS handshake presented (authn.mtls); `problem: expired` one
+that did not verify.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from authgate.core.clientcert import PROBLEMS, normalize_fingerprint
 from authgate.core.ipset import parse_ip
 from authgate.policy.marks import MarkedDict, MarkedList, PolicyError, load
 from authgate.policy.marks import describe_value as _kind
@@ -24,6 +29,7 @@ from authgate.policy.values import HEADER_NAME, METHOD, parse_duration
 
 __all__ = [
     "Case",
+    "CaseCert",
     "CaseRequest",
     "CaseToken",
     "Expectation",
@@ -58,6 +64,20 @@ class CaseToken:
 
 
 @dataclass(frozen=True, slots=True)
+class CaseCert:
+    """A client certificate described by its fields: what the TLS handshake
+    would have presented (verified, unless `problem` says what was wrong)."""
+
+    subject: str
+    cn: tuple[str, ...]
+    san_dns: tuple[str, ...]
+    san_uri: tuple[str, ...]
+    san_email: tuple[str, ...]
+    sha256: str | None  # None: made up from the other fields
+    problem: str  # "" when it verified
+
+
+@dataclass(frozen=True, slots=True)
 class Expectation:
     status: int  # 200 for forwarded
     rule: str | None
@@ -75,6 +95,7 @@ class Case:
     token: CaseToken | None
     expect: Expectation
     repeat: int  # send the request this many times; `expect` is about the last one
+    client_cert: CaseCert | None = None
 
     @property
     def where(self) -> str:
@@ -139,7 +160,7 @@ class _Parser:
 
     def case(self, value: Any, line: int) -> Case:
         d = self.mapping(value, line, "a test")
-        self.keys(d, {"name", "request", "token", "expect", "repeat"}, "a test")
+        self.keys(d, {"name", "request", "token", "client_cert", "expect", "repeat"}, "a test")
         for key in ("name", "request", "expect"):
             if key not in d:
                 raise self.error(d.line, f"a test needs {key!r}")
@@ -149,6 +170,9 @@ class _Parser:
         token = None
         if d.get("token") is not None:
             token = self.token(d["token"], d.key_lines["token"], f"{where} token")
+        cert = None
+        if d.get("client_cert") is not None:
+            cert = self.cert(d["client_cert"], d.key_lines["client_cert"], f"{where} client_cert")
         expect = self.expect(d["expect"], d.key_lines["expect"], f"{where} expect")
         repeat = d.get("repeat", 1)
         if type(repeat) is not int or not 1 <= repeat <= MAX_REPEAT:
@@ -156,7 +180,32 @@ class _Parser:
                 d.key_lines.get("repeat", d.line),
                 f"{where} repeat must be a whole number from 1 to {MAX_REPEAT}",
             )
-        return Case(name, self.file, d.line, request, token, expect, repeat)
+        return Case(name, self.file, d.line, request, token, expect, repeat, cert)
+
+    def cert(self, value: Any, line: int, where: str) -> CaseCert:
+        d = self.mapping(value, line, where)
+        lists = ("cn", "san_dns", "san_uri", "san_email")
+        self.keys(d, {"subject", "sha256", "problem", *lists}, where)
+        values: dict[str, tuple[str, ...]] = {}
+        for key in lists:
+            items = d.get(key, [])
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise self.error(d.key_lines[key], f"{where}.{key} must be a list of strings")
+            values[key] = tuple(items)
+        subject = self.string(d, "subject", where) if "subject" in d else "CN=test-client"
+        sha256 = None
+        if "sha256" in d:
+            try:
+                sha256 = normalize_fingerprint(self.string(d, "sha256", where))
+            except ValueError as e:
+                raise self.error(d.key_lines["sha256"], f"{where}: {e}") from None
+        problem = self.string(d, "problem", where) if "problem" in d else ""
+        if problem and problem not in PROBLEMS:
+            raise self.error(
+                d.key_lines["problem"],
+                f"{where}.problem must be one of {', '.join(PROBLEMS)}, not {problem!r}",
+            )
+        return CaseCert(subject, sha256=sha256, problem=problem, **values)
 
     def request(self, value: Any, line: int, where: str) -> CaseRequest:
         d = self.mapping(value, line, where)
