@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test redis-server proxies oidc-provider lint fix typecheck check bench screenshots clean
+.PHONY: install run test redis-server proxies oidc-provider lint fix typecheck check bench bench-instructions screenshots clean
 
 install: $(STAMP) policies/keys/jwks.json
 
@@ -84,6 +84,10 @@ check: lint test
 # make bench ARGS="--rounds 5 --duration 10" (all options: ARGS=--help)
 bench: install
 	$(BIN)/python -m authgate.tools.bench $(ARGS)
+
+# Instructions per request under valgrind: steady on a busy machine (needs valgrind).
+bench-instructions: install
+	$(BIN)/python -m authgate.tools.bench_instructions $(ARGS)
 
 # The docs' screenshots (needs Debian's chromium).
 screenshots: install

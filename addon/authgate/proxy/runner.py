@@ -30,7 +30,7 @@ from mitmproxy.addons import (
     tlsconfig,
 )
 
-from authgate.proxy import guard, tls, workers
+from authgate.proxy import dispatch, guard, tls, workers
 from authgate.proxy.addon import Gateway
 
 
@@ -190,6 +190,8 @@ async def build(
     # The policy last: it is checked against the options set above (a policy
     # with host rules needs keep_host_header=true).
     opts.update(authgate_policy=policy)
+    if web is None:
+        dispatch.use(m)  # each event's handlers looked up once (see dispatch.py)
     return m
 
 

@@ -571,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["_backend"]:
         return serve_backend(int(args[1]))
     if args[:1] == ["_lean"]:
-        return serve_lean(args[1], args[2])
+        return serve_lean(args[1], args[2], fast=args[3:4] == ["fast"])
     return run(options(args))
 
 
@@ -613,14 +613,15 @@ def serve_backend(port: int) -> int:
     return 0
 
 
-def serve_lean(upstream: str, listen: str) -> int:
+def serve_lean(upstream: str, listen: str, fast: bool = False) -> int:
     """`authgate run`'s master without the Gateway: what runner.build() loads
-    (lean addons, guards, terminal log at info level), forwarding everything."""
+    (lean addons, guards, terminal log at info level), forwarding everything;
+    with mitmproxy's own hook dispatch, or (`fast`) authgate's cached one."""
     import logging
 
     from mitmproxy import master, options
 
-    from authgate.proxy import guard, runner
+    from authgate.proxy import dispatch, guard, runner
 
     async def serve() -> None:
         logging.getLogger().setLevel(logging.INFO)
@@ -630,6 +631,8 @@ def serve_lean(upstream: str, listen: str) -> int:
         m.addons.add(*runner.lean_addons())
         m.addons.add(*guard.addons())
         opts.update(mode=[runner.mode_spec(upstream, listen)], connection_strategy="lazy")
+        if fast:
+            dispatch.use(m)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, m.shutdown)
