@@ -345,6 +345,13 @@ def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> 
     return replace(d, report=True, target=target, upstream_headers=identity_headers(d.identity))
 
 
+def _client_ip(policy: Policy, request: RequestView) -> str:
+    """The client's address for a request refused before it is looked at
+    (a 400): for the log and the watch, which counts such refusals too."""
+    header = policy.client_ip_header
+    return resolve(policy.trusted_proxies, request.peer, request.header_all(header), header).address
+
+
 def _early(policy: Policy, request: RequestView, d: Decision, rule: Rule | None = None) -> Decision:
     return _finish(policy, rule, d, request.target)
 
@@ -372,7 +379,13 @@ def prepare(
     if forged is not None:
         if t.on:
             t(f"header {forged[:60]!r} holds a control character: rejected")
-        return Decision(False, 400, BAD_HEADER, detail=f"control character in {forged[:60]}")
+        return Decision(
+            False,
+            400,
+            BAD_HEADER,
+            client_ip=_client_ip(policy, request),
+            detail=f"control character in {forged[:60]}",
+        )
     bad_host = (
         "more than one Host field"
         if hosts > 1
@@ -384,10 +397,18 @@ def prepare(
     )
     if bad_host:
         t(f"host: {bad_host}: rejected (RFC 9112 §3.2)")
-        return Decision(False, 400, BAD_HOST, detail=bad_host, trace=t.done())
+        ip_text = _client_ip(policy, request)
+        return Decision(False, 400, BAD_HOST, client_ip=ip_text, detail=bad_host, trace=t.done())
     if "@" in request.authority:
         t("the target carries userinfo: rejected")
-        d = Decision(False, 400, BAD_TARGET, detail="userinfo in the target", trace=t.done())
+        d = Decision(
+            False,
+            400,
+            BAD_TARGET,
+            client_ip=_client_ip(policy, request),
+            detail="userinfo in the target",
+            trace=t.done(),
+        )
         return _early(policy, request, d)
 
     # 1. The canonical path: the one we judge and the one we forward.
@@ -396,9 +417,9 @@ def prepare(
     except AmbiguousPath as e:
         if t.on:
             t(f"path {request.target[:200]!r} rejected: {e}")
-        return _early(
-            policy, request, Decision(False, 400, BAD_PATH, detail=str(e), trace=t.done())
-        )
+        ip_text = _client_ip(policy, request)
+        d = Decision(False, 400, BAD_PATH, client_ip=ip_text, detail=str(e), trace=t.done())
+        return _early(policy, request, d)
     if t.on:
         t(f"path {request.target[:200]!r} -> {path.path!r}")
 

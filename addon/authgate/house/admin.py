@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 Status = Callable[[], dict[str, Any]]
 Bans = Callable[[], list[dict[str, Any]]]
-Lift = Callable[[str], bool]
+Lift = Callable[[str], str | None]  # the key as lifted (canonical), None: no ban on it
 logger = logging.getLogger("authgate")
 
 
@@ -147,8 +147,8 @@ def _handler(
                 logger.error(f"authgate: admin: cannot lift the ban on {key!r}: {e}")
                 self._json(503, {"error": f"cannot lift the ban: {e}"})
                 return
-            if lifted:
-                self._json(200, {"lifted": key})
+            if lifted is not None:
+                self._json(200, {"lifted": lifted})
             else:
                 self._json(404, {"error": "no ban in force on this key", "key": key})
 

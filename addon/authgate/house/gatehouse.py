@@ -733,19 +733,19 @@ class Gatehouse:
             if ban.until > now
         ]
 
-    def lift_ban(self, key: str) -> bool:
+    def lift_ban(self, key: str) -> str | None:
         """Lift the ban on `key` here and in the shared store: from the admin
-        listener's thread. Whether one was in force. Raises StoreUnavailable,
-        TimeoutError."""
+        listener's thread. The key as lifted (`ban_key`), None when no ban
+        was in force on it. Raises StoreUnavailable, TimeoutError."""
         loop = self._loop
         if loop is None or loop.is_closed():
-            return self.bans.pop(ban_key(key), None) is not None
-        future = asyncio.run_coroutine_threadsafe(self.lift(key), loop)
-        return future.result(timeout=10)
+            key = ban_key(key)
+            return key if self.bans.pop(key, None) is not None else None
+        future = asyncio.run_coroutine_threadsafe(self.lift(ban_key(key)), loop)
+        return ban_key(key) if future.result(timeout=10) else None
 
     async def lift(self, key: str) -> bool:
-        """Lift the ban on `key` (see `lift_ban`)."""
-        key = ban_key(key)
+        """Lift the ban on `key` (as `ban_key` gives it); whether one was in force."""
         old = self.bans.pop(key, None)
         lifted = old is not None and old.until > self.clock()
         if self._meanwhile is not None:
