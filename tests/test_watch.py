@@ -760,3 +760,34 @@ def free_port() -> int:
     from test_startup import free_port as free
 
     return free()
+
+
+def test_the_example_policy_does_what_its_comment_says(token: Callable[..., str]) -> None:
+    from authgate.house.gatehouse import Gatehouse
+
+    house = Gatehouse()
+    house.load(str(POLICIES / "watch.yaml"), False, "")
+    policy = house.policy
+    assert policy is not None
+
+    def ask(path: str, peer: str, headers: list[tuple[str, str]]) -> tuple[int, list[str]]:
+        judged = house.judge_now(policy, RequestView.build("GET", path, headers, peer), time.time())
+        assert judged is not None
+        d, found = judged
+        return d.status, [f"{e.spec.name} {e.action}" for e in found]
+
+    # 20 paths it may not have, in a minute: banned for 10 minutes, on everything.
+    user = bearer(token(sub="alice", roles=["user"]))
+    probes = [ask(f"/admin/p{i}", "203.0.113.1", user) for i in range(20)]
+    assert probes == [(403, [])] * 19 + [(403, ["probing ban 600s"])]
+    assert ask("/health", "203.0.113.1", []) == (403, [])
+    assert ask("/api/things", "203.0.113.2", user) == (0, [])  # others go on
+    # 10 tokens that fail in 5 minutes: throttled for 5, the right one too.
+    bad = bearer(token(sub="alice")[:-4] + "AAAA")
+    guesses = [ask("/api/things", "203.0.113.3", bad) for _ in range(10)]
+    assert guesses == [(401, [])] * 9 + [(401, ["guessing throttle 300s"])]
+    assert ask("/api/things", "203.0.113.3", user) == (429, [])
+    assert [(b["key"], b["action"]) for b in house.list_bans()] == [
+        ("ip:203.0.113.1", "ban"),
+        ("ip:203.0.113.3", "throttle"),
+    ]
