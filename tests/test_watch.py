@@ -791,3 +791,34 @@ def test_the_example_policy_does_what_its_comment_says(token: Callable[..., str]
         ("ip:203.0.113.1", "ban"),
         ("ip:203.0.113.3", "throttle"),
     ]
+
+
+def test_with_workers_the_supervisor_lists_and_lifts_every_workers_bans(
+    tmp_path: Path, backend: Backend, demo_key: Any
+) -> None:
+    from test_production import run
+
+    policy = write_policy(tmp_path, ban="10m")
+    gateways: list[Any] = []
+    try:
+        g = run(gateways, tmp_path, "--policy", str(policy), "--upstream", backend.url,
+                "--workers", "2")  # fmt: skip
+        g.wait_ready()
+        # The memory store: each worker counts on its own; 60 probes, so that
+        # at least one worker sees 20 (the kernel spreads the connections).
+        for i in range(60):
+            send(g.address, "GET", f"/p{i}", source="127.0.0.2")
+
+        def listed() -> list[str]:
+            return [b["key"] for b in admin(g.admin, "GET", "/bans")[1]["bans"]]
+
+        wait_until(lambda: listed() == ["ip:127.0.0.2"], what="the ban in /bans")
+        assert admin(g.admin, "DELETE", "/bans/ip:127.0.0.9")[0] == 404
+        assert admin(g.admin, "DELETE", "/bans/ip:127.0.0.2") == (200, {"lifted": "ip:127.0.0.2"})
+        wait_until(lambda: listed() == [], what="every worker lifted it")
+        assert [send(g.address, "GET", "/health", source="127.0.0.2").status
+                for _ in range(10)] == [200] * 10  # fmt: skip
+        assert backend.seen and {s.target for s in backend.seen} == {"/health"}
+    finally:
+        for gw in gateways:
+            gw.stop()

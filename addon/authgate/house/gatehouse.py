@@ -119,6 +119,13 @@ def load_checked(path: str, keep_host_header: bool, mode: str = "") -> Policy:
     return policy
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def _ids(batch: int = 256) -> Callable[[], str]:
     """Request ids: 128 random bits as 32 hex digits, unguessable (a counter
     would tell every client how many requests the gateway serves). The
@@ -408,7 +415,11 @@ class Gatehouse:
 
     async def _watch(self) -> None:
         status_file = os.environ.get("AUTHGATE_STATUS_FILE")  # a worker of `--workers`
+        lifts = os.environ.get("AUTHGATE_LIFTS_FILE")  # the supervisor's DELETE /bans/KEY
+        read = _size(lifts) if lifts else 0  # lifts before this worker started are done
         while True:
+            if lifts:
+                read = await self._lift_from(lifts, read)
             if status_file:
                 try:
                     write_status(status_file, self.status())
@@ -680,6 +691,26 @@ class Gatehouse:
                     self._meanwhile.append((o.key, ban))
             events.append(WatchEvent(spec, o.key, c.count, ban, report))
         return tuple(events)
+
+    async def _lift_from(self, path: str, offset: int) -> int:
+        """Lift the bans the supervisor's file names past `offset` (one JSON
+        string a line); the offset read up to."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError as e:
+            logger.warning(f"authgate: cannot read the bans to lift: {e}")
+            return offset
+        end = data.rfind(b"\n") + 1  # whole lines only
+        for line in data[:end].splitlines():
+            try:
+                key = json.loads(line)
+                if isinstance(key, str):
+                    await self.lift(key)
+            except (ValueError, StoreUnavailable) as e:
+                logger.warning(f"authgate: cannot lift a ban ({line[:100]!r}): {e}")
+        return offset + end
 
     def _sweep_bans(self) -> None:
         """Forget the bans that have ended."""
