@@ -286,3 +286,25 @@ def test_two_gateways_on_one_redis_share_the_watch_and_its_bans(
     )
     assert admin(a.admin, "GET", "/bans") == (200, {"bans": []})
     assert "/admin/x" not in [s.target for s in backend.seen]
+
+
+def test_without_its_store_the_watch_counts_and_bans_in_the_gateway(
+    gateways: list[Gateway], tmp_path: Path, backend: Backend, demo_key: Any
+) -> None:
+    from test_startup import free_port
+
+    policy = tmp_path / "watch.yaml"
+    policy.write_text(POLICY)
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    g = run(gateways, tmp_path, "--policy", str(policy), "--upstream", backend.url,
+            "--store", nowhere)  # fmt: skip
+    g.wait_ready()
+    assert [send(g.address, "GET", f"/p{i}", source="127.0.0.2").status for i in range(20)] == [
+        404
+    ] * 20
+    assert send(g.address, "GET", "/health", source="127.0.0.2").status == 403
+    assert send(g.address, "GET", "/health", source="127.0.0.1").status == 200
+    assert [s.target for s in backend.seen] == ["/health"]
+    assert [(e["kind"], e["key"]) for e in watch_events(g)] == [("probing", "ip:127.0.0.2")]
+    wait_until(lambda: "the watch counts and bans in this process" in g.output())
+    assert g.output().count("the watch counts and bans in this process") == 1  # said once

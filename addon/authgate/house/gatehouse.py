@@ -60,6 +60,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # enforced here within about this long.
 BAN_SYNC_SECONDS = 0.5
 _FULL_SYNC_EVERY = 20  # polls; then the table is read whatever its version says
+MAX_STATUS_BANS = 1000  # bans in /status (and a worker's status file); /bans has all
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,7 @@ class Gatehouse:
         self._ban_version = ""
         self._ban_polls = 0
         self._meanwhile: list[tuple[str, Ban | None]] | None = None
+        self._watch_alone = False  # the shared store cannot answer: counting here
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics = Metrics(lambda: self.policy, lambda: self.bans)
         self.would_deny: dict[str, int] = {}
@@ -479,7 +481,7 @@ class Gatehouse:
             "reloads": self.reloads,
             "reload_error": self.reload_error,
             "would_deny": dict(sorted(self.would_deny.items())),
-            "bans": self.list_bans(),
+            "bans": self.list_bans()[:MAX_STATUS_BANS],
             **self.more_status(),
             "jwks": keys,
         }
@@ -663,8 +665,16 @@ class Gatehouse:
             try:
                 counted = await shared.watch(found, not policy.report)
             except StoreUnavailable as e:
-                self.metrics.store_errors.inc()
-                logger.warning(f"authgate: the watch counts in this process for now: {e}")
+                if not self._watch_alone:
+                    self._watch_alone = True
+                    logger.warning(
+                        f"authgate: the watch counts and bans in this process while the store "
+                        f"cannot answer ({e})"
+                    )
+            else:
+                if self._watch_alone:
+                    self._watch_alone = False
+                    logger.warning("authgate: the watch counts in the store again")
         if counted is None:
             counted = self.watching.count(found, time.monotonic())
         return self._events(policy, found, counted, now)
