@@ -542,7 +542,7 @@ def test_a_subject_probing_from_several_addresses_is_banned_where_it_is_known(
     tmp_path: Path,
     token: Callable[..., str],
 ) -> None:
-    gw = gateway(write_policy(tmp_path, ban="10m"))
+    gw = gateway(write_policy(tmp_path, ban="10m"), "authgate_admin=127.0.0.1:0")
     alice = bearer(token(sub="alice", roles=["user"]))
     statuses = [
         send(gw.address, "GET", f"/admin/x{i}", alice, source=f"127.0.0.{10 + i % 3}").status
@@ -561,10 +561,17 @@ def test_a_subject_probing_from_several_addresses_is_banned_where_it_is_known(
         send(gw.address, "GET", "/me", bearer(token(sub="bob")), source="127.0.0.20").status == 200
     )
     assert send(gw.address, "GET", "/nowhere", alice, source="127.0.0.20").status == 404
-    assert (
-        send(gw.address, "GET", "/health", source="127.0.0.10").status == 200
-    )  # the addresses are not banned
+    # The addresses are not banned.
+    assert send(gw.address, "GET", "/health", source="127.0.0.10").status == 200
     assert [s.target for s in backend.seen] == ["/me", "/health"]
+    # Lifted by the key /bans lists, its slashes percent-encoded.
+    assert gw.addon.house.admin is not None
+    port = gw.addon.house.admin.port
+    key = "sub:https://issuer.example:alice"
+    assert [b["key"] for b in admin(port, "GET", "/bans")[1]["bans"]] == [key]
+    lifted = admin(port, "DELETE", "/bans/sub:https:%2F%2Fissuer.example:alice")
+    assert lifted == (200, {"lifted": key})
+    assert send(gw.address, "GET", "/me", alice, source="127.0.0.20").status == 200
 
 
 def test_a_client_cycling_passwords_gets_429_with_retry_after(
