@@ -736,8 +736,9 @@ class Gatehouse:
         (or an admin lifts) holds here too."""
         while True:
             await asyncio.sleep(BAN_SYNC_SECONDS)
-            shared, policy = self.shared, self.policy
-            if shared is None or policy is None or not policy.watch:
+            shared = self.shared
+            # (No policy held across the sleep: it would keep an old one alive.)
+            if shared is None or self.policy is None or not self.policy.watch:
                 continue
             self._ban_polls += 1
             version = "" if self._ban_polls % _FULL_SYNC_EVERY == 0 else self._ban_version
