@@ -553,7 +553,9 @@ class Gatehouse:
             told, note = await self._count(policy, seen.hits, now)
             if told is not None:
                 decision = await self._again(policy, view, now, told)
-        events = await self._watch_denial(policy, decision, view.target, now)
+        events = ()
+        if not decision.allowed and policy.watch:  # allowed requests: not even a call
+            events = await self._watch_denial(policy, decision, view.target, now)
         return self._judged(decision, start), note, events
 
     def _judged(self, decision: Decision, start: float) -> Decision:
@@ -761,8 +763,11 @@ class Gatehouse:
             self._ban_version = table.version
 
     def list_bans(self) -> list[dict[str, Any]]:
-        """The bans in force, for the admin listener (any thread)."""
+        """The bans in force, for the admin listener (any thread): not ended,
+        and set by a watch the policy has (others are not enforced)."""
         now = self.clock()
+        policy = self.policy
+        names = policy.watch_names if policy is not None else frozenset()
         return [
             {
                 "key": key,
@@ -772,7 +777,7 @@ class Gatehouse:
                 "seconds_left": max(1, int(ban.until - now + 0.999)),
             }
             for key, ban in sorted(dict(self.bans).items())
-            if ban.until > now
+            if ban.until > now and ban.watch in names
         ]
 
     def lift_ban(self, key: str) -> str | None:
