@@ -345,11 +345,15 @@ def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> 
     return replace(d, report=True, target=target, upstream_headers=identity_headers(d.identity))
 
 
-def _client_ip(policy: Policy, request: RequestView) -> str:
+def _client_ip(policy: Policy, request: RequestView) -> str | None:
     """The client's address for a request refused before it is looked at
     (a 400): for the log and the watch, which counts such refusals too."""
     header = policy.client_ip_header
-    return resolve(policy.trusted_proxies, request.peer, request.header_all(header), header).address
+    try:
+        ip = resolve(policy.trusted_proxies, request.peer, request.header_all(header), header)
+    except ValueError:
+        return None  # not an address (a tool's made-up peer): the 400 all the same
+    return ip.address
 
 
 def _early(policy: Policy, request: RequestView, d: Decision, rule: Rule | None = None) -> Decision:
