@@ -512,6 +512,10 @@ def test_a_user_probing_30_admin_paths_is_banned_with_the_block_lists_403(
     )
     assert backend.seen == []
     assert send(gw.address, "GET", "/health", source="127.0.0.1").status == 200  # others go on
+    # `authgate.explain` (and the flow's content view) tell why.
+    gw.addon.explain([flows[25]])
+    assert "ip:127.0.0.2: banned by watch probing for another" in flows[25].comment
+    assert "=> 403 Forbidden   (reason banned, no rule; detail: probing)" in flows[25].comment
 
     # One event, in the decision log and the metrics.
     (event,) = events(tmp_path)

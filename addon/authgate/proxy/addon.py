@@ -231,7 +231,9 @@ class Gateway:
         # which names the last master made in the process).
         self.master = loader.master
         # The "authgate" content view in mitmweb and the console (proxy/views.py).
-        views.attach(self, lambda: self.policy, lambda: self.limiter, request_view)
+        views.attach(
+            self, lambda: self.policy, lambda: self.limiter, request_view, lambda: self.house.bans
+        )
         loader.add_option("authgate_policy", str, "", "The authgate policy file (YAML). Required.")
         loader.add_option(
             "authgate_log",
