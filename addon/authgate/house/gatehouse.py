@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -481,7 +483,7 @@ class Gatehouse:
             "reloads": self.reloads,
             "reload_error": self.reload_error,
             "would_deny": dict(sorted(self.would_deny.items())),
-            "bans": self.list_bans()[:MAX_STATUS_BANS],
+            "bans": self.list_bans(MAX_STATUS_BANS),
             **self.more_status(),
             "jwks": keys,
         }
@@ -762,22 +764,24 @@ class Gatehouse:
             self.bans = bans
             self._ban_version = table.version
 
-    def list_bans(self) -> list[dict[str, Any]]:
-        """The bans in force, for the admin listener (any thread): not ended,
-        and set by a watch the policy has (others are not enforced)."""
+    def list_bans(self, most: int | None = None) -> list[dict[str, Any]]:
+        """The bans in force by key (the first `most`), for the admin listener
+        (any thread): not ended, and set by a watch the policy has (others are
+        not enforced)."""
         now = self.clock()
         policy = self.policy
         names = policy.watch_names if policy is not None else frozenset()
+        live = ((k, b) for k, b in dict(self.bans).items() if b.until > now and b.watch in names)
+        chosen = sorted(live) if most is None else heapq.nsmallest(most, live)
         return [
             {
                 "key": key,
                 "action": ban.action,
                 "watch": ban.watch,
                 "until": round(ban.until, 3),
-                "seconds_left": max(1, int(ban.until - now + 0.999)),
+                "seconds_left": max(1, math.ceil(ban.until - now)),
             }
-            for key, ban in sorted(dict(self.bans).items())
-            if ban.until > now and ban.watch in names
+            for key, ban in chosen
         ]
 
     def lift_ban(self, key: str) -> str | None:
