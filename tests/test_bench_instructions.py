@@ -42,9 +42,7 @@ def test_report_states_the_goals_ratios(capsys: pytest.CaptureFixture[str]) -> N
     assert "authgate run / the lean master as shipped: x1.30" in out
 
 
-@pytest.mark.skipif(
-    shutil.which("callgrind_control") is None, reason="valgrind is not installed"
-)
+@pytest.mark.skipif(shutil.which("callgrind_control") is None, reason="valgrind is not installed")
 def test_counts_a_server_under_callgrind() -> None:
     out = subprocess.run(
         [

@@ -163,7 +163,9 @@ def test_an_addon_with_children_added_later_returns_the_master_to_the_walk() -> 
 
 def test_authgate_run_uses_it_and_mitmweb_does_not(tmp_path: Any) -> None:
     policy = tmp_path / "p.yaml"
-    policy.write_text("version: 1\nrules:\n  - name: all\n    match: {path: /**}\n    allow: anyone\n")
+    policy.write_text(
+        "version: 1\nrules:\n  - name: all\n    match: {path: /**}\n    allow: anyone\n"
+    )
 
     async def build(web: str | None) -> type:
         m = await runner.build(

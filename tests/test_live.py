@@ -401,8 +401,8 @@ class Recording(Gateway):
         super().__init__()
         self.flows: list[Any] = []
 
-    def _record(self, flow: Any, d: Any, without_store: str) -> None:
-        super()._record(flow, d, without_store)
+    def _record(self, flow: Any, d: Any, without_store: str, events: Any = ()) -> None:
+        super()._record(flow, d, without_store, events)
         self.flows.append(flow)
 
 

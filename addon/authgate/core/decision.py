@@ -18,9 +18,11 @@ report is what the gateway does, report mode included.
 from __future__ import annotations
 
 import functools
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from urllib.parse import quote, unquote_plus
 
 from authgate.core import conditions as c
@@ -39,7 +41,7 @@ from authgate.core.credentials import (
 )
 from authgate.core.identity import Identity
 from authgate.core.ipset import parse_ip
-from authgate.core.model import LimitSpec, Policy, Rule, challenges_for, normalize_host
+from authgate.core.model import Ban, LimitSpec, Policy, Rule, challenges_for, normalize_host
 from authgate.core.negotiation import is_browser_navigation
 from authgate.core.paths import AmbiguousPath, CanonicalPath, canonicalize
 from authgate.core.ratelimit import Limiter, Recorder, Store, Verdict
@@ -104,6 +106,9 @@ class Decision:
     # Report mode: a denial that is logged and counted, and the request
     # forwarded as if allowed (to `target`, with `upstream_headers`).
     report: bool = False
+    # The subject key (`sub:basic:USER`) that failed Basic credentials named,
+    # unproven: what a `watch:` keyed by subject counts a guess against.
+    claimed: str = ""
 
     @property
     def forwarded(self) -> bool:
@@ -141,6 +146,13 @@ FORBIDDEN = "forbidden"
 INSUFFICIENT_SCOPE = "insufficient_scope"
 HIDDEN = "hidden"
 ALLOWED = "allowed"
+# A watch's actions (`watch:`): the IP-blocklist 403, and a 429 with Retry-After.
+BANNED = "banned"
+THROTTLED = "throttled"
+
+# Bans by key (`ip:ADDRESS`, `sub:ISSUER:SUBJECT`): the gateway's table, read only.
+Bans = Mapping[str, Ban]
+NO_BANS: Bans = MappingProxyType({})
 
 
 class _Trace:
@@ -189,9 +201,37 @@ def _rate_limited(spec: LimitSpec, verdict: Verdict) -> tuple[tuple[str, str], .
     )
 
 
+def subject_key(issuer: str, subject: str) -> str:
+    """The key of a subject, for limits and watches: `sub:ISSUER:SUBJECT`."""
+    return f"sub:{issuer}:{subject}"
+
+
+def _in_force(policy: Policy, bans: Bans, key: str, now: float) -> Ban | None:
+    """The ban on `key` in force at `now`, if any: not ended, and set by a
+    watch the policy still has (a reload that removes a watch ends its bans)."""
+    ban = bans.get(key)
+    if ban is None or ban.until <= now or ban.watch not in policy.watch_names:
+        return None
+    return ban
+
+
+def _ban_answer(
+    ban: Ban, now: float, t: _Trace, key: str
+) -> tuple[int, str, tuple[tuple[str, str], ...]]:
+    """(status, reason, headers) of a ban: the IP-blocklist 403, or for a
+    throttle 429 with Retry-After the seconds left."""
+    left = max(1, math.ceil(ban.until - now))
+    if t.on:
+        done = "banned" if ban.action == "ban" else "throttled"
+        t(f"{key}: {done} by watch {ban.watch} for another {left} s")
+    if ban.action == "throttle":
+        return 429, THROTTLED, (("Retry-After", str(left)),)
+    return 403, BANNED, ()
+
+
 def _limit_key(spec: LimitSpec, request: RequestView, ip: ClientIP, who: Identity | None) -> str:
     if spec.key == "subject" and who is not None:
-        return f"sub:{who.issuer}:{who.subject}"
+        return subject_key(who.issuer, who.subject)
     if spec.key == "header" and spec.header is not None:
         value = request.header(spec.header)
         if value is not None:
@@ -297,6 +337,7 @@ class Prepared:
     malformed: bool  # Basic credentials that do not decode to user:password
     work: Work | None
     t: _Trace
+    bans: Bans = field(default_factory=lambda: NO_BANS)
 
 
 def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> Decision:
@@ -308,6 +349,17 @@ def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> 
         return d
     target = d.path.target if d.path is not None else raw_target
     return replace(d, report=True, target=target, upstream_headers=identity_headers(d.identity))
+
+
+def _client_ip(policy: Policy, request: RequestView) -> str | None:
+    """The client's address for a request refused before it is looked at
+    (a 400): for the log and the watch, which counts such refusals too."""
+    header = policy.client_ip_header
+    try:
+        ip = resolve(policy.trusted_proxies, request.peer, request.header_all(header), header)
+    except ValueError:
+        return None  # not an address (a tool's made-up peer): the 400 all the same
+    return ip.address
 
 
 def _early(policy: Policy, request: RequestView, d: Decision, rule: Rule | None = None) -> Decision:
@@ -322,9 +374,13 @@ def prepare(
     *,
     consume: bool = True,
     trace: bool = False,
+    bans: Bans = NO_BANS,
 ) -> Prepared | Decision:
     """Phase one: everything up to the credential. Consumes the IP limits
-    (unless `consume=False`). Returns an early Decision or a Prepared."""
+    (unless `consume=False`). Returns an early Decision or a Prepared.
+    `bans`: the watch's bans in force (the client's address is looked up
+    after the IP lists, a Basic credential's user before its password is
+    checked; `decide` looks up a verified subject)."""
     t = _Trace(True) if trace else _NO_TRACE
 
     # 0. Header fields that could carry a second, forged field; a target with
@@ -333,7 +389,13 @@ def prepare(
     if forged is not None:
         if t.on:
             t(f"header {forged[:60]!r} holds a control character: rejected")
-        return Decision(False, 400, BAD_HEADER, detail=f"control character in {forged[:60]}")
+        return Decision(
+            False,
+            400,
+            BAD_HEADER,
+            client_ip=_client_ip(policy, request),
+            detail=f"control character in {forged[:60]}",
+        )
     bad_host = (
         "more than one Host field"
         if hosts > 1
@@ -345,10 +407,18 @@ def prepare(
     )
     if bad_host:
         t(f"host: {bad_host}: rejected (RFC 9112 §3.2)")
-        return Decision(False, 400, BAD_HOST, detail=bad_host, trace=t.done())
+        ip_text = _client_ip(policy, request)
+        return Decision(False, 400, BAD_HOST, client_ip=ip_text, detail=bad_host, trace=t.done())
     if "@" in request.authority:
         t("the target carries userinfo: rejected")
-        d = Decision(False, 400, BAD_TARGET, detail="userinfo in the target", trace=t.done())
+        d = Decision(
+            False,
+            400,
+            BAD_TARGET,
+            client_ip=_client_ip(policy, request),
+            detail="userinfo in the target",
+            trace=t.done(),
+        )
         return _early(policy, request, d)
 
     # 1. The canonical path: the one we judge and the one we forward.
@@ -357,9 +427,9 @@ def prepare(
     except AmbiguousPath as e:
         if t.on:
             t(f"path {request.target[:200]!r} rejected: {e}")
-        return _early(
-            policy, request, Decision(False, 400, BAD_PATH, detail=str(e), trace=t.done())
-        )
+        ip_text = _client_ip(policy, request)
+        d = Decision(False, 400, BAD_PATH, client_ip=ip_text, detail=str(e), trace=t.done())
+        return _early(policy, request, d)
     if t.on:
         t(f"path {request.target[:200]!r} -> {path.path!r}")
 
@@ -388,9 +458,23 @@ def prepare(
             "ip: not on the block list; "
             + ("no allow list" if policy.allow is None else "on the allow list")
         )
+    ip_key = f"ip:{ip.address}"
+    if bans and (ban := _in_force(policy, bans, ip_key, now)) is not None:
+        # A banned address gets the block list's very 403 on everything.
+        status, reason, extra = _ban_answer(ban, now, t, ip_key)
+        d = Decision(
+            False,
+            status,
+            reason,
+            client_ip=ip.address,
+            path=path,
+            headers=extra,
+            detail=ban.watch,
+            trace=t.done(),
+        )
+        return _early(policy, request, d)
 
     # 3. Limits keyed by IP, before any signature is checked.
-    ip_key = f"ip:{ip.address}"
     for spec in policy.ip_limits:
         verdict = _limit(limiter, spec, ip_key, now, consume, t)
         if not verdict.allowed:
@@ -495,6 +579,17 @@ def prepare(
             policy, request, rule, ip, path, None, t,
             400, INVALID_REQUEST, detail=str(e), challenges=bad,
         )  # fmt: skip
+    if bans and presented is not None and presented.kind == BASIC:
+        # The user a password is tried for: a throttled or banned one is
+        # answered before the password is checked (a right guess would
+        # otherwise show as an answer other than the throttle's).
+        claimed = subject_key(BASIC, presented.value.partition(":")[0])
+        if (ban := _in_force(policy, bans, claimed, now)) is not None:
+            status, reason, extra = _ban_answer(ban, now, t, claimed)
+            return _denial(
+                policy, request, rule, ip, path, presented, t,
+                status, reason, headers=extra, detail=ban.watch,
+            )  # fmt: skip
     return Prepared(
         policy,
         request,
@@ -506,6 +601,7 @@ def prepare(
         malformed is not None,
         policy.verifiers[presented.kind].slow_work(presented, now) if presented else None,
         t,
+        bans,
     )
 
 
@@ -524,6 +620,7 @@ def _denial(
     challenges: tuple[Challenge, ...] = (),
     headers: tuple[tuple[str, str], ...] = (),
     detail: str = "",
+    claimed: str = "",
 ) -> Decision:
     """A denial by a rule: a hidden rule answers as an unknown path."""
     if rule.hide:
@@ -538,6 +635,7 @@ def _denial(
             path=path,
             detail=reason,
             trace=t.done(),
+            claimed=claimed,
         )
     else:
         d = Decision(
@@ -553,6 +651,7 @@ def _denial(
             detail=detail,
             via=presented.via if presented is not None else None,
             trace=t.done(),
+            claimed=claimed,
         )
     return _finish(policy, rule, d, request.target)
 
@@ -618,11 +717,13 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                     detail=outcome.code,
                     challenges=challenges_for(policy, rule, bearer),
                 )
+            basic = presented.kind == BASIC
             return deny(
                 401,
                 INVALID_CREDENTIALS,
                 detail=outcome.code,
                 challenges=rule.challenges,
+                claimed=subject_key(BASIC, presented.value.partition(":")[0]) if basic else "",
             )
         who = outcome.identity
         assert who is not None
@@ -633,6 +734,12 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 else f" (from the {presented.via})"
             )
             t(f"credentials: {verifier.label} for {who.subject!r} from {who.issuer}{where}")
+        bans = p.bans
+        if bans:
+            key = subject_key(who.issuer, who.subject)
+            if (ban := _in_force(policy, bans, key, now)) is not None:
+                status, reason, extra = _ban_answer(ban, now, t, key)
+                return deny(status, reason, identity=who, headers=extra, detail=ban.watch)
     if not rule.allow.holds(who, params):
         if t.on:
             t(f"condition: {describe(rule.allow, who, params)} is false")
@@ -706,9 +813,14 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
 
 
 def _both(
-    policy: Policy, request: RequestView, now: float, limiter: Limiter, trace: bool
+    policy: Policy,
+    request: RequestView,
+    now: float,
+    limiter: Limiter,
+    trace: bool,
+    bans: Bans = NO_BANS,
 ) -> Decision:
-    prepared = prepare(policy, request, now, limiter, trace=trace)
+    prepared = prepare(policy, request, now, limiter, trace=trace, bans=bans)
     if isinstance(prepared, Decision):
         return prepared
     return decide(prepared, now, limiter)
@@ -722,6 +834,7 @@ def judge(
     *,
     consume: bool = True,
     trace: bool = False,
+    bans: Bans = NO_BANS,
 ) -> Decision:
     """Both phases in one call, for callers whose slow work is done inline
     (a password check blocks; remote keys were fetched beforehand).
@@ -731,13 +844,13 @@ def judge(
     once (nothing counted if one refuses), and only if one refuses, or a trace
     is wanted, is the request judged again with the store's verdicts."""
     seen = Recorder()
-    d = _both(policy, request, now, seen, False)
+    d = _both(policy, request, now, seen, False, bans)
     if not seen.hits:
-        return _both(policy, request, now, seen, True) if trace else d
+        return _both(policy, request, now, seen, True, bans) if trace else d
     verdicts = store.hit_all(seen.hits, now, consume)
     if not trace and all(v.allowed for v in verdicts):
         return d
-    return _both(policy, request, now, Recorder.told(seen.hits, verdicts), trace)
+    return _both(policy, request, now, Recorder.told(seen.hits, verdicts), trace, bans)
 
 
 def describe(cond: c.Condition, who: Identity | None, params: dict[str, str]) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from authgate.core.decision import Decision, RequestView, judge
+from authgate.core.decision import NO_BANS, Bans, Decision, RequestView, judge
 from authgate.core.ipset import normalize_ip
 from authgate.core.model import Policy
 from authgate.core.ratelimit import Store
@@ -125,12 +125,15 @@ def _about(d: Decision) -> str:
     return about
 
 
-def explain(policy: Policy, request: RequestView, now: float, limiter: Store) -> Explanation:
+def explain(
+    policy: Policy, request: RequestView, now: float, limiter: Store, bans: Bans = NO_BANS
+) -> Explanation:
     """Judge `request` as the gateway would at `now` and tell the story.
 
     `limiter`: the counters to read (the gateway's own inside mitmproxy; a
-    fresh store from the command line). Nothing is counted."""
-    d = judge(policy, request, now, limiter, consume=False, trace=True)
+    fresh store from the command line), `bans` the watch's bans in force
+    (the gateway's own). Nothing is counted."""
+    d = judge(policy, request, now, limiter, consume=False, trace=True, bans=bans)
     lines = [f"{request.method} {request.target}"]
     lines += [f"  {name}: {redact(name, value)}" for name, value in request.headers]
     if request.host is not None:

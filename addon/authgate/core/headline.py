@@ -15,6 +15,7 @@ from authgate.core.decision import (
     BAD_HOST,
     BAD_PATH,
     BAD_TARGET,
+    BANNED,
     FORBIDDEN,
     HIDDEN,
     INSUFFICIENT_SCOPE,
@@ -29,6 +30,7 @@ from authgate.core.decision import (
     NO_RULE,
     PREFLIGHT,
     RATE_LIMITED,
+    THROTTLED,
     Decision,
 )
 from authgate.core.identity import Identity
@@ -87,6 +89,8 @@ def _why(d: Decision, policy: Policy | None) -> str:
         return f"no scope {d.detail}"
     if reason == HIDDEN:
         return "hidden"  # what it hid (forbidden, 401...) is on the line below
+    if reason in (BANNED, THROTTLED):
+        return f"{reason} by {d.detail}" if d.detail else reason  # `403 banned by probing`
     if reason in (IP_BLOCKED, IP_NOT_ALLOWED) and d.client_ip:
         return f"{_WORDS[reason]} {d.client_ip}"
     if reason == FORBIDDEN and policy is not None and d.rule and d.path is not None:

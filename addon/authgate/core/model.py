@@ -113,6 +113,50 @@ class LimitSpec:
         object.__setattr__(self, "limiter_id", ident)
 
 
+# What a watch counts (see core/watch.py), the keys it counts by, and what it does.
+WATCH_COUNTS = ("denials", "denied_paths", "failed_credentials")
+WATCH_KEYS = ("ip", "subject")
+WATCH_ACTIONS = ("ban", "throttle", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    """One `watch:` entry: when `key` (a client address or a subject) reaches
+    `threshold` of what it `counts` within `window` seconds, an event, and
+    `action` for `duration` seconds (ban: the IP-blocklist 403 on everything;
+    throttle: 429 with Retry-After; none: the event alone)."""
+
+    name: str
+    key: str  # WATCH_KEYS
+    counts: str  # WATCH_COUNTS
+    threshold: int
+    window: int  # seconds
+    action: str  # WATCH_ACTIONS
+    duration: int  # seconds; 0 for action "none"
+    line: int
+    # Counts survive a reload while these are unchanged (as limiter_id).
+    watch_id: str = ""
+
+    def __post_init__(self) -> None:
+        ident = f"{self.name}|{self.key}|{self.counts}|{self.threshold}|{self.window}"
+        object.__setattr__(self, "watch_id", ident)
+
+    @property
+    def acts(self) -> str:
+        """The action as the event says it: `ban 600s`, `throttle 300s` or `none`."""
+        return "none" if self.action == "none" else f"{self.action} {self.duration}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """A watch's action on one key (`ip:ADDRESS` or `sub:ISSUER:SUBJECT`),
+    in force until `until` (the gateway's clock, seconds)."""
+
+    action: str  # "ban" or "throttle"
+    watch: str  # the name of the watch that set it
+    until: float
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     name: str
@@ -161,6 +205,8 @@ class Policy:
     strip_headers_line: int = 0  # where the policy changes that list (0: it does not)
     # The deployment's override of every mode (`--set authgate_mode`): "" none.
     mode_override: str = ""
+    # Thresholds over sliding windows, with their actions (`watch:`).
+    watch: tuple[WatchSpec, ...] = ()
     # The policy's own `tests:` as read (value, line), for the tools; never the gateway's.
     tests_raw: tuple[Any, int] | None = field(default=None, compare=False, repr=False)
     # Derived at construction: global limits checked before / after credentials.
@@ -192,6 +238,8 @@ class Policy:
     # authn.mtls.required: the 401 challenges of a request without a valid
     # client certificate, answered before any rule; () when not required.
     cert_required: tuple[Challenge, ...] = field(default=(), init=False, compare=False, repr=False)
+    # The names of the watches: a ban set by a watch that is gone is not enforced.
+    watch_names: frozenset[str] = field(default=frozenset(), init=False, compare=False)
     # Every limit by its limiter_id (what a store's outage policy is read from).
     limit_specs: dict[str, LimitSpec] = field(
         default_factory=dict, init=False, compare=False, repr=False
@@ -227,6 +275,7 @@ class Policy:
             mode = self.mode_override or rule.mode or self.mode
             object.__setattr__(rule, "report", mode == "report")
         object.__setattr__(self, "report", (self.mode_override or self.mode) == "report")
+        object.__setattr__(self, "watch_names", frozenset(w.name for w in self.watch))
         specs = {x.limiter_id: x for x in self.limits}
         specs.update((x.limiter_id, x) for r in self.rules for x in r.limits)
         object.__setattr__(self, "limit_specs", specs)

@@ -6,6 +6,9 @@ load balancer, an orchestrator and Prometheus ask a gateway.
               keys, and the gateway is not draining; 503 with the reasons else
     /metrics  Prometheus text (every worker's, with `--workers`)
     /status   JSON: policy, load time, last reload error, store, workers
+    /bans     JSON: the watch's bans in force (GET); DELETE /bans/KEY lifts
+              the ban on KEY (`ip:ADDRESS` or `sub:ISSUER:SUBJECT`,
+              percent-encoded as a path segment): 200, or 404 when none
 
 It runs in its own thread (a slow scraper never holds up the event loop) and
 reads state through two callables, so the same server answers for one
@@ -17,16 +20,21 @@ tells more than a client should know.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 Status = Callable[[], dict[str, Any]]
+Bans = Callable[[], list[dict[str, Any]]]
+Lift = Callable[[str], str | None]  # the key as lifted (canonical), None: no ban on it
+logger = logging.getLogger("authgate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +60,11 @@ class AdminServer:
         status: Status,
         ready: Callable[[], Readiness],
         metrics: Callable[[], bytes],
+        bans: Bans | None = None,
+        lift: Lift | None = None,
     ) -> None:
         host, port = parse_address(address)
-        handler = _handler(status, ready, metrics)
+        handler = _handler(status, ready, metrics, bans, lift)
         self._server = (_Server6 if ":" in host else _Server)((host, port), handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="authgate-admin", daemon=True
@@ -81,7 +91,11 @@ class _Server6(_Server):
 
 
 def _handler(
-    status: Status, ready: Callable[[], Readiness], metrics: Callable[[], bytes]
+    status: Status,
+    ready: Callable[[], Readiness],
+    metrics: Callable[[], bytes],
+    bans: Bans | None,
+    lift: Lift | None,
 ) -> type[BaseHTTPRequestHandler]:
     class Admin(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -100,19 +114,53 @@ def _handler(
                 self._send(200, metrics(), CONTENT_TYPE_LATEST)
             elif path == "/status":
                 self._json(200, status())
+            elif path == "/bans" and bans is not None:
+                self._json(200, {"bans": bans()})
             else:
                 self._json(404, {"error": "not found", "paths": ADMIN_PATHS})
 
         def do_HEAD(self) -> None:  # noqa: N802
             self.do_GET()
 
-        def _json(self, code: int, body: Any) -> None:
-            data = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
-            self._send(code, data, "application/json")
+        def do_DELETE(self) -> None:  # noqa: N802
+            # DELETE, not POST: a web page cannot send one across origins
+            # without a CORS preflight, which this listener never allows.
+            path = self.path.split("?", 1)[0]
+            if not path.startswith("/bans/") or lift is None:
+                self._json(405, {"error": "only DELETE /bans/KEY"}, allow="GET, HEAD")
+                return
+            length = self.headers.get("Content-Length", "0")
+            if length.isdigit() and 0 < int(length) <= 65536:
+                self.rfile.read(int(length))  # a body means nothing here
+            elif length != "0" or self.headers.get("Transfer-Encoding"):
+                self.close_connection = True  # not read: the connection cannot go on
+            try:
+                key = unquote(path[len("/bans/") :], errors="strict")
+            except UnicodeDecodeError:
+                key = ""
+            if not key:
+                self._json(400, {"error": "DELETE /bans/KEY, KEY as GET /bans lists it"})
+                return
+            try:
+                lifted = lift(key)
+            except Exception as e:  # noqa: BLE001 - any failure: say so, 503
+                logger.error(f"authgate: admin: cannot lift the ban on {key!r}: {e}")
+                self._json(503, {"error": f"cannot lift the ban: {e}"})
+                return
+            if lifted is not None:
+                self._json(200, {"lifted": lifted})
+            else:
+                self._json(404, {"error": "no ban in force on this key", "key": key})
 
-        def _send(self, code: int, body: bytes, content_type: str) -> None:
+        def _json(self, code: int, body: Any, allow: str = "") -> None:
+            data = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+            self._send(code, data, "application/json", allow)
+
+        def _send(self, code: int, body: bytes, content_type: str, allow: str = "") -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
+            if allow:
+                self.send_header("Allow", allow)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
@@ -125,4 +173,4 @@ def _handler(
     return Admin
 
 
-ADMIN_PATHS = ["/live", "/ready", "/metrics", "/status"]
+ADMIN_PATHS = ["/live", "/ready", "/metrics", "/status", "/bans"]

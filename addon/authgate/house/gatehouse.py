@@ -8,6 +8,8 @@ a door turns what arrives into a `RequestView`, asks `judge`, and turns the
 - judging with the rate-limit store (memory or shared) and the slow work a
   credential needs (bcrypt in a thread, a key fetch joined);
 - the decision log, the metrics, report-mode counts, request ids;
+- the watch (`watch:`): denials counted in the store, its events, and the
+  bans in force (a table in memory, kept in step with Redis when shared);
 - the requests in flight, draining, readiness, the admin listener, status.
 """
 
@@ -15,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import json
 import logging
+import math
 import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 from authgate.core.credentials import KeyFetch, PasswordCheck
@@ -33,9 +38,10 @@ from authgate.core.decision import (
     decide,
     prepare,
 )
-from authgate.core.ipset import parse_ip
-from authgate.core.model import Policy, credentials_in_clear
+from authgate.core.ipset import normalize_ip, parse_ip
+from authgate.core.model import Ban, Policy, WatchSpec, credentials_in_clear
 from authgate.core.ratelimit import ALLOWED, Hit, Recorder, Verdict
+from authgate.core.watch import Observation, observations, stronger
 from authgate.house.admin import AdminServer, Readiness
 from authgate.house.workers import write_status
 from authgate.policy.load import load_policy
@@ -43,7 +49,7 @@ from authgate.policy.marks import PolicyError
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
-from authgate.runtime.stores import MemoryStore, SharedStore, StoreUnavailable
+from authgate.runtime.stores import Counted, MemoryStore, MemoryWatch, SharedStore, StoreUnavailable
 
 logger = logging.getLogger("authgate")
 # The decision log's encoder: one line, keys in the entry's order.
@@ -51,6 +57,53 @@ _LINE = json.JSONEncoder(separators=(",", ":"))
 # A limit with `on_store_error: deny` while the shared store is away.
 STORE_DENIED = Verdict(False, 0, 1, 1)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# How often a gateway reads the bans from a shared store (one small script;
+# the whole table only when it changed): a ban set by another gateway is
+# enforced here within about this long.
+BAN_SYNC_SECONDS = 0.5
+_FULL_SYNC_EVERY = 20  # polls; then the table is read whatever its version says
+MAX_STATUS_BANS = 1000  # bans in /status (and a worker's status file); /bans has all
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """A key reached a watch's threshold: what the decision log and the
+    metrics say, and the flow's mark. `ban`: the ban in force on the key
+    after it (None: the watch acts not, or report mode)."""
+
+    spec: WatchSpec
+    key: str
+    count: int
+    ban: Ban | None
+    report: bool  # report mode: counted and told, never acted on
+
+    @property
+    def action(self) -> str:
+        """`ban 600s`, `throttle 300s` or `none`: what was done."""
+        return "none" if self.report else self.spec.acts
+
+    def text(self) -> str:
+        """One line for a flow's comment and the log."""
+        what = self.spec.counts.replace("_", " ")
+        done = (
+            f"would {self.spec.acts}" if self.report and self.spec.action != "none" else self.action
+        )
+        return (
+            f"watch {self.spec.name}: {self.key} reached {self.count} {what} "
+            f"in {self.spec.window}s: {done}"
+        )
+
+
+def ban_key(text: str) -> str:
+    """A key as the admin gives it: `ip:ADDRESS` in the canonical form of
+    the address (`ip:::ffff:10.0.0.1` is `ip:10.0.0.1`), else as it is."""
+    kind, sep, rest = text.partition(":")
+    if kind == "ip" and sep:
+        try:
+            return f"ip:{normalize_ip(rest)}"
+        except ValueError:
+            return text
+    return text
 
 
 # Why a door that does not ask for client certificates refuses authn.mtls.
@@ -80,6 +133,13 @@ def load_checked(
         # Rules that accept only certificates would answer 401 to everyone.
         raise PolicyError(policy.file, policy.mtls.line or None, f"authn.mtls: {no_client_certs}")
     return policy
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _ids(batch: int = 256) -> Callable[[], str]:
@@ -131,7 +191,17 @@ class Gatehouse:
         self.decided = 0  # decisions made by this process
         self.clock = clock
         self.fetcher = Fetcher()
-        self.metrics = Metrics(lambda: self.policy)
+        # The watch: bans in force by key (what the core reads), the windows
+        # when they are counted here, and while the table is being read from a
+        # shared store, the changes made meanwhile (replayed on the new table).
+        self.bans: dict[str, Ban] = {}
+        self.watching = MemoryWatch()
+        self._ban_version = ""
+        self._ban_polls = 0
+        self._meanwhile: list[tuple[str, Ban | None]] | None = None
+        self._watch_alone = False  # the shared store cannot answer: counting here
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics = Metrics(lambda: self.policy, lambda: self.bans)
         self.would_deny: dict[str, int] = {}
         self.loaded_at = 0.0
         self.reload_error: str | None = None
@@ -184,6 +254,7 @@ class Gatehouse:
 
             self.shared = RedisStore.from_url(url, timeout=timeout)
         self.store_url = url or "memory"
+        self._ban_version = ""  # read the new store's bans whole
         if old is not None:
             self._close_later(old)
 
@@ -193,8 +264,12 @@ class Gatehouse:
             self.admin.stop()
             self.admin = None
         if address:
-            self.admin = AdminServer(address, self.status, self.ready, self._metrics_text)
-            logger.info(f"authgate: admin on http://{address} (/live /ready /metrics /status)")
+            self.admin = AdminServer(
+                address, self.status, self.ready, self._metrics_text, self.list_bans, self.lift_ban
+            )
+            logger.info(
+                f"authgate: admin on http://{address} (/live /ready /metrics /status /bans)"
+            )
 
     def serve_metrics(self, address: str) -> None:
         """Prometheus metrics alone on HOST:PORT ('' stops). Raises OSError, ValueError."""
@@ -220,8 +295,13 @@ class Gatehouse:
                     f"{cost:02d}; set the password again with `htpasswd -B -C 10 FILE {user}`"
                 )
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._reloading = asyncio.Lock()
-        self._tasks = [loop.create_task(self._keep_keys_fresh()), loop.create_task(self._watch())]
+        self._tasks = [
+            loop.create_task(self._keep_keys_fresh()),
+            loop.create_task(self._watch()),
+            loop.create_task(self._keep_bans()),
+        ]
         if self.shared is not None:
             self._tasks.append(loop.create_task(self._say_store(self.shared)))
         return True
@@ -356,13 +436,18 @@ class Gatehouse:
 
     async def _watch(self) -> None:
         status_file = os.environ.get("AUTHGATE_STATUS_FILE")  # a worker of `--workers`
+        lifts = os.environ.get("AUTHGATE_LIFTS_FILE")  # the supervisor's DELETE /bans/KEY
+        read = _size(lifts) if lifts else 0  # lifts before this worker started are done
         while True:
+            if lifts:
+                read = await self._lift_from(lifts, read)
             if status_file:
                 try:
                     write_status(status_file, self.status())
                 except OSError as e:
                     logger.warning(f"authgate: cannot write the worker status: {e}")
             await asyncio.sleep(1.0)
+            self._sweep_bans()
             if not self.watch or not self._fingerprint:
                 continue
             now = await asyncio.to_thread(fingerprint, list(self._fingerprint))
@@ -415,22 +500,26 @@ class Gatehouse:
             "reloads": self.reloads,
             "reload_error": self.reload_error,
             "would_deny": dict(sorted(self.would_deny.items())),
+            "bans": self.list_bans(MAX_STATUS_BANS),
             **self.more_status(),
             "jwks": keys,
         }
 
     # --- judging ---------------------------------------------------------------------
 
-    def judge_now(self, policy: Policy, view: RequestView, now: float) -> Decision | None:
+    def judge_now(
+        self, policy: Policy, view: RequestView, now: float
+    ) -> tuple[Decision, tuple[WatchEvent, ...]] | None:
         """`judge` without waiting, for the common case: limits counted in this
         process's memory and no slow work (a cached token, an API key, no
         credentials). None: the request needs `judge`. The store is touched
-        only when the decision is returned."""
+        only when the decision is returned. With the watch's events."""
         if self.shared is not None:
             return None
         start = time.perf_counter()
         seen = Recorder()
-        first = prepare(policy, view, now, seen)
+        bans = self.bans
+        first = prepare(policy, view, now, seen, bans=bans)
         if isinstance(first, Decision):
             decision = first
         elif first.work is not None:
@@ -440,21 +529,31 @@ class Gatehouse:
         if seen.hits:
             told = self._told(seen.hits, self.limiter.hit_all(seen.hits, now, True))
             if told is not None:
-                again = prepare(policy, view, now, told)
+                again = prepare(policy, view, now, told, bans=bans)
                 # No slow work the first pass did not find done.
                 decision = again if isinstance(again, Decision) else decide(again, now, told)
-        return self._judged(decision, start)
+        events: tuple[WatchEvent, ...] = ()
+        if not decision.allowed and policy.watch:
+            found = observations(policy, decision, view.target, new_request_id)
+            if found:
+                counted = self.watching.count(found, time.monotonic())
+                events = self._events(policy, found, counted, now)
+        return self._judged(decision, start), events
 
-    async def judge(self, policy: Policy, view: RequestView, now: float) -> tuple[Decision, str]:
+    async def judge(
+        self, policy: Policy, view: RequestView, now: float
+    ) -> tuple[Decision, str, tuple[WatchEvent, ...]]:
         """Judge a request; its rate limits are counted in one step at the end,
         all or nothing, by the store (one round trip to a shared one). The core
         first judges as if every limit allowed, noting the limits it asks
         about; only when the store denies one does it judge again with the
-        store's verdicts, so the 429 is the core's. Returns the decision and,
-        when a shared store could not answer, what stood in for it."""
+        store's verdicts, so the 429 is the core's. Returns the decision,
+        when a shared store could not answer what stood in for it, and the
+        events of the watch (a denial counted to a threshold)."""
         start = time.perf_counter()
         seen = Recorder()
-        first = prepare(policy, view, now, seen)
+        first = prepare(policy, view, now, seen, bans=self.bans)
+        note = ""
         if isinstance(first, Decision):
             decision = first
         else:
@@ -465,15 +564,18 @@ class Gatehouse:
                     told, note = await self._count(policy, seen.hits, now, consume=False)
                     if told is not None:
                         again = await self._again(policy, view, now, told)
-                        return self._judged(again, start), note
+                        events = await self._watch_denial(policy, again, view.target, now)
+                        return self._judged(again, start), note, events
                 await self._slow_work(first)
             decision = decide(first, self.clock(), seen)
-        note = ""
         if seen.hits:
             told, note = await self._count(policy, seen.hits, now)
             if told is not None:
                 decision = await self._again(policy, view, now, told)
-        return self._judged(decision, start), note
+        events = ()
+        if not decision.allowed and policy.watch:  # allowed requests: not even a call
+            events = await self._watch_denial(policy, decision, view.target, now)
+        return self._judged(decision, start), note, events
 
     def _judged(self, decision: Decision, start: float) -> Decision:
         self.metrics.decision_seconds.observe(time.perf_counter() - start)
@@ -492,7 +594,7 @@ class Gatehouse:
         told: Recorder,
     ) -> Decision:
         """The decision with the store's verdicts (one of them a denial)."""
-        again = prepare(policy, view, now, told)
+        again = prepare(policy, view, now, told, bans=self.bans)
         if isinstance(again, Decision):
             return again
         if again.work is not None:
@@ -566,6 +668,163 @@ class Gatehouse:
             self.metrics.store_fallbacks.labels(mode).inc()
         return verdicts, ",".join(used)
 
+    # --- the watch -------------------------------------------------------------------
+
+    async def _watch_denial(
+        self, policy: Policy, d: Decision, raw_path: str, now: float
+    ) -> tuple[WatchEvent, ...]:
+        """Count a denial for the policy's watches (in the shared store, or
+        here when there is none or it cannot answer); the events it causes."""
+        if d.allowed or not policy.watch:
+            return ()
+        found = observations(policy, d, raw_path, new_request_id)
+        if not found:
+            return ()
+        counted: list[Counted] | None = None
+        shared = self.shared
+        if shared is not None:
+            try:
+                counted = await shared.watch(found, not policy.report)
+            except StoreUnavailable as e:
+                if not self._watch_alone:
+                    self._watch_alone = True
+                    logger.warning(
+                        f"authgate: the watch counts and bans in this process while the store "
+                        f"cannot answer ({e})"
+                    )
+            else:
+                if self._watch_alone:
+                    self._watch_alone = False
+                    logger.warning("authgate: the watch counts in the store again")
+        if counted is None:
+            counted = self.watching.count(found, time.monotonic())
+        return self._events(policy, found, counted, now)
+
+    def _events(
+        self, policy: Policy, found: tuple[Observation, ...], counted: list[Counted], now: float
+    ) -> tuple[WatchEvent, ...]:
+        """The events of the observations that reached their threshold, and
+        the bans they set (in this process's table; a shared store has set
+        them already, and says which is in force)."""
+        events: list[WatchEvent] = []
+        report = policy.report
+        for o, c in zip(found, counted, strict=True):
+            if not c.reached:
+                continue
+            spec = o.spec
+            ban: Ban | None = None
+            if not report and spec.action != "none":
+                ban = c.ban or stronger(
+                    self.bans.get(o.key), Ban(spec.action, spec.name, now + spec.duration)
+                )
+                self.bans[o.key] = ban
+                if self._meanwhile is not None:
+                    self._meanwhile.append((o.key, ban))
+            events.append(WatchEvent(spec, o.key, c.count, ban, report))
+        return tuple(events)
+
+    async def _lift_from(self, path: str, offset: int) -> int:
+        """Lift the bans the supervisor's file names past `offset` (one JSON
+        string a line); the offset read up to."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError as e:
+            logger.warning(f"authgate: cannot read the bans to lift: {e}")
+            return offset
+        end = data.rfind(b"\n") + 1  # whole lines only
+        for line in data[:end].splitlines():
+            try:
+                key = json.loads(line)
+                if isinstance(key, str):
+                    await self.lift(key)
+            except (ValueError, StoreUnavailable) as e:
+                logger.warning(f"authgate: cannot lift a ban ({line[:100]!r}): {e}")
+        return offset + end
+
+    def _sweep_bans(self) -> None:
+        """Forget the bans that have ended."""
+        now = self.clock()
+        ended = [k for k, b in self.bans.items() if b.until <= now]
+        for k in ended:
+            del self.bans[k]
+
+    async def _keep_bans(self) -> None:
+        """With a shared store and a policy that watches, read its bans every
+        BAN_SYNC_SECONDS (the whole table only when its version changed, and
+        every _FULL_SYNC_EVERY polls), so that a ban another gateway sets
+        (or an admin lifts) holds here too."""
+        while True:
+            await asyncio.sleep(BAN_SYNC_SECONDS)
+            shared = self.shared
+            # (No policy held across the sleep: it would keep an old one alive.)
+            if shared is None or self.policy is None or not self.policy.watch:
+                continue
+            self._ban_polls += 1
+            version = "" if self._ban_polls % _FULL_SYNC_EVERY == 0 else self._ban_version
+            self._meanwhile = []
+            try:
+                table = await shared.bans(version)
+            except StoreUnavailable:
+                continue  # the bans known here stay; the next poll tries again
+            finally:
+                meanwhile, self._meanwhile = self._meanwhile, None
+            if table is None:
+                continue
+            bans = table.bans
+            for key, ban in meanwhile:  # set or lifted here while the table was read
+                if ban is None:
+                    bans.pop(key, None)
+                else:
+                    bans[key] = stronger(bans.get(key), ban)
+            self.bans = bans
+            self._ban_version = table.version
+
+    def list_bans(self, most: int | None = None) -> list[dict[str, Any]]:
+        """The bans in force by key (the first `most`), for the admin listener
+        (any thread): not ended, and set by a watch the policy has (others are
+        not enforced)."""
+        now = self.clock()
+        policy = self.policy
+        names = policy.watch_names if policy is not None else frozenset()
+        live = ((k, b) for k, b in dict(self.bans).items() if b.until > now and b.watch in names)
+        chosen = sorted(live) if most is None else heapq.nsmallest(most, live)
+        return [
+            {
+                "key": key,
+                "action": ban.action,
+                "watch": ban.watch,
+                "until": round(ban.until, 3),
+                "seconds_left": max(1, math.ceil(ban.until - now)),
+            }
+            for key, ban in chosen
+        ]
+
+    def lift_ban(self, key: str) -> str | None:
+        """Lift the ban on `key` here and in the shared store: from the admin
+        listener's thread. The key as lifted (`ban_key`), None when no ban
+        was in force on it. Raises StoreUnavailable, TimeoutError."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            key = ban_key(key)
+            return key if self.bans.pop(key, None) is not None else None
+        future = asyncio.run_coroutine_threadsafe(self.lift(ban_key(key)), loop)
+        return ban_key(key) if future.result(timeout=10) else None
+
+    async def lift(self, key: str) -> bool:
+        """Lift the ban on `key` (as `ban_key` gives it); whether one was in force."""
+        old = self.bans.pop(key, None)
+        lifted = old is not None and old.until > self.clock()
+        if self._meanwhile is not None:
+            self._meanwhile.append((key, None))
+        if self.shared is not None:
+            lifted = await self.shared.lift(key) or lifted
+        if lifted:
+            logger.warning(f"authgate: the ban on {key} was lifted (admin)")
+            self._log_line({"time": round(time.time(), 3), "event": "lift", "key": key})
+        return lifted
+
     async def _slow_work(self, prepared: Prepared) -> None:
         """What the credential needs before `decide`: a bcrypt check (in a
         thread, two at a time), or a key fetch (joined, waited on at most
@@ -581,6 +840,11 @@ class Gatehouse:
 
     # --- the record ------------------------------------------------------------------
 
+    def _log_line(self, entry: dict[str, Any]) -> None:
+        """A line for the decision log (file, or the terminal log)."""
+        if self._log_file is not None:
+            self._log_file.write(_LINE.encode(entry) + "\n")
+
     def record(
         self,
         d: Decision,
@@ -588,8 +852,10 @@ class Gatehouse:
         method: str,
         raw_path: str,
         without_store: str = "",
+        events: tuple[WatchEvent, ...] = (),
     ) -> dict[str, Any]:
-        """Count the decision and log its line; the entry (for the door to keep)."""
+        """Count the decision and log its line, then the line of each event
+        of the watch it caused; the entry (for the door to keep)."""
         subject = d.identity.subject if d.identity is not None else None
         outcome = d.outcome
         entry: dict[str, Any] = {
@@ -619,5 +885,35 @@ class Gatehouse:
                 logger.warning(line)  # an authenticated caller was refused: worth a look
             elif self._log_terminal:
                 logger.info(line)
+        for event in events:
+            self._record_event(event, request_id, d)
         entry["forwarded"] = outcome != "deny"
         return entry
+
+    def _record_event(self, event: WatchEvent, request_id: str | None, d: Decision) -> None:
+        """A security event: always in the terminal log (a warning), in the
+        decision log when there is one, and counted."""
+        spec = event.spec
+        line: dict[str, Any] = {
+            "time": round(time.time(), 3),
+            "event": "watch",
+            "kind": spec.name,
+            "counts": spec.counts,
+            "key": event.key,
+            "count": event.count,
+            "window": spec.window,
+            "action": event.action,
+        }
+        if event.report and spec.action != "none":
+            line["would"] = spec.acts  # report mode: counted and told, never acted on
+        if event.ban is not None:
+            line["until"] = round(event.ban.until, 3)
+            if event.ban.watch != spec.name or event.ban.action != spec.action:
+                line["kept"] = f"{event.ban.action} by {event.ban.watch}"  # a stronger ban stays
+        line["request_id"] = request_id
+        line["client_ip"] = d.client_ip
+        text = _LINE.encode(line)
+        logger.warning(text)
+        if self._log_file is not None:
+            self._log_file.write(text + "\n")
+        self.metrics.watch_event(spec.name, "report" if event.report else spec.action)

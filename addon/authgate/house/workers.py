@@ -17,10 +17,13 @@ The supervisor (this process):
   worker, waits for them, and exits;
 - serves the admin listener for all (`--admin`): /metrics adds up every
   worker's metrics (prometheus-client's multiprocess mode, in a private
-  directory), /status lists the workers, /ready is 200 when all are ready.
+  directory), /status lists the workers, /ready is 200 when all are ready,
+  /bans lists every worker's bans and DELETE /bans/KEY has each of them
+  lift it (within a second: through a file they read).
 
 Workers learn their part from the environment: AUTHGATE_WORKER (index),
 AUTHGATE_STATUS_FILE (where the gateway writes its status every second),
+AUTHGATE_LIFTS_FILE (the keys whose bans to lift, one a line, appended),
 AUTHGATE_SHARE_PORT=1, PROMETHEUS_MULTIPROC_DIR.
 """
 
@@ -83,6 +86,8 @@ class Supervisor:
         metrics_dir = root / "metrics"
         metrics_dir.mkdir()
         self._metrics_dir = metrics_dir
+        self._lifts = root / "lifts"
+        self._lifts.touch()
         self.workers = [_Worker(i, root / f"worker-{i}.json") for i in range(self.count)]
         stop: list[int] = []
 
@@ -97,9 +102,11 @@ class Supervisor:
         server = None
         try:
             if self.admin:
-                server = AdminServer(self.admin, self.status, self.ready, self.metrics)
+                server = AdminServer(
+                    self.admin, self.status, self.ready, self.metrics, self.bans, self.lift
+                )
                 print(
-                    f"authgate: admin on http://{self.admin} (/live /ready /metrics /status)",
+                    f"authgate: admin on http://{self.admin} (/live /ready /metrics /status /bans)",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -140,6 +147,7 @@ class Supervisor:
         env.update(
             AUTHGATE_WORKER=str(w.index),
             AUTHGATE_STATUS_FILE=str(w.status_file),
+            AUTHGATE_LIFTS_FILE=str(self._lifts),
             AUTHGATE_SHARE_PORT="1",
             PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         )
@@ -248,6 +256,29 @@ class Supervisor:
                 why = "; ".join(st.get("not_ready") or ["not ready"])
                 reasons.append(f"worker {w['worker']}: {why}")
         return Readiness(not reasons, tuple(reasons))
+
+    def bans(self) -> list[dict[str, Any]]:
+        """Every worker's bans in force (from their status), one per key:
+        with the memory store each worker has its own, on Redis all the same."""
+        found: dict[str, dict[str, Any]] = {}
+        for w in self._statuses():
+            for ban in (w["status"] or {}).get("bans") or []:
+                known = found.get(ban["key"])
+                if known is None or ban["until"] > known["until"]:
+                    found[ban["key"]] = ban
+        return [found[k] for k in sorted(found)]
+
+    def lift(self, key: str) -> str | None:
+        """Have every worker lift the ban on `key` (each reads the file within
+        a second); the key, or None when no worker has a ban on it."""
+        from authgate.house.gatehouse import ban_key
+
+        key = ban_key(key)
+        if not any(b["key"] == key for b in self.bans()):
+            return None
+        with self._lifts.open("a") as f:
+            f.write(json.dumps(key) + "\n")
+        return key
 
     def metrics(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess

@@ -36,7 +36,17 @@ from authgate.core.credentials import (
 )
 from authgate.core.ipset import IPSet, cidr_key, parse_cidr, read_cidr_text
 from authgate.core.keyset import RemoteKeys, VerifyKey, check_url
-from authgate.core.model import TRUSTED_BY_BACKENDS, LimitSpec, Policy, Rule, normalize_host
+from authgate.core.model import (
+    TRUSTED_BY_BACKENDS,
+    WATCH_ACTIONS,
+    WATCH_COUNTS,
+    WATCH_KEYS,
+    LimitSpec,
+    Policy,
+    Rule,
+    WatchSpec,
+    normalize_host,
+)
 from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
 from authgate.core.tokens import (
@@ -62,6 +72,9 @@ _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
 
 # What a limit does while a shared store (Redis) cannot answer.
 STORE_ERROR_CHOICES = ("local", "deny", "allow")
+# A watch's bounds: a window remembers fewer than `threshold` members per key.
+MAX_THRESHOLD = 10_000
+MAX_WATCH_SECONDS = 7 * 86400  # a window or an action, at most a week
 
 
 logger = logging.getLogger("authgate")
@@ -263,6 +276,81 @@ class _Builder:
                 f"on_store_error must be local, deny or allow, not {on_error!r}",
             )
         return LimitSpec(name, key, header, rate, d.line, on_error)
+
+    def watch(self, top: MarkedDict) -> tuple[WatchSpec, ...]:
+        """`watch:`: a list of thresholds, each with its action."""
+        items = self.get(top, "watch", list, "the policy", MarkedList())
+        names: set[str] = set()
+        return tuple(
+            self.watch_entry(v, line, f"watch[{i}]", names)
+            for i, (v, line) in enumerate(
+                zip(items, getattr(items, "item_lines", []), strict=False)
+            )
+        )
+
+    def watch_entry(self, value: Any, line: int, where: str, names: set[str]) -> WatchSpec:
+        d = self.mapping(value, where, line)
+        self.keys(
+            d,
+            {"name", "key", "counts", "threshold", "window", "action", "for"},
+            where,
+            {"name", "key", "counts", "threshold", "window", "action"},
+        )
+        name = self.get(d, "name", str, where)
+        if not _LIMIT_NAME.match(name):
+            raise self.error(
+                self.line_of(d, "name"),
+                f"watch name {name!r} may hold only letters, digits and _ . : -",
+            )
+        if name in names:
+            raise self.error(self.line_of(d, "name"), f"duplicate watch name {name!r}")
+        names.add(name)
+        where = f"watch {name!r}"
+
+        def choice(key: str, choices: tuple[str, ...]) -> str:
+            value = self.get(d, key, str, where)
+            if value not in choices:
+                known = (
+                    " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
+                )
+                raise self.error(
+                    self.line_of(d, key), f"{where}: {key} must be {known}, not {value!r}"
+                )
+            return str(value)
+
+        key = choice("key", WATCH_KEYS)
+        counts = choice("counts", WATCH_COUNTS)
+        threshold = d["threshold"]
+        if type(threshold) is not int or not 1 <= threshold <= MAX_THRESHOLD:
+            raise self.error(
+                self.line_of(d, "threshold"),
+                f"{where}: threshold must be a whole number from 1 to {MAX_THRESHOLD}, "
+                f"not {threshold!r}",
+            )
+
+        def seconds(key: str) -> int:
+            value = self.duration(d[key], self.line_of(d, key), f"{where}.{key}")
+            if not 1 <= value <= MAX_WATCH_SECONDS:
+                raise self.error(
+                    self.line_of(d, key), f"{where}: {key} must be from 1s to 7d, not {d[key]!r}"
+                )
+            return int(value)
+
+        window = seconds("window")
+        action = choice("action", WATCH_ACTIONS)
+        if action == "none":
+            if "for" in d:
+                raise self.error(
+                    self.line_of(d, "for"), f"{where}: action none lasts no time; drop `for`"
+                )
+            duration = 0
+        elif "for" not in d:
+            raise self.error(
+                self.line_of(d, "action"), f"{where}: action {action} needs `for` (say, for: 10m)"
+            )
+        else:
+            duration = seconds("for")
+        return WatchSpec(name, key, counts, threshold, window, action, duration, d.line)
 
     def limits(self, d: MarkedDict, key: str, where: str) -> tuple[LimitSpec, ...]:
         items = self.get(d, key, list, where, MarkedList())
@@ -768,6 +856,7 @@ class _Builder:
             "login_url",
             "mode",
             "tests",
+            "watch",
         }
         self.keys(top, allowed, "the policy", {"version", "rules"})
         if type(top["version"]) is not int or top["version"] != 1:
@@ -894,6 +983,8 @@ class _Builder:
         )
         mode = attempt(lambda: self.mode(top, "the policy"), None)
         strip = attempt(lambda: self.strip_headers(top), frozenset(TRUSTED_BY_BACKENDS))
+        no_watch: tuple[WatchSpec, ...] = ()
+        watch = attempt(lambda: self.watch(top), no_watch)
         if problems:
             problems.sort(key=lambda e: (e.file != self.file, e.line or 0))
             problems[0].more = tuple(problems[1:])
@@ -921,6 +1012,7 @@ class _Builder:
             strip_headers_line=self.line_of(top, "strip_headers") if "strip_headers" in top else 0,
             files=tuple(dict.fromkeys(self.files)),
             uses_host=any(r.host is not None for r in rules),
+            watch=watch,
             tests_raw=tests,
         )
 

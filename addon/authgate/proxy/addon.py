@@ -26,7 +26,7 @@ from authgate.core.ipset import normalize_ip, parse_ip
 from authgate.core.model import CERT_HEADERS, IDENTITY_HEADERS, Policy, Rule
 from authgate.core.responses import Rendered, challenge, render, render_error
 from authgate.house.admin import Readiness
-from authgate.house.gatehouse import Gatehouse, request_id
+from authgate.house.gatehouse import Gatehouse, WatchEvent, request_id
 from authgate.policy.marks import PolicyError
 from authgate.proxy import backend_lint as upstream_lint
 from authgate.proxy import views
@@ -45,6 +45,7 @@ EXPLAINED = "\n\n-- authgate.explain --\n"  # what follows a flow's decision lin
 DENIED_MARKER = ":heavy_multiplication_x:"
 WOULD_DENY_MARKER = ":warning:"
 LINT_MARKER = ":bangbang:"
+WATCH_MARKER = ":crossed_swords:"  # ⚔: the flow that took a key to a watch's threshold
 
 
 # The Host the client sent, noted by the guard (proxy/guard.py) on the request
@@ -234,7 +235,9 @@ class Gateway:
         # which names the last master made in the process).
         self.master = loader.master
         # The "authgate" content view in mitmweb and the console (proxy/views.py).
-        views.attach(self, lambda: self.policy, lambda: self.limiter, request_view)
+        views.attach(
+            self, lambda: self.policy, lambda: self.limiter, request_view, lambda: self.house.bans
+        )
         loader.add_option("authgate_policy", str, "", "The authgate policy file (YAML). Required.")
         loader.add_option(
             "authgate_log",
@@ -404,8 +407,8 @@ class Gateway:
                 return
             view = request_view(flow)
             setattr(flow, views.JUDGED, view)  # for the content view: as judged
-            decision, without_store = await house.judge(policy, view, self.clock())
-            self._apply(flow, policy, view, decision, without_store)
+            decision, without_store, events = await house.judge(policy, view, self.clock())
+            self._apply(flow, policy, view, decision, without_store, events)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             logger.exception("authgate: error while judging a request; answering 500")
             self._fail(flow, 500, "internal_error")
@@ -450,7 +453,7 @@ class Gateway:
         for f in flows:
             if isinstance(f, http.HTTPFlow):
                 view = request_view(f)
-                told = explain_request(policy, view, self.clock(), self.limiter)
+                told = explain_request(policy, view, self.clock(), self.limiter, self.house.bans)
                 text = told.text().rstrip("\n")
                 decided = f.comment.split(EXPLAINED, 1)[0].rstrip("\n")
                 f.comment = f"{decided}{EXPLAINED}{text}"
@@ -478,6 +481,7 @@ class Gateway:
         view: RequestView,
         decision: Decision,
         without_store: str = "",
+        events: tuple[WatchEvent, ...] = (),
     ) -> None:
         if decision.forwarded:
             # Report mode too: forwarded as if allowed, and nothing of the
@@ -490,7 +494,7 @@ class Gateway:
                 decision, policy.realm, flow.request.method, accept=accept, request_id=rid
             )
             _respond(flow, rendered)
-        self._record(flow, decision, without_store)
+        self._record(flow, decision, without_store, events)
 
     def _forward(self, flow: http.HTTPFlow, policy: Policy, peer: str, d: Decision) -> None:
         req = flow.request
@@ -559,9 +563,17 @@ class Gateway:
         fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
         req.headers.fields = tuple(fields)
 
-    def _record(self, flow: http.HTTPFlow, d: Decision, without_store: str) -> None:
+    def _record(
+        self,
+        flow: http.HTTPFlow,
+        d: Decision,
+        without_store: str,
+        events: tuple[WatchEvent, ...] = (),
+    ) -> None:
         rid = flow.metadata.get(REQUEST_ID_KEY)
-        entry = self.house.record(d, rid, flow.request.method, flow.request.path, without_store)
+        entry = self.house.record(
+            d, rid, flow.request.method, flow.request.path, without_store, events
+        )
         flow.metadata[METADATA_KEY] = entry
         rule = f" by rule {d.rule}" if d.rule else ""
         outcome = d.outcome
@@ -578,6 +590,11 @@ class Gateway:
         else:
             flow.comment = f"{head}\nauthgate: {d.status}{rule} ({d.reason})"
             flow.marked = DENIED_MARKER
+        if events:
+            # A security event: this request took a key to a watch's threshold.
+            flow.comment += "".join(f"\nauthgate {e.text()}" for e in events)
+            flow.marked = WATCH_MARKER
+            entry["watch"] = [e.spec.name for e in events]
 
     def _lint(self, flow: http.HTTPFlow, entry: dict[str, Any], repair: bool) -> None:
         response = flow.response

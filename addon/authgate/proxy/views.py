@@ -24,7 +24,7 @@ from mitmproxy import contentviews, http
 from mitmproxy import flow as mflow
 
 from authgate.core.credentials import API_KEY, BASIC, JWT, MTLS, Ambiguous, find
-from authgate.core.decision import RequestView
+from authgate.core.decision import NO_BANS, Bans, RequestView
 from authgate.core.explanation import explain
 from authgate.core.model import Policy
 from authgate.core.ratelimit import Store
@@ -63,6 +63,7 @@ class Source:
         self.policy: Callable[[], Policy | None] = lambda: None
         self.limiter: Callable[[], Store] | None = None
         self.fallback: Callable[[http.HTTPFlow], RequestView] | None = None
+        self.bans: Callable[[], Bans] = lambda: NO_BANS
 
 
 SOURCE = Source()
@@ -95,6 +96,7 @@ def describe(
     policy: Policy | None,
     limiter: Store | None,
     fallback: Callable[[http.HTTPFlow], RequestView],
+    bans: Bans = NO_BANS,
 ) -> str:
     """The whole view as text."""
     lines: list[str] = []
@@ -112,7 +114,7 @@ def describe(
     else:
         when = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         lines += ["", f"steps (judged again as of the request's time, {when}; limits read)"]
-        told = explain(policy, request, now, limiter)
+        told = explain(policy, request, now, limiter, bans)
         # The explanation starts with the request's headers (shown in mitmweb
         # already, credentials in part): the steps and the outcome only.
         blank = told.lines.index("") if "" in told.lines else 0
@@ -220,7 +222,7 @@ def _render(f: mflow.Flow | None) -> str:
         raise ValueError("authgate: not an HTTP flow")
     if SOURCE.limiter is None or SOURCE.fallback is None:
         raise ValueError("authgate: the gateway is not loaded")
-    return describe(f, SOURCE.policy(), SOURCE.limiter(), SOURCE.fallback)
+    return describe(f, SOURCE.policy(), SOURCE.limiter(), SOURCE.fallback, SOURCE.bans())
 
 
 def _priority(f: mflow.Flow | None, message: Any) -> float:
@@ -282,11 +284,12 @@ def attach(
     policy: Callable[[], Policy | None],
     limiter: Callable[[], Store],
     fallback: Callable[[http.HTTPFlow], RequestView],
+    bans: Callable[[], Bans] = lambda: NO_BANS,
 ) -> None:
     """Register the view (once per process) and point it at `owner`'s gateway."""
     global _registered
-    SOURCE.owner, SOURCE.policy, SOURCE.limiter, SOURCE.fallback = (
-        owner, policy, limiter, fallback,
+    SOURCE.owner, SOURCE.policy, SOURCE.limiter, SOURCE.fallback, SOURCE.bans = (
+        owner, policy, limiter, fallback, bans,
     )  # fmt: skip
     if _registered is not None:
         return
@@ -304,6 +307,7 @@ def detach(owner: object) -> None:
     if SOURCE.owner is not owner:
         return  # another gateway attached since
     SOURCE.owner, SOURCE.policy, SOURCE.limiter, SOURCE.fallback = None, lambda: None, None, None
+    SOURCE.bans = lambda: NO_BANS
     if not _NEW_API and _registered is not None:
         contentviews.remove(_registered)
         _registered = None

@@ -4,14 +4,14 @@ one process (the tests run many)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from authgate.core.model import Policy
+from authgate.core.model import Ban, Policy
 
 
 class _KeySets(Collector):
@@ -41,8 +41,30 @@ class _KeySets(Collector):
         yield keys
 
 
+class _Bans(Collector):
+    """The watch's bans in force, by action, read from the table at scrape time."""
+
+    def __init__(self, bans: Callable[[], Mapping[str, Ban]]) -> None:
+        self.bans = bans
+
+    def collect(self) -> Iterator[Any]:
+        gauge = GaugeMetricFamily(
+            "authgate_watch_bans", "Bans and throttles of the watch in force", labels=["action"]
+        )
+        counts = {"ban": 0, "throttle": 0}
+        for ban in list(self.bans().values()):
+            counts[ban.action] = counts.get(ban.action, 0) + 1
+        for action, n in sorted(counts.items()):
+            gauge.add_metric([action], n)
+        yield gauge
+
+
 class Metrics:
-    def __init__(self, policy: Callable[[], Policy | None]) -> None:
+    def __init__(
+        self,
+        policy: Callable[[], Policy | None],
+        bans: Callable[[], Mapping[str, Ban]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.decisions = Counter(
@@ -104,7 +126,16 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.watch_events = Counter(
+            "authgate_watch_events",
+            "Keys that reached a watch's threshold, by watch and action "
+            "(ban, throttle, none; report in report mode)",
+            ["watch", "action"],
+            registry=r,
+        )
         r.register(_KeySets(policy))
+        if bans is not None:
+            r.register(_Bans(bans))
         # Label children by their label values: looked up once, then reused
         # (a policy has few rules and reasons, so this stays small).
         self._decided: dict[tuple[str, str, str, str], Any] = {}
@@ -117,6 +148,9 @@ class Metrics:
         if child is None:
             child = self._decided[key] = self.decisions.labels(*key)
         child.inc()
+
+    def watch_event(self, watch: str, action: str) -> None:
+        self.watch_events.labels(watch, action).inc()
 
     def near_limit(self, limit_id: str) -> None:
         child = self._near.get(limit_id)

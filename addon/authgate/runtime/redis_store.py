@@ -58,8 +58,10 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from authgate.core.model import Ban
 from authgate.core.ratelimit import Hit, Rate, Verdict
-from authgate.runtime.stores import StoreUnavailable
+from authgate.core.watch import Observation
+from authgate.runtime.stores import BanTable, Counted, StoreUnavailable
 
 __all__ = ["Breaker", "RedisStore", "StoreURL", "StoreUnavailable", "parse_store_url", "store_key"]
 
@@ -118,6 +120,110 @@ if ok and consume then
   end
 end
 return out
+"""
+
+
+# The watch (`watch:`, core/watch.py): one script per denial counts all its
+# observations and sets what they call for, so that of several gateways
+# exactly one sees a key reach its threshold (one event, one ban).
+# KEYS: the bans (a sorted set: key -> end in µs), their details (a hash:
+# key -> "ACTION WATCH"), their version (a counter, incremented with every
+# change), then one window per observation (a sorted set: member -> last
+# seen in µs). ARGV[1]: the time in µs, or "" for Redis's clock; ARGV[2]:
+# "1" to act, "0" to count only (report mode); then per observation: member,
+# threshold, window (µs), action (ban, throttle or none), its length (µs),
+# the key it acts on, the watch's name.
+# Reply, per observation: count, reached (1/0), the ban in force on its key
+# ("ACTION WATCH", or "" when none was set), its µs left.
+_WATCH_SCRIPT = """
+local function int(x) return string.format('%d', x) end
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local act = ARGV[2] == '1'
+local out, changed = {}, false
+for i = 4, #KEYS do
+  local j = 3 + (i - 4) * 7
+  local key = KEYS[i]
+  local member, threshold, window = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  local action, length, target, name = ARGV[j + 3], tonumber(ARGV[j + 4]), ARGV[j + 5], ARGV[j + 6]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - window))
+  redis.call('ZADD', key, int(now), member)
+  local count = redis.call('ZCARD', key)
+  local ban, left = '', 0
+  if count >= threshold then
+    redis.call('DEL', key)
+    if act and action ~= 'none' then
+      local old_end = tonumber(redis.call('ZSCORE', KEYS[1], target) or '0')
+      local old = redis.call('HGET', KEYS[2], target) or ''
+      local old_action = string.match(old, '^(%S+)') or ''
+      if old_end > now and old_end >= now + length and (old_action == 'ban' or action ~= 'ban') then
+        ban, left = old, old_end - now
+      else
+        ban, left = action .. ' ' .. name, length
+        redis.call('ZADD', KEYS[1], int(now + length), target)
+        redis.call('HSET', KEYS[2], target, ban)
+        changed = true
+      end
+    end
+  else
+    redis.call('PEXPIRE', key, int(math.floor(window / 1000) + 1))
+  end
+  out[#out + 1] = int(count)
+  out[#out + 1] = count >= threshold and '1' or '0'
+  out[#out + 1] = ban
+  out[#out + 1] = int(left)
+end
+if changed then
+  for _, k in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', int(now))) do
+    redis.call('HDEL', KEYS[2], k)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now))
+  redis.call('INCR', KEYS[3])
+end
+return out
+"""
+
+# The bans in force, for a gateway's table. KEYS: bans, details, version.
+# ARGV[1]: the version the gateway has ("" for any); ARGV[2]: the time in µs
+# or "". Reply: version, now (µs), then per ban: key, end (µs), "ACTION WATCH";
+# only version and now when the version is the one the gateway has.
+_BANS_SCRIPT = """
+local now
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local at = string.format('%d', now)
+local version = redis.call('GET', KEYS[3]) or '0'
+local out = {version, at}
+if version == ARGV[1] then return out end
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. at, '+inf', 'WITHSCORES')
+for i = 1, #items, 2 do
+  out[#out + 1] = items[i]
+  out[#out + 1] = items[i + 1]
+  out[#out + 1] = redis.call('HGET', KEYS[2], items[i]) or ''
+end
+return out
+"""
+
+# Lift a ban. KEYS: bans, details, version; ARGV[1]: the key. Reply: 1 when a
+# ban in force was lifted, else 0.
+_LIFT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local old_end = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if removed > 0 then redis.call('INCR', KEYS[3]) end
+if old_end > now then return 1 end
+return 0
 """
 
 
@@ -203,6 +309,18 @@ def _escape(text: str) -> bytes:
 def store_key(prefix: str, limit_id: str, key: str) -> bytes:
     """The Redis key of one limit and subject: `{PREFIX}:LIMIT_ID:KEY`."""
     return b"{" + prefix.encode() + b"}:" + _escape(limit_id) + b":" + _escape(key)
+
+
+def watch_key(prefix: str, watch_id: str, key: str) -> bytes:
+    """The Redis key of one watch's window for one key: `{PREFIX}:watch:ID:KEY`
+    (one part more than any limit's key, so the two never meet)."""
+    return b"{" + prefix.encode() + b"}:watch:" + _escape(watch_id) + b":" + _escape(key)
+
+
+def _member(text: str) -> bytes:
+    """A window's member: a path, or a fresh id (long text as its digest)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    return raw if len(raw) <= _MAX_PART else b"%h" + hashlib.sha256(raw).hexdigest().encode()
 
 
 def _check_prefix(prefix: str) -> str:
@@ -334,6 +452,11 @@ class RedisStore:
         self.breaker = breaker or Breaker()
         self.where = where  # the URL without its password, for messages
         self._script = client.register_script(_SCRIPT)
+        self._watch_script = client.register_script(_WATCH_SCRIPT)
+        self._bans_script = client.register_script(_BANS_SCRIPT)
+        self._lift_script = client.register_script(_LIFT_SCRIPT)
+        brace = b"{" + self.prefix.encode() + b"}:watch:"
+        self._ban_keys = [brace + b"bans", brace + b"ban-info", brace + b"version"]
 
     @classmethod
     def from_url(
@@ -415,6 +538,114 @@ class RedisStore:
         self.breaker.success()
         return [_own_count(v, h.rate) for v, h in zip(verdicts, hits, strict=True)]
 
+    # --- the watch ----------------------------------------------------------------
+
+    async def watch(self, observations: Sequence[Observation], act: bool) -> list[Counted]:
+        """Count a denial's observations in one script run, by Redis's clock
+        (see `_WATCH_SCRIPT`). StoreUnavailable on any failure."""
+        return await self._watch(observations, act, "")
+
+    async def watch_at(
+        self, observations: Sequence[Observation], act: bool, now_us: int
+    ) -> list[Counted]:
+        """`watch` at a given time (integer microseconds), for tests."""
+        return await self._watch(observations, act, str(int(now_us)))
+
+    async def _watch(
+        self, observations: Sequence[Observation], act: bool, now: str
+    ) -> list[Counted]:
+        if not observations:
+            return []
+        keys = list(self._ban_keys)
+        args: list[str | bytes] = [now, "1" if act else "0"]
+        for o in observations:
+            spec = o.spec
+            keys.append(watch_key(self.prefix, spec.watch_id, o.key))
+            args += [
+                _member(o.member),
+                str(spec.threshold),
+                str(spec.window * US),
+                spec.action,
+                str(spec.duration * US),
+                o.key.encode("utf-8", "surrogatepass"),
+                spec.name,
+            ]
+        reply = await self._call(self._watch_script, keys, args)
+        clock = time.time()
+        try:
+            if not isinstance(reply, list) or len(reply) != 4 * len(observations):
+                raise ValueError(f"expected {4 * len(observations)} items, got {reply!r:.100}")
+            out = []
+            for i in range(0, len(reply), 4):
+                count, reached, ban, left = (_text(x) for x in reply[i : i + 4])
+                action, _, name = ban.partition(" ")
+                out.append(
+                    Counted(
+                        int(count),
+                        reached == "1",
+                        Ban(action, name, clock + int(left) / US) if ban else None,
+                    )
+                )
+        except ValueError as e:
+            self.breaker.failure(str(e))
+            raise StoreUnavailable(f"{self.where}: bad reply ({e})") from e
+        return out
+
+    async def bans(self, version: str) -> BanTable | None:
+        """The bans in force (their ends in this process's clock), or None
+        when Redis's version of them is still `version`."""
+        return await self._bans(version, "")
+
+    async def bans_at(self, version: str, now_us: int) -> BanTable | None:
+        return await self._bans(version, str(int(now_us)))
+
+    async def _bans(self, version: str, now: str) -> BanTable | None:
+        reply = await self._call(self._bans_script, self._ban_keys, [version, now])
+        clock = time.time()
+        try:
+            if not isinstance(reply, list) or len(reply) < 2 or (len(reply) - 2) % 3:
+                raise ValueError(f"expected a version, a time and bans, got {reply!r:.100}")
+            items = [_text(x) for x in reply]
+            if items[0] == version:
+                return None
+            at = int(items[1])
+            bans: dict[str, Ban] = {}
+            for i in range(2, len(items), 3):
+                key, end, detail = items[i : i + 3]
+                action, _, name = detail.partition(" ")
+                bans[key] = Ban(action, name, clock + (int(float(end)) - at) / US)
+        except ValueError as e:
+            self.breaker.failure(str(e))
+            raise StoreUnavailable(f"{self.where}: bad reply ({e})") from e
+        return BanTable(items[0], bans)
+
+    async def lift(self, key: str) -> bool:
+        """End the ban on `key` in Redis (every gateway drops it at its next
+        look); whether one was in force."""
+        reply = await self._call(
+            self._lift_script, self._ban_keys, [key.encode("utf-8", "surrogatepass")]
+        )
+        return bool(reply == 1)
+
+    async def _call(self, script: Any, keys: Sequence[bytes], args: Sequence[str | bytes]) -> Any:
+        """One script run under the breaker and the timeout."""
+        if not self.breaker.allow():
+            raise StoreUnavailable(
+                f"circuit open after {self.breaker.consecutive} errors "
+                f"(next try in {self.breaker.retry_in():.1f} s; last: {self.breaker.last_error})"
+            )
+        try:
+            reply = await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except Exception as e:  # noqa: BLE001 - the contract: any failure is StoreUnavailable
+            reason = self._reason(e)
+            self.breaker.failure(reason)
+            raise StoreUnavailable(reason) from e
+        self.breaker.success()
+        return reply
+
     def _reason(self, e: BaseException) -> str:
         ms = round(self.timeout * 1000)
         if isinstance(e, asyncio.TimeoutError | RedisTimeoutError):
@@ -446,6 +677,15 @@ class RedisStore:
     def health(self) -> dict[str, object]:
         """For /status: the address (no password), the prefix and the breaker."""
         return {"url": self.where, "prefix": self.prefix, **self.breaker.snapshot()}
+
+
+def _text(value: object) -> str:
+    """A script's reply item as text (redis-py gives bytes, or int for numbers)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogatepass")
+    if isinstance(value, int | str):
+        return str(value)
+    raise ValueError(f"unexpected item {value!r:.60}")
 
 
 def _own_count(verdict: Verdict, rate: Rate) -> Verdict:

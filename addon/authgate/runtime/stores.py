@@ -7,10 +7,14 @@ processes and machines see the same counts.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+from authgate.core.model import Ban
 from authgate.core.ratelimit import NS, Hit, Rate, Verdict, gcra, gcra_all
+from authgate.core.watch import Observation, Window
 
 
 class MemoryStore:
@@ -63,6 +67,57 @@ class MemoryStore:
                 del self._tat[k]
 
 
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """What a store says of one observation: the count it reached, whether
+    that reached the threshold (then the key's window starts again), and
+    from a shared store the ban in force on the key after it (None: none
+    set; the memory store leaves bans to the gateway)."""
+
+    count: int
+    reached: bool
+    ban: Ban | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BanTable:
+    """The bans a shared store holds: its version (it changes with every
+    ban set or lifted) and the bans by key, in this process's clock."""
+
+    version: str
+    bans: dict[str, Ban]
+
+
+class MemoryWatch:
+    """The watch's windows in this process, one per (watch, key). Bounded:
+    at `max_keys`, the key counted least recently is forgotten first."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._windows: OrderedDict[tuple[str, str], Window] = OrderedDict()
+        self._max_keys = max(1, max_keys)
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def count(self, observations: Sequence[Observation], now: float) -> list[Counted]:
+        out = []
+        for o in observations:
+            spec = o.spec
+            k = (spec.watch_id, o.key)
+            window = self._windows.get(k)
+            if window is None:
+                if len(self._windows) >= self._max_keys:
+                    self._windows.popitem(last=False)
+                window = self._windows[k] = Window()
+            else:
+                self._windows.move_to_end(k)
+            n = window.add(o.member, now, spec.window, spec.threshold)
+            if not window.seen:
+                del self._windows[k]  # the threshold was reached: it starts again
+            out.append(Counted(n, n >= spec.threshold))
+        return out
+
+
 class StoreUnavailable(Exception):
     """A shared store did not answer in time, or answered nonsense."""
 
@@ -73,6 +128,20 @@ class SharedStore(Protocol):
     store's own clock. Raises StoreUnavailable, never hangs."""
 
     async def hit_all(self, hits: Sequence[Hit], consume: bool = True) -> list[Verdict]: ...
+
+    async def watch(self, observations: Sequence[Observation], act: bool) -> list[Counted]:
+        """Count a denial's observations, by the store's clock; for one that
+        reaches its threshold, when `act`, set its watch's action on the key
+        (never shortening or softening a ban in force: `core.watch.stronger`)."""
+        ...
+
+    async def bans(self, version: str) -> BanTable | None:
+        """The bans in force, or None when the version is still `version`."""
+        ...
+
+    async def lift(self, key: str) -> bool:
+        """End the ban on `key`; whether there was one."""
+        ...
 
     async def ping(self) -> bool: ...
 

@@ -37,7 +37,7 @@ from authgate.core.decision import Decision
 from authgate.core.ipset import parse_ip
 from authgate.core.model import Policy
 from authgate.core.responses import Rendered, render_error
-from authgate.house.gatehouse import Gatehouse, request_id
+from authgate.house.gatehouse import Gatehouse, WatchEvent, request_id
 from authgate.policy.marks import PolicyError
 from authgate.service import checks
 
@@ -119,9 +119,15 @@ class Service:
         rid = request_id(policy, read.view.header_all("x-request-id"), peer)
         return Pending(policy, read, rid)
 
-    def finish(self, p: Pending, decision: Decision, without_store: str = "") -> Rendered:
+    def finish(
+        self,
+        p: Pending,
+        decision: Decision,
+        without_store: str = "",
+        events: tuple[WatchEvent, ...] = (),
+    ) -> Rendered:
         view = p.check.view
-        self.house.record(decision, p.request_id, view.method, view.target, without_store)
+        self.house.record(decision, p.request_id, view.method, view.target, without_store, events)
         return checks.answer(p.check, decision, p.policy.realm, p.request_id)
 
     def failed(self, p: Pending) -> Rendered:
@@ -142,18 +148,20 @@ class Service:
         if isinstance(p, Rendered):
             return p
         try:
-            decision = self.house.judge_now(p.policy, p.check.view, self.house.clock())
+            judged = self.house.judge_now(p.policy, p.check.view, self.house.clock())
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             return self.failed(p)
-        return p if decision is None else self.finish(p, decision)
+        return p if judged is None else self.finish(p, judged[0], "", judged[1])
 
     async def check(self, p: Pending) -> Rendered:
         """Judge with the store and the slow work (a shared store, a bcrypt, a key fetch)."""
         house = self.house
         house.in_flight.add(p)
         try:
-            decision, without_store = await house.judge(p.policy, p.check.view, house.clock())
-            return self.finish(p, decision, without_store)
+            decision, without_store, events = await house.judge(
+                p.policy, p.check.view, house.clock()
+            )
+            return self.finish(p, decision, without_store, events)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             return self.failed(p)
         finally:

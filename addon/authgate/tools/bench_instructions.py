@@ -59,7 +59,9 @@ def parse_summary(text: str) -> int:
     return 0
 
 
-def send(port: int, n: int, headers: Sequence[tuple[str, str]], timeout: float = 300) -> dict[int, int]:
+def send(
+    port: int, n: int, headers: Sequence[tuple[str, str]], timeout: float = 300
+) -> dict[int, int]:
     """N GETs of /api/profile on one keep-alive connection: {status: count}."""
     seen: collections.Counter[int] = collections.Counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -123,7 +125,7 @@ def count(server: Server, upstream: str, folder: Path, requests: int) -> int:
 def servers(policy: Path, token: str) -> tuple[Server, ...]:
     py = sys.executable
     lean = (py, "-m", "authgate.tools.bench_e2e", "_lean", "{upstream}", "127.0.0.1:{port}")
-    run = (py, "-m", "authgate.cli", "run", "--policy", str(policy))
+    run: tuple[str, ...] = (py, "-m", "authgate.cli", "run", "--policy", str(policy))
     run += ("--upstream", "{upstream}", "--listen", "127.0.0.1:{port}")
     bearer = (("Authorization", f"Bearer {token}"),)
     return (
@@ -185,7 +187,8 @@ def report(results: dict[str, int]) -> None:
     fast = results.get("lean master, cached dispatch")
     allow = results.get("authgate, example policy, allow (200)")
     if lean and fast:
-        print(f"  mitmproxy's hook dispatch: {1 - fast / lean:.0%} of the lean master's instructions")
+        share = 1 - fast / lean
+        print(f"  mitmproxy's hook dispatch: {share:.0%} of the lean master's instructions")
     if allow and fast:
         own = allow / fast - 1
         print(
@@ -193,7 +196,8 @@ def report(results: dict[str, int]) -> None:
             f"(x{fast / allow:.2f} in throughput terms)"
         )
     if allow and lean:
-        print(f"  authgate run / the lean master as shipped: x{lean / allow:.2f} in throughput terms")
+        ratio = lean / allow
+        print(f"  authgate run / the lean master as shipped: x{ratio:.2f} in throughput terms")
 
 
 if __name__ == "__main__":

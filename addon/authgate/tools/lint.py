@@ -409,6 +409,40 @@ def _trusted_headers(policy: Policy) -> list[Finding]:
     ]
 
 
+def _watch(policy: Policy) -> list[Finding]:
+    """Watches that cannot count anything, or that act on the first slip."""
+    out = []
+    for w in policy.watch:
+        where = f"watch {w.name!r}"
+        if w.key == "subject" and w.counts == "failed_credentials" and policy.basic is None:
+            out.append(
+                Finding(
+                    policy.file, w.line, "watch-never-counts",
+                    f"{where} can never count: of the failed credentials only a Basic one "
+                    "names a subject (its user), and the policy has no Basic users; "
+                    "count by ip",
+                )
+            )  # fmt: skip
+        elif w.key == "subject" and not policy.verifiers:
+            out.append(
+                Finding(
+                    policy.file, w.line, "watch-never-counts",
+                    f"{where} can never count: no credential is configured, so no denial "
+                    "has a subject; count by ip",
+                )
+            )  # fmt: skip
+        if w.action != "none" and w.counts != "failed_credentials" and w.threshold <= 2:
+            out.append(
+                Finding(
+                    policy.file, w.line, "watch-hair-trigger",
+                    f"{where} acts ({w.acts}) on {w.threshold} {w.counts.replace('_', ' ')}: "
+                    "a typo or a stale bookmark is enough; a threshold of 10 or more tells "
+                    "probing from a slip",
+                )
+            )  # fmt: skip
+    return out
+
+
 def fill_ins(file: str, text: str) -> list[Finding]:
     """An error for each line of a policy (or tests) file that still holds a
     FILL-IN placeholder (`authgate import openapi` writes them) in a key or
@@ -451,5 +485,6 @@ def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
         *_impossible(policy),
         *_host_rules(policy),
         *_trusted_headers(policy),
+        *_watch(policy),
     ]
     return sorted(found, key=lambda f: (f.line or 0, f.code))
