@@ -33,13 +33,15 @@ from authgate.core.decision import (
     decide,
     prepare,
 )
+from authgate.core.introspection import Introspect
 from authgate.core.ipset import parse_ip
-from authgate.core.model import Policy, credentials_in_clear
+from authgate.core.model import Policy, credentials_in_clear, secrets_readable_by_others
 from authgate.core.ratelimit import ALLOWED, Hit, Recorder, Verdict
 from authgate.house.admin import AdminServer, Readiness
 from authgate.house.workers import write_status
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
+from authgate.runtime.introspection import Introspector
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
@@ -118,6 +120,7 @@ class Gatehouse:
         self.decided = 0  # decisions made by this process
         self.clock = clock
         self.fetcher = Fetcher()
+        self.introspector = Introspector(clock, shared=lambda: self.shared)
         self.metrics = Metrics(lambda: self.policy)
         self.would_deny: dict[str, int] = {}
         self.loaded_at = 0.0
@@ -198,6 +201,11 @@ class Gatehouse:
             return False
         if listening is not None:
             self.warn_in_clear(self.policy, listening)
+        for file, mode in secrets_readable_by_others(self.policy):
+            logger.warning(
+                f"authgate: the client secret file {file} can be read by other users "
+                f"(mode {mode:03o}); chmod 600 {file}"
+            )
         if self.policy.basic is not None:
             for user, cost in self.policy.basic.weak():
                 logger.warning(
@@ -378,6 +386,19 @@ class Gatehouse:
             for i in (policy.issuers if policy else ())
             if i.remote is not None
         }
+        introspection = {
+            i.issuer: {
+                "endpoint": i.introspection.endpoint,
+                "tokens": i.introspection.tokens,
+                "calls": i.introspection.calls,
+                "remembered": len(i.introspection),
+                "shared_hits": i.introspection.shared_hits,
+                "failures": i.introspection.failures_total,
+                "last_error": i.introspection.last_error,
+            }
+            for i in (policy.issuers if policy else ())
+            if i.introspection is not None
+        }
         shared = self.shared
         store: dict[str, Any] = {"kind": "memory" if shared is None else "redis"}
         if shared is not None:
@@ -400,6 +421,7 @@ class Gatehouse:
             "would_deny": dict(sorted(self.would_deny.items())),
             **self.more_status(),
             "jwks": keys,
+            "introspection": introspection,
         }
 
     # --- judging ---------------------------------------------------------------------
@@ -551,8 +573,9 @@ class Gatehouse:
 
     async def _slow_work(self, prepared: Prepared) -> None:
         """What the credential needs before `decide`: a bcrypt check (in a
-        thread, two at a time), or a key fetch (joined, waited on at most
-        about a second)."""
+        thread, two at a time), a key fetch (joined, waited on at most about
+        a second), or an introspection call (joined, waited on at most its
+        timeout)."""
         work = prepared.work
         if isinstance(work, PasswordCheck) and prepared.policy.basic is not None:
             async with self._bcrypt_slots:
@@ -561,6 +584,8 @@ class Gatehouse:
                 )
         elif isinstance(work, KeyFetch):
             await self.fetcher.join(work.source, work.reason, work.kid)
+        elif isinstance(work, Introspect):
+            await self.introspector.join(work)
 
     # --- the record ------------------------------------------------------------------
 

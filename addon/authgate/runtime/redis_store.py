@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -414,6 +415,37 @@ class RedisStore:
             raise StoreUnavailable(reason) from e
         self.breaker.success()
         return [_own_count(v, h.rate) for v, h in zip(verdicts, hits, strict=True)]
+
+    async def cache_get(self, key: str) -> bytes | None:
+        """A cached value (`{PREFIX}:cache:KEY`), or None. StoreUnavailable on
+        any failure, as for `hit_all` (the same breaker and timeout)."""
+        reply = await self._call(self.client.get(store_key(self.prefix, "cache", key)))
+        if reply is not None and not isinstance(reply, bytes):
+            raise StoreUnavailable(f"{self.where}: bad reply to GET ({type(reply).__name__})")
+        return reply
+
+    async def cache_put(self, key: str, value: bytes, ttl: float) -> None:
+        """Cache a value for `ttl` seconds (at least a millisecond)."""
+        ms = max(1, int(ttl * 1000))
+        await self._call(self.client.set(store_key(self.prefix, "cache", key), value, px=ms))
+
+    async def _call(self, command: Awaitable[Any]) -> Any:
+        """One command within the timeout, through the breaker."""
+        if not self.breaker.allow():
+            if inspect.iscoroutine(command):
+                command.close()
+            raise StoreUnavailable(f"circuit open (last: {self.breaker.last_error})")
+        try:
+            reply = await asyncio.wait_for(command, self.timeout)
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except Exception as e:  # noqa: BLE001 - the contract: any failure is StoreUnavailable
+            reason = self._reason(e)
+            self.breaker.failure(reason)
+            raise StoreUnavailable(reason) from e
+        self.breaker.success()
+        return reply
 
     def _reason(self, e: BaseException) -> str:
         ms = round(self.timeout * 1000)
