@@ -137,6 +137,11 @@ class OpenIDProvider:
         assert status == 200, status
         return int(json.loads(body)["introspection"])
 
+    def slow_introspection(self, ms: int) -> None:
+        """Answer each introspection request `ms` milliseconds late (0: at once)."""
+        status, _, _ = request("GET", f"{self.issuer}/_test/delay?ms={int(ms)}")
+        assert status == 200, status
+
     def __enter__(self) -> OpenIDProvider:
         self.start()
         return self

@@ -11,7 +11,8 @@
 //   tokenClaims ({account or client id: claims} added to the access tokens it
 //   issues, which introspection answers then carry, e.g. roles).
 // It prints "listening on PORT" once it accepts connections. GET /_test/counts
-// answers how many introspection requests it has served ({"introspection": N}).
+// answers how many introspection requests it has served ({"introspection": N});
+// GET /_test/delay?ms=N makes each introspection answer N ms late (a slow provider).
 import { readFileSync } from "node:fs";
 import Provider from "oidc-provider";
 
@@ -21,6 +22,7 @@ const accounts = settings.accounts || {};
 const ttl = settings.ttl || {};
 const tokenClaims = settings.tokenClaims || {};
 const counts = { introspection: 0 };
+let introspectionDelay = 0; // ms, set by GET /_test/delay?ms=N
 
 const configuration = {
   clients: settings.clients,
@@ -79,7 +81,16 @@ provider.use(async (ctx, next) => {
     ctx.body = counts;
     return;
   }
-  if (ctx.path === "/token/introspection") counts.introspection += 1;
+  if (ctx.path === "/_test/delay") {
+    introspectionDelay = Number(ctx.query.ms || 0);
+    ctx.type = "json";
+    ctx.body = { ms: introspectionDelay };
+    return;
+  }
+  if (ctx.path === "/token/introspection") {
+    counts.introspection += 1;
+    if (introspectionDelay) await new Promise((r) => setTimeout(r, introspectionDelay));
+  }
   await next();
 });
 const server = provider.listen(settings.port, "127.0.0.1", () => {

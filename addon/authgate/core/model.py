@@ -253,14 +253,14 @@ def credentials_in_clear(policy: Policy, listen: str) -> list[tuple[str, int | N
     return out
 
 
-def secrets_readable_by_others(policy: Policy) -> list[tuple[str, int]]:
-    """(file, permission bits) of the client secret files that users other
-    than the owner could read, as they were at load."""
+def secrets_readable_by_others(policy: Policy) -> list[tuple[str, int, int]]:
+    """(file, permission bits, policy line) of the client secret files that
+    users other than the owner could read, as they were at load."""
     out = []
     for issuer in policy.issuers:
         config = issuer.introspection.config if issuer.introspection is not None else None
         if config is not None and config.secret_file and (config.secret_mode or 0) & 0o077:
-            out.append((config.secret_file, config.secret_mode or 0))
+            out.append((config.secret_file, config.secret_mode or 0, config.line))
     return out
 
 

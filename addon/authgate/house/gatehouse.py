@@ -201,7 +201,7 @@ class Gatehouse:
             return False
         if listening is not None:
             self.warn_in_clear(self.policy, listening)
-        for file, mode in secrets_readable_by_others(self.policy):
+        for file, mode, _ in secrets_readable_by_others(self.policy):
             logger.warning(
                 f"authgate: the client secret file {file} can be read by other users "
                 f"(mode {mode:03o}); chmod 600 {file}"
