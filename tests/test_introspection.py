@@ -165,6 +165,7 @@ def test_any_bytes_are_an_answer_or_the_providers_failure(status: int, body: byt
     assert status == 200 and isinstance(doc, dict) and isinstance(doc["active"], bool)
 
 
+MEMBERS = ["active", "sub", "scope", "exp", "aud", "iss", "roles", "client_id", "token_type", "nbf"]
 # Members as providers send them, and as they should not: each a plausible value or junk.
 member_values = st.one_of(
     st.none(),
@@ -179,8 +180,7 @@ member_values = st.one_of(
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(st.dictionaries(st.sampled_from(["active", "sub", "scope", "exp", "aud", "iss", "roles",
-                                        "client_id", "token_type", "nbf"]), member_values))  # fmt: skip
+@given(st.dictionaries(st.sampled_from(MEMBERS), member_values))
 def test_any_answer_proves_an_identity_or_is_refused(answer: dict[str, Any]) -> None:
     try:
         who = identity_of(answer, issuer(audience=("api",)), NOW)
@@ -275,7 +275,7 @@ def test_backoff_after_failures_lets_one_call_probe() -> None:
     assert not source.may_call(NOW + 1.0)  # one at a time
     assert source.failed("refused", NOW + 1.0) == 2.0
     assert source.retry_after(NOW + 1.5) == 2
-    for i in range(10):
+    for _ in range(10):
         backoff = source.failed("refused", NOW)
     assert backoff == 30.0  # capped
     source.succeeded()
