@@ -14,7 +14,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
+import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,10 @@ from authgate.core.tokens import Issuer, TokenRejected
 from authgate.policy.load import parse_policy
 from authgate.policy.marks import PolicyError
 from authgate.runtime.introspection import decode_shared, encode_shared, request_for
+from conftest import POLICIES, Backend, RunningGateway, send, wait_until
+from oidc_provider import OpenIDProvider, request
+from redis_server import RedisServer
+from test_production import Gateway, run, status
 
 NOW = 1_800_000_000.0
 ISS = "https://login.example"
@@ -439,3 +446,296 @@ def test_check_warns_about_a_secret_file_others_can_read(tmp_path: Path) -> None
     [finding] = lint(load(tmp_path, GOOD, mode=0o640))
     assert finding.code == "secret-readable"
     assert "chmod 600" in finding.message and finding.line is not None
+
+
+# --- for real: a gateway, a recording upstream, a real OpenID provider -----------------
+
+GATEWAY_SECRET = "gateway-secret-0123456789-abcdefghij"
+SERVICE_SECRET = "service-secret-0123456789-abcdefghij"
+
+
+def _client(client_id: str, secret: str, auth: str = "client_secret_basic") -> dict[str, Any]:
+    return {
+        "client_id": client_id,
+        "client_secret": secret,
+        "grant_types": ["client_credentials"],
+        "redirect_uris": [],
+        "response_types": [],
+        "token_endpoint_auth_method": auth,
+    }
+
+
+# The gateway's own client (both ways of authenticating), and two services
+# that get opaque tokens for themselves (client_credentials); the provider adds
+# `roles` to admin-svc's tokens, which its introspection answers then carry.
+CLIENTS = [
+    _client("gateway", GATEWAY_SECRET),
+    _client("gateway-post", GATEWAY_SECRET, "client_secret_post"),
+    _client("svc", SERVICE_SECRET),
+    _client("admin-svc", SERVICE_SECRET),
+]
+PROVIDER: dict[str, Any] = {
+    "clients": CLIENTS,
+    "scopes": ["read", "write"],
+    "token_claims": {"admin-svc": {"roles": ["admin"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def op() -> Iterator[OpenIDProvider]:
+    """One provider for the tests that do not stop it."""
+    with OpenIDProvider(**PROVIDER) as provider:
+        yield provider
+
+
+def _basic(client: str, secret: str = SERVICE_SECRET) -> str:
+    return "Basic " + base64.b64encode(f"{client}:{secret}".encode()).decode()
+
+
+def grant(op: OpenIDProvider, client: str = "svc", scope: str = "read") -> str:
+    """An opaque access token the provider issues to `client` for itself."""
+    form = urllib.parse.urlencode({"grant_type": "client_credentials", "scope": scope}).encode()
+    code, _, body = request("POST", op.metadata()["token_endpoint"], {
+        "Authorization": _basic(client),
+        "Content-Type": "application/x-www-form-urlencoded",
+    }, form)  # fmt: skip
+    assert code == 200, body
+    token: str = json.loads(body)["access_token"]
+    assert "." not in token  # opaque: not a JWT
+    return token
+
+
+def revoke(op: OpenIDProvider, token: str, client: str = "svc") -> None:
+    """RFC 7009 revocation by the client the token was issued to."""
+    form = urllib.parse.urlencode({"token": token}).encode()
+    code, _, body = request("POST", op.metadata()["revocation_endpoint"], {
+        "Authorization": _basic(client),
+        "Content-Type": "application/x-www-form-urlencoded",
+    }, form)  # fmt: skip
+    assert code == 200, body
+
+
+def write_policy(tmp: Path, op: OpenIDProvider, **settings: str) -> Path:
+    """The provider's issuer introspects every token it issued (tokens: all),
+    the gateway authenticating as `gateway` with a secret from a file; the demo
+    issuer's JWTs are verified with its keys beside it."""
+    secret = tmp / "introspection.secret"
+    secret.write_text(settings.pop("secret", GATEWAY_SECRET) + "\n")
+    os.chmod(secret, 0o600)
+    where = settings.pop("where", "discovery: true")
+    lines = "".join(f"        {k}: {v}\n" for k, v in settings.items())
+    if "client_id" not in settings:
+        lines += "        client_id: gateway\n"
+    policy = tmp / "opaque.yaml"
+    policy.write_text(
+        "version: 1\nauthn:\n  jwt:\n"
+        f"    - name: op\n      issuer: {op.issuer}\n      roles_claim: roles\n"
+        "      introspection:\n"
+        f"        {where}\n        client_secret_file: introspection.secret\n"
+        f"        tokens: all\n{lines}"
+        "    - name: demo\n      issuer: https://issuer.example\n      audience: api\n"
+        f"      algorithms: [RS256]\n      jwks_file: {POLICIES / 'keys' / 'jwks.json'}\n"
+        "rules:\n"
+        "  - {name: read, match: {path: /api/read}, allow: {scope: read}}\n"
+        "  - {name: write, match: {path: /api/write}, allow: {scope: write}}\n"
+        "  - {name: admin, match: {path: /admin/**}, allow: {role: admin}}\n"
+    )
+    return policy
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {token}")]
+
+
+def get(gw: RunningGateway, path: str, token: str) -> Any:
+    return send(gw.address, "GET", path, bearer(token))
+
+
+def introspection_status(gw: RunningGateway) -> dict[str, Any]:
+    st: dict[str, Any] = gw.addon.house.status()["introspection"]
+    return next(iter(st.values()))
+
+
+def test_an_opaque_token_is_allowed_with_its_identity(
+    op: OpenIDProvider, start_gateway: Callable[..., RunningGateway], backend: Backend,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    gw = start_gateway(write_policy(tmp_path, op))
+    token = grant(op, "admin-svc", "read")
+    r = get(gw, "/api/read", token)
+    assert r.status == 200, r.body
+    [seen] = backend.seen
+    assert seen.target == "/api/read"
+    # client_credentials: the token is the client's own, so it has no sub: the client is the subject
+    assert seen.header("X-Auth-Subject") == "admin-svc"
+    assert seen.header("X-Auth-Scopes") == "read"
+    assert seen.header("X-Auth-Roles") == "admin"  # from the answer's roles member
+    assert seen.header("X-Auth-Issuer") == op.issuer
+    assert get(gw, "/admin/users", token).status == 200
+    assert get(gw, "/admin/users", grant(op, "svc", "read")).status == 403  # no admin role
+    st = introspection_status(gw)
+    assert st["endpoint"] == op.metadata()["introspection_endpoint"]  # found by discovery
+
+
+def test_scopes_come_from_the_answer(
+    op: OpenIDProvider, start_gateway: Callable[..., RunningGateway], backend: Backend,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    gw = start_gateway(write_policy(tmp_path, op))
+    reader = grant(op, "svc", "read")
+    r = get(gw, "/api/write", reader)
+    assert r.status == 403
+    assert r.header("WWW-Authenticate") == (
+        'Bearer realm="api", error="insufficient_scope", scope="write"'
+    )
+    assert backend.seen == []
+    writer = grant(op, "svc", "read write")
+    assert get(gw, "/api/write", writer).status == 200
+    assert backend.seen[-1].header("X-Auth-Scopes") == "read,write"
+
+
+def test_revoked_and_unknown_tokens_are_401_and_remembered_briefly(
+    op: OpenIDProvider, start_gateway: Callable[..., RunningGateway], backend: Backend,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    gw = start_gateway(write_policy(tmp_path, op, cache_max="1s", negative_cache="1m"))
+    token = grant(op)
+    assert get(gw, "/api/read", token).status == 200
+    revoke(op, token)
+    # Remembered for at most cache_max (1 s): then the provider says active: false.
+    wait_until(lambda: get(gw, "/api/read", token).status == 401, 30)
+    backend.clear()
+    r = get(gw, "/api/read", token)
+    assert r.status == 401 and 'error="invalid_token"' in (r.header("WWW-Authenticate") or "")
+    assert backend.seen == []
+    # Unknown to the provider: 401, and the answer is remembered (negative_cache).
+    before = op.introspections()
+    for _ in range(3):
+        r = get(gw, "/api/read", "no-such-token-0123456789")
+        assert r.status == 401 and 'error="invalid_token"' in (r.header("WWW-Authenticate") or "")
+    assert op.introspections() == before + 1
+    assert backend.seen == []
+
+
+def test_jwts_of_another_issuer_are_verified_beside_without_asking(
+    op: OpenIDProvider, start_gateway: Callable[..., RunningGateway], backend: Backend,
+    tmp_path: Path, token: Callable[..., str],
+) -> None:  # fmt: skip
+    gw = start_gateway(write_policy(tmp_path, op))
+    before = op.introspections()
+    assert get(gw, "/api/read", token(sub="jo", scopes=["read"])).status == 200
+    assert backend.seen[-1].header("X-Auth-Subject") == "jo"
+    assert get(gw, "/api/read", token(sub="jo", scopes=["read"], ttl=-60)).status == 401
+    assert op.introspections() == before  # JWTs were never sent to the provider
+    assert introspection_status(gw)["calls"] == 0
+
+
+def test_one_call_in_flight_for_many_requests_with_one_token(
+    op: OpenIDProvider, start_gateway: Callable[..., RunningGateway], backend: Backend,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    gw = start_gateway(write_policy(tmp_path, op))
+    token = grant(op)
+    before = op.introspections()
+    op.slow_introspection(800)  # every request below arrives while the one call is out
+    try:
+        replies: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: replies.append(get(gw, "/api/read", token).status))
+            for _ in range(12)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        op.slow_introspection(0)
+    assert replies == [200] * 12
+    assert len(backend.seen) == 12
+    assert op.introspections() == before + 1  # counted by the provider itself
+    assert introspection_status(gw)["calls"] == 1
+
+
+def test_the_provider_going_away(
+    start_gateway: Callable[..., RunningGateway], backend: Backend, tmp_path: Path
+) -> None:
+    # Tokens live 5 s; answers are remembered 2 s at most.
+    with OpenIDProvider(**PROVIDER, ttl={"ClientCredentials": 5}) as op:
+        gw = start_gateway(write_policy(tmp_path, op, cache_max="2s"))
+        known, unseen = grant(op), grant(op)
+        assert get(gw, "/api/read", known).status == 200
+        asked_at = time.time()
+        op.stop()
+        backend.clear()
+        # The remembered answer still counts.
+        assert get(gw, "/api/read", known).status == 200
+        assert len(backend.seen) == 1
+        # A token the provider has not answered for: 503 with Retry-After, never 401.
+        r = get(gw, "/api/read", unseen)
+        assert r.status == 503
+        assert int(r.header("Retry-After") or 0) >= 1
+        assert "WWW-Authenticate" not in dict(r.headers)
+        assert len(backend.seen) == 1  # nothing more reached the upstream
+        # Past cache_max, the known token must be asked about again: 503 as well.
+        r = wait_until(lambda: (x := get(gw, "/api/read", known)).status != 200 and x, 30)
+        assert r.status == 503 and time.time() - asked_at >= 2 - 0.5
+        forwarded = len(backend.seen)
+        # Past its exp, the provider's own answer says it is expired: 401, not 503.
+        r = wait_until(lambda: (x := get(gw, "/api/read", known)).status != 503 and x, 30)
+        assert r.status == 401 and 'error="invalid_token"' in (r.header("WWW-Authenticate") or "")
+        assert len(backend.seen) == forwarded  # neither the 503s nor the 401 reached it
+        assert introspection_status(gw)["last_error"]
+        # The provider back (its tokens were in memory: a new one); after the backoff, 200.
+        op.start()
+        fresh = grant(op)
+        wait_until(lambda: get(gw, "/api/read", fresh).status == 200, 60)
+        assert introspection_status(gw)["last_error"] is None
+
+
+def test_the_gateway_authenticates_with_client_secret_post_and_a_wrong_secret_is_503(
+    op: OpenIDProvider, start_gateway: Callable[..., RunningGateway], backend: Backend,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    endpoint = op.metadata()["introspection_endpoint"]
+    post = tmp_path / "post"
+    post.mkdir()
+    settings = {"client_id": "gateway-post", "auth": "client_secret_post"}
+    gw = start_gateway(write_policy(post, op, where=f"endpoint: {endpoint}", **settings))
+    assert get(gw, "/api/read", grant(op)).status == 200
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    gw = start_gateway(write_policy(wrong, op, secret="not-the-secret"))
+    backend.clear()
+    r = get(gw, "/api/read", grant(op))
+    # The provider refused the gateway, not the token: 503, never 401.
+    assert r.status == 503 and int(r.header("Retry-After") or 0) >= 1
+    assert backend.seen == []
+    assert "refused the gateway's request" in introspection_status(gw)["last_error"]
+
+
+def test_two_gateway_processes_share_answers_on_redis(
+    op: OpenIDProvider, tmp_path: Path, backend: Backend, redis_server: RedisServer
+) -> None:
+    policy = write_policy(tmp_path, op)
+    args = ("--policy", str(policy), "--upstream", backend.url, "--store", redis_server.url)
+    gateways: list[Gateway] = []
+    try:
+        a = run(gateways, tmp_path, *args, name="a")
+        b = run(gateways, tmp_path, *args, name="b")
+        a.wait_ready()
+        b.wait_ready()
+        token = grant(op)
+        before = op.introspections()
+        assert send(a.address, "GET", "/api/read", bearer(token)).status == 200
+        assert send(b.address, "GET", "/api/read", bearer(token)).status == 200
+        assert op.introspections() == before + 1  # b found a's answer in Redis
+        assert len(backend.seen) == 2
+        [st] = status(b.admin)["introspection"].values()
+        assert (st["calls"], st["shared_hits"]) == (0, 1)
+        # A token the provider says is not active: shared too.
+        for g in (a, b):
+            assert send(g.address, "GET", "/api/read", bearer("unknown-0123456789")).status == 401
+        assert op.introspections() == before + 2
+    finally:
+        for g in gateways:
+            g.stop()

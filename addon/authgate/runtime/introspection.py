@@ -77,11 +77,14 @@ def http_post(url: str, body: bytes, headers: dict[str, str], timeout: float) ->
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
+        refused: urllib.error.HTTPError | None = None
         try:
             response = _OPENER.open(request, timeout=timeout)
             status = int(response.status)
         except urllib.error.HTTPError as e:
-            # An answer with a status that is not 2xx: read it all the same.
+            # An answer with a status that is not 2xx: read it all the same (held
+            # here: the error closes its response when it is collected).
+            refused = e
             response, status = e.fp, e.code
         chunks: list[bytes] = []
         size = 0
@@ -99,6 +102,7 @@ def http_post(url: str, body: bytes, headers: dict[str, str], timeout: float) ->
                     size += len(chunk)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise IntrospectionFailed(f"POST {url}: {e}") from None
+    del refused
     if size > MAX_ANSWER:
         raise IntrospectionFailed(f"POST {url}: the answer is larger than {MAX_ANSWER} bytes")
     return status, b"".join(chunks)
