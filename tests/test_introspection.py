@@ -49,6 +49,8 @@ from conftest import POLICIES, Backend, RunningGateway, send, wait_until
 from oidc_provider import OpenIDProvider, request
 from redis_server import RedisServer
 from test_production import Gateway, run, status
+from test_service import Serve, ask, auth
+from test_startup import free_port
 
 NOW = 1_800_000_000.0
 ISS = "https://login.example"
@@ -739,3 +741,114 @@ def test_two_gateway_processes_share_answers_on_redis(
     finally:
         for g in gateways:
             g.stop()
+
+
+def test_a_reload_keeps_the_answers_while_the_issuer_reads_them_alike(tmp_path: Path) -> None:
+    from authgate.runtime.reload import carry_over
+
+    old = load(tmp_path, GOOD)
+    kept = carry_over(old, load(tmp_path, GOOD))
+    assert kept.issuers[0].introspection is old.issuers[0].introspection
+    for changed, extra in ((GOOD + "        cache_max: 2m\n", ""), (GOOD, "      audience: x\n")):
+        fresh = carry_over(old, load(tmp_path, changed, extra))
+        assert fresh.issuers[0].introspection is not old.issuers[0].introspection
+
+
+def test_policy_tests_stand_in_for_the_provider(tmp_path: Path) -> None:
+    from authgate.tools.policytests import run_policy
+
+    (tmp_path / "client.secret").write_text("s")
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\nauthn:\n  jwt:\n"
+        f"    - name: login\n      issuer: {ISS}\n      algorithms: [RS256]\n"
+        f"      jwks_file: {POLICIES / 'keys' / 'jwks.json'}\n"
+        "      introspection:\n"
+        + GOOD.replace("tokens: all", "tokens: opaque")
+        + RULES
+        + "tests:\n"
+        "  - {name: a JWT, request: {path: /api/x}, token: {sub: a}, expect: {status: 200}}\n"
+        "  - name: an opaque token\n    request: {path: /api/x}\n"
+        "    token: {opaque: true, sub: b}\n"
+        "    expect: {status: 200, headers: {X-Auth-Subject: b}}\n"
+        "  - name: an inactive one\n    request: {path: /api/x}\n"
+        "    token: {opaque: true, active: false}\n"
+        "    expect: {status: 401, reason: invalid_token}\n"
+        "  - name: an unknown opaque token is never asked about\n"
+        "    request: {path: /api/x, headers: {Authorization: Bearer Zm9vYmFyYmF6}}\n"
+        "    expect: {status: 503, reason: introspection_unavailable}\n"
+    )
+    from authgate.policy.load import load_policy
+
+    report = run_policy(load_policy(tmp_path / "p.yaml"))
+    assert [o.problems for o in report.outcomes] == [()] * 4
+    details = [o.explanation.lines for o in report.outcomes]
+    assert any("opaque bearer token" in line for line in details[1])
+    assert not any("opaque" in line for line in details[0])  # the JWT was verified
+
+
+def test_the_store_caches_values_with_an_expiry(redis_server: RedisServer) -> None:
+    import asyncio
+
+    from authgate.runtime.redis_store import RedisStore
+    from authgate.runtime.stores import StoreUnavailable
+
+    async def body() -> None:
+        store = RedisStore.from_url(redis_server.url, timeout=1.0)
+        nowhere = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+        try:
+            key = f"introspection|t|{os.urandom(8).hex()}"
+            assert await store.cache_get(key) is None
+            await store.cache_put(key, b"answer", 0.3)
+            assert await store.cache_get(key) == b"answer"
+            await asyncio.sleep(0.6)
+            assert await store.cache_get(key) is None  # expired in Redis itself
+            with pytest.raises(StoreUnavailable):
+                await nowhere.cache_get(key)
+            with pytest.raises(StoreUnavailable):
+                await nowhere.cache_put(key, b"x", 1)
+        finally:
+            await store.close()
+            await nowhere.close()
+
+    asyncio.run(body())
+
+
+def test_explain_asks_the_provider(op: OpenIDProvider, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    policy = write_policy(tmp_path, op)
+    authgate = Path(sys.executable).parent / "authgate"
+    token = grant(op, "admin-svc", "read")
+    before = op.introspections()
+    command = [str(authgate), "explain", str(policy), "GET", "/api/read", "--token"]
+    out = subprocess.run([*command, token], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"opaque bearer token {token[:6]}… ({len(token)} characters)" in out.stdout
+    assert "=> 200" in out.stdout or "allowed" in out.stdout
+    assert token not in out.stdout  # never the whole token
+    assert op.introspections() == before + 1
+    unknown = subprocess.run([*command, "unknown-token-xyz"], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert "=> 401" in unknown.stdout and "not active" in unknown.stdout
+
+
+def test_the_decision_service_door_asks_too(op: OpenIDProvider, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path, op)
+    policy.write_text("client_ip: {trusted_proxies: [127.0.0.1/32]}\n" + policy.read_text())
+    svc = Serve(tmp_path, policy, name="serve")
+    try:
+        svc.wait_listening()
+        token = grant(op, "admin-svc", "read")
+        before = op.introspections()
+        check = auth("/api/read", ("Authorization", f"Bearer {token}"))
+        for _ in range(2):  # the second from the remembered answer, without waiting
+            r = ask(svc.address, "GET", "/auth", check)
+            assert r.status == 200
+            assert r.header("X-Authgate-Decision") == "allow"
+            assert r.header("X-Auth-Subject") == "admin-svc"
+        assert op.introspections() == before + 1
+        r = ask(svc.address, "GET", "/auth", auth("/api/read", ("Authorization", "Bearer nope")))
+        assert r.status == 401
+    finally:
+        svc.stop()
