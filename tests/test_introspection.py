@@ -852,3 +852,15 @@ def test_the_decision_service_door_asks_too(op: OpenIDProvider, tmp_path: Path) 
         assert r.status == 401
     finally:
         svc.stop()
+
+
+def test_mitmweb_shows_an_opaque_token_as_one_never_its_value(tmp_path: Path) -> None:
+    from authgate.core.decision import RequestView
+    from authgate.proxy.views import credential
+
+    policy = load(tmp_path, GOOD)
+    token = "Aw54NCb5Fcy_awc7StuNFJfLl0bqCA6zoQRyIUryxhT"
+    view = RequestView.build("GET", "/api/x", [("Authorization", f"Bearer {token}")], "127.0.0.1")
+    lines = credential(view, policy, NOW)
+    assert lines[0] == "credential: opaque bearer token from the authorization"
+    assert ISS in lines[1] and not any(token[:8] in line for line in lines)

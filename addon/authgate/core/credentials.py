@@ -380,7 +380,7 @@ class JwtVerifier:
     def challenge(self) -> Challenge:
         return ("Bearer", ())
 
-    def _introspected_by(self, presented: Presented) -> Issuer | None:
+    def introspected_by(self, presented: Presented) -> Issuer | None:
         """The issuer to ask about this token, or None: verify it as a JWT."""
         issuer = self.introspecting
         if issuer is None or not any(i is issuer for i in presented.issuers):
@@ -389,7 +389,7 @@ class JwtVerifier:
 
     def describe(self, presented: Presented) -> str:
         where = "" if presented.via == "authorization" else f" from the {presented.via}"
-        if self._introspected_by(presented) is not None:
+        if self.introspected_by(presented) is not None:
             token = presented.value
             shown = token[:6] + ("…" if len(token) > 6 else "")
             return f"opaque bearer token {shown} ({len(token)} characters){where}"
@@ -403,7 +403,7 @@ class JwtVerifier:
         return tuple(i for i in presented.issuers if i is not issuer)
 
     def slow_work(self, presented: Presented, now: float) -> Work | None:
-        asked = self._introspected_by(presented)
+        asked = self.introspected_by(presented)
         if asked is not None:
             return introspection_work(asked, presented.value, now)
         remote = [i for i in presented.issuers if i.remote is not None]
@@ -423,7 +423,7 @@ class JwtVerifier:
 
     def check(self, presented: Presented, now: float) -> Outcome:
         try:
-            asked = self._introspected_by(presented)
+            asked = self.introspected_by(presented)
             if asked is not None:
                 return Outcome(introspected(asked, presented.value, now))
             signers = self._signers(presented)

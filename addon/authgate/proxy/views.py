@@ -23,7 +23,7 @@ from typing import Any
 from mitmproxy import contentviews, http
 from mitmproxy import flow as mflow
 
-from authgate.core.credentials import API_KEY, BASIC, JWT, Ambiguous, find
+from authgate.core.credentials import API_KEY, BASIC, JWT, Ambiguous, JwtVerifier, find
 from authgate.core.decision import RequestView
 from authgate.core.explanation import explain
 from authgate.core.model import Policy
@@ -158,6 +158,14 @@ def credential(request: RequestView, policy: Policy | None, now: float) -> list[
         name = repr(who.subject) if who is not None else "none: not a key of this policy"
         return [f"credential: API key {where}", f"  name  {name}", "  key   (not shown)"]
     assert presented.kind == JWT
+    verifier = policy.verifiers.get(JWT)
+    asked = verifier.introspected_by(presented) if isinstance(verifier, JwtVerifier) else None
+    if asked is not None:
+        return [
+            f"credential: opaque bearer token {where}",
+            f"  issuer  {asked.issuer} (asked by introspection, RFC 7662)",
+            "  token   (not shown)",
+        ]
     return [f"credential: JWT {where}", *token_lines(presented.value, now)]
 
 
