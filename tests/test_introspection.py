@@ -864,3 +864,57 @@ def test_mitmweb_shows_an_opaque_token_as_one_never_its_value(tmp_path: Path) ->
     lines = credential(view, policy, NOW)
     assert lines[0] == "credential: opaque bearer token from the authorization"
     assert ISS in lines[1] and not any(token[:8] in line for line in lines)
+
+
+def test_at_most_max_calls_at_once_and_no_backlog(tmp_path: Path) -> None:
+    import asyncio
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from authgate.core.introspection import introspection_work
+    from authgate.runtime.introspection import MAX_CALLS, Introspector
+
+    release = threading.Event()
+    received: list[bytes] = []
+
+    class Hanging(BaseHTTPRequestHandler):
+        """An introspection endpoint that answers only when released."""
+
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            release.wait(30)
+            body = b'{"active": false}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hanging)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/introspect"
+    policy = load(tmp_path, GOOD.replace("https://login.example/introspect", endpoint)
+                  + "        timeout: 1s\n")  # fmt: skip
+    [iss] = policy.issuers
+    source = iss.introspection
+    assert source is not None
+    introspector = Introspector()
+
+    async def body() -> None:
+        works = [introspection_work(iss, f"token-{i}", time.time()) for i in range(MAX_CALLS + 4)]
+        started = time.monotonic()
+        await asyncio.gather(*(introspector.join(w) for w in works if w is not None))
+        assert time.monotonic() - started < 10  # each request waited about its timeout
+        release.set()
+        await asyncio.sleep(0.5)  # a queued call would go out now: none does
+
+    try:
+        asyncio.run(body())
+    finally:
+        release.set()
+        introspector.close()
+        server.shutdown()
+        server.server_close()
+    assert len(received) == source.calls == MAX_CALLS

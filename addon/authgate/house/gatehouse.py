@@ -287,6 +287,7 @@ class Gatehouse:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        self.introspector.close()
         self.metrics.stop()
         if self.admin is not None:
             self.admin.stop()

@@ -32,7 +32,8 @@ import urllib.parse
 import urllib.request
 import weakref
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from authgate.core.introspection import (
     CLIENT_SECRET_BASIC,
@@ -55,12 +56,18 @@ logger = logging.getLogger("authgate")
 MAX_CALLS = 16  # introspection calls in flight per issuer
 WAIT_MARGIN = 0.25  # seconds a request waits beyond the call's own bound
 
+T = TypeVar("T")
 # POST url, form body, header fields, timeout -> (status, body)
 Post = Callable[[str, bytes, dict[str, str], float], tuple[int, bytes]]
 
 
 class IntrospectionFailed(Exception):
     """No usable answer: the provider did not answer, or not properly."""
+
+
+class Busy(Exception):
+    """MAX_CALLS calls to the issuer are out and none ended in time: no call
+    was made (the provider is not to blame; the request gets its 503)."""
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -219,9 +226,22 @@ class Introspector:
         self._discovery: weakref.WeakKeyDictionary[Introspected, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        # Threads of their own: a provider that hangs must not hold up the
+        # threads bcrypt checks, key fetches and reloads run in.
+        self._threads: ThreadPoolExecutor | None = None
 
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(MAX_CALLS, thread_name_prefix="authgate-introspect")
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
     async def join(self, work: Introspect) -> None:
         """Start the call this token needs unless one is running, and wait for
@@ -267,6 +287,9 @@ class Introspector:
                 f"for {backoff:g}s, remembered answers still count): {e}"
             )
             return
+        except Busy:
+            source.abandon()
+            return  # too many calls out: this request gets its 503, nobody is to blame
         except asyncio.CancelledError:
             source.abandon()
             raise
@@ -290,16 +313,24 @@ class Introspector:
         assert source is not None
         endpoint = source.endpoint or await self._discover(source)
         slots = self._slots.setdefault(source, asyncio.Semaphore(MAX_CALLS))
-        async with slots:
+        # Waiting no longer than the request does: a call nobody waits for any
+        # more is not made later (no backlog behind a slow provider).
+        try:
+            await asyncio.wait_for(slots.acquire(), source.config.timeout)
+        except TimeoutError:
+            raise Busy from None
+        try:
             source.calls += 1
-            return await asyncio.to_thread(call, source.config, endpoint, token, self.post)
+            return await self._in_thread(call, source.config, endpoint, token, self.post)
+        finally:
+            slots.release()
 
     async def _discover(self, source: Introspected) -> str:
         """The endpoint from the discovery document: one fetch at a time."""
         lock = self._discovery.setdefault(source, asyncio.Lock())
         async with lock:
             if source.endpoint is None:
-                source.endpoint = await asyncio.to_thread(discover, source.config, self.get)
+                source.endpoint = await self._in_thread(discover, source.config, self.get)
                 logger.info(
                     f"authgate: introspection endpoint for {source.config.issuer}: "
                     f"{source.endpoint}"
