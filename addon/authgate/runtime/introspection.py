@@ -5,8 +5,10 @@ is `authgate.core.introspection`'s; this module makes the calls:
 - one call in flight per token, whatever the request rate: every request
   with that token joins it, and waits at most the call's `timeout` (then
   503 with Retry-After, never 401 and never allow);
-- at most MAX_CALLS calls at once per issuer, each in a worker thread,
-  bounded as a whole (connecting included), the answer at most 64 KiB; no
+- at most MAX_CALLS calls at once per issuer, in threads of their own (a
+  hanging provider holds up no bcrypt check, key fetch or reload), each
+  bounded as a whole (connecting included), the answer at most 64 KiB; a call
+  that cannot start within its timeout is not made (no backlog); no
   redirects (one could lead around the https/loopback rule);
 - with a shared store (`--store redis://`), answers are looked up there
   first and put there after a call, keyed by the SHA-256 of the token and
