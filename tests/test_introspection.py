@@ -918,3 +918,20 @@ def test_at_most_max_calls_at_once_and_no_backlog(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
     assert len(received) == source.calls == MAX_CALLS
+
+
+def test_a_client_over_its_ip_limit_makes_no_call(
+    op: OpenIDProvider, start_gateway: Callable[..., RunningGateway], backend: Backend,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    policy = write_policy(tmp_path, op)
+    policy.write_text(policy.read_text().replace(
+        "allow: {scope: read}}",
+        "allow: {scope: read}, limits: [{name: per-ip, key: ip, rate: 2/hour}]}",
+    ))  # fmt: skip
+    gw = start_gateway(policy)
+    before = op.introspections()
+    statuses = [get(gw, "/api/read", f"random-token-{i}").status for i in range(4)]
+    assert statuses == [401, 401, 429, 429]
+    assert op.introspections() == before + 2  # the 429s cost the provider nothing
+    assert backend.seen == []

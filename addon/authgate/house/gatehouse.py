@@ -465,9 +465,10 @@ class Gatehouse:
             decision = first
         else:
             if first.work is not None:
-                if seen.hits and isinstance(first.work, PasswordCheck):
-                    # Read the IP limits before spending a bcrypt on the
-                    # request: a client over its limit costs no hash.
+                if seen.hits and isinstance(first.work, PasswordCheck | Introspect):
+                    # Read the IP limits before spending a bcrypt or a call to
+                    # the provider on the request: a client over its limit
+                    # costs no hash and makes no introspection call.
                     told, note = await self._count(policy, seen.hits, now, consume=False)
                     if told is not None:
                         again = await self._again(policy, view, now, told)
