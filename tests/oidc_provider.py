@@ -42,9 +42,11 @@ MISSING = (
 class OpenIDProvider:
     """One oidc-provider process. `clients`: oidc-provider client metadata;
     `accounts`: login name -> extra claims (email, groups, ...); `ttl`:
-    lifetimes in seconds by oidc-provider model name (AccessToken, ...);
-    `scopes`: scope values beyond openid and offline_access that clients may
-    ask for (a client_credentials grant asks for these)."""
+    lifetimes in seconds by oidc-provider model name (AccessToken,
+    ClientCredentials, ...); `scopes`: scope values beyond openid and
+    offline_access that clients may ask for (a client_credentials grant asks
+    for these); `token_claims`: account or client id -> claims added to the
+    access tokens it issues (introspection answers carry them)."""
 
     def __init__(
         self,
@@ -54,6 +56,7 @@ class OpenIDProvider:
         id_token_claims: bool = True,
         scopes: list[str] | None = None,
         port: int | None = None,
+        token_claims: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         node = shutil.which("node")
         if node is None or not (HERE / "node_modules" / "oidc-provider").is_dir():
@@ -71,6 +74,7 @@ class OpenIDProvider:
                     "ttl": ttl or {},
                     "idTokenClaims": id_token_claims,
                     "scopes": scopes or [],
+                    "tokenClaims": token_claims or {},
                 }
             )
         )
@@ -126,6 +130,18 @@ class OpenIDProvider:
         assert status == 200, status
         data: dict[str, Any] = json.loads(body)
         return data
+
+    def introspections(self) -> int:
+        """How many introspection requests the provider has served (since it
+        last started)."""
+        status, _, body = request("GET", f"{self.issuer}/_test/counts")
+        assert status == 200, status
+        return int(json.loads(body)["introspection"])
+
+    def slow_introspection(self, ms: int) -> None:
+        """Answer each introspection request `ms` milliseconds late (0: at once)."""
+        status, _, _ = request("GET", f"{self.issuer}/_test/delay?ms={int(ms)}")
+        assert status == 200, status
 
     def __enter__(self) -> OpenIDProvider:
         self.start()

@@ -23,12 +23,18 @@ import bcrypt
 
 from authgate.core.clientcert import ClientCert
 from authgate.core.identity import Identity
+from authgate.core.introspection import (
+    Introspect,
+    introspected,
+    introspecting_issuer,
+    introspection_work,
+)
 from authgate.core.keyset import RemoteKeys
 from authgate.core.tokens import (
     Issuer,
-    KeysUnavailable,
     TokenCache,
     TokenRejected,
+    Unavailable,
     describe_token,
     unverified_kid,
     verify,
@@ -370,7 +376,7 @@ class Outcome:
     reason: str = ""  # client-safe
     code: str = ""  # machine-readable: expired, bad_signature, unknown_api_key, ...
     detail: str = ""  # internal
-    unavailable: KeysUnavailable | None = None
+    unavailable: Unavailable | None = None  # keys or introspection: 503
 
 
 # --- verifiers: one per credential kind -------------------------------------------------
@@ -395,7 +401,7 @@ class KeyFetch:
     reason: str  # "cold start" or "unknown kid"
 
 
-Work = PasswordCheck | KeyFetch
+Work = PasswordCheck | KeyFetch | Introspect
 
 
 class Verifier(Protocol):
@@ -429,18 +435,45 @@ class Verifier(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class JwtVerifier:
+    """Bearer tokens: JWTs verified with their issuer's keys, and (when an
+    issuer introspects) opaque tokens checked by asking that issuer."""
+
     cache: TokenCache  # tokens already verified against this policy's keys
+    introspecting: Issuer | None = None  # the policy's one issuer with `introspection`
     kind: str = JWT
     label: str = "bearer token"
 
     def challenge(self) -> Challenge:
         return ("Bearer", ())
 
+    def introspected_by(self, presented: Presented) -> Issuer | None:
+        """The issuer to ask about this token, or None: verify it as a JWT."""
+        issuer = self.introspecting
+        if issuer is None or not any(i is issuer for i in presented.issuers):
+            return None
+        token = presented.value
+        known = self.cache.get(token) is not None  # a JWT another issuer verified
+        return issuer if introspecting_issuer(issuer, token, known) else None
+
     def describe(self, presented: Presented) -> str:
         where = "" if presented.via == "authorization" else f" from the {presented.via}"
+        if self.introspected_by(presented) is not None:
+            token = presented.value
+            shown = token[:6] + ("…" if len(token) > 6 else "")
+            return f"opaque bearer token {shown} ({len(token)} characters){where}"
         return f"bearer token {describe_token(presented.value)}{where}"
 
+    def _signers(self, presented: Presented) -> tuple[Issuer, ...]:
+        """The issuers that may have signed a JWT: not one that only introspects."""
+        issuer = self.introspecting
+        if issuer is None or issuer.verifies_signatures:
+            return presented.issuers
+        return tuple(i for i in presented.issuers if i is not issuer)
+
     def slow_work(self, presented: Presented, now: float) -> Work | None:
+        asked = self.introspected_by(presented)
+        if asked is not None:
+            return introspection_work(asked, presented.value, now)
         remote = [i for i in presented.issuers if i.remote is not None]
         if not remote:
             return None
@@ -458,10 +491,16 @@ class JwtVerifier:
 
     def check(self, presented: Presented, now: float) -> Outcome:
         try:
-            return Outcome(verify(presented.issuers, presented.value, now, self.cache))
+            asked = self.introspected_by(presented)
+            if asked is not None:
+                return Outcome(introspected(asked, presented.value, now))
+            signers = self._signers(presented)
+            if not signers:
+                raise TokenRejected("wrong_issuer", "no issuer verifies JWT signatures here")
+            return Outcome(verify(signers, presented.value, now, self.cache))
         except TokenRejected as e:
             return Outcome(failed=JWT, reason=e.reason, code=e.code, detail=e.detail)
-        except KeysUnavailable as e:
+        except Unavailable as e:
             return Outcome(failed=JWT, reason=e.reason, code=e.code, detail=e.detail, unavailable=e)
 
 

@@ -140,6 +140,7 @@ INVALID_TOKEN = "invalid_token"
 INVALID_REQUEST = "invalid_request"
 INVALID_CREDENTIALS = "invalid_credentials"
 KEYS_UNAVAILABLE = "keys_unavailable"
+INTROSPECTION_UNAVAILABLE = "introspection_unavailable"
 LOGIN_REDIRECT = "login_redirect"
 PREFLIGHT = "preflight"
 FORBIDDEN = "forbidden"
@@ -694,9 +695,12 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
             if t.on:
                 t(f"credentials: cannot verify, {outcome.detail}")
             retry = str(outcome.unavailable.retry_after)
-            return deny(
-                503, KEYS_UNAVAILABLE, headers=(("Retry-After", retry),), detail=outcome.detail
+            reason = (
+                INTROSPECTION_UNAVAILABLE
+                if outcome.code == INTROSPECTION_UNAVAILABLE
+                else KEYS_UNAVAILABLE
             )
+            return deny(503, reason, headers=(("Retry-After", retry),), detail=outcome.detail)
         if outcome.failed is not None:
             if t.on:
                 t(f"credentials: {verifier.label} rejected: {outcome.reason} ({outcome.detail})")

@@ -19,6 +19,7 @@ from authgate.core.decision import (
     FORBIDDEN,
     HIDDEN,
     INSUFFICIENT_SCOPE,
+    INTROSPECTION_UNAVAILABLE,
     INVALID_CREDENTIALS,
     INVALID_REQUEST,
     INVALID_TOKEN,
@@ -47,6 +48,7 @@ _WORDS = {
     NO_RULE: "no rule",
     NO_CREDENTIALS: "no credentials",
     KEYS_UNAVAILABLE: "keys unavailable",
+    INTROSPECTION_UNAVAILABLE: "introspection unavailable",
     LOGIN_REDIRECT: "to login",
 }
 _PERIODS = {1: "s", 60: "min", 3600: "h", 86400: "day"}

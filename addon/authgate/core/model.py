@@ -250,7 +250,8 @@ class Policy:
         object.__setattr__(self, "router", Router(self.rules))
         verifiers: dict[str, Verifier] = {}
         if self.issuers:
-            verifiers[JWT] = JwtVerifier(self.token_cache)
+            introspecting = next((i for i in self.issuers if i.introspection is not None), None)
+            verifiers[JWT] = JwtVerifier(self.token_cache, introspecting)
         if self.api_keys is not None:
             verifiers[API_KEY] = ApiKeyVerifier(self.api_keys)
         if self.basic is not None:
@@ -262,7 +263,9 @@ class Policy:
         object.__setattr__(self, "verifiers", verifiers)
         object.__setattr__(self, "cookie_issuers", issuers_by(self.issuers, "cookie"))
         object.__setattr__(self, "query_issuers", issuers_by(self.issuers, "query_param"))
-        slow = self.basic is not None or any(i.remote is not None for i in self.issuers)
+        slow = self.basic is not None or any(
+            i.remote is not None or i.introspection is not None for i in self.issuers
+        )
         object.__setattr__(self, "slow_credentials", slow)
         object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
         object.__setattr__(self, "late_limits", tuple(x for x in self.limits if x.key != "ip"))
@@ -320,6 +323,17 @@ def credentials_in_clear(policy: Policy, listen: str) -> list[tuple[str, int | N
     for issuer in policy.issuers:
         if issuer.query_param:
             out.append((f"query-string tokens ({issuer.query_param})", issuer.line or None))
+    return out
+
+
+def secrets_readable_by_others(policy: Policy) -> list[tuple[str, int, int]]:
+    """(file, permission bits, policy line) of the client secret files that
+    users other than the owner could read, as they were at load."""
+    out = []
+    for issuer in policy.issuers:
+        config = issuer.introspection.config if issuer.introspection is not None else None
+        if config is not None and config.secret_file and (config.secret_mode or 0) & 0o077:
+            out.append((config.secret_file, config.secret_mode or 0, config.line))
     return out
 
 

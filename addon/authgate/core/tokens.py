@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from authgate.core.conditions import claim_at
 from authgate.core.identity import Identity
 from authgate.core.keyset import RemoteKeys, VerifyKey, find_key
+
+if TYPE_CHECKING:
+    from authgate.core.introspection import Introspected
 
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGS_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
@@ -73,19 +76,28 @@ class TokenRejected(CredentialError):
         "wrong_audience": "The access token is not meant for this service",
         "missing_claim": "The access token lacks a required claim",
         "bad_signature": "The access token signature is invalid",
+        "inactive": "The access token is not active",
     }
 
 
-class KeysUnavailable(CredentialError):
+class Unavailable(CredentialError):
+    """What the credential's check needs is not at hand (keys not fetched, the
+    issuer's introspection endpoint not answering): answer 503, never 401."""
+
+    def __init__(self, code: str, detail: str, issuer: str, retry_after: int) -> None:
+        super().__init__(code, detail)
+        self.args = (self.detail,)
+        self.issuer = issuer
+        self.retry_after = retry_after
+
+
+class KeysUnavailable(Unavailable):
     """The issuer's keys could not be fetched yet: answer 503, never 401."""
 
     REASONS = {"keys_unavailable": "keys unavailable"}
 
     def __init__(self, issuer: str, retry_after: int, error: str | None) -> None:
-        super().__init__("keys_unavailable", f"no keys for {issuer}: {error}")
-        self.args = (self.detail,)
-        self.issuer = issuer
-        self.retry_after = retry_after
+        super().__init__("keys_unavailable", f"no keys for {issuer}: {error}", issuer, retry_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +118,13 @@ class Issuer:
     typ: str | None = None  # required `typ` header, e.g. "at+jwt" (RFC 9068)
     max_token_age: float | None = None  # seconds since `iat`
     line: int = 0  # where the policy defines it
+    # RFC 7662: tokens checked by asking the issuer (core.introspection).
+    introspection: Introspected | None = field(default=None, compare=False)
+
+    @property
+    def verifies_signatures(self) -> bool:
+        """Keys of its own (an issuer whose every token is introspected has none)."""
+        return bool(self.keys) or self.remote is not None
 
     def key_for(self, kid: Any) -> VerifyKey | None:
         if self.remote is None:

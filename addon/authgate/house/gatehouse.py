@@ -38,14 +38,22 @@ from authgate.core.decision import (
     decide,
     prepare,
 )
+from authgate.core.introspection import Introspect
 from authgate.core.ipset import normalize_ip, parse_ip
-from authgate.core.model import Ban, Policy, WatchSpec, credentials_in_clear
+from authgate.core.model import (
+    Ban,
+    Policy,
+    WatchSpec,
+    credentials_in_clear,
+    secrets_readable_by_others,
+)
 from authgate.core.ratelimit import ALLOWED, Hit, Recorder, Verdict
 from authgate.core.watch import Observation, observations, stronger
 from authgate.house.admin import AdminServer, Readiness
 from authgate.house.workers import write_status
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
+from authgate.runtime.introspection import Introspector
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
@@ -201,6 +209,7 @@ class Gatehouse:
         self._meanwhile: list[tuple[str, Ban | None]] | None = None
         self._watch_alone = False  # the shared store cannot answer: counting here
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.introspector = Introspector(clock, shared=lambda: self.shared)
         self.metrics = Metrics(lambda: self.policy, lambda: self.bans)
         self.would_deny: dict[str, int] = {}
         self.loaded_at = 0.0
@@ -288,6 +297,11 @@ class Gatehouse:
             return False
         if listening is not None:
             self.warn_in_clear(self.policy, listening)
+        for file, mode, _ in secrets_readable_by_others(self.policy):
+            logger.warning(
+                f"authgate: the client secret file {file} can be read by other users "
+                f"(mode {mode:03o}); chmod 600 {file}"
+            )
         if self.policy.basic is not None:
             for user, cost in self.policy.basic.weak():
                 logger.warning(
@@ -374,6 +388,7 @@ class Gatehouse:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        self.introspector.close()
         self.metrics.stop()
         if self.admin is not None:
             self.admin.stop()
@@ -480,6 +495,19 @@ class Gatehouse:
             for i in (policy.issuers if policy else ())
             if i.remote is not None
         }
+        introspection = {
+            i.issuer: {
+                "endpoint": i.introspection.endpoint,
+                "tokens": i.introspection.tokens,
+                "calls": i.introspection.calls,
+                "remembered": len(i.introspection),
+                "shared_hits": i.introspection.shared_hits,
+                "failures": i.introspection.failures_total,
+                "last_error": i.introspection.last_error,
+            }
+            for i in (policy.issuers if policy else ())
+            if i.introspection is not None
+        }
         shared = self.shared
         store: dict[str, Any] = {"kind": "memory" if shared is None else "redis"}
         if shared is not None:
@@ -503,6 +531,7 @@ class Gatehouse:
             "bans": self.list_bans(MAX_STATUS_BANS),
             **self.more_status(),
             "jwks": keys,
+            "introspection": introspection,
         }
 
     # --- judging ---------------------------------------------------------------------
@@ -558,9 +587,10 @@ class Gatehouse:
             decision = first
         else:
             if first.work is not None:
-                if seen.hits and isinstance(first.work, PasswordCheck):
-                    # Read the IP limits before spending a bcrypt on the
-                    # request: a client over its limit costs no hash.
+                if seen.hits and isinstance(first.work, PasswordCheck | Introspect):
+                    # Read the IP limits before spending a bcrypt or a call to
+                    # the provider on the request: a client over its limit
+                    # costs no hash and makes no introspection call.
                     told, note = await self._count(policy, seen.hits, now, consume=False)
                     if told is not None:
                         again = await self._again(policy, view, now, told)
@@ -827,8 +857,9 @@ class Gatehouse:
 
     async def _slow_work(self, prepared: Prepared) -> None:
         """What the credential needs before `decide`: a bcrypt check (in a
-        thread, two at a time), or a key fetch (joined, waited on at most
-        about a second)."""
+        thread, two at a time), a key fetch (joined, waited on at most about
+        a second), or an introspection call (joined, waited on at most its
+        timeout)."""
         work = prepared.work
         if isinstance(work, PasswordCheck) and prepared.policy.basic is not None:
             async with self._bcrypt_slots:
@@ -837,6 +868,8 @@ class Gatehouse:
                 )
         elif isinstance(work, KeyFetch):
             await self.fetcher.join(work.source, work.reason, work.kid)
+        elif isinstance(work, Introspect):
+            await self.introspector.join(work)
 
     # --- the record ------------------------------------------------------------------
 

@@ -34,6 +34,15 @@ from authgate.core.credentials import (
     ClientCerts,
     parse_htpasswd,
 )
+from authgate.core.introspection import (
+    ALL,
+    AUTH_METHODS,
+    CLIENT_SECRET_BASIC,
+    OPAQUE,
+    TOKEN_CHOICES,
+    Introspected,
+    IntrospectionConfig,
+)
 from authgate.core.ipset import IPSet, cidr_key, parse_cidr, read_cidr_text
 from authgate.core.keyset import RemoteKeys, VerifyKey, check_url
 from authgate.core.model import (
@@ -69,6 +78,23 @@ _SAFE_REALM = re.compile(r"^[\x20\x21\x23-\x5B\x5D-\x7E]+$")
 _LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _CONTROL_OR_COMMA = re.compile(r"[\x00-\x1f\x7f,]")
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Issuer keys about verifying JWT signatures: meaningless for an issuer whose
+# every token is introspected.
+_JWT_ONLY = (
+    "algorithms",
+    "jwks_file",
+    "public_key_file",
+    "secret_env",
+    "jwks_url",
+    "discovery",
+    "jwks_min_ttl",
+    "jwks_max_ttl",
+    "jwks_refresh_cooldown",
+    "typ",
+    "require_exp",
+)
 
 # What a limit does while a shared store (Redis) cannot answer.
 STORE_ERROR_CHOICES = ("local", "deny", "allow")
@@ -386,8 +412,24 @@ class _Builder:
             "required_claims",
             "typ",
             "max_token_age",
+            "introspection",
         }
-        self.keys(d, allowed, where, {"name", "issuer", "algorithms"})
+        introspection: Introspected | None = None
+        if "introspection" in d:
+            introspection = self.introspection(d, where)
+        every = introspection is not None and introspection.tokens == ALL
+        self.keys(
+            d, allowed, where, {"name", "issuer"} if every else {"name", "issuer", "algorithms"}
+        )
+        if every:
+            for key in _JWT_ONLY:
+                if key in d:
+                    raise self.error(
+                        self.line_of(d, key),
+                        f"{where}.{key}: every token of this issuer is introspected "
+                        "(introspection.tokens: all), so it verifies no signature; leave "
+                        f"{key} out (or use tokens: opaque to verify its JWTs with keys)",
+                    )
         name = self.get(d, "name", str, where)
         iss = self.get(d, "issuer", str, where)
         aud_value = d.get("audience")
@@ -403,6 +445,9 @@ class _Builder:
             raise self.error(
                 self.line_of(d, "audience"), "audience must be a string or a list of strings"
             )
+        if every:
+            return self.issuer_fields(d, where, name, iss, audience, frozenset(), [], None,
+                                      introspection)  # fmt: skip
         alg_items = self.strings(d, "algorithms", where)
         if not alg_items:
             raise self.error(
@@ -489,6 +534,23 @@ class _Builder:
             if len(secret.encode()) < 32:
                 raise self.error(source_line, f"the secret in {text} is shorter than 32 bytes")
             keys = [VerifyKey(None, secret.encode(), algorithms)]
+        return self.issuer_fields(
+            d, where, name, iss, audience, algorithms, keys, remote, introspection
+        )
+
+    def issuer_fields(
+        self,
+        d: MarkedDict,
+        where: str,
+        name: str,
+        iss: str,
+        audience: tuple[str, ...],
+        algorithms: frozenset[str],
+        keys: list[VerifyKey],
+        remote: RemoteKeys | None,
+        introspection: Introspected | None,
+    ) -> Issuer:
+        """The settings every issuer has, however its tokens are checked."""
         leeway = self.duration(d.get("leeway", 0), self.line_of(d, "leeway"), f"{where}.leeway")
         roles_claim = self.get(d, "roles_claim", str, where, "roles")
         scope_claim = self.get(d, "scope_claim", str, where, "scope")
@@ -523,7 +585,121 @@ class _Builder:
             typ=typ,
             max_token_age=max_age,
             line=d.line,
+            introspection=introspection,
         )
+
+    def introspection(self, issuer: MarkedDict, where: str) -> Introspected:
+        """An issuer's `introspection:` (RFC 7662): where to ask, as whom,
+        which tokens, and how long answers are remembered."""
+        line = self.line_of(issuer, "introspection")
+        here = f"{where}.introspection"
+        d = self.get(issuer, "introspection", dict, where)
+        allowed = {
+            "endpoint",
+            "discovery",
+            "client_id",
+            "client_secret_file",
+            "client_secret_env",
+            "auth",
+            "tokens",
+            "cache_max",
+            "negative_cache",
+            "timeout",
+        }
+        self.keys(d, allowed, here, {"client_id"})
+        iss = issuer.get("issuer")
+        if not isinstance(iss, str):
+            raise self.error(self.line_of(issuer, "issuer"), f"{where} needs 'issuer' (a string)")
+        allow_http = self.get(issuer, "allow_http", bool, where, False)
+        sources = [k for k in ("endpoint", "discovery") if k in d]
+        if len(sources) != 1:
+            raise self.error(d.line or line, f"{here} needs exactly one of endpoint, discovery")
+        endpoint: str | None = None
+        if sources[0] == "endpoint":
+            endpoint = self.get(d, "endpoint", str, here)
+            checked = endpoint
+        else:
+            if self.get(d, "discovery", bool, here) is not True:
+                raise self.error(
+                    self.line_of(d, "discovery"), "discovery must be true (or left out)"
+                )
+            checked = iss
+        try:
+            check_url(checked, allow_http)
+        except ValueError as e:
+            raise self.error(self.line_of(d, sources[0]), f"{here}.{sources[0]}: {e}") from None
+        client_id = self.get(d, "client_id", str, here)
+        if not client_id or _CONTROL.search(client_id):
+            raise self.error(
+                self.line_of(d, "client_id"), "client_id must be a non-empty plain string"
+            )
+        secret_sources = [k for k in ("client_secret_file", "client_secret_env") if k in d]
+        if len(secret_sources) != 1:
+            raise self.error(
+                d.line or line, f"{here} needs exactly one of client_secret_file, client_secret_env"
+            )
+        secret_key = secret_sources[0]
+        secret_line = self.line_of(d, secret_key)
+        where_from = self.get(d, secret_key, str, here)
+        secret_file: str | None = None
+        secret_mode: int | None = None
+        if secret_key == "client_secret_file":
+            data = self.read(where_from, secret_line, "client secret file")
+            secret_file = str(self.path(where_from, secret_line))
+            try:
+                secret_mode = os.stat(secret_file).st_mode & 0o777
+                secret = data.decode("utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError):
+                raise self.error(
+                    secret_line, f"client secret file {where_from!r} is not UTF-8 text"
+                ) from None
+            what = f"client secret file {where_from!r}"
+        else:
+            value = os.environ.get(where_from)
+            if value is None:
+                raise self.error(secret_line, f"environment variable {where_from} is not set")
+            secret = value
+            what = f"environment variable {where_from}"
+        if not secret:
+            raise self.error(secret_line, f"the {what} is empty")
+        if _CONTROL.search(secret):
+            raise self.error(secret_line, f"the {what} holds a control character or a newline")
+        auth = self.get(d, "auth", str, here, CLIENT_SECRET_BASIC)
+        if auth not in AUTH_METHODS:
+            raise self.error(
+                self.line_of(d, "auth"), f"auth must be {' or '.join(AUTH_METHODS)}, not {auth!r}"
+            )
+        tokens = self.get(d, "tokens", str, here, OPAQUE)
+        if tokens not in TOKEN_CHOICES:
+            raise self.error(
+                self.line_of(d, "tokens"),
+                f"tokens must be opaque (tokens that are not JWTs) or all, not {tokens!r}",
+            )
+
+        def positive(key: str, default: str, most: float) -> float:
+            seconds = self.duration(d.get(key, default), self.line_of(d, key), f"{here}.{key}")
+            if not 0 < seconds <= most:
+                raise self.error(
+                    self.line_of(d, key), f"{here}.{key} must be more than 0 and at most {most:g}s"
+                )
+            return seconds
+
+        config = IntrospectionConfig(
+            issuer=iss,
+            endpoint=endpoint,
+            client_id=client_id,
+            client_secret=secret,
+            auth=auth,
+            tokens=tokens,
+            cache_max=positive("cache_max", "1m", 86400),
+            negative_cache=positive("negative_cache", "10s", 3600),
+            timeout=positive("timeout", "2s", 30),
+            allow_http=allow_http,
+            secret_file=secret_file,
+            secret_mode=secret_mode,
+            line=line,
+        )
+        return Introspected(config)
 
     def string_set(self, d: MarkedDict, key: str, where: str) -> frozenset[str]:
         return frozenset(v for _, v in self.strings(d, key, where))
@@ -923,6 +1099,7 @@ class _Builder:
                 problems.append(e)
                 read.append(None)
         issuers = tuple(i for i in read if i is not None)
+        attempt(lambda: _one_introspecting(issuers, self), None)
         if len(issuers) == len(read):
             attempt(
                 lambda: _unique(issuers, lambda i: i.name, "issuer name", self, jwt_items), None
@@ -1043,6 +1220,20 @@ def _unique(
         if k in seen:
             raise b.error(line, f"duplicate {what} {k!r}")
         seen.add(k)
+
+
+def _one_introspecting(issuers: tuple[Issuer, ...], b: _Builder) -> None:
+    """An opaque token does not say who issued it: with two introspecting
+    issuers the gateway would have to hand every token to both."""
+    asking = [i for i in issuers if i.introspection is not None]
+    if len(asking) > 1:
+        first, second = asking[0], asking[1]
+        assert second.introspection is not None
+        raise b.error(
+            second.introspection.config.line,
+            f"issuers {first.name!r} and {second.name!r} both introspect; an opaque token "
+            "does not say which issuer it is from, so it would be sent to both: keep one",
+        )
 
 
 def parse_policy(text: str, file: str = "<policy>", base: Path | None = None) -> Policy:

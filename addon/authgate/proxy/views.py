@@ -23,7 +23,7 @@ from typing import Any
 from mitmproxy import contentviews, http
 from mitmproxy import flow as mflow
 
-from authgate.core.credentials import API_KEY, BASIC, JWT, MTLS, Ambiguous, find
+from authgate.core.credentials import API_KEY, BASIC, JWT, MTLS, Ambiguous, JwtVerifier, find
 from authgate.core.decision import NO_BANS, Bans, RequestView
 from authgate.core.explanation import explain
 from authgate.core.model import Policy
@@ -182,6 +182,14 @@ def credential(request: RequestView, policy: Policy | None, now: float) -> list[
             ),
         ]
     assert presented.kind == JWT
+    verifier = policy.verifiers.get(JWT)
+    asked = verifier.introspected_by(presented) if isinstance(verifier, JwtVerifier) else None
+    if asked is not None:
+        return [
+            f"credential: opaque bearer token {where}",
+            f"  issuer  {asked.issuer} (asked by introspection, RFC 7662)",
+            "  token   (not shown)",
+        ]
     return [f"credential: JWT {where}", *token_lines(presented.value, now)]
 
 

@@ -59,6 +59,47 @@ class _Bans(Collector):
         yield gauge
 
 
+class _Introspection(Collector):
+    """Introspection calls and answers, read from the live issuers at scrape time."""
+
+    def __init__(self, policy: Callable[[], Policy | None]) -> None:
+        self.policy = policy
+
+    def collect(self) -> Iterator[Any]:
+        calls = CounterMetricFamily(
+            "authgate_introspection_calls",
+            "Token introspection requests made to the issuer (RFC 7662)",
+            labels=["issuer"],
+        )
+        failures = CounterMetricFamily(
+            "authgate_introspection_failures",
+            "Introspection requests with no usable answer (down, slow, broken)",
+            labels=["issuer"],
+        )
+        shared = CounterMetricFamily(
+            "authgate_introspection_shared_hits",
+            "Introspection answers found in the shared store instead of asking",
+            labels=["issuer"],
+        )
+        remembered = GaugeMetricFamily(
+            "authgate_introspection_remembered",
+            "Introspection answers remembered in this process",
+            labels=["issuer"],
+        )
+        policy = self.policy()
+        for issuer in policy.issuers if policy is not None else ():
+            source = issuer.introspection
+            if source is not None:
+                calls.add_metric([issuer.issuer], source.calls)
+                failures.add_metric([issuer.issuer], source.failures_total)
+                shared.add_metric([issuer.issuer], source.shared_hits)
+                remembered.add_metric([issuer.issuer], len(source))
+        yield calls
+        yield failures
+        yield shared
+        yield remembered
+
+
 class Metrics:
     def __init__(
         self,
@@ -136,6 +177,7 @@ class Metrics:
         r.register(_KeySets(policy))
         if bans is not None:
             r.register(_Bans(bans))
+        r.register(_Introspection(policy))
         # Label children by their label values: looked up once, then reused
         # (a policy has few rules and reasons, so this stays small).
         self._decided: dict[tuple[str, str, str, str], Any] = {}

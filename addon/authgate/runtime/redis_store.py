@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -570,7 +571,7 @@ class RedisStore:
                 o.key.encode("utf-8", "surrogatepass"),
                 spec.name,
             ]
-        reply = await self._call(self._watch_script, keys, args)
+        reply = await self._call(self._watch_script(keys=keys, args=args))
         clock = time.time()
         try:
             if not isinstance(reply, list) or len(reply) != 4 * len(observations):
@@ -600,7 +601,7 @@ class RedisStore:
         return await self._bans(version, str(int(now_us)))
 
     async def _bans(self, version: str, now: str) -> BanTable | None:
-        reply = await self._call(self._bans_script, self._ban_keys, [version, now])
+        reply = await self._call(self._bans_script(keys=self._ban_keys, args=[version, now]))
         clock = time.time()
         try:
             if not isinstance(reply, list) or len(reply) < 2 or (len(reply) - 2) % 3:
@@ -623,19 +624,34 @@ class RedisStore:
         """End the ban on `key` in Redis (every gateway drops it at its next
         look); whether one was in force."""
         reply = await self._call(
-            self._lift_script, self._ban_keys, [key.encode("utf-8", "surrogatepass")]
+            self._lift_script(keys=self._ban_keys, args=[key.encode("utf-8", "surrogatepass")])
         )
         return bool(reply == 1)
 
-    async def _call(self, script: Any, keys: Sequence[bytes], args: Sequence[str | bytes]) -> Any:
-        """One script run under the breaker and the timeout."""
+    async def cache_get(self, key: str) -> bytes | None:
+        """A cached value (`{PREFIX}:cache:KEY`), or None. StoreUnavailable on
+        any failure, as for `hit_all` (the same breaker and timeout)."""
+        reply = await self._call(self.client.get(store_key(self.prefix, "cache", key)))
+        if reply is not None and not isinstance(reply, bytes):
+            raise StoreUnavailable(f"{self.where}: bad reply to GET ({type(reply).__name__})")
+        return reply
+
+    async def cache_put(self, key: str, value: bytes, ttl: float) -> None:
+        """Cache a value for `ttl` seconds (at least a millisecond)."""
+        ms = max(1, int(ttl * 1000))
+        await self._call(self.client.set(store_key(self.prefix, "cache", key), value, px=ms))
+
+    async def _call(self, command: Awaitable[Any]) -> Any:
+        """One command or script run within the timeout, through the breaker."""
         if not self.breaker.allow():
+            if inspect.iscoroutine(command):
+                command.close()
             raise StoreUnavailable(
                 f"circuit open after {self.breaker.consecutive} errors "
                 f"(next try in {self.breaker.retry_in():.1f} s; last: {self.breaker.last_error})"
             )
         try:
-            reply = await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
+            reply = await asyncio.wait_for(command, self.timeout)
         except asyncio.CancelledError:
             self.breaker.abandon()
             raise

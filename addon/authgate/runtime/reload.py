@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable
 
 from authgate.core.model import Policy
+from authgate.core.tokens import Issuer
 
 Fingerprint = dict[str, tuple[int, int] | None]
 
@@ -33,17 +34,41 @@ def fingerprint(files: Iterable[str]) -> Fingerprint:
 
 def carry_over(old: Policy, new: Policy) -> Policy:
     """The new policy, with the old one's fetched key sets where the issuer's
-    key source is unchanged (no 503 window, no refetch storm on reload).
+    key source is unchanged (no 503 window, no refetch storm on reload), and
+    its introspection answers where the issuer asks and reads them alike (a
+    reload while the provider is down keeps serving the tokens it knew).
     Verified tokens are not carried: the new policy's token cache starts
     empty, so a key that left a `jwks_file` verifies nothing after the swap."""
-    previous = {i.issuer: i.remote for i in old.issuers if i.remote is not None}
+    previous = {i.issuer: i for i in old.issuers}
     issuers = []
     changed = False
     for issuer in new.issuers:
-        kept = previous.get(issuer.issuer)
+        before = previous.get(issuer.issuer)
+        kept = before.remote if before is not None else None
         if issuer.remote is not None and kept is not None and kept.same_source(issuer.remote):
             kept.adopt_settings(issuer.remote)
             issuer = dataclasses.replace(issuer, remote=kept)
             changed = True
+        asked = before.introspection if before is not None else None
+        if (
+            before is not None
+            and asked is not None
+            and issuer.introspection is not None
+            and asked.same_source(issuer.introspection)
+            and _reads_alike(before, issuer)
+        ):
+            issuer = dataclasses.replace(issuer, introspection=asked)
+            changed = True
         issuers.append(issuer)
     return dataclasses.replace(new, issuers=tuple(issuers)) if changed else new
+
+
+def _reads_alike(a: Issuer, b: Issuer) -> bool:
+    """The settings a remembered introspection answer was read with."""
+    return (a.audience, a.roles_claim, a.scope_claim, a.required_claims, a.max_token_age) == (
+        b.audience,
+        b.roles_claim,
+        b.scope_claim,
+        b.required_claims,
+        b.max_token_age,
+    )

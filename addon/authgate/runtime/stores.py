@@ -125,7 +125,8 @@ class StoreUnavailable(Exception):
 class SharedStore(Protocol):
     """A store several gateways share, reached over the network: one call per
     request judges and counts all its hits (see `BatchLimiter`), with the
-    store's own clock. Raises StoreUnavailable, never hangs."""
+    store's own clock; and a cache of values with an expiry (introspection
+    answers). Raises StoreUnavailable, never hangs."""
 
     async def hit_all(self, hits: Sequence[Hit], consume: bool = True) -> list[Verdict]: ...
 
@@ -141,6 +142,14 @@ class SharedStore(Protocol):
 
     async def lift(self, key: str) -> bool:
         """End the ban on `key`; whether there was one."""
+        ...
+
+    async def cache_get(self, key: str) -> bytes | None:
+        """A value other gateways may have put (introspection answers), or None."""
+        ...
+
+    async def cache_put(self, key: str, value: bytes, ttl: float) -> None:
+        """Put a value for `ttl` seconds, for every gateway sharing the store."""
         ...
 
     async def ping(self) -> bool: ...

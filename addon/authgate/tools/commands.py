@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from authgate.core.credentials import hash_key
+from authgate.core.decision import RequestView
 from authgate.core.model import Policy
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
@@ -68,6 +69,26 @@ def _with_keys(policy: Policy, command: str) -> Policy:
                     file=sys.stderr,
                 )
     return policy
+
+
+def _introspect(policy: Policy, request: RequestView, now: float) -> None:
+    """Ask the issuer about an opaque token the request carries, as the
+    gateway would (once, now); say so when it cannot answer (the request is
+    then judged 503 introspection_unavailable)."""
+    from authgate.core.decision import Prepared, prepare
+    from authgate.core.introspection import Introspect
+    from authgate.runtime.introspection import introspect_sync
+
+    prepared = prepare(policy, request, now, MemoryStore(), consume=False)
+    if isinstance(prepared, Prepared) and isinstance(prepared.work, Introspect):
+        problem = introspect_sync(prepared.work.issuer, prepared.work.token, now)
+        if problem is not None:
+            print(
+                f"authgate explain: cannot introspect the token at "
+                f"{prepared.work.issuer.issuer}: {problem}; it is judged 503 "
+                "introspection_unavailable",
+                file=sys.stderr,
+            )
 
 
 def _plural(n: int, word: str) -> str:
@@ -141,6 +162,7 @@ def explain_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _error("explain", str(e))
     now = time.time() if at is None else float(at)
+    _introspect(policy, request, now)
     told = explain(policy, request, now, MemoryStore())
     if args.json:
         print(json.dumps(told.as_dict(), indent=2))

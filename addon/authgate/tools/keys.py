@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ DEMO_ISSUER = "https://issuer.example"
 DEMO_AUDIENCE = "api"
 PRIVATE_NAME = "demo-private.pem"
 JWKS_NAME = "jwks.json"
+CLIENT_SECRET_NAME = "introspection-client.secret"
 
 
 def demo_key_path() -> Path:
@@ -53,10 +55,15 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def ensure_demo_keys(folder: Path) -> Path:
-    """Create the demo key pair in `folder` unless it exists; return the private key path."""
+    """Create the demo key pair in `folder` unless it exists, and a stand-in
+    introspection client secret (policies/opaque-tokens.yaml reads it); return
+    the private key path."""
     folder.mkdir(parents=True, exist_ok=True)
     private = folder / PRIVATE_NAME
     jwks = folder / JWKS_NAME
+    secret = folder / CLIENT_SECRET_NAME
+    if not secret.exists():
+        _write_atomic(secret, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
     if private.exists() and jwks.exists():
         return private
     key = new_rsa_key()

@@ -46,7 +46,12 @@ from typing import Any
 import yaml
 
 from authgate.core import conditions as c
-from authgate.core.decision import INVALID_REQUEST, KEYS_UNAVAILABLE, judge
+from authgate.core.decision import (
+    INTROSPECTION_UNAVAILABLE,
+    INVALID_REQUEST,
+    KEYS_UNAVAILABLE,
+    judge,
+)
 from authgate.core.identity import Identity
 from authgate.core.ipset import IPSet
 from authgate.core.model import Policy, Rule
@@ -160,11 +165,14 @@ def verify(base: Policy, records: Sequence[Recorded]) -> tuple[list[Seen], Ident
         d = judge(probe, r.request, when, limiter, consume=False)
         rejected = ""
         if not d.allowed:
-            # A credential that failed (401), one presented twice (400) or an
-            # issuer whose keys cannot be had (503): no identity.
-            rejected = {INVALID_REQUEST: "sent two ways", KEYS_UNAVAILABLE: "no keys"}.get(
-                d.reason, d.detail or d.reason
-            )
+            # A credential that failed (401), one presented twice (400), an
+            # issuer whose keys cannot be had or an opaque token nobody was
+            # asked about (503): no identity.
+            rejected = {
+                INVALID_REQUEST: "sent two ways",
+                KEYS_UNAVAILABLE: "no keys",
+                INTROSPECTION_UNAVAILABLE: "not introspected",
+            }.get(d.reason, d.detail or d.reason)
             ids.rejected[rejected] += 1
         who = d.identity if d.allowed else None
         if who is None:

@@ -22,6 +22,7 @@ from authgate.core.model import (
     Policy,
     Rule,
     credentials_in_clear,
+    secrets_readable_by_others,
 )
 from authgate.core.paths import PathPattern
 
@@ -313,6 +314,19 @@ def _weak_hashes(policy: Policy) -> list[Finding]:
     ]
 
 
+def _readable_secrets(policy: Policy) -> list[Finding]:
+    return [
+        Finding(
+            policy.file,
+            line or None,
+            "secret-readable",
+            f"the client secret file {file} can be read by other users (mode {mode:03o}): "
+            f"anyone on the machine can introspect as the gateway; chmod 600 {file}",
+        )
+        for file, mode, line in secrets_readable_by_others(policy)
+    ]
+
+
 def _nobody_qualifies(policy: Policy) -> list[Finding]:
     """Rules that want an identity no configured credential can give."""
     out = []
@@ -481,6 +495,7 @@ def lint(policy: Policy, listen: str | None = None) -> list[Finding]:
         *_limits(policy, shadowed),
         *_in_clear(policy, listen),
         *_weak_hashes(policy),
+        *_readable_secrets(policy),
         *_nobody_qualifies(policy),
         *_impossible(policy),
         *_host_rules(policy),

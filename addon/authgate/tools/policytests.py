@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from authgate.core.clientcert import ClientCert, sf_binary
 from authgate.core.decision import Decision, RequestView, judge
 from authgate.core.explanation import Explanation, explain
+from authgate.core.introspection import Introspected, entry_for, token_digest
 from authgate.core.keyset import VerifyKey
 from authgate.core.model import Policy
 from authgate.core.tokens import Issuer
@@ -89,14 +90,27 @@ class SigningKey:
 def with_test_keys(policy: Policy) -> tuple[Policy, dict[str, SigningKey]]:
     """A copy of the policy whose issuers verify only with throwaway keys, and
     those keys by issuer name. Everything else (issuer URL, audience, leeway,
-    claims paths, algorithms) stays as the policy says."""
+    claims paths, algorithms) stays as the policy says. An issuer that
+    introspects gets a state of its own that never calls its provider: the
+    runner puts the answer for each opaque token it makes there (`sign`)."""
     issuers: list[Issuer] = []
     signing: dict[str, SigningKey] = {}
     for issuer in policy.issuers:
-        alg = next(a for a in _PREFERENCE if a in issuer.algorithms)
+        own = (
+            Introspected(issuer.introspection.config) if issuer.introspection is not None else None
+        )
+        alg = next((a for a in _PREFERENCE if a in issuer.algorithms), "")
+        if not alg:  # every token introspected: no keys at all
+            swapped = dataclasses.replace(issuer, introspection=own)
+            issuers.append(swapped)
+            signing[issuer.name] = SigningKey(swapped, alg, None)
+            continue
         private, public = _throwaway(alg)
         swapped = dataclasses.replace(
-            issuer, keys=(VerifyKey(TEST_KID, public, frozenset({alg})),), remote=None
+            issuer,
+            keys=(VerifyKey(TEST_KID, public, frozenset({alg})),),
+            remote=None,
+            introspection=own,
         )
         issuers.append(swapped)
         signing[issuer.name] = SigningKey(swapped, alg, private)
@@ -132,8 +146,21 @@ def sign(keys: dict[str, SigningKey], spec: CaseToken, now: float) -> str:
             _put(claims, key.issuer.roles_claim, list(value))
         elif claim == "scopes":
             _put(claims, key.issuer.scope_claim, " ".join(value))
-    sub = claims.pop("sub", DEFAULT_SUBJECT)
     aud = key.issuer.audience[0] if key.issuer.audience else None
+    source = key.issuer.introspection
+    if source is not None and (spec.opaque or not key.alg):
+        # An opaque token, and the answer its issuer would give (RFC 7662 §2.2).
+        token = secrets.token_urlsafe(32)
+        answer = {"active": True, "sub": DEFAULT_SUBJECT, "iss": key.issuer.issuer,
+                  "exp": int(now + spec.ttl), "iat": int(now), "token_type": "Bearer"}  # fmt: skip
+        if aud is not None:
+            answer["aud"] = aud
+        answer.update(claims)
+        source.remember(token_digest(token), entry_for(answer, key.issuer, now, source.config), now)
+        return token
+    if spec.opaque:
+        raise ValueError(f"issuer {name!r} does not introspect: its tokens are JWTs")
+    sub = claims.pop("sub", DEFAULT_SUBJECT)
     # An issuer that requires a `typ` (RFC 9068 at+jwt) gets its tokens typed so.
     typ = {"typ": key.issuer.typ} if key.issuer.typ else None
     return mint(

@@ -55,12 +55,15 @@ class CaseRequest:
 
 @dataclass(frozen=True, slots=True)
 class CaseToken:
-    """A token described by its claims; the runner signs it with a throwaway key."""
+    """A token described by its claims; the runner signs it with a throwaway key
+    (or, for an opaque token, makes one up and stands in for the issuer's
+    introspection answer)."""
 
     issuer: str | None  # name of the policy's issuer; None: the first one
     ttl: float  # seconds from now to exp; negative for an expired token
     claims: tuple[tuple[str, Any], ...]  # as written; `roles`/`scopes` are placed by the runner
     send_as: str = "header"  # header (Authorization: Bearer), cookie or query
+    opaque: bool = False  # an opaque token its (introspecting) issuer answers for
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +255,12 @@ class _Parser:
         if send_as not in ("header", "cookie", "query"):
             raise self.error(d.key_lines["send_as"], f"{where} send_as must be header, cookie "
                              f"or query, not {send_as!r}")  # fmt: skip
+        opaque = d.get("opaque", False)
+        if not isinstance(opaque, bool):
+            raise self.error(d.key_lines["opaque"], f"{where} opaque must be true or false")
         claims = []
         for key, claim in d.items():
-            if key in ("issuer", "ttl", "send_as"):
+            if key in ("issuer", "ttl", "send_as", "opaque"):
                 continue
             problem = _not_json(claim)
             if problem:
@@ -264,7 +270,7 @@ class _Parser:
             ):
                 raise self.error(d.key_lines[key], f"{where} {key} must be a list of strings")
             claims.append((key, _plain(claim)))
-        return CaseToken(issuer, ttl, tuple(claims), send_as)
+        return CaseToken(issuer, ttl, tuple(claims), send_as, opaque)
 
     def expect(self, value: Any, line: int, where: str) -> Expectation:
         d = self.mapping(value, line, where)
