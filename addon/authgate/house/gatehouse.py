@@ -8,6 +8,8 @@ a door turns what arrives into a `RequestView`, asks `judge`, and turns the
 - judging with the rate-limit store (memory or shared) and the slow work a
   credential needs (bcrypt in a thread, a key fetch joined);
 - the decision log, the metrics, report-mode counts, request ids;
+- traces (`authgate_otlp`): the spans of the store round trip and the slow
+  work (the doors start the request's and the decision's);
 - the requests in flight, draining, readiness, the admin listener, status.
 """
 
@@ -19,9 +21,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from authgate.core.credentials import KeyFetch, PasswordCheck
 from authgate.core.decision import (
@@ -44,6 +47,10 @@ from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
 from authgate.runtime.stores import MemoryStore, SharedStore, StoreUnavailable
+from authgate.runtime.tracing import Attributes, open_tracing, traced
+
+if TYPE_CHECKING:
+    from authgate.runtime.otel import Tracing
 
 logger = logging.getLogger("authgate")
 # The decision log's encoder: one line, keys in the entry's order.
@@ -118,6 +125,7 @@ class Gatehouse:
         self.decided = 0  # decisions made by this process
         self.clock = clock
         self.fetcher = Fetcher()
+        self.tracing: Tracing | None = None  # None: no traces, nothing of OpenTelemetry imported
         self.metrics = Metrics(lambda: self.policy)
         self.would_deny: dict[str, int] = {}
         self.loaded_at = 0.0
@@ -171,6 +179,18 @@ class Gatehouse:
         self.store_url = url or "memory"
         if old is not None:
             self._close_later(old)
+
+    def configure_tracing(self, url: str, door: str) -> None:
+        """Traces to the OTLP/HTTP collector at `url` ('' stops them). Raises
+        ValueError (a bad address, or OpenTelemetry not installed)."""
+        old = self.tracing
+        if old is not None and url and old.endpoint == url:
+            return
+        self.tracing = open_tracing(url, door) if url else None
+        self.fetcher.tracing = self.tracing
+        if old is not None:
+            # Its last spans are exported in the background: never on the event loop.
+            threading.Thread(target=old.shutdown, name="authgate-otel-stop", daemon=True).start()
 
     def serve_admin(self, address: str) -> None:
         """The admin listener on HOST:PORT ('' stops it). Raises OSError, ValueError."""
@@ -286,6 +306,10 @@ class Gatehouse:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.tracing is not None:
+            self.tracing.shutdown()  # the spans still queued, exported (bounded)
+            self.tracing = None
+            self.fetcher.tracing = None
 
     # --- the policy ------------------------------------------------------------------
 
@@ -495,7 +519,10 @@ class Gatehouse:
         else:
             start = time.perf_counter()
             try:
-                verdicts = await shared.hit_all(hits, consume)
+                if self.tracing is None:
+                    verdicts = await shared.hit_all(hits, consume)
+                else:
+                    verdicts = await self._hit_traced(shared, hits, consume)
             except StoreUnavailable as e:
                 verdicts, note = self._without_store(policy, hits, now, consume, e)
             else:
@@ -504,6 +531,20 @@ class Gatehouse:
                     self._store_down = False
                     logger.warning("authgate: the rate-limit store answers again")
         return self._told(hits, verdicts), note
+
+    async def _hit_traced(
+        self, shared: SharedStore, hits: list[Hit], consume: bool
+    ) -> list[Verdict]:
+        """The store's round trip as the span `authgate.store`."""
+        attributes: Attributes = {
+            "db.system.name": "redis",
+            "authgate.store.limits": len(hits),
+            "authgate.store.consume": consume,
+        }
+        with traced(self.tracing, "authgate.store", attributes) as span:
+            verdicts = await shared.hit_all(hits, consume)
+            span.set_attribute("authgate.store.refused", sum(not v.allowed for v in verdicts))
+            return verdicts
 
     def _told(self, hits: list[Hit], verdicts: list[Verdict]) -> Recorder | None:
         """None when the store allowed every hit, else a Recorder answering
@@ -554,13 +595,23 @@ class Gatehouse:
         thread, two at a time), or a key fetch (joined, waited on at most
         about a second)."""
         work = prepared.work
+        tracing = self.tracing
         if isinstance(work, PasswordCheck) and prepared.policy.basic is not None:
             async with self._bcrypt_slots:
-                await asyncio.to_thread(
-                    prepared.policy.basic.check, work.user, work.password, self.clock()
-                )
+                with traced(tracing, "authgate.password_check"):
+                    await asyncio.to_thread(
+                        prepared.policy.basic.check, work.user, work.password, self.clock()
+                    )
         elif isinstance(work, KeyFetch):
-            await self.fetcher.join(work.source, work.reason, work.kid)
+            if tracing is None:
+                await self.fetcher.join(work.source, work.reason, work.kid)
+                return
+            what = {"authgate.issuer": work.source.issuer, "authgate.fetch.reason": work.reason}
+            with traced(tracing, "authgate.key_set.wait", what) as span:
+                # The fetch's own span (authgate.key_set.fetch) is a child of
+                # this one when this request started it.
+                done = await self.fetcher.join(work.source, work.reason, work.kid)
+                span.set_attribute("authgate.fetch.waited_out", not done)
 
     # --- the record ------------------------------------------------------------------
 
