@@ -47,7 +47,7 @@ from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
 from authgate.runtime.stores import MemoryStore, SharedStore, StoreUnavailable
-from authgate.runtime.tracing import Attributes, open_tracing, traced
+from authgate.runtime.tracing import Attributes, open_tracing, traced, traces_url
 
 if TYPE_CHECKING:
     from authgate.runtime.otel import Tracing
@@ -184,7 +184,7 @@ class Gatehouse:
         """Traces to the OTLP/HTTP collector at `url` ('' stops them). Raises
         ValueError (a bad address, or OpenTelemetry not installed)."""
         old = self.tracing
-        if old is not None and url and old.endpoint == url:
+        if old is not None and url and old.endpoint == traces_url(url):
             return
         self.tracing = open_tracing(url, door) if url else None
         self.fetcher.tracing = self.tracing

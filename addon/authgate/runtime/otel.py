@@ -123,6 +123,11 @@ class Tracing:
         with self.tracer.start_as_current_span("authgate.decision", context) as span:
             yield span
 
+    def start_decision(self, parent: Span) -> Span:
+        """`authgate.decision`, child of `parent`, started now and not made
+        current (for judging that starts no span of its own)."""
+        return self.tracer.start_span("authgate.decision", trace.set_span_in_context(parent))
+
     def span(
         self, name: str, attributes: Attributes | None = None
     ) -> contextlib.AbstractContextManager[Span]:

@@ -20,6 +20,7 @@ background work.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -58,6 +59,20 @@ def traces_url(text: str) -> str:
     if not path.endswith(TRACES_PATH):
         path += TRACES_PATH
     return parts._replace(path=path).geturl()
+
+
+def check_tracing(url: str) -> str:
+    """`traces_url(url)`, once the optional dependencies are known to be
+    installed (found, not imported). Raises ValueError."""
+    endpoint = traces_url(url)
+    for module in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise ValueError(f"tracing needs OpenTelemetry ({module} is not installed): {EXTRA}")
+    return endpoint
 
 
 def open_tracing(url: str, door: str) -> Tracing:

@@ -269,6 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     sets = [*args.set, f"authgate_store={args.store}"]
     if args.admin:
         sets.append(f"authgate_admin={args.admin}")
+    if args.otlp:
+        sets.append(f"authgate_otlp={args.otlp}")
     exit_now(
         serve(
             args.policy,
@@ -285,7 +287,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _processes(args: argparse.Namespace, command: str) -> int | None:
     """The number of processes `--workers` asks for, after checking the options
-    `run` and `serve` share (TLS files in pairs, the store's URL); None (and
+    `run` and `serve` share (TLS files in pairs, the store's URL, the collector's); None (and
     the reason on stderr) when they are wrong."""
     from authgate.house import workers
 
@@ -302,6 +304,10 @@ def _processes(args: argparse.Namespace, command: str) -> int | None:
             from authgate.runtime.redis_store import parse_store_url
 
             parse_store_url(args.store)
+        if args.otlp:
+            from authgate.runtime.tracing import check_tracing
+
+            check_tracing(args.otlp)
     except ValueError as e:
         print(f"authgate {command}: {e}", file=sys.stderr)
         return None
@@ -318,7 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if count > 1:
         argv = ["--policy", args.policy, "--listen", args.listen, "--store", args.store]
-        for name in ("tls_cert", "tls_key"):
+        for name in ("tls_cert", "tls_key", "otlp"):
             if getattr(args, name, None):
                 argv += ["--" + name.replace("_", "-"), getattr(args, name)]
         for item in args.set:
@@ -328,11 +334,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             argv, count, admin=args.admin, memory_store=memory, command="serve"
         )
         return supervisor.run()
+    sets = [*args.set, f"authgate_otlp={args.otlp}"] if args.otlp else args.set
     exit_now(
         serve_decisions(
             args.policy,
             args.listen,
-            args.set,
+            sets,
             store=args.store,
             admin=args.admin,
             tls_cert=args.tls_cert,
@@ -346,7 +353,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     does for all of them (--workers, --admin)."""
     argv = ["--policy", args.policy, "--listen", args.listen, "--upstream", args.upstream]
     argv += ["--store", args.store]
-    for name in ("tls_cert", "tls_key", "upstream_ca"):
+    for name in ("tls_cert", "tls_key", "upstream_ca", "otlp"):
         if getattr(args, name, None):
             argv += ["--" + name.replace("_", "-"), getattr(args, name)]
     for item in args.set:
