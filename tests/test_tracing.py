@@ -720,7 +720,9 @@ def test_an_unreachable_collector_slows_and_breaks_nothing(
     assert send(("127.0.0.1", port), "GET", "/health").status == 200
     start = time.monotonic()
     assert gw.stop() == 0
-    assert time.monotonic() - start < 20
+    # The last spans' export is given SHUTDOWN_SECONDS (3 s), not the
+    # exporter's 10 s of retries; the rest is the process's own exit.
+    assert time.monotonic() - start < 15
 
 
 @pytest.mark.parametrize(
@@ -776,4 +778,3 @@ def test_the_decision_service_continues_the_proxy_s_trace(
     assert by_door["auth"].resource["authgate.door"] == "service"
     assert service.imported("opentelemetry.exporter.otlp")
     assert service.stop() == 0
-

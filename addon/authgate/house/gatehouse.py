@@ -190,7 +190,7 @@ class Gatehouse:
         self.fetcher.tracing = self.tracing
         if old is not None:
             # Its last spans are exported in the background: never on the event loop.
-            threading.Thread(target=old.shutdown, name="authgate-otel-stop", daemon=True).start()
+            threading.Thread(target=old.shutdown, daemon=True).start()
 
     def serve_admin(self, address: str) -> None:
         """The admin listener on HOST:PORT ('' stops it). Raises OSError, ValueError."""

@@ -527,7 +527,8 @@ class Gateway:
             traced.forwarding = True
             # A streamed body goes to the backend right after this hook, the
             # headers first; any other request after its body (the request hook).
-            if req.stream or self.master.options.stream_large_bodies:
+            options = self.master.options
+            if req.stream or ("stream_large_bodies" in options and options.stream_large_bodies):
                 self._forward_traced(flow)
 
     def _forward_traced(self, flow: http.HTTPFlow) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
+import threading
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
@@ -42,6 +42,7 @@ from authgate.runtime.tracing import Attributes
 logger = logging.getLogger("authgate")
 _W3C = TraceContextTextMapPropagator()
 _SERVICE = "authgate"
+SHUTDOWN_SECONDS = 3.0  # how long a stopping door waits for its last spans' export
 
 
 def _version() -> str:
@@ -184,13 +185,20 @@ class Tracing:
     def flush(self, timeout: float = 5.0) -> bool:
         return self.provider.force_flush(int(timeout * 1000))
 
-    def shutdown(self) -> None:
-        """Export what is queued (bounded by the exporter's timeout) and stop."""
-        start = time.monotonic()
-        self.provider.shutdown()
-        took = time.monotonic() - start
-        if took > 1.0:
-            logger.warning(f"authgate: exporting the last spans took {took:.1f} s")
+    def shutdown(self, wait: float = SHUTDOWN_SECONDS) -> None:
+        """Export what is queued and stop, waiting `wait` seconds at most: a
+        collector that is away (the exporter retries for up to its timeout,
+        10 s) must not hold up a gateway that stops."""
+        done = threading.Thread(
+            target=self.provider.shutdown, name="authgate-otel-stop", daemon=True
+        )
+        done.start()
+        done.join(wait)
+        if done.is_alive():
+            logger.warning(
+                f"authgate: the collector at {self.endpoint} took more than {wait:g} s; "
+                "the last spans may be lost"
+            )
 
 
 def decision_attributes(d: Decision, request_id: str | None) -> dict[str, str | int | bool]:
