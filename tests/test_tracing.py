@@ -452,6 +452,8 @@ rules:
         policy = tmp_path / "idp.yaml"
         policy.write_text(text)
         gw, spans = traced(policy)
+        # A request waits for a fetch 1 s at most: on a busy machine, longer.
+        gw.addon.house.fetcher.wait = REQUEST_SECONDS
         wait_until(lambda: gw.addon.house.ready().ready, START_SECONDS, what="the first keys")
         # A new signing key: its first token makes the request fetch the set again.
         keys.serve("/jwks", {"keys": jwks_for(key1, "k1")["keys"] + jwks_for(key2, "k2")["keys"]})

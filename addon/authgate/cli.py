@@ -193,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
         "127.0.0.1:9191",
         None,
         "authgate_log, authgate_mode, authgate_watch, authgate_store_timeout, "
-        "authgate_metrics, authgate_header_timeout or authgate_idle_timeout, as for "
+        "authgate_metrics, authgate_header_timeout, authgate_idle_timeout or "
+        "authgate_otlp, as for "
         "`authgate run` (repeatable)",
     )
     production_options(srv, "service")
