@@ -463,7 +463,12 @@ rules:
         keys.stop()
     spans.wait("authgate.request")
     decision, wait = spans.one("authgate.decision"), spans.one("authgate.key_set.wait")
-    fetch = spans.one("authgate.key_set.fetch")
+    fetches = spans.named("authgate.key_set.fetch")
+    (fetch,) = [
+        f for f in fetches if f.attributes and f.attributes["authgate.fetch.reason"] != "scheduled"
+    ]
+    # The refresher's own fetch at start (if it ran once tracing was on) is a trace of its own.
+    assert all(f.parent is None for f in fetches if f is not fetch)
     assert parent_of(wait) == decision.context.span_id
     assert parent_of(fetch) == wait.context.span_id
     assert fetch.attributes is not None and wait.attributes is not None
@@ -746,6 +751,23 @@ def test_a_bad_otlp_address_stops_either_door_at_start(
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_every_worker_is_told_the_collector(command: str) -> None:
+    """`--workers N --otlp URL`: each worker process exports its own spans."""
+    from authgate.cli import parser
+    from authgate.tools import commands
+
+    more = ["--upstream", "http://127.0.0.1:9"] if command == "run" else []
+    args = parser().parse_args(
+        [command, "--policy", "p.yaml", *more, "--workers", "2", "--otlp", "http://c:4318"]
+    )
+    worker = commands._worker_argv if command == "run" else commands._service_worker_argv
+    argv = worker(args)
+    assert argv[argv.index("--otlp") + 1] == "http://c:4318"
+    assert "--workers" not in argv
+    assert parser().parse_args([command, *argv]).otlp == "http://c:4318"
 
 
 def test_the_decision_service_continues_the_proxy_s_trace(

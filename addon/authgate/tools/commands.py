@@ -323,16 +323,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if count is None:
         return 2
     if count > 1:
-        argv = ["--policy", args.policy, "--listen", args.listen, "--store", args.store]
-        for name in ("tls_cert", "tls_key", "otlp"):
-            if getattr(args, name, None):
-                argv += ["--" + name.replace("_", "-"), getattr(args, name)]
-        for item in args.set:
-            argv += ["--set", item]
         memory = args.store in ("", "memory")
         supervisor = workers.Supervisor(
-            argv, count, admin=args.admin, memory_store=memory, command="serve"
-        )
+            _service_worker_argv(args), count, admin=args.admin, memory_store=memory,
+            command="serve",
+        )  # fmt: skip
         return supervisor.run()
     sets = [*args.set, f"authgate_otlp={args.otlp}"] if args.otlp else args.set
     exit_now(
@@ -346,6 +341,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
         )
     )
+
+
+def _service_worker_argv(args: argparse.Namespace) -> list[str]:
+    """A worker's `authgate serve` arguments: the supervisor's, less what it
+    does for all of them (--workers, --admin)."""
+    argv = ["--policy", args.policy, "--listen", args.listen, "--store", args.store]
+    for name in ("tls_cert", "tls_key", "otlp"):
+        if getattr(args, name, None):
+            argv += ["--" + name.replace("_", "-"), getattr(args, name)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
 
 
 def _worker_argv(args: argparse.Namespace) -> list[str]:
