@@ -157,6 +157,12 @@ def parser() -> argparse.ArgumentParser:
             help="serve /live, /ready, /metrics and /status there (off; e.g. 9901, which "
             "is 127.0.0.1:9901)",
         )
+        sp.add_argument(
+            "--otlp",
+            metavar="URL",
+            help="send OpenTelemetry traces to this OTLP/HTTP collector, e.g. "
+            "http://127.0.0.1:4318 (off; needs pip install 'authgate[otel]')",
+        )
 
     run = sub.add_parser("run", help="run the gateway in front of a backend")
     gateway_options(run, "127.0.0.1:8080", None)
@@ -193,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
         "127.0.0.1:9191",
         None,
         "authgate_log, authgate_mode, authgate_watch, authgate_store_timeout, "
-        "authgate_metrics, authgate_header_timeout or authgate_idle_timeout, as for "
+        "authgate_metrics, authgate_header_timeout, authgate_idle_timeout or "
+        "authgate_otlp, as for "
         "`authgate run` (repeatable)",
     )
     production_options(srv, "service")

@@ -10,6 +10,8 @@ a door turns what arrives into a `RequestView`, asks `judge`, and turns the
 - the decision log, the metrics, report-mode counts, request ids;
 - the watch (`watch:`): denials counted in the store, its events, and the
   bans in force (a table in memory, kept in step with Redis when shared);
+- traces (`authgate_otlp`): the spans of the store round trip and the slow
+  work (the doors start the request's and the decision's);
 - the requests in flight, draining, readiness, the admin listener, status.
 """
 
@@ -23,10 +25,11 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from authgate.core.credentials import KeyFetch, PasswordCheck
 from authgate.core.decision import (
@@ -58,6 +61,10 @@ from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
 from authgate.runtime.stores import Counted, MemoryStore, MemoryWatch, SharedStore, StoreUnavailable
+from authgate.runtime.tracing import Attributes, open_tracing, traced, traces_url
+
+if TYPE_CHECKING:
+    from authgate.runtime.otel import Tracing
 
 logger = logging.getLogger("authgate")
 # The decision log's encoder: one line, keys in the entry's order.
@@ -210,6 +217,7 @@ class Gatehouse:
         self._watch_alone = False  # the shared store cannot answer: counting here
         self._loop: asyncio.AbstractEventLoop | None = None
         self.introspector = Introspector(clock, shared=lambda: self.shared)
+        self.tracing: Tracing | None = None  # None: no traces, nothing of OpenTelemetry imported
         self.metrics = Metrics(lambda: self.policy, lambda: self.bans)
         self.would_deny: dict[str, int] = {}
         self.loaded_at = 0.0
@@ -266,6 +274,18 @@ class Gatehouse:
         self._ban_version = ""  # read the new store's bans whole
         if old is not None:
             self._close_later(old)
+
+    def configure_tracing(self, url: str, door: str) -> None:
+        """Traces to the OTLP/HTTP collector at `url` ('' stops them). Raises
+        ValueError (a bad address, or OpenTelemetry not installed)."""
+        old = self.tracing
+        if old is not None and url and old.endpoint == traces_url(url):
+            return
+        self.tracing = open_tracing(url, door) if url else None
+        self.fetcher.tracing = self.tracing
+        if old is not None:
+            # Its last spans are exported in the background: never on the event loop.
+            threading.Thread(target=old.shutdown, daemon=True).start()
 
     def serve_admin(self, address: str) -> None:
         """The admin listener on HOST:PORT ('' stops it). Raises OSError, ValueError."""
@@ -396,6 +416,10 @@ class Gatehouse:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.tracing is not None:
+            self.tracing.shutdown()  # the spans still queued, exported (bounded)
+            self.tracing = None
+            self.fetcher.tracing = None
 
     # --- the policy ------------------------------------------------------------------
 
@@ -644,7 +668,10 @@ class Gatehouse:
         else:
             start = time.perf_counter()
             try:
-                verdicts = await shared.hit_all(hits, consume)
+                if self.tracing is None:
+                    verdicts = await shared.hit_all(hits, consume)
+                else:
+                    verdicts = await self._hit_traced(shared, hits, consume)
             except StoreUnavailable as e:
                 verdicts, note = self._without_store(policy, hits, now, consume, e)
             else:
@@ -653,6 +680,20 @@ class Gatehouse:
                     self._store_down = False
                     logger.warning("authgate: the rate-limit store answers again")
         return self._told(hits, verdicts), note
+
+    async def _hit_traced(
+        self, shared: SharedStore, hits: list[Hit], consume: bool
+    ) -> list[Verdict]:
+        """The store's round trip as the span `authgate.store`."""
+        attributes: Attributes = {
+            "db.system.name": "redis",
+            "authgate.store.limits": len(hits),
+            "authgate.store.consume": consume,
+        }
+        with traced(self.tracing, "authgate.store", attributes) as span:
+            verdicts = await shared.hit_all(hits, consume)
+            span.set_attribute("authgate.store.refused", sum(not v.allowed for v in verdicts))
+            return verdicts
 
     def _told(self, hits: list[Hit], verdicts: list[Verdict]) -> Recorder | None:
         """None when the store allowed every hit, else a Recorder answering
@@ -861,15 +902,27 @@ class Gatehouse:
         a second), or an introspection call (joined, waited on at most its
         timeout)."""
         work = prepared.work
+        tracing = self.tracing
         if isinstance(work, PasswordCheck) and prepared.policy.basic is not None:
             async with self._bcrypt_slots:
-                await asyncio.to_thread(
-                    prepared.policy.basic.check, work.user, work.password, self.clock()
-                )
+                with traced(tracing, "authgate.password_check"):
+                    await asyncio.to_thread(
+                        prepared.policy.basic.check, work.user, work.password, self.clock()
+                    )
         elif isinstance(work, KeyFetch):
-            await self.fetcher.join(work.source, work.reason, work.kid)
+            if tracing is None:
+                await self.fetcher.join(work.source, work.reason, work.kid)
+                return
+            what = {"authgate.issuer": work.source.issuer, "authgate.fetch.reason": work.reason}
+            with traced(tracing, "authgate.key_set.wait", what) as span:
+                # The fetch's own span (authgate.key_set.fetch) is a child of
+                # this one when this request started it.
+                done = await self.fetcher.join(work.source, work.reason, work.kid)
+                span.set_attribute("authgate.fetch.waited_out", not done)
         elif isinstance(work, Introspect):
-            await self.introspector.join(work)
+            # The call itself runs in a thread the span's context follows.
+            with traced(tracing, "authgate.introspection", {"authgate.issuer": work.issuer.issuer}):
+                await self.introspector.join(work)
 
     # --- the record ------------------------------------------------------------------
 

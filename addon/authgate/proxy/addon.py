@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import command, exceptions, flow, http
 
@@ -35,6 +35,11 @@ from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
 from authgate.runtime.stores import MemoryStore
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from authgate.runtime.otel import Tracing
+
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
 REQUEST_ID_KEY = "authgate_request_id"
@@ -53,6 +58,10 @@ WATCH_MARKER = ":crossed_swords:"  # ⚔: the flow that took a key to a watch's 
 # :authority or b"", the Host field values). Judged in every mode.
 CLIENT_HOST = "_authgate_client_host"
 _SURROGATE = "surrogateescape"
+# A traced request's spans, on the flow (not in flow.metadata, which is saved
+# with the flow): see `Traced`.
+TRACED = "_authgate_traced"
+_TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
 
 
 def request_view(flow: http.HTTPFlow) -> RequestView:
@@ -167,6 +176,17 @@ class Forwarding:
                 drop |= {policy.api_keys.header.encode()}
             cookies = frozenset(name.encode() for name in policy.cookie_issuers)
         return cls({True: drop, False: drop | _PROXY_SAYS}, cookies)
+
+
+@dataclasses.dataclass(slots=True)
+class Traced:
+    """A request's spans while it is in flight (tracing on): the server span,
+    and the forward span once the request goes to the backend."""
+
+    tracing: Tracing
+    server: Span
+    forward: Span | None = None
+    forwarding: bool = False  # forwarded, the forward span not started yet
 
 
 def _without_cookies(value: bytes, names: frozenset[bytes]) -> bytes:
@@ -291,6 +311,13 @@ class Gateway:
             True,
             "Reload the policy when it or a file it reads changes.",
         )
+        loader.add_option(
+            "authgate_otlp",
+            str,
+            "",
+            "Send OpenTelemetry traces to this OTLP/HTTP collector, e.g. "
+            "http://127.0.0.1:4318 (off when empty; needs authgate[otel]).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = self.master.options
@@ -332,6 +359,11 @@ class Gateway:
                 house.serve_metrics(opts.authgate_metrics)
             except (OSError, ValueError) as e:
                 raise exceptions.OptionsError(f"authgate: metrics: {e}") from e
+        if "authgate_otlp" in updated:
+            try:
+                house.configure_tracing(opts.authgate_otlp, "gateway")
+            except ValueError as e:
+                raise exceptions.OptionsError(f"authgate: authgate_otlp: {e}") from e
 
     def running(self) -> None:
         if not self.house.start(self._in_clear_where()):
@@ -407,6 +439,9 @@ class Gateway:
                 return
             view = request_view(flow)
             setattr(flow, views.JUDGED, view)  # for the content view: as judged
+            if house.tracing is not None:
+                await self._judge_traced(flow, house.tracing, policy, view)
+                return
             decision, without_store, events = await house.judge(policy, view, self.clock())
             self._apply(flow, policy, view, decision, without_store, events)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
@@ -416,15 +451,21 @@ class Gateway:
     def request(self, flow: http.HTTPFlow) -> None:
         # Fail closed: a request that reaches here unjudged is never forwarded.
         if flow.response is not None or METADATA_KEY in flow.metadata:
+            if self.house.tracing is not None and flow.response is None:
+                self._forward_traced(flow)  # the body is in: now to the backend
             return
         logger.error("authgate: a request reached the request hook unjudged; answering 500")
         self._fail(flow, 500, "unjudged")
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.house.in_flight.discard(flow.id)
+        if self.house.tracing is not None:
+            self._end_traced(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.house.in_flight.discard(flow.id)
+        if self.house.tracing is not None:
+            self._end_traced(flow)
         entry = flow.metadata.get(METADATA_KEY)
         if flow.response is None or not isinstance(entry, dict) or not entry.get("forwarded"):
             return
@@ -458,6 +499,77 @@ class Gateway:
                 decided = f.comment.split(EXPLAINED, 1)[0].rstrip("\n")
                 f.comment = f"{decided}{EXPLAINED}{text}"
                 logger.info("authgate.explain:\n" + text)
+
+    # --- traces (authgate_otlp) -----------------------------------------------
+
+    async def _judge_traced(
+        self, flow: http.HTTPFlow, tracing: Tracing, policy: Policy, view: RequestView
+    ) -> None:
+        """requestheaders with traces: the request's server span, the decision's
+        span around the judging (the store, bcrypt and key-set spans go
+        under it), and for a forwarded request the forward span (see
+        `_forward_traced`)."""
+        req = flow.request
+        peer = view.peer
+        try:
+            trusted = policy.trusted_proxies.contains(*parse_ip(peer))
+        except ValueError:
+            trusted = False
+        server = tracing.server(
+            "authgate.request",
+            req.headers.get_all("traceparent"),
+            req.headers.get_all("tracestate"),
+            trusted,
+            {"http.request.method": view.method, "network.peer.address": peer},
+        )
+        traced = Traced(tracing, server)
+        setattr(flow, TRACED, traced)
+        rid = flow.metadata[REQUEST_ID_KEY]
+        with tracing.decision(server) as span:
+            decision, without_store, events = await self.house.judge(policy, view, self.clock())
+            tracing.decided(span, decision, rid)
+        tracing.decided(server, decision, rid)
+        self._apply(flow, policy, view, decision, without_store, events)
+        if decision.forwarded:
+            traced.forwarding = True
+            # A streamed body goes to the backend right after this hook, the
+            # headers first; any other request after its body (the request hook).
+            options = self.master.options
+            if req.stream or ("stream_large_bodies" in options and options.stream_large_bodies):
+                self._forward_traced(flow)
+
+    def _forward_traced(self, flow: http.HTTPFlow) -> None:
+        """The forward span starts: the backend gets a `traceparent` naming it
+        (the client's `traceparent` and `tracestate` are replaced)."""
+        traced: Traced | None = getattr(flow, TRACED, None)
+        if traced is None or not traced.forwarding or traced.forward is not None:
+            return
+        req = flow.request
+        server = flow.server_conn.address
+        attributes: dict[str, str | int] = {"http.request.method": req.method}
+        if server:
+            attributes["server.address"] = str(server[0])
+            attributes["server.port"] = int(server[1])
+        span, fields = traced.tracing.forward(traced.server, attributes)
+        traced.forward = span
+        req.headers.fields = tuple(
+            f for f in req.headers.fields if f[0].lower() not in _TRACE_FIELDS
+        ) + tuple((k.encode(), v.encode()) for k, v in fields)
+
+    def _end_traced(self, flow: http.HTTPFlow) -> None:
+        """The response (or the error) ends the spans: the forward span when the
+        backend's response headers came (mitmproxy's timestamp_start)."""
+        traced: Traced | None = getattr(flow, TRACED, None)
+        if traced is None:
+            return
+        delattr(flow, TRACED)
+        tracing, response = traced.tracing, flow.response
+        error = flow.error.msg if flow.error is not None else None
+        status = response.status_code if response is not None else None
+        if traced.forward is not None:
+            at = response.timestamp_start if response is not None and error is None else None
+            tracing.end(traced.forward, status, error, at, client=True)
+        tracing.end(traced.server, status, error)
 
     # --- the work ------------------------------------------------------------
 

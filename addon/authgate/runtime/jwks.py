@@ -21,9 +21,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from authgate.core.keyset import RemoteKeys, VerifyKey, check_url
 from authgate.core.tokens import load_jwks
+from authgate.runtime.tracing import traced
+
+if TYPE_CHECKING:
+    from authgate.runtime.otel import Tracing
 
 logger = logging.getLogger("authgate")
 MAX_BODY = 1 << 20  # a JWKS or discovery document larger than 1 MiB is refused
@@ -140,6 +145,7 @@ class Fetcher:
     def __init__(self, get: Get = http_get, wait: float = REQUEST_WAIT) -> None:
         self.get = get
         self.wait = wait
+        self.tracing: Tracing | None = None  # set by the house
         self._inflight: dict[int, asyncio.Task[None]] = {}
 
     def in_flight(self, source: RemoteKeys) -> bool:
@@ -152,10 +158,12 @@ class Fetcher:
         cooldown or backoff says no), and wait for it to finish."""
         await asyncio.shield(self._start(source, reason, kid))
 
-    async def join(self, source: RemoteKeys, reason: str, kid: str | None = None) -> None:
-        """The same for a request: it waits at most `wait` seconds."""
+    async def join(self, source: RemoteKeys, reason: str, kid: str | None = None) -> bool:
+        """The same for a request: it waits at most `wait` seconds. False when
+        it stopped waiting (the fetch goes on)."""
         task = self._start(source, reason, kid)
-        await asyncio.wait({task}, timeout=self.wait)
+        done, _ = await asyncio.wait({task}, timeout=self.wait)
+        return bool(done)
 
     def _start(self, source: RemoteKeys, reason: str, kid: str | None) -> asyncio.Task[None]:
         running = self._inflight.get(id(source))
@@ -167,18 +175,30 @@ class Fetcher:
             source.last_kid_refresh = source.clock()
         elif not source.due():
             return _done()
-        task = asyncio.get_running_loop().create_task(self._run(source, kid))
+        # The task takes the current span along: a fetch a request starts is
+        # traced under that request's decision.
+        task = asyncio.get_running_loop().create_task(self._run(source, kid, reason))
         self._inflight[id(source)] = task
         task.add_done_callback(lambda _: self._inflight.pop(id(source), None))
         return task
 
-    async def _run(self, source: RemoteKeys, kid: str | None) -> None:
-        try:
-            result: tuple[tuple[VerifyKey, ...], float] | str = await asyncio.to_thread(
-                fetch, source, self.get
-            )
-        except FetchError as e:
-            result = str(e)
+    async def _run(self, source: RemoteKeys, kid: str | None, reason: str) -> None:
+        attributes = {"authgate.issuer": source.issuer, "authgate.fetch.reason": reason}
+        if source.url:
+            attributes["url.full"] = source.url
+        tracing = self.tracing
+        with traced(tracing, "authgate.key_set.fetch", attributes) as span:
+            try:
+                result: tuple[tuple[VerifyKey, ...], float] | str = await asyncio.to_thread(
+                    fetch, source, self.get
+                )
+            except FetchError as e:
+                result = str(e)
+                if tracing is not None:
+                    tracing.failed(span, result)
+            else:
+                if span is not None:
+                    span.set_attribute("authgate.keys", len(result[0]))
         _record(source, result)
         if kid is not None:
             source.still_unknown(kid)

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -40,6 +40,11 @@ from authgate.core.responses import Rendered, render_error
 from authgate.house.gatehouse import Gatehouse, WatchEvent, request_id
 from authgate.policy.marks import PolicyError
 from authgate.service import checks
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from authgate.runtime.otel import Tracing
 
 logger = logging.getLogger("authgate")
 MAX_HEAD = 64 * 1024  # request line and header fields, at most
@@ -128,7 +133,11 @@ class Service:
     ) -> Rendered:
         view = p.check.view
         self.house.record(decision, p.request_id, view.method, view.target, without_store, events)
-        return checks.answer(p.check, decision, p.policy.realm, p.request_id)
+        rendered = checks.answer(p.check, decision, p.policy.realm, p.request_id)
+        if p.span is not None and self.house.tracing is not None:
+            self.house.tracing.decided(p.span, decision, p.request_id)
+            self.house.tracing.end(p.span, rendered.status)
+        return rendered
 
     def failed(self, p: Pending) -> Rendered:
         """Fail closed: an exception while judging is a 503, never an allow."""
@@ -138,6 +147,8 @@ class Service:
         rendered = render_error(
             503, view.method, retry_after=5, accept=accept, request_id=p.request_id
         )
+        if p.span is not None and self.house.tracing is not None:
+            self.house.tracing.end(p.span, 503, "internal_error")
         return checks.denial(p.check, rendered)
 
     def check_now(
@@ -147,6 +158,8 @@ class Service:
         p = self.begin(method, target, fields, peer)
         if isinstance(p, Rendered):
             return p
+        if self.house.tracing is not None:
+            return self._check_now_traced(p, self.house.tracing)
         try:
             judged = self.house.judge_now(p.policy, p.check.view, self.house.clock())
         except Exception:  # noqa: BLE001 - the one place that must catch everything
@@ -158,14 +171,61 @@ class Service:
         house = self.house
         house.in_flight.add(p)
         try:
-            decision, without_store, events = await house.judge(
-                p.policy, p.check.view, house.clock()
-            )
+            tracing = house.tracing
+            if tracing is None:
+                decision, without_store, events = await house.judge(
+                    p.policy, p.check.view, house.clock()
+                )
+            else:
+                if p.span is None:  # pipelined: not started by check_now
+                    p.span = self._server_span(p, tracing)
+                with tracing.decision(p.span) as span:
+                    decision, without_store, events = await house.judge(
+                        p.policy, p.check.view, house.clock()
+                    )
+                    tracing.decided(span, decision, p.request_id)
             return self.finish(p, decision, without_store, events)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             return self.failed(p)
         finally:
             house.in_flight.discard(p)
+
+    # --- traces (authgate_otlp) -----------------------------------------------------
+
+    @staticmethod
+    def _server_span(p: Pending, tracing: Tracing) -> Span:
+        """The check's span. Its parent is the check request's `traceparent`:
+        only trusted proxies are judged (the proxy decides whether a client's
+        own `traceparent` reaches the service)."""
+        view = p.check.view
+        attributes = {
+            "http.request.method": view.method,
+            "network.peer.address": view.peer,
+            "authgate.check": p.check.door,
+        }
+        return tracing.server(
+            "authgate.check",
+            view.header_all("traceparent"),
+            view.header_all("tracestate"),
+            True,
+            attributes,
+        )
+
+    def _check_now_traced(self, p: Pending, tracing: Tracing) -> Rendered | Pending:
+        """check_now with traces: the check's span, and the decision's when it
+        needs no waiting (else `check` judges under a decision span of its own)."""
+        p.span = self._server_span(p, tracing)
+        try:
+            span = tracing.start_decision(p.span)
+            judged = self.house.judge_now(p.policy, p.check.view, self.house.clock())
+        except Exception:  # noqa: BLE001 - the one place that must catch everything
+            return self.failed(p)
+        if judged is None:
+            return p  # the decision span is dropped unended: never exported
+        decision, events = judged
+        tracing.decided(span, decision, p.request_id)
+        span.end()
+        return self.finish(p, decision, "", events)
 
     async def sweep(self) -> None:
         """Close connections past their deadline (head or idle timeout), once a
@@ -185,6 +245,7 @@ class Pending:
     policy: Policy
     check: checks.Check
     request_id: str
+    span: Span | None = None  # the check's server span (tracing on)
 
 
 class Connection(asyncio.Protocol):
@@ -397,6 +458,7 @@ OPTIONS = {
     "authgate_metrics": str,
     "authgate_header_timeout": float,
     "authgate_idle_timeout": float,
+    "authgate_otlp": str,
 }
 
 
@@ -459,6 +521,7 @@ async def run_service(
         if admin:
             house.serve_admin(admin)
         house.serve_metrics(options.get("authgate_metrics", ""))
+        house.configure_tracing(options.get("authgate_otlp", ""), "service")
         context = _tls(tls_cert, tls_key)
         share = os.environ.get("AUTHGATE_SHARE_PORT") == "1"
         sock = _listen_socket(listen, share)

@@ -295,6 +295,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     sets = [*args.set, f"authgate_store={args.store}"]
     if args.admin:
         sets.append(f"authgate_admin={args.admin}")
+    if args.otlp:
+        sets.append(f"authgate_otlp={args.otlp}")
     exit_now(
         serve(
             args.policy,
@@ -312,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _processes(args: argparse.Namespace, command: str) -> int | None:
     """The number of processes `--workers` asks for, after checking the options
-    `run` and `serve` share (TLS files in pairs, the store's URL); None (and
+    `run` and `serve` share (TLS files in pairs, the store's URL, the collector's); None (and
     the reason on stderr) when they are wrong."""
     from authgate.house import workers
 
@@ -329,6 +331,10 @@ def _processes(args: argparse.Namespace, command: str) -> int | None:
             from authgate.runtime.redis_store import parse_store_url
 
             parse_store_url(args.store)
+        if args.otlp:
+            from authgate.runtime.tracing import check_tracing
+
+            check_tracing(args.otlp)
     except ValueError as e:
         print(f"authgate {command}: {e}", file=sys.stderr)
         return None
@@ -344,22 +350,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if count is None:
         return 2
     if count > 1:
-        argv = ["--policy", args.policy, "--listen", args.listen, "--store", args.store]
-        for name in ("tls_cert", "tls_key"):
-            if getattr(args, name, None):
-                argv += ["--" + name.replace("_", "-"), getattr(args, name)]
-        for item in args.set:
-            argv += ["--set", item]
         memory = args.store in ("", "memory")
         supervisor = workers.Supervisor(
-            argv, count, admin=args.admin, memory_store=memory, command="serve"
-        )
+            _service_worker_argv(args), count, admin=args.admin, memory_store=memory,
+            command="serve",
+        )  # fmt: skip
         return supervisor.run()
+    sets = [*args.set, f"authgate_otlp={args.otlp}"] if args.otlp else args.set
     exit_now(
         serve_decisions(
             args.policy,
             args.listen,
-            args.set,
+            sets,
             store=args.store,
             admin=args.admin,
             tls_cert=args.tls_cert,
@@ -368,12 +370,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
+def _service_worker_argv(args: argparse.Namespace) -> list[str]:
+    """A worker's `authgate serve` arguments: the supervisor's, less what it
+    does for all of them (--workers, --admin)."""
+    argv = ["--policy", args.policy, "--listen", args.listen, "--store", args.store]
+    for name in ("tls_cert", "tls_key", "otlp"):
+        if getattr(args, name, None):
+            argv += ["--" + name.replace("_", "-"), getattr(args, name)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
+
+
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     """A worker's `authgate run` arguments: the supervisor's, less what it
     does for all of them (--workers, --admin)."""
     argv = ["--policy", args.policy, "--listen", args.listen, "--upstream", args.upstream]
     argv += ["--store", args.store]
-    for name in ("tls_cert", "tls_key", "upstream_ca", "tls_client_ca"):
+    for name in ("tls_cert", "tls_key", "upstream_ca", "tls_client_ca", "otlp"):
         if getattr(args, name, None):
             argv += ["--" + name.replace("_", "-"), getattr(args, name)]
     for item in args.set:
