@@ -96,6 +96,12 @@ class Decision:
     via: str | None = None  # where the credential came from: authorization, cookie, query, ...
     detail: str = ""  # internal explanation: logged, never sent to the client
     trace: tuple[str, ...] = field(default=())
+    # A denial's evidence for the decision log (`authgate denials` reads it),
+    # set on denial paths only: the rule's condition with each leaf's value
+    # when an identity was refused (403), and the credential that failed
+    # verification (401), whose keyed fingerprint is logged, never it.
+    condition: str = ""
+    rejected: Presented | None = field(default=None, repr=False, compare=False)
     # Report mode: a denial that is logged and counted, and the request
     # forwarded as if allowed (to `target`, with `upstream_headers`).
     report: bool = False
@@ -491,8 +497,13 @@ def _denial(
     challenges: tuple[Challenge, ...] = (),
     headers: tuple[tuple[str, str], ...] = (),
     detail: str = "",
+    condition: str = "",
+    failed: bool = False,
 ) -> Decision:
-    """A denial by a rule: a hidden rule answers as an unknown path."""
+    """A denial by a rule: a hidden rule answers as an unknown path. `failed`:
+    the credential presented failed verification (the log fingerprints it).
+    The identity, condition and credential are the log's, never the answer's."""
+    rejected = presented if failed else None
     if rule.hide:
         if t.on:
             t(f"denied ({reason}); the rule is hidden: answering as an unknown path")
@@ -503,8 +514,11 @@ def _denial(
             rule=rule.name,
             client_ip=ip.address,
             path=path,
+            identity=identity,
             detail=reason,
             trace=t.done(),
+            condition=condition,
+            rejected=rejected,
         )
     else:
         d = Decision(
@@ -520,6 +534,8 @@ def _denial(
             detail=detail,
             via=presented.via if presented is not None else None,
             trace=t.done(),
+            condition=condition,
+            rejected=rejected,
         )
     return _finish(policy, rule, d, request.target)
 
@@ -584,12 +600,14 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                     INVALID_TOKEN,
                     detail=outcome.code,
                     challenges=challenges_for(policy, rule, bearer),
+                    failed=True,
                 )
             return deny(
                 401,
                 INVALID_CREDENTIALS,
                 detail=outcome.code,
                 challenges=rule.challenges,
+                failed=True,
             )
         who = outcome.identity
         assert who is not None
@@ -616,6 +634,8 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 t("no credential kind is accepted here: nobody can qualify")
                 return deny(403, FORBIDDEN)
             return deny(401, NO_CREDENTIALS, challenges=rule.challenges)
+        # Which branch failed, for the log (computed only when refusing).
+        failing = describe(rule.allow, who, params)
         missing = c.missing_scopes(rule.allow, who, params)
         if missing and who.method == JWT:
             bearer = (("error", "insufficient_scope"), ("scope", " ".join(missing)))
@@ -625,8 +645,9 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 identity=who,
                 detail=" ".join(missing),
                 challenges=(("Bearer", bearer),),
+                condition=failing,
             )
-        return deny(403, FORBIDDEN, identity=who)
+        return deny(403, FORBIDDEN, identity=who, condition=failing)
     if t.on:
         t(f"condition: {describe(rule.allow, who, params)} is true")
         t.lines.extend(c.condition_tree(rule.allow, who, params))
