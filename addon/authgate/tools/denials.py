@@ -23,10 +23,10 @@ Lines that are not decision entries are counted and skipped.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import re
+import textwrap
 import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -64,6 +64,7 @@ _FAILED_CREDENTIAL = frozenset({"invalid_token", "invalid_credentials"})
 _REVEALING = frozenset({401, 403})
 
 EXAMPLES = 5  # examples kept per finding
+_COLUMNS = 100  # the text report's width
 _CAP = 200  # distinct values kept per caller where only examples are needed
 _PATHS_CAP = 10_000  # distinct paths counted per probing caller
 
@@ -225,12 +226,11 @@ def open_log(path: str) -> IO[str]:
     """A log file as text, gunzipped when it is gzip (by its first bytes, so
     `decisions.jsonl.2.gz` and logrotate's dateext names both work). Raises
     OSError."""
-    raw = open(path, "rb")  # noqa: SIM115 - handed to the caller
-    if raw.read(2) == b"\x1f\x8b":
-        raw.seek(0)
-        return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", errors="replace")
-    raw.seek(0)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    if compressed:
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - the caller's
 
 
 def _json_part(line: str) -> str | None:
@@ -440,11 +440,10 @@ class Report:
         out.append(f"{n} finding{'' if n == 1 else 's'}" if n else "no findings")
         for i, f in enumerate(self.findings, 1):
             out.append("")
-            out.append(f"{i}. {_TITLES[f.kind]}: {f.summary}")
+            out.append(_fill(f"{i}. {_TITLES[f.kind]}: {f.summary}", "", "   "))
             width = max((len(label) for label, _ in f.lines), default=0) + 1
-            for label, text in f.lines:
-                out.append(f"   {(label + ':').ljust(width)} {text}")
-            out.append(f"   {'do:'.ljust(width)} {f.suggestion}")
+            for label, text in [*f.lines, ("do", f.suggestion)]:
+                out.append(_fill(text, f"   {(label + ':').ljust(width)} ", " " * (width + 4)))
         return "\n".join(out) + "\n"
 
 
@@ -583,7 +582,7 @@ class Analysis:
         p.answers[f"{e.status} {e.reason}{hid}"] += 1
         if e.address is not None:
             _keep(p.addresses, e.address)
-        _keep(p.examples, f"{e.method} {e.path}", 2 * EXAMPLES)
+        _keep(p.examples, e.path, 2 * EXAMPLES)
 
     def _guess(self, e: Entry) -> None:
         assert e.address is not None
@@ -670,7 +669,7 @@ class Analysis:
                 )
             else:
                 suggestion = (
-                    "an anonymous client trying paths, most likely a scanner. If it keeps on, "
+                    "An anonymous client trying paths, most likely a scanner. If it keeps on, "
                     "block the address (ip.block) or limit it (a limit with key: ip); with "
                     "`default: not_found` and hidden rules it learns nothing from the 404s."
                 )
@@ -726,11 +725,11 @@ class Analysis:
                 rule = f" by rule {after[2]}" if after[2] is not None else ""
                 lines.append(("then", f"allowed{who}{rule} at {_when(after[0])}"))
             if len(g.users) > 1 and max(g.users.values()) <= 2:
-                how = "password spraying (few passwords each for many user names)"
+                how = "Password spraying (few passwords each for many user names)"
             elif g.users:
-                how = "password guessing"
+                how = "Password guessing"
             else:
-                how = "credential guessing (tokens or keys)"
+                how = "Credential guessing (tokens or keys)"
             suggestion = (
                 f"{how}: limit failed attempts by address on the rule (a limit with key: ip) "
                 "or block the address (ip.block)"
@@ -781,24 +780,21 @@ class Analysis:
                     if r_rule == h_rule or not _covers(policy, h_rule, h_path, r_path):
                         continue
                     pair = pairs.setdefault(
-                        (h_rule, r_rule),
-                        {"callers": {}, "statuses": Counter(), "examples": []},
+                        (h_rule, r_rule), {"callers": {}, "statuses": set(), "examples": []}
                     )
                     pair["callers"][str(caller)] = caller
-                    pair["statuses"][status] += 1
-                    _keep(
-                        pair["examples"],
-                        f"{h_method} {h_path} -> 404 (hidden by {h_rule}), "
-                        f"{r_method} {r_path} -> {status} ({r_rule})",
-                    )
+                    pair["statuses"].add(status)
+                    example = f"{r_method} {r_path} -> {status}"
+                    if not any(x.startswith(example + " ") for x in pair["examples"]):
+                        _keep(pair["examples"], f"{example} (404 for {h_method} {h_path})")
         out = []
         for (h_rule, r_rule), pair in pairs.items():
             callers: dict[str, Caller] = pair["callers"]
             statuses = "/".join(str(s) for s in sorted(pair["statuses"]))
             at_h, at_r = _at(policy, h_rule), _at(policy, r_rule)
             summary = (
-                f"rule {r_rule} answered {statuses} on paths that hidden rule {h_rule} "
-                f"covers, to {_plural(len(callers), 'caller')} it answered 404"
+                f"rule {r_rule} answered {statuses} to {_plural(len(callers), 'caller')} on "
+                f"paths that hidden rule {h_rule} covers, and {h_rule} answered them 404"
             )
             lines = [
                 ("hidden", f"rule {h_rule}" + (f" ({at_h})" if at_h else "")),
@@ -808,7 +804,7 @@ class Analysis:
                     ", ".join(sorted(callers)[:EXAMPLES])
                     + (", ..." if len(callers) > EXAMPLES else ""),
                 ),
-                ("examples", "; ".join(pair["examples"][:3])),
+                ("examples", "; ".join(pair["examples"])),
             ]
             out.append(
                 Finding(
@@ -822,7 +818,7 @@ class Analysis:
                         "examples": pair["examples"],
                     },
                     lines,
-                    f"a caller who gets 404 from {h_rule} and {statuses} from {r_rule} learns "
+                    f"A caller who gets 404 from {h_rule} and {statuses} from {r_rule} learns "
                     f"that the paths {h_rule} hides exist. Hide {r_rule} too (hide: true), or "
                     f"fold it into {h_rule}, so that every denial there is the same 404.",
                     weight=len(callers),
@@ -877,14 +873,14 @@ class Analysis:
                     "failed": [{"leaf": k, "callers": v} for k, v in leaves],
                 }
                 suggestion = (
-                    f"do not enforce {name} yet: it would refuse {len(only)} of the "
+                    f"Do not enforce {name} yet: it would refuse {len(only)} of the "
                     f"{callers_n} authenticated callers that reached it, which looks like a "
                     "wrong condition rather than a policy; fix it (`authgate explain` shows "
                     "one caller's check), then watch the would-deny count fall."
                 )
             else:
                 suggestion = (
-                    f"if these callers should be refused, enforce {name} (mode: enforce, or "
+                    f"If these callers should be refused, enforce {name} (mode: enforce, or "
                     "drop its mode: report); if not, change its condition first."
                 )
             if policy is not None and current is not None and not current.report:
@@ -974,7 +970,7 @@ def _refusal_finding(
             "claim not mapped into tokens, `roles_claim` pointing elsewhere). "
         )
     else:
-        suggestion = "the callers failed different branches of the condition. "
+        suggestion = "The callers failed different branches of the condition. "
     if every:
         suggestion += "Nobody passes this rule: it is refusing its own users."
     else:
@@ -1011,7 +1007,7 @@ def _failed_leaves(refused: _Refusals, only: set[str] | None = None) -> list[tup
 
 
 def _leaf_text(leaves: list[tuple[str, int]], refused: int) -> str:
-    return ", ".join(f"{k} for {n} of {refused}" for k, n in leaves[:EXAMPLES])
+    return ", ".join(f"{k} ({n} of {refused} callers)" for k, n in leaves[:EXAMPLES])
 
 
 _OPENERS = (("any of(", False), ("all of(", False), ("not(", True))
@@ -1080,6 +1076,13 @@ def _at(policy: Policy | None, rule: str) -> str:
     if found is None:
         return f"not in {policy.file}: renamed or removed since"
     return f"{policy.file}:{found.line}" + (", hidden" if found.hide else "")
+
+
+def _fill(text: str, first: str, then: str) -> str:
+    """A paragraph of the text report, paths and names never broken."""
+    return textwrap.fill(
+        text, _COLUMNS, initial_indent=first, subsequent_indent=then, break_on_hyphens=False
+    )
 
 
 def _plural(n: int, word: str, words: str = "") -> str:
