@@ -22,13 +22,14 @@ Lines that are not decision entries are counted and skipped.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import math
 import re
 import textwrap
 import zlib
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -103,8 +104,7 @@ class Caller(NamedTuple):
         return {"address": self.address or "-"}
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """A logged denial or would-deny (allowed lines never become one)."""
 
     time: float
@@ -179,44 +179,17 @@ def parse(doc: Any) -> Entry | Allowed | None:
 
 
 # --- the fast path for allowed lines ----------------------------------------------
+# An allowed request's line is read by substring search for the three fields
+# that matter (time, rule, subject; the address only while a guesser is
+# watched). A quoted key followed by a colon is never inside a JSON string
+# (there a quote is escaped), so the first match is the key. Anything else,
+# or a value with an escape in it, goes to json.loads.
 
 _ALLOW = '"decision":"allow"'
-_BAD = object()  # the fast path cannot read the line: json.loads it
-
-
-def _string(line: str, key: str) -> object:
-    """The value of `"key":"..."` or null in one of our lines, or _BAD. A key
-    in quotes followed by a colon is never inside a JSON string (there a quote
-    is escaped), so the first match is the key."""
-    i = line.find(key)
-    if i < 0:
-        return _BAD
-    j = i + len(key)
-    if line.startswith("null", j):
-        return None
-    if line[j : j + 1] != '"':
-        return _BAD
-    k = line.find('"', j + 1)
-    value = line[j + 1 : k]
-    return _BAD if k < 0 or "\\" in value else value
-
-
-def _fast_allow(line: str) -> Allowed | None:
-    """An allowed line, read by substring search; None when it does not look
-    exactly as the gateway writes it."""
-    if not line.startswith('{"time":'):
-        return None
-    end = line.find(",", 8)
-    try:
-        t = float(line[8:end])
-    except ValueError:
-        return None
-    address = _string(line, '"client_ip":')
-    rule = _string(line, '"rule":')
-    subject = _string(line, '"subject":')
-    if _BAD in (address, rule, subject) or not math.isfinite(t):
-        return None
-    return Allowed(t, address, rule, subject)  # type: ignore[arg-type]
+_TIME = '{"time":'
+_RULE = '"rule":"'
+_SUBJECT = '"subject":'
+_ADDRESS = '"client_ip":"'
 
 
 # --- reading files ------------------------------------------------------------------
@@ -281,20 +254,23 @@ class Window:
 
     def __init__(self) -> None:
         self.recent: deque[tuple[float, str]] = deque()
-        self.counts: Counter[str] = Counter()
+        self.counts: dict[str, int] = {}
         self.best = 0
         self.best_from = 0.0
         self.best_to = 0.0
 
     def add(self, t: float, value: str, window: float) -> int:
-        self.recent.append((t, value))
-        self.counts[value] += 1
-        while self.recent[0][0] < t - window:
-            _, old = self.recent.popleft()
-            self.counts[old] -= 1
-            if not self.counts[old]:
-                del self.counts[old]
-        n = len(self.counts)
+        recent, counts = self.recent, self.counts
+        recent.append((t, value))
+        counts[value] = counts.get(value, 0) + 1
+        while recent[0][0] < t - window:
+            _, old = recent.popleft()
+            left = counts[old] - 1
+            if left:
+                counts[old] = left
+            else:
+                del counts[old]
+        n = len(counts)
         if n > self.best:
             self.best, self.best_from, self.best_to = n, self.recent[0][0], t
         return n
@@ -308,8 +284,19 @@ class _Span:
 
     def see(self, t: float) -> None:
         self.count += 1
-        self.first = min(self.first, t)
-        self.last = max(self.last, t)
+        if t < self.first:
+            self.first = t
+        if t > self.last:
+            self.last = t
+
+
+def _count(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _top(counts: dict[str, int], n: int | None = None) -> list[tuple[str, int]]:
+    """The most counted first (then by name), as Counter.most_common."""
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
 def _keep(examples: list[str], value: str, n: int = EXAMPLES) -> None:
@@ -322,14 +309,14 @@ class _Refusals:
     """Known callers a rule's condition refused (enforced, or in report mode)."""
 
     span: _Span = field(default_factory=_Span)
-    subjects: Counter[str] = field(default_factory=Counter)
+    subjects: dict[str, int] = field(default_factory=dict)
     conditions: dict[str, set[str]] = field(default_factory=dict)  # condition -> subjects
     examples: list[str] = field(default_factory=list)
 
     def add(self, e: Entry) -> None:
         assert e.subject is not None
         self.span.see(e.time)
-        self.subjects[e.subject] += 1
+        _count(self.subjects, e.subject)
         if e.condition:
             seen = self.conditions.setdefault(e.condition, set())
             if len(seen) < _PATHS_CAP:
@@ -342,8 +329,8 @@ class _Prober:
     window: Window = field(default_factory=Window)
     span: _Span = field(default_factory=_Span)
     paths: set[str] = field(default_factory=set)
-    rules: Counter[str] = field(default_factory=Counter)
-    answers: Counter[str] = field(default_factory=Counter)
+    rules: dict[str, int] = field(default_factory=dict)
+    answers: dict[str, int] = field(default_factory=dict)
     addresses: list[str] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
 
@@ -352,9 +339,9 @@ class _Prober:
 class _Guesser:
     window: Window = field(default_factory=Window)
     span: _Span = field(default_factory=_Span)
-    users: Counter[str] = field(default_factory=Counter)
-    details: Counter[str] = field(default_factory=Counter)
-    rules: Counter[str] = field(default_factory=Counter)
+    users: dict[str, int] = field(default_factory=dict)
+    details: dict[str, int] = field(default_factory=dict)
+    rules: dict[str, int] = field(default_factory=dict)
     flagged_at: float | None = None  # when the window first held enough credentials
     allowed_after: tuple[float, str | None, str | None] | None = None  # time, subject, rule
 
@@ -362,9 +349,9 @@ class _Guesser:
 @dataclass
 class _WouldDeny:
     span: _Span = field(default_factory=_Span)
-    answers: Counter[str] = field(default_factory=Counter)  # "403 forbidden"
-    subjects: Counter[str] = field(default_factory=Counter)
-    addresses: Counter[str] = field(default_factory=Counter)  # anonymous callers
+    answers: dict[str, int] = field(default_factory=dict)  # "403 forbidden"
+    subjects: dict[str, int] = field(default_factory=dict)
+    addresses: dict[str, int] = field(default_factory=dict)  # anonymous callers
     examples: list[str] = field(default_factory=list)
     refused: _Refusals = field(default_factory=_Refusals)
 
@@ -456,8 +443,8 @@ class Analysis:
         self.lines = self.entries = self.allowed = self.skipped = self.before_since = 0
         self.first = math.inf
         self.last = -math.inf
-        self.allowed_subjects: dict[str, set[str]] = {}  # rule -> subjects allowed
-        self.allowed_requests: Counter[str] = Counter()  # rule -> allowed requests
+        self.allowed_pairs: set[tuple[str, str]] = set()  # (rule, subject) allowed
+        self.allowed_requests: dict[str, int] = {}  # rule -> allowed requests
         self.refusals: dict[str, _Refusals] = {}  # enforced, by rule
         self.probers: dict[Caller, _Prober] = {}
         self.guessers: dict[str, _Guesser] = {}  # by address
@@ -465,32 +452,73 @@ class Analysis:
         self.hidden: dict[Caller, dict[tuple[str, str, str], int]] = {}  # (rule, method, path)
         self.revealing: dict[Caller, dict[tuple[str, str, str, int], int]] = {}
         self.would: dict[str, _WouldDeny] = {}  # by rule
+        self._by_rule: dict[str, set[str]] = {}  # allowed_subjects(), when reporting
 
     # --- input --------------------------------------------------------------------
 
     def read(self, lines: Iterable[str]) -> None:
-        for line in lines:
-            self.lines += 1
-            if _ALLOW in line:
-                fast = _fast_allow(line)
-                if fast is not None:
-                    self.allow(*fast)
-                    continue
-            part = _json_part(line)
-            if part is None:
-                if line.strip():
-                    self.skipped += 1
-                continue
-            try:
-                e = parse(json.loads(part))
-            except ValueError:  # JSONDecodeError, and a number too large for float
-                e = None
-            if isinstance(e, Entry):
-                self.deny(e)
-            elif e is not None:
-                self.allow(*e)
-            else:
+        # The allowed lines' counts are kept in locals and added in at the end
+        # (also when reading stops half way, a compressed file cut short).
+        since = self.since
+        counted = self.allowed_requests
+        pairs = self.allowed_pairs
+        n = fast = 0
+        first, last = math.inf, -math.inf
+        try:
+            for line in lines:
+                n += 1
+                if _ALLOW in line and line.startswith(_TIME):
+                    # The fast path, in line: a call per line would cost more.
+                    r = line.find(_RULE) + 8
+                    s = line.find(_SUBJECT) + 10
+                    try:
+                        t = float(line[8 : line.find(",", 8)])
+                    except ValueError:
+                        r = 0
+                    if r > 8 and s > 10 and line[s] in '"n' and math.isfinite(t):
+                        rule = line[r : line.find('"', r)]
+                        subject = None if line[s] == "n" else line[s + 1 : line.find('"', s + 1)]
+                        if "\\" not in rule and (subject is None or "\\" not in subject):
+                            if since is not None and t < since:
+                                self.before_since += 1
+                                continue
+                            fast += 1
+                            if t > last:
+                                last = t
+                            if t < first:
+                                first = t
+                            counted[rule] = counted.get(rule, 0) + 1
+                            if subject is not None:
+                                pairs.add((rule, subject))
+                            if self.watching:
+                                a = line.find(_ADDRESS) + 13
+                                self._allowed_from(line[a : line.find('"', a)], t, subject, rule)
+                            continue
+                self._slow(line)
+        finally:
+            self.lines += n
+            self.entries += fast
+            self.allowed += fast
+            self.first = min(self.first, first)
+            self.last = max(self.last, last)
+
+    def _slow(self, line: str) -> None:
+        """A line the fast path did not read: json.loads."""
+        part = _json_part(line)
+        if part is None:
+            if line.strip():
                 self.skipped += 1
+            return
+        try:
+            e = parse(json.loads(part))
+        except ValueError:  # JSONDecodeError, and a number too large for float
+            e = None
+        if isinstance(e, Entry):
+            self.deny(e)
+        elif e is not None:
+            self.allow(*e)
+        else:
+            self.skipped += 1
 
     def _in_range(self, t: float) -> bool:
         if self.since is not None and t < self.since:
@@ -509,14 +537,24 @@ class Analysis:
             return
         self.allowed += 1
         if rule is not None:
-            self.allowed_requests[rule] += 1
+            self.allowed_requests[rule] = self.allowed_requests.get(rule, 0) + 1
             if subject is not None:
-                subjects = self.allowed_subjects.get(rule)
-                if subjects is None:
-                    subjects = self.allowed_subjects[rule] = set()
-                subjects.add(subject)
-        if self.watching and address is not None and address in self.watching:
-            self.watching.pop(address).allowed_after = (t, subject, rule)
+                self.allowed_pairs.add((rule, subject))
+        if self.watching and address is not None:
+            self._allowed_from(address, t, subject, rule)
+
+    def _allowed_from(self, address: str, t: float, subject: str | None, rule: str | None) -> None:
+        """An address allowed: if it was guessing, what it got in the end."""
+        guesser = self.watching.pop(address, None)
+        if guesser is not None:
+            guesser.allowed_after = (t, subject, rule)
+
+    def allowed_subjects(self) -> dict[str, set[str]]:
+        """The subjects allowed by each rule."""
+        out: dict[str, set[str]] = {}
+        for rule, subject in self.allowed_pairs:
+            out.setdefault(rule, set()).add(subject)
+        return out
 
     def deny(self, e: Entry) -> None:
         """A denial or a would-deny."""
@@ -558,11 +596,11 @@ class Analysis:
         if w is None:
             w = self.would[e.rule] = _WouldDeny()
         w.span.see(e.time)
-        w.answers[f"{e.status} {e.reason}"] += 1
+        _count(w.answers, f"{e.status} {e.reason}")
         if e.subject is not None:
-            w.subjects[e.subject] += 1
+            _count(w.subjects, e.subject)
         else:
-            w.addresses[e.address or "-"] += 1
+            _count(w.addresses, e.address or "-")
         _keep(w.examples, f"{e.method} {e.path} -> {e.status} {e.reason} ({e.caller})")
         if refused_identity:
             w.refused.add(e)
@@ -577,9 +615,9 @@ class Analysis:
         if len(p.paths) < _PATHS_CAP:
             p.paths.add(e.path)
         if e.rule is not None:
-            p.rules[e.rule] += 1
+            _count(p.rules, e.rule)
         hid = f" ({e.detail})" if e.reason == "hidden" and e.detail else ""
-        p.answers[f"{e.status} {e.reason}{hid}"] += 1
+        _count(p.answers, f"{e.status} {e.reason}{hid}")
         if e.address is not None:
             _keep(p.addresses, e.address)
         _keep(p.examples, e.path, 2 * EXAMPLES)
@@ -592,11 +630,11 @@ class Analysis:
         n = g.window.add(e.time, e.cred_fp, self.t.window)
         g.span.see(e.time)
         if e.user is not None:
-            g.users[e.user] += 1
+            _count(g.users, e.user)
         if e.detail:
-            g.details[e.detail] += 1
+            _count(g.details, e.detail)
         if e.rule is not None:
-            g.rules[e.rule] += 1
+            _count(g.rules, e.rule)
         if g.flagged_at is None and n >= self.t.guess_credentials:
             g.flagged_at = e.time
             self.watching[e.address] = g
@@ -610,6 +648,7 @@ class Analysis:
         if self.entries:
             r.first, r.last = self.first, self.last
         r.policy = policy.file if policy is not None else None
+        self._by_rule = self.allowed_subjects()
         for finder in (
             self._refusing_rules,
             self._probing,
@@ -624,7 +663,7 @@ class Analysis:
     def _refusing_rules(self, policy: Policy | None) -> list[Finding]:
         out = []
         for name, refused in self.refusals.items():
-            allowed = self.allowed_subjects.get(name, set())
+            allowed = self._by_rule.get(name, set())
             share = _share(refused, allowed, self.t)
             if share is None:
                 continue
@@ -831,8 +870,8 @@ class Analysis:
         for name, w in self.would.items():
             current = policy.rule_index.get(name) if policy is not None else None
             at = _at(policy, name)
-            whom = [f"{s} ({n})" for s, n in w.subjects.most_common(EXAMPLES)]
-            whom += [f"address {a} ({n})" for a, n in w.addresses.most_common(EXAMPLES)]
+            whom = [f"{s} ({n})" for s, n in _top(w.subjects, EXAMPLES)]
+            whom += [f"address {a} ({n})" for a, n in _top(w.addresses, EXAMPLES)]
             callers = len(w.subjects) + len(w.addresses)
             summary = (
                 f"enforcing rule {name} would refuse {_plural(w.span.count, 'request')} "
@@ -859,7 +898,7 @@ class Analysis:
                 "examples": w.examples,
                 "allowed_requests": self.allowed_requests.get(name, 0),
             }
-            allowed = self.allowed_subjects.get(name, set())
+            allowed = self._by_rule.get(name, set())
             share = _share(w.refused, allowed, self.t) if w.refused.subjects else None
             if share is not None:
                 callers_n, only = share
@@ -958,7 +997,7 @@ def _refusal_finding(
     top = sorted(refused.conditions.items(), key=lambda kv: -len(kv[1]))[:3]
     for condition, subjects in top:
         lines.append(("condition", f"{condition}  ({_plural(len(subjects), 'caller')})"))
-    shown = [f"{s} ({n})" for s, n in refused.subjects.most_common() if s in only][:EXAMPLES]
+    shown = [f"{s} ({n})" for s, n in _top(refused.subjects) if s in only][:EXAMPLES]
     lines.append(("callers", ", ".join(shown) + (", ..." if len(only) > len(shown) else "")))
     lines.append(("paths", ", ".join(refused.examples)))
     everyone = [k for k, n in leaves if n == len(only)]
@@ -989,7 +1028,7 @@ def _refusal_finding(
         "to": _iso(refused.span.last),
         "failed": [{"leaf": k, "callers": n} for k, n in leaves],
         "conditions": {c: len(s) for c, s in top},
-        "subjects": {s: n for s, n in refused.subjects.most_common() if s in only},
+        "subjects": {s: n for s, n in _top(refused.subjects) if s in only},
         "examples": refused.examples,
     }
     return Finding(REFUSING_RULE, summary, evidence, lines, suggestion, weight=len(only))
@@ -1089,8 +1128,8 @@ def _plural(n: int, word: str, words: str = "") -> str:
     return f"{n:,} {word if n == 1 else words or word + 's'}"
 
 
-def _counts(c: Counter[str]) -> str:
-    top = c.most_common(EXAMPLES)
+def _counts(c: dict[str, int]) -> str:
+    top = _top(c, EXAMPLES)
     return ", ".join(f"{k} ({n:,})" for k, n in top) + (", ..." if len(c) > len(top) else "")
 
 
@@ -1154,13 +1193,21 @@ def analyze(
     ordered = in_time_order(paths)
     a = Analysis(thresholds, since)
     warnings: list[str] = []
-    for path in ordered:
-        with open_log(path) as f:
-            before = a.lines
-            try:
-                a.read(f)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-                warnings.append(f"{path}: read as far as line {a.lines - before:,}: {e}")
+    # The objects made here live to the end and form no cycles: the cyclic
+    # collector would only walk them again and again (a third of the time).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for path in ordered:
+            with open_log(path) as f:
+                before = a.lines
+                try:
+                    a.read(f)
+                except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                    warnings.append(f"{path}: read as far as line {a.lines - before:,}: {e}")
+    finally:
+        if collecting:
+            gc.enable()
     report = a.report(ordered, policy)
     report.warnings = warnings
     return report
