@@ -10,18 +10,19 @@ its evidence and a suggestion:
   many distinct paths within a short window;
 - credential_guessing: one address failing with many different credentials
   (told apart by the log's fingerprints) within a short window;
-- hiding_revealed: a caller answered 404 by a hidden rule and 401/403 on a
-  path that rule covers, so the hiding gave nothing away for nothing;
+- hiding_revealed: a caller answered 404 by a hidden rule and 401/403 by
+  another rule on a path the hidden one covers: the hiding hides nothing;
 - report_mode: what the report-mode rules would refuse if enforced, and whom.
 
 One pass over the lines, so a million take seconds: an allowed request's line
-(most of a log) is read by a few substring searches for the four fields that
-matter (time, address, rule, subject); only denials go through json.loads.
-Lines that are not decision entries are counted and skipped.
+(most of a log) is read by a few substring searches for the fields that
+matter (time, rule, subject); only denials go through json.loads. Lines that
+are not decision entries are counted and skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import gzip
 import json
@@ -79,13 +80,7 @@ class Thresholds:
     rule_refused: float = 90.0  # percent of them refused
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "window": self.window,
-            "probe_paths": self.probe_paths,
-            "guess_credentials": self.guess_credentials,
-            "rule_callers": self.rule_callers,
-            "rule_refused": self.rule_refused,
-        }
+        return dataclasses.asdict(self)
 
 
 class Caller(NamedTuple):
