@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,26 +26,51 @@ from authgate.core.identity import Identity
 from authgate.policy.load import load_policy
 from authgate.tools import denials as dn
 from authgate.tools.keys import DEMO_AUDIENCE, DEMO_ISSUER
-from conftest import POLICIES, Backend, RunningGateway, send, wait_until
+from conftest import POLICIES, ROOT, Backend, RunningGateway, send, wait_until
 
 T0 = 1_800_000_000.0
 AUTHGATE = Path(sys.executable).parent / "authgate"
 Entries = list[dict[str, Any]]
 
 
-def allow(t: float, rule: str | None, subject: str | None = None, *, ip: str = "10.0.0.1",
-          path: str = "/x", method: str = "GET") -> dict[str, Any]:  # fmt: skip
+def allow(
+    t: float,
+    rule: str | None,
+    subject: str | None = None,
+    *,
+    ip: str = "10.0.0.1",
+    path: str = "/x",
+    method: str = "GET",
+) -> dict[str, Any]:
     """An allowed request's entry, in the gateway's key order."""
     return {
-        "time": T0 + t, "request_id": "0" * 32, "client_ip": ip, "method": method,
-        "path": path, "rule": rule, "decision": "allow", "status": None,
-        "reason": "allowed", "subject": subject, "via": "authorization" if subject else None,
-    }  # fmt: skip
+        "time": T0 + t,
+        "request_id": "0" * 32,
+        "client_ip": ip,
+        "method": method,
+        "path": path,
+        "rule": rule,
+        "decision": "allow",
+        "status": None,
+        "reason": "allowed",
+        "subject": subject,
+        "via": "authorization" if subject else None,
+    }
 
 
-def deny(t: float, rule: str | None, status: int, reason: str, subject: str | None = None, *,
-         ip: str = "10.0.0.1", path: str = "/x", method: str = "GET", would: bool = False,
-         **extra: str) -> dict[str, Any]:  # fmt: skip
+def deny(
+    t: float,
+    rule: str | None,
+    status: int,
+    reason: str,
+    subject: str | None = None,
+    *,
+    ip: str = "10.0.0.1",
+    path: str = "/x",
+    method: str = "GET",
+    would: bool = False,
+    **extra: str,
+) -> dict[str, Any]:
     """A denial's entry (a would-deny with `would`); `extra`: detail, condition, ..."""
     entry = allow(t, rule, subject, ip=ip, path=path, method=method)
     entry.update(decision="would_deny" if would else "deny", status=status, reason=reason)
@@ -68,8 +92,9 @@ def kinds(r: dn.Report, kind: str) -> list[dn.Finding]:
     return [f for f in r.findings if f.kind == kind]
 
 
-def forbid(t: float, rule: str, subject: str, condition: str = "role admin=false",
-           **kw: Any) -> dict[str, Any]:  # fmt: skip
+def forbid(
+    t: float, rule: str, subject: str, condition: str = "role admin=false", **kw: Any
+) -> dict[str, Any]:
     return deny(t, rule, 403, "forbidden", subject, condition=condition, **kw)
 
 
@@ -87,7 +112,7 @@ REFUSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
             "refused_requests": 3,
             "failed": [{"leaf": "role biling", "callers": 3}],
         },
-    ),  # fmt: skip
+    ),
     (
         "nine refused, one allowed: 90%",
         [forbid(i, "r", f"u{i}") for i in range(9)] + [allow(10, "r", "boss")],
@@ -97,7 +122,7 @@ REFUSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
             "refused_requests": 9,
             "failed": [{"leaf": "role admin", "callers": 9}],
         },
-    ),  # fmt: skip
+    ),
     (
         "two of three refused: under 90%",
         [forbid(0, "r", "a"), forbid(1, "r", "b"), allow(2, "r", "c")],
@@ -127,7 +152,7 @@ REFUSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
             "refused_requests": 3,
             "failed": [{"leaf": "role ops", "callers": 3}],
         },
-    ),  # fmt: skip
+    ),
     (
         "report mode: would-denies are not refusals (see report_mode)",
         [forbid(i, "r", s, would=True) for i, s in enumerate("abc")],
@@ -136,8 +161,9 @@ REFUSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
 ]
 
 
-@pytest.mark.parametrize("entries, expected", [r[1:] for r in REFUSING],
-                         ids=[r[0] for r in REFUSING])  # fmt: skip
+@pytest.mark.parametrize(
+    "entries, expected", [r[1:] for r in REFUSING], ids=[r[0] for r in REFUSING]
+)
 def test_refusing_rule(entries: Entries, expected: dict[str, Any] | None) -> None:
     found = kinds(report(entries), dn.REFUSING_RULE)
     if expected is None:
@@ -206,8 +232,7 @@ PROBING: list[tuple[str, Entries, dict[str, Any] | None]] = [
 ]
 
 
-@pytest.mark.parametrize("entries, expected", [r[1:] for r in PROBING],
-                         ids=[r[0] for r in PROBING])  # fmt: skip
+@pytest.mark.parametrize("entries, expected", [r[1:] for r in PROBING], ids=[r[0] for r in PROBING])
 def test_probing(entries: Entries, expected: dict[str, Any] | None) -> None:
     found = kinds(report(entries), dn.PROBING)
     if expected is None:
@@ -227,9 +252,16 @@ def test_probing_window_is_the_option() -> None:
 # --- credential guessing -------------------------------------------------------------
 
 
-def failed(t: float, fp: str, *, ip: str = "198.51.100.9", user: str | None = "carol",
-           reason: str = "invalid_credentials", detail: str = "wrong_password",
-           **kw: Any) -> dict[str, Any]:  # fmt: skip
+def failed(
+    t: float,
+    fp: str,
+    *,
+    ip: str = "198.51.100.9",
+    user: str | None = "carol",
+    reason: str = "invalid_credentials",
+    detail: str = "wrong_password",
+    **kw: Any,
+) -> dict[str, Any]:
     extra = {"detail": detail, "cred_fp": fp} | ({"user": user} if user is not None else {})
     return deny(t, "reports", 401, reason, ip=ip, **extra, **kw)
 
@@ -251,7 +283,7 @@ GUESSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
                 "rule": "reports",
             },
         },
-    ),  # fmt: skip
+    ),
     (
         "one user name each (spraying) counts the same",
         [failed(i, f"{i:012x}", user=f"user{i}") for i in range(10)],
@@ -264,7 +296,7 @@ GUESSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
             for i in range(10)
         ],
         {"distinct_credentials_in_window": 10, "users": {}, "failures": {"bad_signature": 10}},
-    ),  # fmt: skip
+    ),
     (
         "a stale token sent thirty times is one credential",
         [
@@ -272,7 +304,7 @@ GUESSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
             for i in range(30)
         ],
         None,
-    ),  # fmt: skip
+    ),
     (
         "ten credentials from ten addresses",
         [failed(i, f"{i:012x}", ip=f"10.0.0.{i}") for i in range(10)],
@@ -299,7 +331,7 @@ GUESSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
             for i in range(10)
         ],
         {"distinct_credentials_in_window": 10, "users": {"carol": 10}},
-    ),  # fmt: skip
+    ),
     (
         "an allowed request before the burst is not 'allowed after'",
         [allow(0, "reports", "carol", ip="198.51.100.9")]
@@ -309,8 +341,9 @@ GUESSING: list[tuple[str, Entries, dict[str, Any] | None]] = [
 ]
 
 
-@pytest.mark.parametrize("entries, expected", [r[1:] for r in GUESSING],
-                         ids=[r[0] for r in GUESSING])  # fmt: skip
+@pytest.mark.parametrize(
+    "entries, expected", [r[1:] for r in GUESSING], ids=[r[0] for r in GUESSING]
+)
 def test_credential_guessing(entries: Entries, expected: dict[str, Any] | None) -> None:
     found = kinds(report(entries), dn.CREDENTIAL_GUESSING)
     if expected is None:
@@ -318,6 +351,26 @@ def test_credential_guessing(entries: Entries, expected: dict[str, Any] | None) 
         return
     [f] = found
     assert {k: f.evidence[k] for k in expected} == expected
+
+
+def test_memory_follows_the_callers_of_one_window() -> None:
+    """5,000 addresses failing once each, a second apart: only the last
+    window's are kept, and a burst among them is still found afterwards."""
+    ones = [failed(i, f"{i:012x}", ip=f"10.0.{i // 256}.{i % 256}") for i in range(5000)]
+    burst = [failed(2500 + i / 10, f"b{i:011x}", ip="192.0.2.9") for i in range(10)]
+    a = dn.Analysis()
+    a.read(lines(sorted(ones + burst, key=lambda e: e["time"])))
+    assert len(a.guessers) <= 2 * 300 + 1
+    [f] = kinds(a.report(), dn.CREDENTIAL_GUESSING)
+    assert f.evidence["address"] == "192.0.2.9"
+
+
+def test_a_tally_keeps_a_thousand_names_and_counts_the_rest_together() -> None:
+    sprayed = [failed(i / 100, f"{i:012x}", user=f"user{i}") for i in range(1500)]
+    [f] = kinds(report(sprayed), dn.CREDENTIAL_GUESSING)
+    users = f.evidence["users"]
+    assert len(users) == 1001 and users[dn.OTHERS] == 500
+    assert f.suggestion.startswith("Password spraying")
 
 
 # --- hiding revealed --------------------------------------------------------------------
@@ -335,7 +388,7 @@ HIDING: list[tuple[str, Entries, dict[str, Any] | None]] = [
             "statuses": [403],
             "callers": [{"subject": "alice"}],
         },
-    ),  # fmt: skip
+    ),
     (
         "the same path by another method, anonymous: a 401",
         [
@@ -346,9 +399,10 @@ HIDING: list[tuple[str, Entries, dict[str, Any] | None]] = [
             "hidden_rule": "admin",
             "revealing_rule": "admin-write",
             "statuses": [401],
-            "callers": [{"address": "10.0.0.1"}],
+            "callers": [{"anonymous": True}],
+            "anonymous_addresses": ["10.0.0.1"],
         },
-    ),  # fmt: skip
+    ),
     (
         "different callers: nothing learnt",
         [hidden(0, "alice", "/admin/x"), forbid(1, "admin-reports", "bob", path="/admin/reports")],
@@ -367,8 +421,7 @@ HIDING: list[tuple[str, Entries, dict[str, Any] | None]] = [
 ]
 
 
-@pytest.mark.parametrize("entries, expected", [r[1:] for r in HIDING],
-                         ids=[r[0] for r in HIDING])  # fmt: skip
+@pytest.mark.parametrize("entries, expected", [r[1:] for r in HIDING], ids=[r[0] for r in HIDING])
 def test_hiding_revealed(entries: Entries, expected: dict[str, Any] | None) -> None:
     found = kinds(report(entries), dn.HIDING_REVEALED)
     if expected is None:
@@ -445,8 +498,9 @@ def test_report_mode_says_what_enforcing_would_refuse_and_whom() -> None:
 
 
 def test_report_mode_that_would_refuse_every_caller_says_fix_it_first() -> None:
-    entries = [forbid(i, "exports", s, "role exportr=false", would=True) for i, s in
-               enumerate("abc")]  # fmt: skip
+    entries = [
+        forbid(i, "exports", s, "role exportr=false", would=True) for i, s in enumerate("abc")
+    ]
     [f] = kinds(report(entries), dn.REPORT_MODE)
     assert f.evidence["refuses_most_callers"] == {
         "callers": 3,
@@ -483,7 +537,7 @@ LEAVES = [
     (
         "any of(claim sub equals '{id}'=false, role admin=false)",
         ["claim sub equals '{id}'", "role admin"],
-    ),  # fmt: skip
+    ),
     ("not(role banned=true)", ["role banned"]),
     ("all of(not(role x=false), scope s=false)", ["scope s"]),
     ("all of(claim team equals 'a, b'=false, anyone=true)", ["claim team equals 'a, b'"]),
@@ -554,8 +608,13 @@ def _state(a: dn.Analysis) -> tuple[Any, ...]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=12), SUBJECTS, st.one_of(st.none(), st.text(max_size=12)),
-       st.text(max_size=20), st.floats(min_value=0, max_value=4e9))  # fmt: skip
+@given(
+    st.text(max_size=12),
+    SUBJECTS,
+    st.one_of(st.none(), st.text(max_size=12)),
+    st.text(max_size=20),
+    st.floats(min_value=0, max_value=4e9),
+)
 def test_the_fast_path_reads_an_allowed_line_as_json_does(
     ip: str, subject: str | None, rule: str | None, path: str, t: float
 ) -> None:
@@ -573,8 +632,10 @@ def test_the_fast_path_reads_an_allowed_line_as_json_does(
 
 def test_the_fast_path_sees_the_guesser_allowed_in_the_end() -> None:
     guesses = [failed(i, f"{i:012x}", ip="192.0.2.5") for i in range(10)]
-    for end in (allow(11, "reports", "carol", ip="192.0.2.5"),
-                allow(11, "reports", 'car"ol', ip="192.0.2.5")):  # fmt: skip
+    for end in (
+        allow(11, "reports", "carol", ip="192.0.2.5"),
+        allow(11, "reports", 'car"ol', ip="192.0.2.5"),
+    ):
         [f] = kinds(report([*guesses, end]), dn.CREDENTIAL_GUESSING)
         assert f.evidence["allowed_after"]["subject"] == end["subject"]
 
@@ -668,40 +729,9 @@ def test_exit_status_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 # --- a real gateway under scripted traffic -------------------------------------------------
 
-GATEWAY_POLICY = """\
-version: 1
-realm: denials
-authn:
-  jwt:
-    - {{name: demo, issuer: {issuer}, audience: {audience}, algorithms: [RS256],
-       jwks_file: {jwks}}}
-  basic:
-    htpasswd: {htpasswd}
-    users:
-      carol: {{roles: [analyst]}}
-rules:
-  - name: profile
-    match: {{path: /api/profile}}
-    allow: authenticated
-  - name: billing                 # misconfigured: the tokens say 'billing'
-    match: {{path: "/billing/**"}}
-    allow: {{all: [authenticated, {{role: biling}}]}}
-  - name: admin-reports           # not hidden: it gives /admin away
-    match: {{path: /admin/reports}}
-    allow: {{role: admin}}
-  - name: admin
-    match: {{path: "/admin/**"}}
-    allow: {{role: admin}}
-    hide: true
-  - name: exports
-    match: {{path: "/exports/**"}}
-    allow: {{role: exporter}}
-    mode: report
-  - name: reports
-    match: {{path: "/reports/**"}}
-    allow: {{role: analyst}}
-default: not_found
-"""
+# The policy and the Basic user of docs/denials.md's example; the log there
+# is what this traffic wrote.
+GATEWAY_POLICY = ROOT / "docs" / "examples" / "denials.yaml"
 PASSWORD = "right-horse-battery"
 
 
@@ -709,32 +739,14 @@ def basic(user: str, password: str) -> list[tuple[str, str]]:
     return [("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())]
 
 
-@pytest.fixture
-def gateway_policy(tmp_path: Path) -> Path:
-    htpasswd = tmp_path / "users.htpasswd"
-    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
-    htpasswd.write_text(f"carol:{hashed}\n")
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        GATEWAY_POLICY.format(
-            issuer=DEMO_ISSUER,
-            audience=DEMO_AUDIENCE,
-            jwks=POLICIES / "keys" / "jwks.json",
-            htpasswd=htpasswd,
-        )
-    )
-    return policy
-
-
 def test_a_gateway_under_scripted_traffic_and_the_report_on_its_log(
     start_gateway: Callable[..., RunningGateway],
     backend: Backend,
     token: Callable[..., str],
-    gateway_policy: Path,
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "decisions.jsonl"
-    gw = start_gateway(gateway_policy, f"authgate_log={log}")
+    gw = start_gateway(GATEWAY_POLICY, f"authgate_log={log}")
 
     def get(path: str, headers: list[tuple[str, str]], source: str | None = None) -> int:
         return send(gw.address, "GET", path, headers, source=source).status
@@ -782,18 +794,21 @@ def test_a_gateway_under_scripted_traffic_and_the_report_on_its_log(
     }
 
     # The real command on that log: text, then JSON with the policy.
-    done = subprocess.run([AUTHGATE, "denials", str(log)], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [AUTHGATE, "denials", str(log)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 1, done.stderr
     assert "5 findings" in done.stdout and "role biling (3 of 3 callers)" in done.stdout
     done = subprocess.run(
-        [AUTHGATE, "denials", str(log), "--json", "--policy", str(gateway_policy)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [AUTHGATE, "denials", str(log), "--json", "--policy", str(GATEWAY_POLICY)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1, done.stderr
     got = json.loads(done.stdout)
     assert got["skipped"] == 0 and got["entries"] == requests
-    assert_findings(got["findings"], str(gateway_policy))
+    assert_findings(got["findings"], str(GATEWAY_POLICY))
 
     # The same log rotated: the oldest part compressed, a junk line, files out of order.
     split = text.splitlines(keepends=True)
@@ -803,9 +818,11 @@ def test_a_gateway_under_scripted_traffic_and_the_report_on_its_log(
     files = [tmp_path / n for n in ("decisions.jsonl.1", "rotated.jsonl", "decisions.jsonl.2.gz")]
     random.Random(1).shuffle(files)
     done = subprocess.run(
-        [AUTHGATE, "denials", *map(str, files), "--json", "--policy", str(gateway_policy)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [AUTHGATE, "denials", *map(str, files), "--json", "--policy", str(GATEWAY_POLICY)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1, done.stderr
     rotated = json.loads(done.stdout)
     assert rotated["skipped"] == 1 and rotated["entries"] == requests

@@ -30,7 +30,6 @@ import math
 import re
 import textwrap
 import zlib
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -69,6 +68,8 @@ EXAMPLES = 5  # examples kept per finding
 _COLUMNS = 100  # the text report's width
 _CAP = 200  # distinct values kept per caller where only examples are needed
 _PATHS_CAP = 10_000  # distinct paths counted per probing caller
+_KEYS_CAP = 1_000  # distinct keys counted in one tally (user names tried, ...)
+OTHERS = "(others)"  # the tally of the keys past the cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,18 +86,27 @@ class Thresholds:
 
 class Caller(NamedTuple):
     """Who was refused: the subject when the caller was identified, else the
-    address."""
+    address; neither stands for every anonymous caller (see ANONYMOUS)."""
 
     subject: str | None
     address: str | None
 
     def __str__(self) -> str:
-        return self.subject if self.subject is not None else f"address {self.address}"
+        if self.subject is not None:
+            return self.subject
+        return f"address {self.address}" if self.address is not None else "anonymous"
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, Any]:
         if self.subject is not None:
             return {"subject": self.subject}
-        return {"address": self.address or "-"}
+        if self.address is not None:
+            return {"address": self.address}
+        return {"anonymous": True}
+
+
+# Anonymous callers all get the same answers, so for hiding they are one
+# caller (and an internet's worth of addresses is not kept).
+ANONYMOUS = Caller(None, None)
 
 
 class Entry(NamedTuple):
@@ -245,29 +255,40 @@ class Window:
     """The distinct values one key showed within a sliding window of time, and
     the most it ever showed in one window (when, and how many)."""
 
-    __slots__ = ("best", "best_from", "best_to", "counts", "recent")
+    __slots__ = ("best", "best_from", "best_to", "counts", "head", "times", "values")
 
     def __init__(self) -> None:
-        self.recent: deque[tuple[float, str]] = deque()
+        # Two lists and a start index: lighter than a deque for the many keys
+        # that only ever see a value or two.
+        self.times: list[float] = []
+        self.values: list[str] = []
+        self.head = 0
         self.counts: dict[str, int] = {}
         self.best = 0
         self.best_from = 0.0
         self.best_to = 0.0
 
     def add(self, t: float, value: str, window: float) -> int:
-        recent, counts = self.recent, self.counts
-        recent.append((t, value))
+        times, values, counts = self.times, self.values, self.counts
+        times.append(t)
+        values.append(value)
         counts[value] = counts.get(value, 0) + 1
-        while recent[0][0] < t - window:
-            _, old = recent.popleft()
+        head = self.head
+        while times[head] < t - window:
+            old = values[head]
+            head += 1
             left = counts[old] - 1
             if left:
                 counts[old] = left
             else:
                 del counts[old]
+        if head > 64 and 2 * head > len(times):
+            del times[:head], values[:head]
+            head = 0
+        self.head = head
         n = len(counts)
         if n > self.best:
-            self.best, self.best_from, self.best_to = n, self.recent[0][0], t
+            self.best, self.best_from, self.best_to = n, times[head], t
         return n
 
 
@@ -285,7 +306,10 @@ class _Span:
             self.last = t
 
 
-def _count(counts: dict[str, int], key: str) -> None:
+def _count(counts: dict[str, int], key: str, cap: int = _KEYS_CAP) -> None:
+    """Count `key`; past `cap` distinct keys, new ones count as OTHERS."""
+    if key not in counts and len(counts) >= cap:
+        key = OTHERS
     counts[key] = counts.get(key, 0) + 1
 
 
@@ -311,7 +335,7 @@ class _Refusals:
     def add(self, e: Entry) -> None:
         assert e.subject is not None
         self.span.see(e.time)
-        _count(self.subjects, e.subject)
+        self.subjects[e.subject] = self.subjects.get(e.subject, 0) + 1  # every one
         if e.condition:
             seen = self.conditions.setdefault(e.condition, set())
             if len(seen) < _PATHS_CAP:
@@ -444,8 +468,11 @@ class Analysis:
         self.probers: dict[Caller, _Prober] = {}
         self.guessers: dict[str, _Guesser] = {}  # by address
         self.watching: dict[str, _Guesser] = {}  # flagged addresses: the next allow
-        self.hidden: dict[Caller, dict[tuple[str, str, str], int]] = {}  # (rule, method, path)
-        self.revealing: dict[Caller, dict[tuple[str, str, str, int], int]] = {}
+        # (rule, method, path) hidden, and (rule, method, path, status) 401/403, by
+        # caller, each with the address it first came from
+        self.hidden: dict[Caller, dict[tuple[str, str, str], str | None]] = {}
+        self.revealing: dict[Caller, dict[tuple[str, str, str, int], str | None]] = {}
+        self._sweep_at = -math.inf
         self.would: dict[str, _WouldDeny] = {}  # by rule
         self._by_rule: dict[str, set[str]] = {}  # allowed_subjects(), when reporting
 
@@ -570,20 +597,43 @@ class Analysis:
         if e.why in _FAILED_CREDENTIAL and e.cred_fp and e.address is not None:
             self._guess(e)
         if e.rule is not None:
+            who = Caller(e.subject, None) if e.subject is not None else ANONYMOUS
             if e.reason == "hidden":
-                self._remember(self.hidden, e.caller, (e.rule, e.method, e.path))
+                self._remember(self.hidden, who, (e.rule, e.method, e.path), e.address)
             elif e.status in _REVEALING:
-                self._remember(self.revealing, e.caller, (e.rule, e.method, e.path, e.status))
+                key = (e.rule, e.method, e.path, e.status)
+                self._remember(self.revealing, who, key, e.address)
+        if e.time >= self._sweep_at:
+            self._sweep(e.time)
 
     @staticmethod
-    def _remember(into: dict[Caller, dict[Any, int]], caller: Caller, key: Any) -> None:
+    def _remember(
+        into: dict[Caller, dict[Any, str | None]], caller: Caller, key: Any, address: str | None
+    ) -> None:
+        """Note a request (up to _CAP distinct ones per caller), with the
+        address it first came from."""
         seen = into.get(caller)
         if seen is None:
             seen = into[caller] = {}
-        if key in seen:
-            seen[key] += 1
-        elif len(seen) < _CAP:
-            seen[key] = 1
+        if key not in seen and len(seen) < _CAP:
+            seen[key] = address
+
+    def _sweep(self, now: float) -> None:
+        """Forget the callers and addresses whose last refusal is older than
+        the window and that never reached a threshold: no later window can
+        hold what they did, so memory follows the callers active in a window,
+        not every address in the log."""
+        cutoff = now - self.t.window
+        probe, guess = self.t.probe_paths, self.t.guess_credentials
+        self.probers = {
+            k: p for k, p in self.probers.items() if p.span.last >= cutoff or p.window.best >= probe
+        }
+        self.guessers = {
+            k: g
+            for k, g in self.guessers.items()
+            if g.span.last >= cutoff or g.window.best >= guess
+        }
+        self._sweep_at = now + self.t.window
 
     def _would_deny(self, e: Entry, refused_identity: bool) -> None:
         assert e.rule is not None
@@ -758,15 +808,16 @@ class Analysis:
                 who = f" as {after[1]}" if after[1] is not None else ""
                 rule = f" by rule {after[2]}" if after[2] is not None else ""
                 lines.append(("then", f"allowed{who}{rule} at {_when(after[0])}"))
-            if len(g.users) > 1 and max(g.users.values()) <= 2:
+            named = [n for user, n in g.users.items() if user != OTHERS]
+            if len(named) > 1 and max(named) <= 2:
                 how = "Password spraying (few passwords each for many user names)"
             elif g.users:
                 how = "Password guessing"
             else:
                 how = "Credential guessing (tokens or keys)"
             suggestion = (
-                f"{how}: limit failed attempts by address on the rule (a limit with key: ip) "
-                "or block the address (ip.block)"
+                f"{how}: limit the rule's requests by address (a limit with key: ip, counted "
+                "before any password is checked) or block the address (ip.block)"
             )
             if after is not None:
                 suggestion += (
@@ -803,21 +854,26 @@ class Analysis:
         return out
 
     def _hiding_revealed(self, policy: Policy | None) -> list[Finding]:
-        # (hidden rule, revealing rule) -> callers and an example of each side
+        # (hidden rule, revealing rule) -> the callers, anonymous addresses, examples
         pairs: dict[tuple[str, str], dict[str, Any]] = {}
         for caller, hidden in self.hidden.items():
             revealing = self.revealing.get(caller)
             if not revealing:
                 continue
-            for h_rule, h_method, h_path in hidden:
-                for r_rule, r_method, r_path, status in revealing:
+            for (h_rule, h_method, h_path), h_from in hidden.items():
+                for (r_rule, r_method, r_path, status), r_from in revealing.items():
                     if r_rule == h_rule or not _covers(policy, h_rule, h_path, r_path):
                         continue
                     pair = pairs.setdefault(
-                        (h_rule, r_rule), {"callers": {}, "statuses": set(), "examples": []}
+                        (h_rule, r_rule),
+                        {"callers": {}, "statuses": set(), "examples": [], "addresses": []},
                     )
                     pair["callers"][str(caller)] = caller
                     pair["statuses"].add(status)
+                    if caller == ANONYMOUS:
+                        for address in (h_from, r_from):
+                            if address is not None:
+                                _keep(pair["addresses"], address)
                     example = f"{r_method} {r_path} -> {status}"
                     if not any(x.startswith(example + " ") for x in pair["examples"]):
                         _keep(pair["examples"], f"{example} (404 for {h_method} {h_path})")
@@ -826,17 +882,20 @@ class Analysis:
             callers: dict[str, Caller] = pair["callers"]
             statuses = "/".join(str(s) for s in sorted(pair["statuses"]))
             at_h, at_r = _at(policy, h_rule), _at(policy, r_rule)
+            who = [name for name in sorted(callers) if callers[name] != ANONYMOUS]
+            if ANONYMOUS in callers.values():
+                who.append("anonymous callers (from " + ", ".join(pair["addresses"]) + ")")
             summary = (
-                f"rule {r_rule} answered {statuses} to {_plural(len(callers), 'caller')} on "
-                f"paths that hidden rule {h_rule} covers, and {h_rule} answered them 404"
+                f"rule {r_rule} answered {statuses} on paths that hidden rule {h_rule} covers, "
+                f"where {h_rule} answered 404, to the same "
+                + ("callers" if len(callers) > 1 or ANONYMOUS in callers.values() else "caller")
             )
             lines = [
                 ("hidden", f"rule {h_rule}" + (f" ({at_h})" if at_h else "")),
                 ("revealed by", f"rule {r_rule}" + (f" ({at_r})" if at_r else "")),
                 (
                     "callers",
-                    ", ".join(sorted(callers)[:EXAMPLES])
-                    + (", ..." if len(callers) > EXAMPLES else ""),
+                    ", ".join(who[:EXAMPLES]) + (", ..." if len(who) > EXAMPLES else ""),
                 ),
                 ("examples", "; ".join(pair["examples"])),
             ]
@@ -849,6 +908,7 @@ class Analysis:
                         "revealing_rule": r_rule,
                         "statuses": sorted(pair["statuses"]),
                         "callers": [c.as_dict() for _, c in sorted(callers.items())],
+                        "anonymous_addresses": pair["addresses"],
                         "examples": pair["examples"],
                     },
                     lines,
