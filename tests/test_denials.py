@@ -11,6 +11,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from hypothesis import strategies as st
 
 from authgate.cli import main
 from authgate.core import conditions as c
-from authgate.core.decision import describe
+from authgate.core.decision import RequestView, describe, judge
 from authgate.core.identity import Identity
 from authgate.policy.load import load_policy
+from authgate.runtime.stores import MemoryStore
 from authgate.tools import denials as dn
 from authgate.tools.keys import DEMO_AUDIENCE, DEMO_ISSUER
 from conftest import POLICIES, ROOT, Backend, RunningGateway, send, wait_until
@@ -463,6 +465,27 @@ def policy(tmp_path: Path) -> Any:
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY)
     return load_policy(str(path))
+
+
+@pytest.mark.parametrize("mode", ["enforce", "report"])
+def test_a_hidden_rule_keeps_the_refused_identity_for_the_log(
+    tmp_path: Path, token: Callable[..., str], mode: str
+) -> None:
+    """The 404 is the same for everyone; the decision behind it names the
+    caller and the failed condition (for the log), and in report mode the
+    proven identity is forwarded, as for any other rule."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.replace("    hide: true", f"    hide: true\n    mode: {mode}"))
+    view = RequestView.build(
+        "GET", "/admin/x", [("authorization", f"Bearer {token(sub='alice', roles=['user'])}")],
+        "127.0.0.1",
+    )  # fmt: skip
+    d = judge(load_policy(str(path)), view, time.time(), MemoryStore())
+    assert (d.status, d.reason, d.detail) == (404, "hidden", "forbidden")
+    assert d.identity is not None and d.identity.subject == "alice"
+    assert d.condition == "role admin=false"
+    assert d.report == (mode == "report")
+    assert dict(d.upstream_headers).get("X-Auth-Subject") == ("alice" if d.report else None)
 
 
 def test_hiding_revealed_with_the_policy_uses_the_hidden_rules_pattern(policy: Any) -> None:
