@@ -547,7 +547,7 @@ def cmd_denials(args: argparse.Namespace) -> int:
         if value < 1:
             return _error("denials", f"{option} is a count of at least 1, not {value}")
     if not 0 < args.rule_refused <= 100:
-        return _error("denials", f"--rule-refused is a percentage from 1 to 100, not "
+        return _error("denials", f"--rule-refused is a percentage above 0, at most 100, not "
                                  f"{args.rule_refused:g}")  # fmt: skip
     if window <= 0:
         return _error("denials", f"--window must be longer than 0, not {args.window!r}")
