@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from hypothesis import strategies as st
 
 from authgate.cli import main
 from authgate.core import conditions as c
-from authgate.core.decision import RequestView, describe, judge
+from authgate.core.credentials import BASIC, JWT, Presented
+from authgate.core.decision import Decision, RequestView, describe, judge
 from authgate.core.identity import Identity
+from authgate.house.gatehouse import Gatehouse
 from authgate.policy.load import load_policy
 from authgate.runtime.stores import MemoryStore
 from authgate.tools import denials as dn
@@ -98,6 +101,27 @@ def forbid(
     t: float, rule: str, subject: str, condition: str = "role admin=false", **kw: Any
 ) -> dict[str, Any]:
     return deny(t, rule, 403, "forbidden", subject, condition=condition, **kw)
+
+
+# --- what the log records ---------------------------------------------------------------
+
+
+def test_the_fingerprint_is_keyed_per_process_and_never_the_credential() -> None:
+    tried = Presented(BASIC, "authorization", "carol:s3cret-\ud800")  # any str
+    d = Decision(False, 401, "invalid_credentials", rule="r", detail="wrong_password",
+                 rejected=tried)  # fmt: skip
+    one, other = Gatehouse(), Gatehouse()  # two processes' worth
+    first, again = (one.record(d, None, "GET", "/x") for _ in range(2))
+    elsewhere = other.record(d, None, "GET", "/x")
+    assert re.fullmatch(r"[0-9a-f]{12}", first["cred_fp"])
+    assert first["cred_fp"] == again["cred_fp"] != elsewhere["cred_fp"]
+    assert (first["user"], first["detail"]) == ("carol", "wrong_password")
+    assert "s3cret" not in json.dumps(first)
+    token = Presented(JWT, "authorization", "a.b.c")
+    entry = one.record(replace(d, reason="invalid_token", rejected=token), None, "GET", "/x")
+    assert "user" not in entry and entry["cred_fp"] != first["cred_fp"]
+    allowed = one.record(Decision(True, 0, "allowed", rule="r"), None, "GET", "/x")
+    assert not {"detail", "condition", "cred_fp", "user"} & set(allowed)
 
 
 # --- refusing rules -----------------------------------------------------------------

@@ -627,7 +627,7 @@ class Gatehouse:
         if d.condition:
             entry["condition"] = d.condition
         if d.rejected is not None:
-            value = d.rejected.value.encode("utf-8", "surrogateescape")
+            value = d.rejected.value.encode("utf-8", "surrogatepass")  # any str encodes
             mac = hmac.new(self._credential_key, value, hashlib.sha256)
             entry["cred_fp"] = mac.hexdigest()[:12]
             if d.rejected.kind == BASIC:
