@@ -1,4 +1,4 @@
-"""The docs' commands, run as written. Every `$ authgate check|test|explain ...`
+"""The docs' commands, run as written. Every `$ authgate check|test|explain|denials ...`
 line in a ```text block of the README or docs/ whose files exist in the
 repository is run (bash, with the venv's `authgate` on PATH), and what it
 prints must be what the docs show, but for times and dates; every offline
@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```text\n(.*?)```", re.S)
-RUNNABLE = re.compile(r"^\$ (authgate (?:check|test|explain) .*)$")
+RUNNABLE = re.compile(r"^\$ (authgate (?:check|test|explain|denials) .*)$")
 # What changes from run to run: clock times and dates.
 VARYING = [
     (re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"), "<time>"),

@@ -229,7 +229,9 @@ def test_the_tools_say_when_they_cannot_fetch_keys(tmp_path: Path) -> None:
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
-NAMED = re.compile(r"(?<![\w./-])((?:policies|docs|tests|addon)/[\w./-]+\.(?:yaml|md|py|txt|json))")
+NAMED = re.compile(
+    r"(?<![\w./-])((?:policies|docs|tests|addon)/[\w./-]+\.(?:yaml|md|py|txt|jsonl|json))"
+)
 # Files the docs tell the reader to create, or that commands create.
 MADE_BY_THE_READER = {
     "policies/my-policy.yaml",

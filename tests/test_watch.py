@@ -310,8 +310,17 @@ def basic(user: str, password: str) -> tuple[str, str]:
                 ("p-sub", "sub:https://issuer.example:alice", "/admin/x"),
             ],
         ),
-        # a hidden rule's 404 says nothing of whose request it was: by address only
-        ("/secret/x", "user", (), [("d-ip", "ip:10.0.0.1", None)]),
+        # a hidden rule's 404 to a proven caller: by address and by that caller
+        # (the client's answer is the unknown path's; the gateway knows who asked)
+        (
+            "/secret/x",
+            "user",
+            (),
+            [
+                ("d-ip", "ip:10.0.0.1", None),
+                ("p-sub", "sub:https://issuer.example:alice", "/secret/x"),
+            ],
+        ),
         (
             "/admin/x",
             "bad-token",

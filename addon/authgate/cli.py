@@ -1,7 +1,8 @@
 """The `authgate` command: argument parsing and dispatch, nothing else.
 
 run and demo serve the gateway; token and hash-key make credentials; check,
-explain, test and replay are the policy tools (authgate.tools).
+explain, test and replay are the policy tools, denials reads decision logs
+(authgate.tools).
 """
 
 from __future__ import annotations
@@ -395,6 +396,50 @@ def parser() -> argparse.ArgumentParser:
         help="more distinct values than K at one path position make it a parameter (10)",
     )  # fmt: skip
     lrn.set_defaults(func=_lazy("cmd_learn"))
+
+    den = sub.add_parser(
+        "denials",
+        help="findings from decision logs: refusing rules, probing, password guessing, ...",
+        description="Read decision logs (authgate_log files; rotated and gzip-compressed "
+        "ones too, in any order) and report what the denials say: rules that refuse most "
+        "of their authenticated callers, callers probing many paths, addresses cycling "
+        "credentials, hidden rules given away by a neighbour's 401/403, and what the "
+        "report-mode rules would refuse. Each finding has its evidence and a suggestion. "
+        "See docs/denials.md.",
+        epilog="Exit status: 0 no findings, 1 findings, 2 errors (a log that cannot be "
+        "read, a policy that does not load, bad arguments).",
+    )
+    den.add_argument("logs", nargs="+", metavar="LOG", help="decision logs (plain or .gz)")
+    den.add_argument(
+        "--policy", metavar="POLICY",
+        help="the policy: rules' lines, hidden rules' patterns, report-mode rules",
+    )  # fmt: skip
+    den.add_argument("--json", action="store_true", help="the report as one JSON document")
+    den.add_argument(
+        "--since", metavar="WHEN",
+        help="only entries of the last DURATION (30m, 2h, 1d) or since an ISO 8601 time",
+    )  # fmt: skip
+    den.add_argument(
+        "--window", default="5m", metavar="DURATION",
+        help="the sliding window of probing and guessing (5m)",
+    )  # fmt: skip
+    den.add_argument(
+        "--probe-paths", type=int, default=10, metavar="N",
+        help="probing: distinct paths refused to one caller within the window (10)",
+    )  # fmt: skip
+    den.add_argument(
+        "--guess-credentials", type=int, default=10, metavar="N",
+        help="guessing: distinct failed credentials from one address within the window (10)",
+    )  # fmt: skip
+    den.add_argument(
+        "--rule-callers", type=int, default=3, metavar="N",
+        help="refusing rule: authenticated callers the rule must have seen (3)",
+    )  # fmt: skip
+    den.add_argument(
+        "--rule-refused", type=float, default=90.0, metavar="PCT",
+        help="refusing rule: the percentage of them it refused, at least (90)",
+    )  # fmt: skip
+    den.set_defaults(func=_lazy("cmd_denials"))
     _describe(sub)
     _describe(imp_sub)
     return p

@@ -103,6 +103,12 @@ class Decision:
     via: str | None = None  # where the credential came from: authorization, cookie, query, ...
     detail: str = ""  # internal explanation: logged, never sent to the client
     trace: tuple[str, ...] = field(default=())
+    # A denial's evidence for the decision log (`authgate denials` reads it),
+    # set on denial paths only: the rule's condition with each leaf's value
+    # when an identity was refused (403), and the credential that failed
+    # verification (401), whose keyed fingerprint is logged, never it.
+    condition: str = ""
+    rejected: Presented | None = field(default=None, repr=False, compare=False)
     # Report mode: a denial that is logged and counted, and the request
     # forwarded as if allowed (to `target`, with `upstream_headers`).
     report: bool = False
@@ -622,8 +628,13 @@ def _denial(
     headers: tuple[tuple[str, str], ...] = (),
     detail: str = "",
     claimed: str = "",
+    condition: str = "",
+    failed: bool = False,
 ) -> Decision:
-    """A denial by a rule: a hidden rule answers as an unknown path."""
+    """A denial by a rule: a hidden rule answers as an unknown path. `failed`:
+    the credential presented failed verification (the log fingerprints it).
+    The identity, condition and credential are the log's, never the answer's."""
+    rejected = presented if failed else None
     if rule.hide:
         if t.on:
             t(f"denied ({reason}); the rule is hidden: answering as an unknown path")
@@ -634,9 +645,12 @@ def _denial(
             rule=rule.name,
             client_ip=ip.address,
             path=path,
+            identity=identity,
             detail=reason,
             trace=t.done(),
             claimed=claimed,
+            condition=condition,
+            rejected=rejected,
         )
     else:
         d = Decision(
@@ -653,6 +667,8 @@ def _denial(
             via=presented.via if presented is not None else None,
             trace=t.done(),
             claimed=claimed,
+            condition=condition,
+            rejected=rejected,
         )
     return _finish(policy, rule, d, request.target)
 
@@ -720,6 +736,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                     INVALID_TOKEN,
                     detail=outcome.code,
                     challenges=challenges_for(policy, rule, bearer),
+                    failed=True,
                 )
             basic = presented.kind == BASIC
             return deny(
@@ -728,6 +745,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 detail=outcome.code,
                 challenges=rule.challenges,
                 claimed=subject_key(BASIC, presented.value.partition(":")[0]) if basic else "",
+                failed=True,
             )
         who = outcome.identity
         assert who is not None
@@ -760,6 +778,8 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 t("no credential kind is accepted here: nobody can qualify")
                 return deny(403, FORBIDDEN)
             return deny(401, NO_CREDENTIALS, challenges=rule.challenges)
+        # Which branch failed, for the log (computed only when refusing).
+        failing = describe(rule.allow, who, params)
         missing = c.missing_scopes(rule.allow, who, params)
         if missing and who.method == JWT:
             bearer = (("error", "insufficient_scope"), ("scope", " ".join(missing)))
@@ -769,8 +789,9 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 identity=who,
                 detail=" ".join(missing),
                 challenges=(("Bearer", bearer),),
+                condition=failing,
             )
-        return deny(403, FORBIDDEN, identity=who)
+        return deny(403, FORBIDDEN, identity=who, condition=failing)
     if t.on:
         t(f"condition: {describe(rule.allow, who, params)} is true")
         t.lines.extend(c.condition_tree(rule.allow, who, params))

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import heapq
+import hmac
 import json
 import logging
 import math
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from authgate.core.credentials import KeyFetch, PasswordCheck
+from authgate.core.credentials import BASIC, KeyFetch, PasswordCheck
 from authgate.core.decision import (
     FORBIDDEN,
     RATE_LIMITED,
@@ -78,6 +80,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 BAN_SYNC_SECONDS = 0.5
 _FULL_SYNC_EVERY = 20  # polls; then the table is read whatever its version says
 MAX_STATUS_BANS = 1000  # bans in /status (and a worker's status file); /bans has all
+# How much of a denial's detail and of a Basic user name the log keeps.
+_DETAIL_CHARS = 200
+_USER_CHARS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +241,10 @@ class Gatehouse:
         self._tasks: list[asyncio.Task[None]] = []
         self._reloading: asyncio.Lock | None = None
         self._bcrypt_slots = asyncio.Semaphore(2)  # bcrypt is CPU-bound: two at a time
+        # The key of the log's credential fingerprints: random, this process's
+        # alone and never written anywhere, so a fingerprint tells two
+        # attempts apart and cannot be turned back into the credential.
+        self._credential_key = os.urandom(32)
 
     # --- configuration (plain values; each raises what is wrong) --------------------
 
@@ -957,6 +966,10 @@ class Gatehouse:
             "subject": subject,
             "via": d.via,
         }
+        if d.status:
+            # A denial or a would-deny: the evidence `authgate denials` reads.
+            # Allowed requests never come here.
+            self._evidence(d, entry)
         if without_store:
             entry["without_store"] = without_store  # limits judged without the shared store
         self.decided += 1
@@ -1003,3 +1016,18 @@ class Gatehouse:
         if self._log_file is not None:
             self._log_file.write(text + "\n")
         self.metrics.watch_event(spec.name, "report" if event.report else spec.action)
+
+    def _evidence(self, d: Decision, entry: dict[str, Any]) -> None:
+        """A denial's fields beyond the common ones: its detail, the failed
+        condition (a refused identity), and a failed credential's fingerprint
+        (an HMAC with this process's key, 12 hex digits) and Basic user name."""
+        if d.detail:
+            entry["detail"] = d.detail[:_DETAIL_CHARS]
+        if d.condition:
+            entry["condition"] = d.condition
+        if d.rejected is not None:
+            value = d.rejected.value.encode("utf-8", "surrogatepass")  # any str encodes
+            mac = hmac.new(self._credential_key, value, hashlib.sha256)
+            entry["cred_fp"] = mac.hexdigest()[:12]
+            if d.rejected.kind == BASIC:
+                entry["user"] = d.rejected.value.partition(":")[0][:_USER_CHARS]

@@ -567,3 +567,44 @@ def cmd_config(args: argparse.Namespace) -> int:
         return _error("config", str(e))
     sys.stdout.write(text)
     return OK
+
+
+def cmd_denials(args: argparse.Namespace) -> int:
+    """`authgate denials LOG...`: findings from decision logs. 0 none, 1 some,
+    2 errors."""
+    from authgate.tools import denials
+
+    try:
+        window = parse_duration(args.window)
+        since = denials.parse_since(args.since, time.time()) if args.since else None
+    except ValueError as e:
+        return _error("denials", str(e))
+    counts = {
+        "--probe-paths": args.probe_paths,
+        "--guess-credentials": args.guess_credentials,
+        "--rule-callers": args.rule_callers,
+    }
+    for option, value in counts.items():
+        if value < 1:
+            return _error("denials", f"{option} is a count of at least 1, not {value}")
+    if not 0 < args.rule_refused <= 100:
+        return _error("denials", f"--rule-refused is a percentage above 0, at most 100, not "
+                                 f"{args.rule_refused:g}")  # fmt: skip
+    if window <= 0:
+        return _error("denials", f"--window must be longer than 0, not {args.window!r}")
+    try:
+        policy = load_policy(args.policy) if args.policy else None
+    except PolicyError as e:
+        return _error("denials", str(e))
+    thresholds = denials.Thresholds(
+        window, args.probe_paths, args.guess_credentials, args.rule_callers, args.rule_refused
+    )
+    try:
+        report = denials.analyze(args.logs, thresholds, since=since, policy=policy)
+    except OSError as e:
+        return _error("denials", f"cannot read {e.filename or 'a log'}: {e.strerror or e}")
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.text(), end="")
+    return WARNINGS if report.findings else OK
