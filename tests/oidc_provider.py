@@ -14,8 +14,8 @@ Tests can stop the provider (as an outage) and start it again on the same port.
 
 from __future__ import annotations
 
-import http.client
 import html.parser
+import http.client
 import json
 import shutil
 import signal
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from redis_server import free_port
 
 HERE = Path(__file__).parent / "oidc"

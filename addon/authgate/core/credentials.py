@@ -1,5 +1,5 @@
 """Finding and verifying credentials: bearer JWTs (header, cookie, query),
-API keys and Basic.
+API keys, Basic, and the sessions of an OpenID Connect login.
 
 `find()` locates the credential a request presents; one `Verifier` per kind
 describes, challenges and checks it, and names the slow work (a bcrypt check,
@@ -21,8 +21,12 @@ from urllib.parse import parse_qsl
 
 import bcrypt
 
+from authgate.core import cookies as cookie_fields
+from authgate.core import oidc
 from authgate.core.identity import Identity
 from authgate.core.keyset import RemoteKeys
+from authgate.core.oidc import OIDC as OIDC
+from authgate.core.oidc import CodeExchange, SessionRefresh
 from authgate.core.tokens import (
     Issuer,
     KeysUnavailable,
@@ -36,7 +40,7 @@ from authgate.core.tokens import (
 JWT = "jwt"
 API_KEY = "api_key"
 BASIC = "basic"
-KINDS = (JWT, API_KEY, BASIC)
+KINDS = (JWT, API_KEY, BASIC, OIDC)
 
 MIN_BCRYPT_COST = 4  # bcrypt's own minimum; htpasswd -B writes 5 by default
 WEAK_BCRYPT_COST = 10  # below this, `check` and the start-up log warn
@@ -186,33 +190,14 @@ def parse_htpasswd(text: str) -> tuple[dict[str, bytes], tuple[int, str] | None]
 
 @dataclass(frozen=True, slots=True)
 class Presented:
-    kind: str  # JWT | API_KEY | BASIC
+    kind: str  # JWT | API_KEY | BASIC | OIDC
     via: str  # "authorization", "cookie", "query", or the API key header
-    value: str  # the token, the key, or "user:password"
+    value: str  # the token, the key, "user:password", or the sealed session
     issuers: tuple[Issuer, ...] = ()  # for JWTs: the issuers that may have signed it
 
 
 class Ambiguous(Exception):
     """Credentials sent two ways at once, or repeated: 400 invalid_request."""
-
-
-def _cookies(values: Sequence[str], names: set[str]) -> dict[str, list[str]]:
-    """Values of the wanted cookies, in every Cookie field (RFC 6265 §5.4).
-
-    Lenient on purpose: one odd cookie elsewhere on the domain (a space, JSON)
-    must not hide the session cookie.
-    """
-    found: dict[str, list[str]] = {}
-    for value in values:
-        for pair in value.split(";"):
-            name, sep, cookie = pair.partition("=")
-            name = name.strip()
-            if sep and name in names:
-                cookie = cookie.strip()
-                if len(cookie) >= 2 and cookie[0] == cookie[-1] == '"':
-                    cookie = cookie[1:-1]
-                found.setdefault(name, []).append(cookie)
-    return found
 
 
 def issuers_by(issuers: tuple[Issuer, ...], attr: str) -> dict[str, tuple[Issuer, ...]]:
@@ -235,13 +220,15 @@ def find(
     *,
     cookies: dict[str, tuple[Issuer, ...]] | None = None,
     params: dict[str, tuple[Issuer, ...]] | None = None,
+    login: oidc.Login | None = None,
 ) -> tuple[Presented | None, Presented | None]:
     """-> (the credential to use, a malformed one). Raises Ambiguous.
 
     Unsupported schemes count as no credentials. A cookie is used only when
     nothing else is sent (a browser's session cookie beside an explicit
     token is normal, and the explicit one wins). `cookies` and `params`: the
-    issuers by cookie and query-parameter name (worked out here when not given).
+    issuers by cookie and query-parameter name (worked out here when not given);
+    `login`: the OpenID Connect login whose session cookie counts.
     """
     if cookies is None:
         cookies = issuers_by(issuers, "cookie")
@@ -284,17 +271,36 @@ def find(
         raise Ambiguous("credentials sent in more than one way")
     if explicit or malformed:
         return (explicit[0] if explicit else None), malformed
-    fields = [v for k, v in headers if k == "cookie"] if cookies else []
+    fields = [v for k, v in headers if k == "cookie"] if cookies or login else []
     if fields:
-        found = _cookies(fields, set(cookies))
+        found = cookie_fields.read(fields, set(cookies))
         for name, values in found.items():
             if len(values) > 1:
                 raise Ambiguous(f"more than one {name} cookie")
-        if len(found) > 1:
-            raise Ambiguous(f"more than one token cookie: {', '.join(sorted(found))}")
+        session = _session(login, fields) if login is not None else None
+        if len(found) + (session is not None) > 1:
+            names = sorted(found) + ([login.session_cookie] if session and login else [])
+            raise Ambiguous(f"more than one token cookie: {', '.join(names)}")
+        if session is not None:
+            return session, None
         for name, (token,) in found.items():
             return Presented(JWT, "cookie", token, cookies[name]), None
     return None, None
+
+
+def _session(login: oidc.Login, fields: Sequence[str]) -> Presented | None:
+    """The session cookie (its pieces joined), if the request carries one."""
+    name = login.session_cookie
+    if not any(name in f for f in fields):
+        return None  # the common case without a session: no parsing
+    values = cookie_fields.read(fields, {name}).get(name, [])
+    if len(values) > 1:
+        raise Ambiguous(f"more than one {name} cookie")
+    value = oidc.find_session(login, fields)
+    if value is None:
+        # The first piece without the others: a session that cannot open.
+        return Presented(OIDC, "cookie", values[0]) if values else None
+    return Presented(OIDC, "cookie", value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +311,8 @@ class Outcome:
     code: str = ""  # machine-readable: expired, bad_signature, unknown_api_key, ...
     detail: str = ""  # internal
     unavailable: KeysUnavailable | None = None
+    cookies: tuple[str, ...] = ()  # Set-Cookie values for the answer (sessions)
+    forward: tuple[tuple[str, str], ...] = ()  # fields for the backend (an access token)
 
 
 # --- verifiers: one per credential kind -------------------------------------------------
@@ -329,7 +337,7 @@ class KeyFetch:
     reason: str  # "cold start" or "unknown kid"
 
 
-Work = PasswordCheck | KeyFetch
+Work = PasswordCheck | KeyFetch | CodeExchange | SessionRefresh
 
 
 class Verifier(Protocol):
@@ -456,6 +464,53 @@ class BasicVerifier:
         return Outcome(self.users.identity(user))
 
 
+@dataclass(frozen=True, slots=True)
+class SessionVerifier:
+    """The sessions of the policy's OpenID Connect login (`authn.oidc`)."""
+
+    login: oidc.Login
+    kind: str = OIDC
+    label: str = "session"
+
+    def challenge(self) -> Challenge:
+        # The Cookie scheme of draft-broyer-http-cookie-auth: where a person
+        # signs in, and the cookie that carries the session.
+        login = self.login
+        return (
+            "Cookie",
+            (("form-action", login.start_path), ("cookie-name", login.session_cookie)),
+        )
+
+    def describe(self, presented: Presented) -> str:
+        return f"session cookie ({len(presented.value)} characters)"
+
+    def slow_work(self, presented: Presented, now: float) -> Work | None:
+        return oidc.refresh_work(self.login, presented.value, now)
+
+    def check(self, presented: Presented, now: float) -> Outcome:
+        checked = oidc.check_session(self.login, presented.value, now)
+        if checked.identity is not None:
+            return Outcome(checked.identity, cookies=checked.cookies, forward=checked.forward)
+        if checked.retry_after is not None:
+            unavailable = KeysUnavailable(
+                self.login.issuer.issuer, checked.retry_after, checked.detail
+            )
+            return Outcome(
+                failed=OIDC,
+                reason="The sign-in service cannot be reached",
+                code=checked.code,
+                detail=checked.detail,
+                unavailable=unavailable,
+            )
+        return Outcome(
+            failed=OIDC,
+            reason="The session is not valid",
+            code=checked.code,
+            detail=checked.detail,
+            cookies=checked.cookies,
+        )
+
+
 # The order challenges are listed in a 401 (RFC 9110 §11.6.1: Basic first, as
 # some clients read only the first).
-CHALLENGE_ORDER = (BASIC, JWT, API_KEY)
+CHALLENGE_ORDER = (BASIC, JWT, API_KEY, OIDC)

@@ -24,13 +24,16 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import quote, unquote_plus
 
 from authgate.core import conditions as c
+from authgate.core import oidc
 from authgate.core.clientip import ClientIP, resolve
 from authgate.core.credentials import (
     API_KEY,
     BASIC,
     JWT,
+    OIDC,
     Ambiguous,
     Challenge,
+    KeyFetch,
     Presented,
     Work,
     find,
@@ -39,7 +42,17 @@ from authgate.core.identity import Identity
 from authgate.core.ipset import parse_ip
 from authgate.core.model import LimitSpec, Policy, Rule, challenges_for, normalize_host
 from authgate.core.negotiation import is_browser_navigation
-from authgate.core.paths import AmbiguousPath, CanonicalPath, canonicalize
+from authgate.core.oidc import (
+    CROSS_SITE,
+    LOGGED_OUT,
+    LOGIN_COMPLETE,
+    LOGIN_FAILED,
+    LOGIN_START,
+    METHOD_NOT_ALLOWED,
+    PROVIDER_UNAVAILABLE,
+    CodeExchange,
+)
+from authgate.core.paths import AmbiguousPath, CanonicalPath, PathPattern, canonicalize
 from authgate.core.ratelimit import Limiter, Recorder, Store, Verdict
 
 
@@ -99,6 +112,9 @@ class Decision:
     # Report mode: a denial that is logged and counted, and the request
     # forwarded as if allowed (to `target`, with `upstream_headers`).
     report: bool = False
+    # Set-Cookie values for the client, on whatever answer it gets (the
+    # gateway's, or the backend's): a session issued, refreshed or removed.
+    cookies: tuple[str, ...] = ()
 
     @property
     def forwarded(self) -> bool:
@@ -116,8 +132,12 @@ BAD_HEADER = "bad_header"
 BAD_TARGET = "bad_target"
 BAD_HOST = "bad_host"
 # Refused in every mode: forwarding them would let the backend read a request
-# other than the one judged.
-NEVER_REPORTED = frozenset({BAD_HEADER, BAD_HOST})
+# other than the one judged; the login's own endpoints are the gateway's
+# answers, never the backend's.
+_LOGIN_REASONS = frozenset(
+    {LOGIN_START, LOGIN_COMPLETE, LOGIN_FAILED, LOGGED_OUT, CROSS_SITE, METHOD_NOT_ALLOWED}
+)
+NEVER_REPORTED = frozenset({BAD_HEADER, BAD_HOST}) | _LOGIN_REASONS
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: a reg-name or IPv4 address, or an IP literal,
 # and an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{1,5})?")
@@ -291,6 +311,11 @@ class Prepared:
     malformed: bool  # Basic credentials that do not decode to user:password
     work: Work | None
     t: _Trace
+    step: str | None = None  # a login endpoint: "start", "callback" or "logout"
+
+
+# The rule a login endpoint's Prepared carries: it never decides anything.
+_LOGIN_RULE = Rule("(login)", 0, PathPattern.parse("/**"), None, None, c.Nobody(), False, ())
 
 
 def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> Decision:
@@ -400,6 +425,11 @@ def prepare(
             )
             return _early(policy, request, d)
 
+    # The login's own endpoints (authn.oidc): answered by the gateway.
+    login = policy.login
+    if login is not None and (step := login.step_for(path.path)) is not None:
+        return _login_step(policy, request, path, ip, step, now, t)
+
     # 4. The first matching rule.
     host = normalize_host(request.host) if request.host is not None else None
     rule, params = _match(policy, request.method, host, path, t)
@@ -452,6 +482,7 @@ def prepare(
             path.query,
             cookies=policy.cookie_issuers if jwt else {},
             params=policy.query_issuers if jwt else {},
+            login=policy.login if OIDC in accept else None,
         )
     except Ambiguous as e:
         if t.on:
@@ -476,6 +507,77 @@ def prepare(
     )
 
 
+def _login_step(
+    policy: Policy,
+    request: RequestView,
+    path: CanonicalPath,
+    ip: ClientIP,
+    step: str,
+    now: float,
+    t: _Trace,
+) -> Prepared | Decision:
+    """A login endpoint, up to its slow work: the provider's metadata for
+    START and LOGOUT (when not loaded yet), the code exchange for CALLBACK
+    (once the callback proved to belong to this browser's login)."""
+    login = policy.login
+    assert login is not None
+    t(f"login endpoint: {step} ({path.path})")
+    work: Work | None = None
+    if step == "callback":
+        if request.method not in ("GET", "HEAD"):
+            return _answered(oidc.not_allowed("GET"), ip, path, t)
+        cookie_fields = request.header_all("cookie")
+        exchange = oidc.callback(login, path.query, cookie_fields, now)
+        if isinstance(exchange, oidc.Answer):
+            return _answered(exchange, ip, path, t)
+        work = exchange
+    else:
+        remote = login.issuer.remote
+        if remote is not None and not remote.loaded and remote.due():
+            work = KeyFetch(remote, None, "cold start")
+    return Prepared(policy, request, path, ip, _LOGIN_RULE, {}, None, False, work, t, step=step)
+
+
+def _answered(answer: oidc.Answer, ip: ClientIP, path: CanonicalPath, t: _Trace) -> Decision:
+    """A login endpoint's answer as a Decision (never forwarded, in any mode)."""
+    headers = answer.headers
+    if answer.location is not None:
+        headers = (("Location", answer.location), *headers)
+    if t.on:
+        t.lines.extend(answer.detail.splitlines())
+        t(f"answered {answer.status} ({answer.reason})")
+    return Decision(
+        False,
+        answer.status,
+        answer.reason,
+        client_ip=ip.address,
+        path=path,
+        identity=answer.identity,
+        headers=headers,
+        detail=answer.detail,
+        trace=t.done(),
+        cookies=answer.cookies,
+    )
+
+
+def _login_decide(p: Prepared, now: float) -> Decision:
+    """A login endpoint, after its slow work."""
+    login = p.policy.login
+    assert login is not None and p.step is not None
+    request = p.request
+    if p.step == "callback":
+        assert isinstance(p.work, CodeExchange)
+        answer = oidc.finish(p.work, now)
+    elif p.step == "start":
+        if request.method not in ("GET", "HEAD"):
+            answer = oidc.not_allowed("GET")
+        else:
+            answer = oidc.start(login, p.path.query, now)
+    else:
+        answer = oidc.logout(login, request.method, request.headers, now)
+    return _answered(answer, p.ip, p.path, p.t)
+
+
 def _denial(
     policy: Policy,
     request: RequestView,
@@ -491,6 +593,7 @@ def _denial(
     challenges: tuple[Challenge, ...] = (),
     headers: tuple[tuple[str, str], ...] = (),
     detail: str = "",
+    cookies: tuple[str, ...] = (),
 ) -> Decision:
     """A denial by a rule: a hidden rule answers as an unknown path."""
     if rule.hide:
@@ -520,6 +623,7 @@ def _denial(
             detail=detail,
             via=presented.via if presented is not None else None,
             trace=t.done(),
+            cookies=cookies,
         )
     return _finish(policy, rule, d, request.target)
 
@@ -527,6 +631,8 @@ def _denial(
 def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = True) -> Decision:
     """Phase two: verify the credential, evaluate the rule, its late limits."""
     p = prepared
+    if p.step is not None:
+        return _login_decide(p, now)
     policy, request, rule, params, path, ip, t = (
         p.policy, p.request, p.rule, p.params, p.path, p.ip, p.t,
     )  # fmt: skip
@@ -536,6 +642,8 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
     deny = functools.partial(_denial, policy, request, rule, ip, path, presented, t)
 
     who: Identity | None = None
+    set_cookies: tuple[str, ...] = ()
+    forward: tuple[tuple[str, str], ...] = ()
     if p.malformed:
         t("credentials: Basic credentials that do not decode to user:password")
         return deny(
@@ -558,13 +666,13 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
         if t.on:
             t(f"credentials: {verifier.describe(presented)}")
         outcome = verifier.check(presented, now)
+        set_cookies, forward = outcome.cookies, outcome.forward
         if outcome.unavailable is not None:
             if t.on:
                 t(f"credentials: cannot verify, {outcome.detail}")
             retry = str(outcome.unavailable.retry_after)
-            return deny(
-                503, KEYS_UNAVAILABLE, headers=(("Retry-After", retry),), detail=outcome.detail
-            )
+            why = PROVIDER_UNAVAILABLE if presented.kind == OIDC else KEYS_UNAVAILABLE
+            return deny(503, why, headers=(("Retry-After", retry),), detail=outcome.detail)
         if outcome.failed is not None:
             if t.on:
                 t(f"credentials: {verifier.label} rejected: {outcome.reason} ({outcome.detail})")
@@ -575,7 +683,11 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 assert rule.login_url is not None
                 location = _login_location(rule.login_url, path.target)
                 return deny(
-                    303, LOGIN_REDIRECT, headers=(("Location", location),), detail=outcome.code
+                    303,
+                    LOGIN_REDIRECT,
+                    headers=(("Location", location),),
+                    detail=outcome.code,
+                    cookies=set_cookies,
                 )
             if outcome.failed == JWT:
                 bearer = (("error", "invalid_token"), ("error_description", outcome.reason))
@@ -590,6 +702,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 INVALID_CREDENTIALS,
                 detail=outcome.code,
                 challenges=rule.challenges,
+                cookies=set_cookies,
             )
         who = outcome.identity
         assert who is not None
@@ -626,7 +739,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 detail=" ".join(missing),
                 challenges=(("Bearer", bearer),),
             )
-        return deny(403, FORBIDDEN, identity=who)
+        return deny(403, FORBIDDEN, identity=who, cookies=set_cookies)
     if t.on:
         t(f"condition: {describe(rule.allow, who, params)} is true")
         t.lines.extend(c.condition_tree(rule.allow, who, params))
@@ -652,6 +765,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 headers=_rate_limited(spec, verdict),
                 detail=spec.name,
                 trace=t.done(),
+                cookies=set_cookies,
             )
             return _finish(policy, rule, d, request.target)
 
@@ -665,10 +779,11 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
         client_ip=ip.address,
         path=path,
         identity=who,
-        upstream_headers=identity_headers(who),
+        upstream_headers=identity_headers(who) + forward,
         target=target,
         via=via,
         trace=t.done(),
+        cookies=set_cookies,
     )
 
 

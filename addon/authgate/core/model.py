@@ -14,16 +14,20 @@ from authgate.core.credentials import (
     BASIC,
     CHALLENGE_ORDER,
     JWT,
+    OIDC,
     ApiKeys,
     ApiKeyVerifier,
     BasicUsers,
     BasicVerifier,
     Challenge,
     JwtVerifier,
+    SessionVerifier,
     Verifier,
     issuers_by,
 )
 from authgate.core.ipset import IPSet, is_loopback_host
+from authgate.core.keyset import RemoteKeys
+from authgate.core.oidc import Login
 from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
 from authgate.core.routing import Router
@@ -136,6 +140,7 @@ class Policy:
     uses_host: bool = False
     api_keys: ApiKeys | None = None
     basic: BasicUsers | None = field(default=None, compare=False)
+    login: Login | None = field(default=None, compare=False)  # authn.oidc
     mode: str = "enforce"  # "report": decide and log, but forward everything
     client_ip_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
     # Lower-case names of the client's fields the backend never receives
@@ -187,10 +192,12 @@ class Policy:
             verifiers[API_KEY] = ApiKeyVerifier(self.api_keys)
         if self.basic is not None:
             verifiers[BASIC] = BasicVerifier(self.basic)
+        if self.login is not None:
+            verifiers[OIDC] = SessionVerifier(self.login)
         object.__setattr__(self, "verifiers", verifiers)
         object.__setattr__(self, "cookie_issuers", issuers_by(self.issuers, "cookie"))
         object.__setattr__(self, "query_issuers", issuers_by(self.issuers, "query_param"))
-        slow = self.basic is not None or any(i.remote is not None for i in self.issuers)
+        slow = self.basic is not None or self.login is not None or bool(self.remote_keys)
         object.__setattr__(self, "slow_credentials", slow)
         object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
         object.__setattr__(self, "late_limits", tuple(x for x in self.limits if x.key != "ip"))
@@ -206,6 +213,15 @@ class Policy:
         specs = {x.limiter_id: x for x in self.limits}
         specs.update((x.limiter_id, x) for r in self.rules for x in r.limits)
         object.__setattr__(self, "limit_specs", specs)
+
+    @property
+    def remote_keys(self) -> tuple[tuple[str, RemoteKeys], ...]:
+        """(issuer, key set) of every issuer whose keys are fetched: the JWT
+        issuers with jwks_url or discovery, and the OpenID provider of the login."""
+        out = [(i.issuer, i.remote) for i in self.issuers if i.remote is not None]
+        if self.login is not None and self.login.issuer.remote is not None:
+            out.append((self.login.issuer.issuer, self.login.issuer.remote))
+        return tuple(out)
 
 
 def challenges_for(
