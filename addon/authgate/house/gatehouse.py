@@ -35,6 +35,7 @@ from authgate.core.decision import (
 )
 from authgate.core.ipset import parse_ip
 from authgate.core.model import Policy, credentials_in_clear
+from authgate.core.oidc import CodeExchange, SessionRefresh
 from authgate.core.ratelimit import ALLOWED, Hit, Recorder, Verdict
 from authgate.house.admin import AdminServer, Readiness
 from authgate.house.workers import write_status
@@ -42,6 +43,7 @@ from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
+from authgate.runtime.oidc import LoginClient
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
 from authgate.runtime.stores import MemoryStore, SharedStore, StoreUnavailable
 
@@ -118,6 +120,7 @@ class Gatehouse:
         self.decided = 0  # decisions made by this process
         self.clock = clock
         self.fetcher = Fetcher()
+        self.logins = LoginClient(self.fetcher)  # the OpenID Connect login's calls
         self.metrics = Metrics(lambda: self.policy)
         self.would_deny: dict[str, int] = {}
         self.loaded_at = 0.0
@@ -257,10 +260,10 @@ class Gatehouse:
         if policy is None:
             return Readiness(False, ("no policy loaded",))
         reasons = [
-            f"no keys yet for issuer {i.issuer}"
-            + (f" ({i.remote.last_error})" if i.remote.last_error else "")
-            for i in policy.issuers
-            if i.remote is not None and not i.remote.keys
+            f"no keys yet for issuer {issuer}"
+            + (f" ({remote.last_error})" if remote.last_error else "")
+            for issuer, remote in policy.remote_keys
+            if not remote.keys
         ]
         if self.draining:
             reasons.append("draining: shutting down")
@@ -357,7 +360,7 @@ class Gatehouse:
         a failure, when the backoff says). Off the request path."""
         while True:
             policy = self.policy
-            sources = [i.remote for i in policy.issuers if i.remote] if policy else []
+            sources = [remote for _, remote in policy.remote_keys] if policy else []
             # Not held across the sleep below: after a reload it would keep the
             # old policy, block list and all, alive for up to a minute.
             del policy
@@ -370,13 +373,12 @@ class Gatehouse:
     def status(self) -> dict[str, Any]:
         policy = self.policy
         keys = {
-            i.issuer: {
-                "keys": len(i.remote.keys),
-                "last_error": i.remote.last_error,
-                "fetches": i.remote.fetches,
+            issuer: {
+                "keys": len(remote.keys),
+                "last_error": remote.last_error,
+                "fetches": remote.fetches,
             }
-            for i in (policy.issuers if policy else ())
-            if i.remote is not None
+            for issuer, remote in (policy.remote_keys if policy else ())
         }
         shared = self.shared
         store: dict[str, Any] = {"kind": "memory" if shared is None else "redis"}
@@ -442,9 +444,10 @@ class Gatehouse:
             decision = first
         else:
             if first.work is not None:
-                if seen.hits and isinstance(first.work, PasswordCheck):
-                    # Read the IP limits before spending a bcrypt on the
-                    # request: a client over its limit costs no hash.
+                if seen.hits and isinstance(first.work, PasswordCheck | CodeExchange):
+                    # Read the IP limits before spending a bcrypt (or a call
+                    # to the OpenID provider) on the request: a client over
+                    # its limit costs neither.
                     told, note = await self._count(policy, seen.hits, now, consume=False)
                     if told is not None:
                         again = await self._again(policy, view, now, told)
@@ -551,8 +554,9 @@ class Gatehouse:
 
     async def _slow_work(self, prepared: Prepared) -> None:
         """What the credential needs before `decide`: a bcrypt check (in a
-        thread, two at a time), or a key fetch (joined, waited on at most
-        about a second)."""
+        thread, two at a time), a key fetch (joined, waited on at most about
+        a second), or a call to the OpenID provider (a login's code exchange,
+        a session's refresh: bounded by the login's timeout)."""
         work = prepared.work
         if isinstance(work, PasswordCheck) and prepared.policy.basic is not None:
             async with self._bcrypt_slots:
@@ -561,6 +565,10 @@ class Gatehouse:
                 )
         elif isinstance(work, KeyFetch):
             await self.fetcher.join(work.source, work.reason, work.kid)
+        elif isinstance(work, CodeExchange):
+            await self.logins.exchange(work)
+        elif isinstance(work, SessionRefresh):
+            await self.logins.refresh(work, self.clock)
 
     # --- the record ------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects())
+OPENER = urllib.request.build_opener(_NoRedirects())
 
 
 def http_get(url: str, timeout: float) -> tuple[bytes, str | None]:
@@ -53,7 +53,7 @@ def http_get(url: str, timeout: float) -> tuple[bytes, str | None]:
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with OPENER.open(request, timeout=timeout) as response:
             chunks: list[bytes] = []
             size = 0
             while size <= MAX_BODY:

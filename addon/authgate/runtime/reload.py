@@ -35,7 +35,10 @@ def carry_over(old: Policy, new: Policy) -> Policy:
     """The new policy, with the old one's fetched key sets where the issuer's
     key source is unchanged (no 503 window, no refetch storm on reload).
     Verified tokens are not carried: the new policy's token cache starts
-    empty, so a key that left a `jwks_file` verifies nothing after the swap."""
+    empty, so a key that left a `jwks_file` verifies nothing after the swap.
+    The OpenID Connect login keeps its provider's keys and metadata and what
+    it learnt (nonces used, sessions just refreshed) while its provider and
+    client stay the same; sessions opened are opened again, with the new keys."""
     previous = {i.issuer: i.remote for i in old.issuers if i.remote is not None}
     issuers = []
     changed = False
@@ -46,4 +49,21 @@ def carry_over(old: Policy, new: Policy) -> Policy:
             issuer = dataclasses.replace(issuer, remote=kept)
             changed = True
         issuers.append(issuer)
+    login = new.login
+    if (
+        login is not None
+        and old.login is not None
+        and (old.login.issuer.issuer, old.login.client_id) == (login.issuer.issuer, login.client_id)
+        and login.issuer.remote is not None
+        and old.login.issuer.remote is not None
+        and old.login.issuer.remote.same_source(login.issuer.remote)
+    ):
+        kept = old.login.issuer.remote
+        kept.adopt_settings(login.issuer.remote)
+        login = dataclasses.replace(
+            login,
+            issuer=dataclasses.replace(login.issuer, remote=kept),
+            state=old.login.state,
+        )
+        return dataclasses.replace(new, issuers=tuple(issuers), login=login)
     return dataclasses.replace(new, issuers=tuple(issuers)) if changed else new
