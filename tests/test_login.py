@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -222,3 +223,273 @@ def test_bearer_tokens_and_api_keys_beside_sessions(
         "GET", url(port, "/api/orders"), headers={"Authorization": f"Bearer {token('carol')}"}
     )
     assert status == 200 and backend.seen[-1].header("X-Auth-Subject") == "carol"
+
+
+# --- the security cases: each denial reaches nothing behind the gateway ------------------
+
+
+def signed_in(port: int, login: str = "alice") -> Browser:
+    b = Browser()
+    status, _, _, _ = b.log_in(url(port, "/app/"), login)
+    assert status == 200
+    return b
+
+
+def sealed_session(key: bytes = SESSION_KEY, **fields: Any) -> str:
+    now = time.time()
+    session = {
+        "v": 1, "sub": "alice", "c": {"sub": "alice", "groups": ["admin"]}, "sc": ["openid"],
+        "li": now, "ls": now, "at": "at", "ai": now, "ae": None, "rt": None, "it": None,
+    }  # fmt: skip
+    session.update(fields)
+    data = json.dumps(session).encode()
+    return Sealer([key]).seal(data, b"session|authgate_session|app")
+
+
+def flipped(value: str, at: int = 30) -> str:
+    return value[:at] + ("A" if value[at] != "A" else "B") + value[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    ["tampered", "truncated", "expired", "idle", "other key", "a pre-login cookie", "garbage"],
+)
+def test_sessions_that_do_not_hold(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int, cookie: str
+) -> None:
+    gw = gateway()
+    if cookie in ("tampered", "truncated"):
+        real = signed_in(port).cookies[f"127.0.0.1:{port}"]["authgate_session"]
+        value = flipped(real) if cookie == "tampered" else real[:-10]
+    elif cookie == "expired":  # logged in 13 hours ago (absolute: 12h)
+        value = sealed_session(li=time.time() - 13 * 3600, ls=time.time() - 60)
+    elif cookie == "idle":  # unused for 2 hours (idle: 1h)
+        value = sealed_session(li=time.time() - 7200, ls=time.time() - 7200)
+    elif cookie == "other key":
+        value = sealed_session(key=bytes(32))
+    elif cookie == "a pre-login cookie":
+        value = Sealer([SESSION_KEY]).seal(b'["s","n","v","/",0]', b"login|authgate_session|app")
+    else:
+        value = "garbage"
+    backend.clear()
+    jar = [("Cookie", f"authgate_session={value}")]
+    page = send(gw.address, "GET", "/app/orders", PAGE + jar)
+    assert page.status == 303
+    assert page.header("Location") == "/oauth2/start?next=%2Fapp%2Forders"
+    assert "authgate_session=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" in page.header_all(
+        "Set-Cookie"
+    )
+    api = send(gw.address, "GET", "/api/orders", [("Accept", "application/json")] + jar)
+    assert api.status == 401 and api.header("Location") is None
+    assert backend.seen == []
+
+
+def test_a_sealed_session_for_someone_else_is_still_judged(
+    gateway: Callable[..., RunningGateway], backend: Backend
+) -> None:
+    # A valid session whose claims lack the role: 403 by the rule, as for a token.
+    gw = gateway()
+    value = sealed_session(c={"sub": "bob", "groups": ["staff"]}, sub="bob")
+    r = send(gw.address, "GET", "/admin/panel", [("Cookie", f"authgate_session={value}")])
+    assert r.status == 403 and backend.seen == []
+
+
+def start_login(b: Browser, port: int, path: str = "/app/") -> tuple[str, str, str]:
+    """START for `path` in this browser: (the authorization URL, the pre-login
+    cookie's name, its value)."""
+    status, headers, _, _ = b.fetch(
+        "GET", url(port, f"/oauth2/start?next={urllib.parse.quote(path, safe='')}"), follow=False
+    )
+    assert status == 303
+    jar = b.cookies[f"127.0.0.1:{port}"]
+    name = next(n for n in jar if n.startswith("authgate_session-login-"))
+    return headers["Location"], name, jar[name]
+
+
+def authorized(b: Browser, port: int, authorization_url: str, login: str = "alice") -> str:
+    """Sign in at the provider; the callback URL it sends the browser to, not loaded."""
+    b.stop_at = url(port, "/oauth2/callback")
+    status, _, _, where = b.log_in(authorization_url, login)
+    b.stop_at = None
+    assert status == 0 and where.startswith(url(port, "/oauth2/callback?"))
+    return where
+
+
+def callback_params(callback: str) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(callback).query))
+
+
+def test_a_replayed_callback(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int
+) -> None:
+    gw = gateway()
+    b = Browser()
+    location, name, value = start_login(b, port)
+    callback = authorized(b, port, location)
+    assert b.fetch("GET", callback)[0] == 200  # the login, then the page
+    backend.clear()
+    # Again in the same browser: its login in progress is over.
+    status, _, _, where = b.fetch("GET", callback, follow=False)
+    assert status == 400
+    # Again with the pre-login cookie as it was: the code was used once already.
+    r = send(gw.address, "GET", callback.removeprefix(url(port, "")), PAGE + [
+        ("Cookie", f"{name}={value}")])  # fmt: skip
+    assert (
+        r.status == 400
+        and r.header(
+            "Set-Cookie",
+        )
+        is not None
+    )
+    assert backend.seen == []
+
+
+@pytest.mark.parametrize("change", ["another state", "no state", "the other login's state"])
+def test_a_state_that_does_not_match(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int, change: str
+) -> None:
+    gw = gateway()
+    b = Browser()
+    location, _, _ = start_login(b, port)
+    other_location, _, _ = start_login(Browser(), port)  # someone else's login
+    params = callback_params(authorized(b, port, location))
+    if change == "another state":
+        params["state"] = flipped(params["state"], 20)
+    elif change == "no state":
+        del params["state"]
+    else:
+        params["state"] = callback_params(other_location)["state"]
+    status, _, body, _ = b.fetch(
+        "GET", url(port, "/oauth2/callback?" + urllib.parse.urlencode(params))
+    )
+    assert status == 400 and b"could not be completed" in body
+    assert backend.seen == [] and gw.addon.house.logins.requests == 0  # no code exchanged
+
+
+def test_a_nonce_used_twice(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int
+) -> None:
+    gateway()
+    first = Browser()
+    location, name, value = start_login(first, port)
+    assert first.log_in(location, "alice")[0] == 200  # login one: its nonce is used
+    backend.clear()
+    # The same authorization request once more (same state, nonce and PKCE
+    # challenge), answered by the provider with a new code, brought back with
+    # the first login's pre-login cookie: everything matches but the nonce.
+    second = Browser()
+    second.cookies[f"127.0.0.1:{port}"] = {name: value}
+    status, _, body, where = second.log_in(location, "alice")
+    assert (status, urllib.parse.urlsplit(where).path) == (400, "/oauth2/callback")
+    assert backend.seen == [] and "authgate_session" not in second.cookies[f"127.0.0.1:{port}"]
+
+
+@pytest.mark.parametrize("how", ["its own state", "the victim's state"])
+def test_a_code_injected_from_another_session(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int, how: str
+) -> None:
+    gw = gateway()
+    attacker = Browser()
+    attacker_location, _, _ = start_login(attacker, port)
+    stolen = callback_params(authorized(attacker, port, attacker_location, "bob"))
+    victim = Browser()
+    victim_location, _, _ = start_login(victim, port)
+    if how == "the victim's state":
+        stolen["state"] = callback_params(victim_location)["state"]
+    before = gw.addon.house.logins.requests
+    status, _, _, _ = victim.fetch(
+        "GET", url(port, "/oauth2/callback?" + urllib.parse.urlencode(stolen))
+    )
+    assert status == 400
+    # With the victim's state the code is exchanged, and the provider refuses
+    # it: it was issued for the attacker's PKCE challenge.
+    assert gw.addon.house.logins.requests - before == (1 if how == "the victim's state" else 0)
+    assert "authgate_session" not in victim.cookies.get(f"127.0.0.1:{port}", {})
+    assert backend.seen == []
+
+
+@pytest.mark.parametrize("iss", ["http://127.0.0.1:1", "missing"])
+def test_an_iss_mix_up(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int, iss: str
+) -> None:
+    gw = gateway()
+    b = Browser()
+    location, _, _ = start_login(b, port)
+    params = callback_params(authorized(b, port, location))
+    assert "iss" in params  # the provider sends it (RFC 9207)
+    if iss == "missing":
+        del params["iss"]
+    else:
+        params["iss"] = iss
+    status, _, _, _ = b.fetch(
+        "GET", url(port, "/oauth2/callback?" + urllib.parse.urlencode(params))
+    )
+    assert status == 400
+    assert gw.addon.house.logins.requests == 0  # the code went nowhere
+    assert backend.seen == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "next=https%3A%2F%2Fevil.example%2F",
+        "rd=https%3A%2F%2Fevil.example%2F",
+        "next=%2F%2Fevil.example",
+        "rd=%2F%5Cevil.example",
+        "next=%5C%5Cevil.example",
+        "next=http%3Aevil.example",
+        "next=javascript%3Aalert(1)",
+        "next=%2F%2F%2Fevil.example",
+        "next=%09%2F%2Fevil.example",
+        "next=%2Fapp%2F&next=https%3A%2F%2Fevil.example",
+    ],
+)
+def test_no_open_redirect_through_the_return_parameters(
+    gateway: Callable[..., RunningGateway], port: int, query: str
+) -> None:
+    gateway()
+    b = Browser()
+    status, headers, _, _ = b.fetch("GET", url(port, "/oauth2/start?" + query), follow=False)
+    assert status == 303 and headers["Location"].startswith("http://127.0.0.1:")
+    b.log_in(headers["Location"], "alice")
+    after = [u for _, u, _ in b.history]
+    back = after[after.index(next(u for u in after if "/oauth2/callback" in u)) + 1]
+    assert back == url(port, "/")
+
+
+def test_no_open_redirect_through_the_callback_or_the_logout(
+    gateway: Callable[..., RunningGateway], port: int
+) -> None:
+    gateway()
+    b = Browser()
+    location, _, _ = start_login(b, port, "/app/x")
+    callback = authorized(b, port, location) + "&next=https%3A%2F%2Fevil.example&rd=%2F%2Fevil"
+    status, headers, _, _ = b.fetch("GET", callback, follow=False)
+    assert (status, headers["Location"]) == (303, "/app/x")
+    status, headers, _, _ = b.fetch(
+        "POST", url(port, "/oauth2/logout?rd=https%3A%2F%2Fevil.example"), body=b"",
+        headers={"Origin": f"http://127.0.0.1:{port}"}, follow=False,
+    )  # fmt: skip
+    assert status == 303 and "evil" not in headers["Location"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://evil.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Referer": "http://evil.example/page"},
+        {},
+    ],
+)
+def test_a_logout_another_site_asks_for(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int, headers: dict[str, str]
+) -> None:
+    gateway()
+    b = signed_in(port)
+    backend.clear()
+    status, answer, _, _ = b.fetch("POST", url(port, "/oauth2/logout"), body=b"", headers=headers)
+    assert status == 403 and answer.get_all("Set-Cookie") is None
+    assert backend.seen == []
+    assert b.fetch("GET", url(port, "/app/still-signed-in"))[0] == 200  # the session stays

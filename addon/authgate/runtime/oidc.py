@@ -21,7 +21,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
 
 from authgate.core import oidc
 from authgate.core.oidc import CodeExchange, HttpRequest, SessionRefresh
@@ -44,13 +43,17 @@ def http_send(request: HttpRequest, timeout: float) -> tuple[int, bytes]:
     size = 0
     try:
         try:
-            response: Any = OPENER.open(req, timeout=timeout)
-            status = response.status
+            response = OPENER.open(req, timeout=timeout)
         except urllib.error.HTTPError as e:
             # 4xx, 5xx and the redirects not followed: the answer is still read.
-            status, response = e.code, e.fp
+            with e:
+                body = e.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise FetchError(f"{request.url}: larger than {MAX_BODY} bytes") from None
+            return e.code, body
         with response:
-            while response is not None and size <= MAX_BODY:
+            status = response.status
+            while size <= MAX_BODY:
                 if time.monotonic() > deadline:
                     raise FetchError(f"{request.url}: no complete answer within {timeout:g}s")
                 chunk = response.read1(65536)
@@ -58,7 +61,7 @@ def http_send(request: HttpRequest, timeout: float) -> tuple[int, bytes]:
                     break
                 chunks.append(chunk)
                 size += len(chunk)
-    except (urllib.error.URLError, OSError, ValueError, AttributeError) as e:
+    except (urllib.error.URLError, OSError, ValueError) as e:
         raise FetchError(f"{request.method} {request.url}: {e}") from None
     if size > MAX_BODY:
         raise FetchError(f"{request.url}: larger than {MAX_BODY} bytes")
