@@ -67,7 +67,10 @@ def op(port: int) -> Iterator[OpenIDProvider]:
         yield provider
 
 
-def write_policy(tmp_path: Path, op: OpenIDProvider, port: int, oidc: str = "") -> Path:
+def write_policy(
+    tmp_path: Path, op: OpenIDProvider, port: int, oidc: str = "", session: str = ""
+) -> Path:
+    """The login policy; `oidc` and `session`: more lines for those sections."""
     (tmp_path / "client-secret").write_text(SECRET + "\n")
     (tmp_path / "session-keys").write_text(base64.b64encode(SESSION_KEY).decode() + "\n")
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
@@ -92,7 +95,7 @@ authn:
     roles_claim: groups
 {oidc}    session:
       keys_file: session-keys
-rules:
+{session}rules:
   - name: app
     match: {{path: "/app/**"}}
     allow: authenticated

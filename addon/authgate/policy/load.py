@@ -469,6 +469,7 @@ class _Builder:
             "redirect_uri", "scopes", "algorithms", "roles_claim", "userinfo",
             "forward_access_token", "allow_http", "leeway", "timeout", "refresh_before",
             "start_path", "logout_path", "post_logout_redirect", "session",
+            "jwks_refresh_cooldown",
         }  # fmt: skip
         self.keys(d, allowed, where, {"issuer", "client_id", "redirect_uri", "session"})
         iss = self.get(d, "issuer", str, where)
@@ -583,6 +584,11 @@ class _Builder:
             pinned=algorithms,
             allow_http=allow_http,
             timeout=timeout,
+            cooldown=self.duration(
+                d.get("jwks_refresh_cooldown", "30s"),
+                self.line_of(d, "jwks_refresh_cooldown"),
+                f"{where}.jwks_refresh_cooldown",
+            ),
             parse_metadata=lambda doc: ProviderMetadata.parse(doc, allow_http),
         )
         issuer = Issuer(
