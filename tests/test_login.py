@@ -11,16 +11,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from authgate.core.sealing import Sealer
-from conftest import POLICIES, Backend, RunningGateway, send
+from conftest import POLICIES, Backend, RunningGateway, _handler, send
 from oidc_provider import Browser, OpenIDProvider
 from redis_server import free_port
 
@@ -111,16 +113,40 @@ authn:
     return path
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """One recording backend for the module's one gateway."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    recorder = Backend(server)
+    server.RequestHandlerClass = _handler(recorder)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield recorder
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture
-def gateway(
-    tmp_path: Path, op: OpenIDProvider, port: int, start_gateway: Callable[..., RunningGateway]
-) -> Callable[..., RunningGateway]:
-    """gateway(oidc="    extra: settings\\n") -> a gateway with the login policy."""
+def backend(shared: Backend) -> Backend:
+    """The module's backend, with nothing seen yet."""
+    shared.clear()
+    return shared
 
-    def start(oidc: str = "") -> RunningGateway:
-        return start_gateway(write_policy(tmp_path, op, port, oidc), listen=f"127.0.0.1:{port}")
 
-    return start
+@pytest.fixture(scope="module")
+def running(
+    tmp_path_factory: pytest.TempPathFactory, op: OpenIDProvider, port: int, shared: Backend
+) -> Iterator[RunningGateway]:
+    policy = write_policy(tmp_path_factory.mktemp("login"), op, port)
+    gw = RunningGateway(policy, shared.url, [], listen=f"127.0.0.1:{port}")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def gateway(running: RunningGateway, backend: Backend) -> Callable[[], RunningGateway]:
+    """gateway() -> the module's gateway (one policy serves every test here)."""
+    return lambda: running
 
 
 def url(port: int, path: str) -> str:
@@ -362,11 +388,12 @@ def test_a_state_that_does_not_match(
         del params["state"]
     else:
         params["state"] = callback_params(other_location)["state"]
+    before = gw.addon.house.logins.requests
     status, _, body, _ = b.fetch(
         "GET", url(port, "/oauth2/callback?" + urllib.parse.urlencode(params))
     )
     assert status == 400 and b"could not be completed" in body
-    assert backend.seen == [] and gw.addon.house.logins.requests == 0  # no code exchanged
+    assert backend.seen == [] and gw.addon.house.logins.requests == before  # no code exchanged
 
 
 def test_a_nonce_used_twice(
@@ -424,11 +451,12 @@ def test_an_iss_mix_up(
         del params["iss"]
     else:
         params["iss"] = iss
+    before = gw.addon.house.logins.requests
     status, _, _, _ = b.fetch(
         "GET", url(port, "/oauth2/callback?" + urllib.parse.urlencode(params))
     )
     assert status == 400
-    assert gw.addon.house.logins.requests == 0  # the code went nowhere
+    assert gw.addon.house.logins.requests == before  # the code went nowhere
     assert backend.seen == []
 
 
