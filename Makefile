@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install run test redis-server proxies oidc-provider lint fix typecheck check bench screenshots clean
 
-install: $(STAMP) policies/keys/jwks.json
+install: $(STAMP) policies/keys/jwks.json policies/keys/session-keys
 
 $(STAMP): pyproject.toml
 	@echo "authgate: installing into $(VENV) (about a minute the first time)..."
@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The demo key pair the example policies and `authgate token` use.
-policies/keys/jwks.json: | $(STAMP)
+# The demo key pair the example policies and `authgate token` use (and the
+# demo client secret and session key of policies/oidc-login.yaml).
+policies/keys/jwks.json policies/keys/session-keys: | $(STAMP)
 	$(BIN)/authgate demo-keys policies/keys
 
 # make run ARGS="--listen 127.0.0.1:18080 --backend 127.0.0.1:19000"

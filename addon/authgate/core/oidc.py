@@ -753,6 +753,11 @@ def seal_session(login: Login, session: Session, had: int = 0) -> tuple[str, ...
     return tuple(out)
 
 
+def cookie_for(login: Login, session: Session) -> str:
+    """A Cookie field value carrying the session (for tests and tools)."""
+    return "; ".join(c.split(";", 1)[0] for c in seal_session(login, session))
+
+
 def clear_session(login: Login, had: int = 1) -> tuple[str, ...]:
     names = login.session_cookies
     return tuple(cookies.clear_cookie(names[i], secure=login.secure) for i in range(max(had, 1)))

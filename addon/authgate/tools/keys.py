@@ -6,8 +6,10 @@ key is ever committed.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Iterable
@@ -23,6 +25,10 @@ DEMO_ISSUER = "https://issuer.example"
 DEMO_AUDIENCE = "api"
 PRIVATE_NAME = "demo-private.pem"
 JWKS_NAME = "jwks.json"
+# For policies/oidc-login.yaml: a stand-in for the secret an OpenID provider
+# gives its client, and the keys that seal sessions.
+CLIENT_SECRET_NAME = "oidc-client-secret"
+SESSION_KEYS_NAME = "session-keys"
 
 
 def demo_key_path() -> Path:
@@ -53,10 +59,17 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def ensure_demo_keys(folder: Path) -> Path:
-    """Create the demo key pair in `folder` unless it exists; return the private key path."""
+    """Create the demo key pair in `folder` unless it exists (and the login's
+    demo client secret and session key); return the private key path."""
     folder.mkdir(parents=True, exist_ok=True)
     private = folder / PRIVATE_NAME
     jwks = folder / JWKS_NAME
+    for name, make in (
+        (CLIENT_SECRET_NAME, lambda: secrets.token_urlsafe(32)),
+        (SESSION_KEYS_NAME, lambda: base64.b64encode(secrets.token_bytes(32)).decode()),
+    ):
+        if not (folder / name).exists():
+            _write_atomic(folder / name, (make() + "\n").encode(), 0o600)
     if private.exists() and jwks.exists():
         return private
     key = new_rsa_key()

@@ -8,6 +8,9 @@ Only the format lives here (parsed once into frozen values, every problem a
         request: {method: GET, path: /api/admin/dashboard, ip: 127.0.0.1}
         token: {sub: root, roles: [admin]}     # optional; omit for anonymous
         expect: {status: 200, rule: admin, headers: {X-Auth-Subject: root}}
+
+`session:` instead of `token:` sends the session cookie of a login
+(`authn.oidc`) whose claims are the ones given.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from authgate.policy.values import HEADER_NAME, METHOD, parse_duration
 __all__ = [
     "Case",
     "CaseRequest",
+    "CaseSession",
     "CaseToken",
     "Expectation",
     "STATUSES",
@@ -34,7 +38,7 @@ __all__ = [
 ]
 
 # The answers a test can expect: 200 stands for "forwarded to the backend".
-STATUSES = frozenset({200, 303, 400, 401, 403, 404, 429, 500, 503})
+STATUSES = frozenset({200, 303, 400, 401, 403, 404, 405, 429, 500, 503})
 MAX_REPEAT = 10_000
 
 
@@ -58,6 +62,14 @@ class CaseToken:
 
 
 @dataclass(frozen=True, slots=True)
+class CaseSession:
+    """A session of the policy's OpenID Connect login, described by its claims;
+    the runner seals it with a throwaway key."""
+
+    claims: tuple[tuple[str, Any], ...]  # as written; `roles`/`scopes` are placed by the runner
+
+
+@dataclass(frozen=True, slots=True)
 class Expectation:
     status: int  # 200 for forwarded
     rule: str | None
@@ -75,6 +87,7 @@ class Case:
     token: CaseToken | None
     expect: Expectation
     repeat: int  # send the request this many times; `expect` is about the last one
+    session: CaseSession | None = None
 
     @property
     def where(self) -> str:
@@ -139,7 +152,7 @@ class _Parser:
 
     def case(self, value: Any, line: int) -> Case:
         d = self.mapping(value, line, "a test")
-        self.keys(d, {"name", "request", "token", "expect", "repeat"}, "a test")
+        self.keys(d, {"name", "request", "token", "session", "expect", "repeat"}, "a test")
         for key in ("name", "request", "expect"):
             if key not in d:
                 raise self.error(d.line, f"a test needs {key!r}")
@@ -149,6 +162,11 @@ class _Parser:
         token = None
         if d.get("token") is not None:
             token = self.token(d["token"], d.key_lines["token"], f"{where} token")
+        session = None
+        if d.get("session") is not None:
+            if token is not None:
+                raise self.error(d.key_lines["session"], f"{where}: a token or a session, not both")
+            session = self.session(d["session"], d.key_lines["session"], f"{where} session")
         expect = self.expect(d["expect"], d.key_lines["expect"], f"{where} expect")
         repeat = d.get("repeat", 1)
         if type(repeat) is not int or not 1 <= repeat <= MAX_REPEAT:
@@ -156,7 +174,7 @@ class _Parser:
                 d.key_lines.get("repeat", d.line),
                 f"{where} repeat must be a whole number from 1 to {MAX_REPEAT}",
             )
-        return Case(name, self.file, d.line, request, token, expect, repeat)
+        return Case(name, self.file, d.line, request, token, expect, repeat, session)
 
     def request(self, value: Any, line: int, where: str) -> CaseRequest:
         d = self.mapping(value, line, where)
@@ -216,6 +234,20 @@ class _Parser:
                 raise self.error(d.key_lines[key], f"{where} {key} must be a list of strings")
             claims.append((key, _plain(claim)))
         return CaseToken(issuer, ttl, tuple(claims), send_as)
+
+    def session(self, value: Any, line: int, where: str) -> CaseSession:
+        d = self.mapping(value, line, where)
+        claims = []
+        for key, claim in d.items():
+            problem = _not_json(claim)
+            if problem:
+                raise self.error(d.key_lines[key], f"{where} claim {key!r}: {problem}")
+            if key in ("roles", "scopes") and not (
+                isinstance(claim, list) and all(isinstance(x, str) for x in claim)
+            ):
+                raise self.error(d.key_lines[key], f"{where} {key} must be a list of strings")
+            claims.append((key, _plain(claim)))
+        return CaseSession(tuple(claims))
 
     def expect(self, value: Any, line: int, where: str) -> Expectation:
         d = self.mapping(value, line, where)
