@@ -64,12 +64,13 @@ def ensure_demo_keys(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     private = folder / PRIVATE_NAME
     jwks = folder / JWKS_NAME
-    for name, make in (
-        (CLIENT_SECRET_NAME, lambda: secrets.token_urlsafe(32)),
-        (SESSION_KEYS_NAME, lambda: base64.b64encode(secrets.token_bytes(32)).decode()),
-    ):
+    made = {
+        CLIENT_SECRET_NAME: secrets.token_urlsafe(32),
+        SESSION_KEYS_NAME: base64.b64encode(secrets.token_bytes(32)).decode(),
+    }
+    for name, text in made.items():
         if not (folder / name).exists():
-            _write_atomic(folder / name, (make() + "\n").encode(), 0o600)
+            _write_atomic(folder / name, (text + "\n").encode(), 0o600)
     if private.exists() and jwks.exists():
         return private
     key = new_rsa_key()
