@@ -737,6 +737,10 @@ def seal_session(login: Login, session: Session, had: int = 0) -> tuple[str, ...
     LoginRejected when the session does not fit in MAX_PIECES cookies."""
     sealed = login._sealer().seal(session.dumps(), _purpose("session", login))
     pieces = cookies.split(sealed)
+    if len(pieces) > MAX_PIECES and session.id_token is not None:
+        # The ID token is kept only as the logout's id_token_hint: without it
+        # the provider asks the person to confirm the logout. Worth the room.
+        return seal_session(login, dataclasses.replace(session, id_token=None), had)
     if len(pieces) > MAX_PIECES:
         raise LoginRejected(
             "too_large",
