@@ -492,7 +492,7 @@ class SessionVerifier:
         if checked.identity is not None:
             return Outcome(checked.identity, cookies=checked.cookies, forward=checked.forward)
         if checked.retry_after is not None:
-            unavailable = KeysUnavailable(
+            unavailable = oidc.ProviderUnavailable(
                 self.login.issuer.issuer, checked.retry_after, checked.detail
             )
             return Outcome(

@@ -49,7 +49,6 @@ from authgate.core.oidc import (
     LOGIN_FAILED,
     LOGIN_START,
     METHOD_NOT_ALLOWED,
-    PROVIDER_UNAVAILABLE,
     CodeExchange,
 )
 from authgate.core.paths import AmbiguousPath, CanonicalPath, PathPattern, canonicalize
@@ -671,7 +670,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
             if t.on:
                 t(f"credentials: cannot verify, {outcome.detail}")
             retry = str(outcome.unavailable.retry_after)
-            why = PROVIDER_UNAVAILABLE if presented.kind == OIDC else KEYS_UNAVAILABLE
+            why = outcome.unavailable.code  # keys_unavailable, provider_unavailable
             return deny(503, why, headers=(("Retry-After", retry),), detail=outcome.detail)
         if outcome.failed is not None:
             if t.on:

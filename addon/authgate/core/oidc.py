@@ -80,6 +80,14 @@ _TOKEN_CLAIMS = frozenset(
 _HASHES = {"256": hashlib.sha256, "384": hashlib.sha384, "512": hashlib.sha512}
 
 
+class ProviderUnavailable(KeysUnavailable):
+    """The provider cannot be reached for a session's refresh: 503, never 401."""
+
+    def __init__(self, issuer: str, retry_after: int, error: str | None) -> None:
+        super().__init__(issuer, retry_after, error)
+        self.code = PROVIDER_UNAVAILABLE
+
+
 class LoginRejected(CredentialError):
     """What the provider sent back does not make a login (or a refresh)."""
 
