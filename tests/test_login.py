@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from authgate.core.sealing import Sealer
+from authgate.proxy.addon import Gateway
 from conftest import POLICIES, Backend, RunningGateway, _handler, send
 from oidc_provider import Browser, OpenIDProvider
 from redis_server import free_port
@@ -133,12 +134,24 @@ def backend(shared: Backend) -> Backend:
     return shared
 
 
+class Recording(Gateway):
+    """The real addon, keeping the flows it judged (for their comments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flows: list[Any] = []
+
+    def _record(self, flow: Any, d: Any, without_store: str) -> None:
+        super()._record(flow, d, without_store)
+        self.flows.append(flow)
+
+
 @pytest.fixture(scope="module")
 def running(
     tmp_path_factory: pytest.TempPathFactory, op: OpenIDProvider, port: int, shared: Backend
 ) -> Iterator[RunningGateway]:
     policy = write_policy(tmp_path_factory.mktemp("login"), op, port)
-    gw = RunningGateway(policy, shared.url, [], listen=f"127.0.0.1:{port}")
+    gw = RunningGateway(policy, shared.url, [], Recording(), listen=f"127.0.0.1:{port}")
     yield gw
     gw.stop()
 
@@ -522,3 +535,59 @@ def test_a_logout_another_site_asks_for(
     assert status == 403 and answer.get_all("Set-Cookie") is None
     assert backend.seen == []
     assert b.fetch("GET", url(port, "/app/still-signed-in"))[0] == 200  # the session stays
+
+
+def test_mitmweb_comments_tell_each_step_and_no_secret(
+    gateway: Callable[..., RunningGateway], port: int
+) -> None:
+    gw = gateway()
+    recording = gw.addon
+    assert isinstance(recording, Recording)
+    recording.flows.clear()
+    b = RecordingBrowser()
+    assert b.log_in(url(port, "/app/c"), "alice")[0] == 200
+    comments = {f.request.path.split("?")[0]: f.comment for f in recording.flows}
+    assert list(comments) == ["/app/c", "/oauth2/start", "/oauth2/callback"]
+    assert comments["/app/c"].startswith("200 app\nauthgate: allowed by rule app ")
+    start = comments["/oauth2/start"].splitlines()
+    assert start[:2] == ["303 login: to the provider", "authgate: 303 (login_start)"]
+    assert start[2].startswith(f"login: sent to the provider {op_issuer(b)}/auth (state ")
+    assert start[2].endswith("PKCE S256, nonce " + start[2].split("nonce ")[1].split("…")[0] + "…);"
+                             " back to /app/c afterwards")  # fmt: skip
+    callback = comments["/oauth2/callback"].splitlines()
+    assert callback[:2] == ["303 login: session issued", "authgate: 303 (login_complete)"]
+    assert callback[2] == f"login: callback from {op_issuer(b)} (iss checked, RFC 9207)"
+    assert (
+        callback[3] == "code exchanged at the token endpoint (client_secret_basic, PKCE verifier)"
+    )
+    assert callback[4].startswith('ID token: JWT {"alg": "RS256"')
+    assert '"email": "alice@example.com"' in callback[4] and '"sub": "alice"' in callback[4]
+    assert callback[5] == "access token: opaque (43 characters), with a refresh token"
+    assert callback[6].startswith("session issued for 'alice': ")
+    assert callback[7] == "back to /app/c"
+    # Never a secret: not the client's, not a token, not the code or the verifier.
+    session = json.loads(
+        Sealer([SESSION_KEY]).open(
+            b.cookies[f"127.0.0.1:{port}"]["authgate_session"], b"session|authgate_session|app"
+        ) or b""
+    )  # fmt: skip
+    (pre_login,) = b.sent("/oauth2/start")
+    pending = json.loads(
+        Sealer([SESSION_KEY]).open(
+            pre_login.split("=", 1)[1].split(";")[0], b"login|authgate_session|app"
+        ) or b""
+    )  # fmt: skip
+    code = next(
+        dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(u).query))["code"]
+        for _, u, _ in b.history if "/oauth2/callback" in u
+    )  # fmt: skip
+    everything = "\n".join(comments.values())
+    for secret in (SECRET, session["at"], session["rt"], session["it"], code, pending[2]):
+        assert secret not in everything
+
+
+def op_issuer(b: Browser) -> str:
+    """The provider's issuer, from where the browser signed in."""
+    where = next(u for _, u, _ in b.history if "/interaction/" in u)
+    parts = urllib.parse.urlsplit(where)
+    return f"{parts.scheme}://{parts.netloc}"

@@ -702,6 +702,10 @@ def test_a_refresh_the_provider_grants(login: Login) -> None:
     # The old cookie now finds the new session (parallel requests), with its cookie.
     checked = oidc.check_session(login, value, NOW + 251)
     assert checked.identity is not None and checked.cookies == entry.cookies
+    # What the flow's comment says: the tokens decoded, not the tokens.
+    assert checked.detail.startswith("session refreshed at the provider (a new refresh token); ")
+    assert "access token: opaque (4 characters)" in checked.detail
+    assert "at-2" not in checked.detail and "rt-2" not in checked.detail
     assert oidc.refresh_work(login, value, NOW + 251) is None  # not twice
     new = entry.cookies[0].split(";")[0].split("=", 1)[1]
     session = oidc.open_session(login, new)

@@ -490,7 +490,12 @@ class SessionVerifier:
     def check(self, presented: Presented, now: float) -> Outcome:
         checked = oidc.check_session(self.login, presented.value, now)
         if checked.identity is not None:
-            return Outcome(checked.identity, cookies=checked.cookies, forward=checked.forward)
+            return Outcome(
+                checked.identity,
+                detail=checked.detail,
+                cookies=checked.cookies,
+                forward=checked.forward,
+            )
         if checked.retry_after is not None:
             unavailable = oidc.ProviderUnavailable(
                 self.login.issuer.issuer, checked.retry_after, checked.detail

@@ -643,6 +643,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
     who: Identity | None = None
     set_cookies: tuple[str, ...] = ()
     forward: tuple[tuple[str, str], ...] = ()
+    note = ""  # what became of a session that goes on (refreshed, resealed)
     if p.malformed:
         t("credentials: Basic credentials that do not decode to user:password")
         return deny(
@@ -666,6 +667,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
             t(f"credentials: {verifier.describe(presented)}")
         outcome = verifier.check(presented, now)
         set_cookies, forward = outcome.cookies, outcome.forward
+        note = outcome.detail if outcome.identity is not None else ""
         if outcome.unavailable is not None:
             if t.on:
                 t(f"credentials: cannot verify, {outcome.detail}")
@@ -781,6 +783,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
         upstream_headers=identity_headers(who) + forward,
         target=target,
         via=via,
+        detail=note,
         trace=t.done(),
         cookies=set_cookies,
     )

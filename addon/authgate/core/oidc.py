@@ -904,6 +904,7 @@ class Refreshed:
     cookies: tuple[str, ...] = ()  # its Set-Cookie values (or removals when ended)
     ended: str = ""  # why the session ended (the provider refused the refresh)
     unavailable: bool = False  # the provider could not be reached
+    detail: str = ""  # what the refresh brought (tokens decoded), for the flow's comment
 
 
 @dataclass(slots=True, eq=False)
@@ -924,7 +925,7 @@ class Checked:
 
     identity: Identity | None = None
     code: str = ""  # bad_session, expired, idle, refresh_refused, ...
-    detail: str = ""
+    detail: str = ""  # why not; or, for a session that goes on, what became of it
     cookies: tuple[str, ...] = ()  # Set-Cookie values for whatever answer goes back
     forward: tuple[tuple[str, str], ...] = ()  # extra fields for the backend
     retry_after: int | None = None  # the provider cannot be reached: 503
@@ -1012,7 +1013,12 @@ def refreshed(
             now + REFRESHED_FOR, cookies=clear_session(login, work.pieces), ended=e.detail
         )
     else:
-        entry = Refreshed(now + REFRESHED_FOR, opened, issued)
+        brought = [f"access token: {token_words(answer.access_token)}"]
+        if answer.id_token is not None:
+            brought.append(f"ID token: {token_words(answer.id_token)}")
+        rotated = "a new refresh token" if answer.refresh_token else "the same refresh token"
+        detail = f"session refreshed at the provider ({rotated}); " + "; ".join(brought)
+        entry = Refreshed(now + REFRESHED_FOR, opened, issued, detail=detail)
     login.state.remember(work.key, entry, now)
     return entry
 
@@ -1030,9 +1036,11 @@ def check_session(login: Login, value: str, now: float) -> Checked:
     if ended is not None:
         return dataclasses.replace(ended, cookies=clear_session(login, had))
     issued: tuple[str, ...] = ()
+    note = ""
     entry = login.state.refreshed_for(key, now)
     if entry is not None and entry.opened is not None:
         opened, session, issued = entry.opened, entry.opened.session, entry.cookies
+        note = entry.detail
     elif entry is not None and not entry.unavailable:
         return Checked(code="refresh_refused", detail=entry.ended, cookies=entry.cookies)
     expired = session.access_expires is not None and now >= session.access_expires
@@ -1052,12 +1060,13 @@ def check_session(login: Login, value: str, now: float) -> Checked:
         touched = dataclasses.replace(session, seen_at=now)
         try:
             issued = seal_session(login, touched, had)
+            note = "session resealed (still in use: its idle deadline moves)"
         except LoginRejected:
             issued = ()
     forward = (
         (("Authorization", f"Bearer {session.access_token}"),) if login.forward_access_token else ()
     )
-    return Checked(opened.identity, cookies=issued, forward=forward)
+    return Checked(opened.identity, detail=note, cookies=issued, forward=forward)
 
 
 def open_session(login: Login, value: str) -> Session | None:

@@ -31,6 +31,7 @@ from authgate.core.oidc import (
     LOGIN_FAILED,
     LOGIN_START,
     METHOD_NOT_ALLOWED,
+    PROVIDER_UNAVAILABLE,
 )
 from authgate.core.responses import Rendered, challenge, render, render_error
 from authgate.house.admin import Readiness
@@ -587,7 +588,7 @@ class Gateway:
         # The first line in a few words, for mitmweb's narrow Comment column
         # ("403 user-record: sub≠{id}"); the second for filters.
         head = headline(d, self.policy) if outcome != "allow" else headline(d)
-        if d.reason in LOGIN_STEPS:
+        if d.reason in LOGIN_STEPS or (d.reason == PROVIDER_UNAVAILABLE and d.rule is None):
             # A step of an OpenID Connect login: what happened, the tokens
             # decoded (never a token, a code or a secret).
             flow.comment = f"{head}\nauthgate: {d.status} ({d.reason})\n{d.detail}"
@@ -597,6 +598,8 @@ class Gateway:
             # "allowed by rule R (allowed)", "allowed by rule R (preflight)": every
             # comment names its rule followed by a space, so one filter finds them.
             flow.comment = f"{head}\nauthgate: allowed{rule} ({d.reason})"
+            if d.detail:
+                flow.comment += f"\n{d.detail}"  # a session refreshed on the way
         elif outcome == "would_deny":
             flow.comment = f"{head}\nauthgate: would deny: {d.status}{rule} ({d.reason})"
             flow.marked = WOULD_DENY_MARKER
