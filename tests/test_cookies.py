@@ -87,3 +87,8 @@ def test_split_then_join(value: str) -> None:
 
 def test_chunk_names() -> None:
     assert cookies.chunk_names("__Host-s", 3) == ("__Host-s", "__Host-s.1", "__Host-s.2")
+
+
+@given(st.integers(min_value=0, max_value=34_000))
+def test_count_is_what_split_makes(length: int) -> None:
+    assert cookies.count(length) == len(cookies.split("x" * length))

@@ -54,6 +54,13 @@ def split(value: str, size: int = CHUNK) -> list[str]:
     return pieces
 
 
+def count(length: int, size: int = CHUNK) -> int:
+    """How many pieces `split` cuts a value of `length` characters into."""
+    if length <= size:
+        return 1
+    return 1 + -(-(length - (size - 2)) // size)
+
+
 def join(first: str, rest: Sequence[str | None]) -> str | None:
     """The value `split` cut up, from the first piece and the following
     cookies' values in order (None: absent); None when one is missing."""

@@ -293,14 +293,11 @@ def _session(login: oidc.Login, fields: Sequence[str]) -> Presented | None:
     name = login.session_cookie
     if not any(name in f for f in fields):
         return None  # the common case without a session: no parsing
-    values = cookie_fields.read(fields, {name}).get(name, [])
-    if len(values) > 1:
-        raise Ambiguous(f"more than one {name} cookie")
-    value = oidc.find_session(login, fields)
-    if value is None:
-        # The first piece without the others: a session that cannot open.
-        return Presented(OIDC, "cookie", values[0]) if values else None
-    return Presented(OIDC, "cookie", value)
+    try:
+        value = oidc.find_session(login, fields)
+    except ValueError as e:
+        raise Ambiguous(str(e)) from None
+    return Presented(OIDC, "cookie", value) if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)

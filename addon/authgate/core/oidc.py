@@ -159,7 +159,7 @@ class LoginState:
 
     def __init__(self) -> None:
         self.used_nonces: dict[str, float] = {}  # nonce -> remembered until
-        self.refreshed: dict[bytes, Refreshed] = {}
+        self.refreshed: dict[str, Refreshed] = {}
 
     def nonce_used(self, nonce: str, now: float) -> bool:
         """Whether `nonce` was used before; from now on it has been."""
@@ -169,13 +169,13 @@ class LoginState:
         self.used_nonces[nonce] = now + LOGIN_WINDOW
         return until is not None and until > now
 
-    def refreshed_for(self, key: bytes, now: float) -> Refreshed | None:
+    def refreshed_for(self, key: str, now: float) -> Refreshed | None:
         entry = self.refreshed.get(key)
         if entry is None or entry.until <= now:
             return None
         return entry
 
-    def remember(self, key: bytes, entry: Refreshed, now: float) -> None:
+    def remember(self, key: str, entry: Refreshed, now: float) -> None:
         if len(self.refreshed) > 10_000:
             self.refreshed = {k: e for k, e in self.refreshed.items() if e.until > now}
         self.refreshed[key] = entry
@@ -188,17 +188,19 @@ class Opened:
 
 
 class OpenedCache:
-    """Session cookies already opened under this policy's keys, by digest
-    (bounded; a reload, which may bring other keys, starts empty)."""
+    """Session cookies already opened under this policy's keys, by value (a
+    string caches its hash: the request's second look costs nothing).
+    Bounded, the oldest first out; a reload, which may bring other keys,
+    starts empty."""
 
-    def __init__(self, size: int = 10_000) -> None:
+    def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._entries: dict[bytes, Opened] = {}
+        self._entries: dict[str, Opened] = {}
 
-    def get(self, key: bytes) -> Opened | None:
+    def get(self, key: str) -> Opened | None:
         return self._entries.get(key)
 
-    def put(self, key: bytes, opened: Opened) -> None:
+    def put(self, key: str, opened: Opened) -> None:
         if len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]
         self._entries[key] = opened
@@ -776,12 +778,9 @@ def clear_session(login: Login, had: int = 1) -> tuple[str, ...]:
 
 
 def pieces_of(value: str) -> int:
-    """How many cookies a joined session value came in."""
-    return len(cookies.split(value))
-
-
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+    """How many cookies a joined session value came in (as `cookies.split`
+    cuts it)."""
+    return cookies.count(len(value))
 
 
 def _kept_claims(claims: dict[str, Any]) -> dict[str, Any]:
@@ -915,7 +914,7 @@ class SessionRefresh:
 
     login: Login
     session: Session
-    key: bytes  # the digest of the cookie it replaces
+    key: str  # the cookie it replaces
     pieces: int  # how many cookies that one came in
 
 
@@ -931,7 +930,7 @@ class Checked:
     retry_after: int | None = None  # the provider cannot be reached: 503
 
 
-def _open(login: Login, value: str, key: bytes) -> Opened | Checked:
+def _open(login: Login, value: str, key: str) -> Opened | Checked:
     opened = login.cache.get(key)
     if opened is not None:
         return opened
@@ -957,7 +956,7 @@ def _lifetime(login: Login, session: Session, now: float) -> Checked | None:
 
 def refresh_work(login: Login, value: str, now: float) -> SessionRefresh | None:
     """The refresh this session needs before `check_session` can answer."""
-    key = _digest(value)
+    key = value
     opened = _open(login, value, key)
     if isinstance(opened, Checked) or _lifetime(login, opened.session, now) is not None:
         return None
@@ -1026,7 +1025,7 @@ def refreshed(
 def check_session(login: Login, value: str, now: float) -> Checked:
     """A session cookie on a request: who it proves, and the cookies the answer
     carries (a refreshed or touched session, or removals when it ended)."""
-    key = _digest(value)
+    key = value
     had = pieces_of(value)
     opened = _open(login, value, key)
     if isinstance(opened, Checked):
@@ -1071,19 +1070,24 @@ def check_session(login: Login, value: str, now: float) -> Checked:
 
 def open_session(login: Login, value: str) -> Session | None:
     """The session in a cookie, whatever its age (for the logout)."""
-    opened = _open(login, value, _digest(value))
+    opened = _open(login, value, value)
     return None if isinstance(opened, Checked) else opened.session
 
 
 def find_session(login: Login, cookie_fields: Sequence[str]) -> str | None:
-    """The session cookie's value (its pieces joined), or None."""
+    """The session cookie's value (its pieces joined; a piece missing leaves
+    a value that does not open), or None without one. Raises ValueError for
+    a session cookie sent twice."""
     names = login.session_cookies
     found = cookies.read(cookie_fields, set(names))
     first = found.get(names[0])
-    if not first or len(first) != 1:
+    if not first:
         return None
+    if len(first) != 1:
+        raise ValueError(f"more than one {names[0]} cookie")
     rest = [values[0] if (values := found.get(n)) and len(values) == 1 else None for n in names[1:]]
-    return cookies.join(first[0], rest)
+    joined = cookies.join(first[0], rest)
+    return joined if joined is not None else first[0]
 
 
 # --- the logout -------------------------------------------------------------------------------
@@ -1115,7 +1119,10 @@ def logout(login: Login, method: str, headers: Sequence[tuple[str, str]], now: f
     if not same_origin(login, headers):
         return Answer(403, CROSS_SITE, detail="logout: the request does not come from this site")
     fields = [v for k, v in headers if k == "cookie"]
-    value = find_session(login, fields)
+    try:
+        value = find_session(login, fields)
+    except ValueError:
+        value = None
     session = open_session(login, value) if value is not None else None
     clears = clear_session(login, pieces_of(value) if value is not None else 1)
     meta = login.metadata

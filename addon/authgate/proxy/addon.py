@@ -31,6 +31,7 @@ from authgate.core.oidc import (
     LOGIN_FAILED,
     LOGIN_START,
     METHOD_NOT_ALLOWED,
+    OIDC,
     PROVIDER_UNAVAILABLE,
 )
 from authgate.core.responses import Rendered, challenge, render, render_error
@@ -525,7 +526,9 @@ class Gateway:
             forwarding = self._forwarding = (policy, Forwarding.of(policy))
         how = forwarding[1]
         drop = how.drop[policy.trusted_proxies.contains(*parse_ip(peer))]
-        if any(name.lower() == "authorization" for name, _ in d.upstream_headers):
+        login = policy.login
+        who = d.identity
+        if login is not None and login.forward_access_token and who and who.method == OIDC:
             drop = drop | {b"authorization"}  # the session's access token stands in for it
         chain: list[str] = []
         fields: list[tuple[bytes, bytes]] = []

@@ -74,7 +74,7 @@ class LoginClient:
     def __init__(self, fetcher: Fetcher, send: Send = http_send) -> None:
         self.fetcher = fetcher
         self.send = send
-        self._refreshing: dict[bytes, asyncio.Task[None]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
         self.requests = 0  # made to the provider (for tests and status)
 
     async def _call(self, request: HttpRequest, timeout: float) -> tuple[int, bytes]:
