@@ -53,10 +53,10 @@ def gateway(
     port: int,
     start_gateway: Callable[..., RunningGateway],
 ) -> Callable[..., RunningGateway]:
-    def start(session: str = "") -> RunningGateway:
+    def start(session: str = "", *sets: str) -> RunningGateway:
         oidc = "    forward_access_token: true\n    jwks_refresh_cooldown: 1s\n"
         policy = write_policy(tmp_path, provider, port, oidc, session)
-        return start_gateway(policy, listen=f"127.0.0.1:{port}")
+        return start_gateway(policy, *sets, listen=f"127.0.0.1:{port}")
 
     return start
 
@@ -267,3 +267,23 @@ def test_logout_here_and_at_the_provider(
     status, _, page, where = b.fetch("GET", url(port, "/app/"))
     assert status == 200 and "/interaction/" in where and "login" in b.forms(page)[0][2]
     assert backend.seen == []
+
+
+def test_report_mode_logs_in_and_changes_nothing_else(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int
+) -> None:
+    gw = gateway("", "authgate_mode=report")
+    # Would-be denials go to the backend as they are: no login, no cookie removed.
+    bad = [("Cookie", "authgate_session=garbage"), ("Accept", "text/html"),
+           ("Sec-Fetch-Mode", "navigate")]  # fmt: skip
+    r = send(gw.address, "GET", "/app/x", bad)
+    assert r.status == 200 and r.header("Set-Cookie") is None and r.header("Location") is None
+    assert backend.seen[-1].header("X-Auth-Subject") is None
+    # The login's own paths are still the gateway's: a login works, and the
+    # backend then learns who.
+    b = Browser()
+    assert b.fetch("GET", url(port, "/oauth2/start?next=%2Fapp%2Fy"), follow=False)[0] == 303
+    assert b.log_in(url(port, "/oauth2/start?next=%2Fapp%2Fy"), "alice")[0] == 200
+    assert backend.seen[-1].target == "/app/y"
+    assert backend.seen[-1].header("X-Auth-Subject") == "alice"
+    assert not [s for s in backend.seen if s.target.startswith("/oauth2/")]

@@ -523,7 +523,7 @@ def _login_step(
     t(f"login endpoint: {step} ({path.path})")
     work: Work | None = None
     if step == "callback":
-        if request.method not in ("GET", "HEAD"):
+        if request.method != "GET":  # not even HEAD: it would spend the code
             return _answered(oidc.not_allowed("GET"), ip, path, t)
         cookie_fields = request.header_all("cookie")
         exchange = oidc.callback(login, path.query, cookie_fields, now)

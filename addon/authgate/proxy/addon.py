@@ -500,7 +500,8 @@ class Gateway:
             # Report mode too: forwarded as if allowed, and nothing of the
             # would-be denial reaches the client.
             self._forward(flow, policy, view.peer, decision)
-            if decision.cookies:
+            if decision.cookies and decision.allowed:
+                # (Report mode's would-be denials change nothing for the client.)
                 flow.metadata[COOKIES_KEY] = decision.cookies
         else:
             accept = flow.request.headers.get("accept")
