@@ -287,3 +287,32 @@ def test_report_mode_logs_in_and_changes_nothing_else(
     assert backend.seen[-1].target == "/app/y"
     assert backend.seen[-1].header("X-Auth-Subject") == "alice"
     assert not [s for s in backend.seen if s.target.startswith("/oauth2/")]
+
+
+def test_rotating_the_session_keys(
+    gateway: Callable[..., RunningGateway], backend: Backend, port: int, tmp_path: Path
+) -> None:
+    gw = gateway()
+    house = gw.addon.house
+    keys = tmp_path / "session-keys"
+    old = keys.read_text()
+    b = Browser()
+    assert b.log_in(url(port, "/app/"), "alice")[0] == 200
+    before = b.cookies[f"127.0.0.1:{port}"]["authgate_session"]
+    # A new key first, the old one below: the file changes, the policy reloads.
+    reloads = house.reloads
+    new = base64.b64encode(bytes(range(100, 132))).decode()
+    keys.write_text(f"{new}\n{old}")
+    wait_until(lambda: house.reloads > reloads, what="the reload after the key file changed")
+    assert b.fetch("GET", url(port, "/app/old-session"))[0] == 200  # still opens
+    fresh = Browser()
+    assert fresh.log_in(url(port, "/app/"), "bob")[0] == 200
+    sealed = fresh.cookies[f"127.0.0.1:{port}"]["authgate_session"]
+    assert Sealer([bytes(range(100, 132))]).open(sealed, b"session|authgate_session|app")
+    # The old key retired: its sessions end; the new ones go on.
+    reloads = house.reloads
+    keys.write_text(f"{new}\n")
+    wait_until(lambda: house.reloads > reloads, what="the reload after the old key left")
+    cookie = [("Cookie", f"authgate_session={before}"), ("Accept", "application/json")]
+    assert send(gw.address, "GET", "/app/x", cookie).status == 401
+    assert fresh.fetch("GET", url(port, "/app/new-session"))[0] == 200

@@ -21,7 +21,7 @@ from authgate.core import oidc
 from authgate.core.credentials import OIDC, Ambiguous, find
 from authgate.core.decision import RequestView, judge
 from authgate.core.keyset import VerifyKey
-from authgate.core.model import Policy
+from authgate.core.model import Policy, credentials_in_clear
 from authgate.core.oidc import (
     CodeExchange,
     Login,
@@ -847,3 +847,14 @@ def test_two_session_cookies_are_ambiguous(login: Login) -> None:
     presented, _ = find((), None, None, [("cookie", f"__Host-authgate_session={value}")], "",
                         login=login)  # fmt: skip
     assert presented is not None and presented.kind == OIDC and presented.value == value
+
+
+def test_sessions_over_plain_http_are_said_to_travel_in_clear(tmp_path: Path) -> None:
+    text = POLICY.replace("https://app.example", "http://app.example").replace(
+        "    roles_claim: groups\n", "    roles_claim: groups\n    allow_http: true\n")  # fmt: skip
+    policy = policy_at(tmp_path, text, loaded=False)
+    assert credentials_in_clear(policy, "0.0.0.0:8080") == [
+        ("session cookies (an http:// redirect_uri)", 4)
+    ]
+    assert credentials_in_clear(policy, "127.0.0.1:8080") == []
+    assert credentials_in_clear(policy_at(tmp_path, loaded=False), "0.0.0.0:8080") == []

@@ -263,6 +263,8 @@ def credentials_in_clear(policy: Policy, listen: str) -> list[tuple[str, int | N
     for issuer in policy.issuers:
         if issuer.query_param:
             out.append((f"query-string tokens ({issuer.query_param})", issuer.line or None))
+    if policy.login is not None and not policy.login.secure:
+        out.append(("session cookies (an http:// redirect_uri)", policy.login.line or None))
     return out
 
 
