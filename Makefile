@@ -4,9 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test redis-server proxies oidc-provider lint fix typecheck check bench bench-instructions screenshots clean
+.PHONY: install run test redis-server proxies oidc-provider chromium lint fix typecheck check bench bench-instructions screenshots clean
 
-install: $(STAMP) policies/keys/jwks.json
+install: $(STAMP) policies/keys/jwks.json policies/keys/session-keys
 
 $(STAMP): pyproject.toml
 	@echo "authgate: installing into $(VENV) (about a minute the first time)..."
@@ -15,15 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The demo key pair the example policies and `authgate token` use.
-policies/keys/jwks.json: | $(STAMP)
+# The demo key pair the example policies and `authgate token` use (and the
+# demo client secret and session key of policies/oidc-login.yaml).
+policies/keys/jwks.json policies/keys/session-keys: | $(STAMP)
 	$(BIN)/authgate demo-keys policies/keys
 
 # make run ARGS="--listen 127.0.0.1:18080 --backend 127.0.0.1:19000"
 run: install
 	$(BIN)/authgate demo $(ARGS)
 
-test: install redis-server proxies oidc-provider
+test: install redis-server proxies oidc-provider chromium
 	$(BIN)/python -m pytest
 
 # The tests start their own redis-server (Debian package redis-server) on a free
@@ -66,6 +67,18 @@ oidc-provider:
 	  fi
 	@test -d tests/oidc/node_modules/oidc-provider || \
 	  npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+
+# tests/test_login_chromium.py signs in with Debian's chromium, headless, driven
+# by Playwright (the dev extra; no browser download: it runs /usr/bin/chromium).
+# Install it when missing (as root), else say how.
+chromium:
+	@test -x /usr/bin/chromium || \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else \
+	    echo "authgate: the tests need Debian's chromium: sudo apt-get install chromium" >&2; \
+	    exit 1; \
+	  fi
 
 lint: install
 	$(BIN)/ruff check addon tests

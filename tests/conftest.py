@@ -158,7 +158,12 @@ class RunningGateway:
     """The real lean mitmproxy master that `authgate run` builds, in a thread."""
 
     def __init__(
-        self, policy: Path, upstream: str, sets: list[str], gateway: Gateway | None = None
+        self,
+        policy: Path,
+        upstream: str,
+        sets: list[str],
+        gateway: Gateway | None = None,
+        listen: str = "127.0.0.1:0",
     ) -> None:
         self.addon = gateway or Gateway()
         self._ready = threading.Event()
@@ -176,7 +181,7 @@ class RunningGateway:
             self.master = await runner.build(
                 str(policy),
                 upstream,
-                "127.0.0.1:0",
+                listen,
                 sets,
                 ready=on_ready,
                 termlog=False,
@@ -222,12 +227,17 @@ class RunningGateway:
 
 @pytest.fixture
 def start_gateway(backend: Backend) -> Iterator[Callable[..., RunningGateway]]:
-    """start_gateway(policy_path, *sets, upstream=URL) -> a running gateway in front
-    of `backend` (or of `upstream`)."""
+    """start_gateway(policy_path, *sets, upstream=URL, listen=HOST:PORT) -> a running
+    gateway in front of `backend` (or of `upstream`), on a free port (or `listen`)."""
     running: list[RunningGateway] = []
 
-    def start(policy: Path = EXAMPLE, *sets: str, upstream: str | None = None) -> RunningGateway:
-        g = RunningGateway(policy, upstream or backend.url, list(sets))
+    def start(
+        policy: Path = EXAMPLE,
+        *sets: str,
+        upstream: str | None = None,
+        listen: str = "127.0.0.1:0",
+    ) -> RunningGateway:
+        g = RunningGateway(policy, upstream or backend.url, list(sets), listen=listen)
         running.append(g)
         return g
 

@@ -199,6 +199,9 @@ class Browser:
     def __init__(self) -> None:
         self.cookies: dict[str, dict[str, str]] = {}
         self.history: list[tuple[str, str, int]] = []  # (method, url, status)
+        # A URL prefix not to load (a redirect there ends `fetch` with status 0
+        # and that URL): to keep an authorization response for later.
+        self.stop_at: str | None = None
 
     def _cookie_header(self, url: str) -> str:
         host = urllib.parse.urlsplit(url).netloc
@@ -231,6 +234,8 @@ class Browser:
     ) -> tuple[int, http.client.HTTPMessage, bytes, str]:
         """(status, headers, body, final url)."""
         for _ in range(limit):
+            if self.stop_at is not None and url.startswith(self.stop_at):
+                return 0, http.client.HTTPMessage(), b"", url
             h = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate", **(headers or {})}
             cookie = self._cookie_header(url)
             if cookie:

@@ -218,6 +218,10 @@ tests:
     request: {path: /admin/x}
     token: {issuer: other}
     expect: {status: 200}
+  - name: fail-session
+    request: {path: /admin/x}
+    session: {sub: root, roles: [admin]}
+    expect: {status: 200}
 """
 
 PROBLEMS = {
@@ -230,6 +234,9 @@ PROBLEMS = {
     "fail-header-missing": ["expected Retry-After: '1' in the answer, got none"],
     "fail-repeat-one-short": ["expected status 429, got 200 (allowed)"],
     "fail-issuer": ["cannot sign the token: the policy has no issuer named 'other' (has: main)"],
+    "fail-session": [
+        "cannot seal the session: the policy has no OpenID Connect login (authn.oidc) for a session"
+    ],
 }
 
 
@@ -253,7 +260,7 @@ def test_the_report_shows_each_failure_with_its_trace_and_no_token(tmp_path: Pat
     assert "      |   rule admin: matches\n" in text
     assert "      | => forwarded to the backend (rule admin): GET /admin/x\n" in text
     assert "ok    " not in text  # passing ones only with verbose
-    assert text.endswith(f"{tmp_path / 'p.yaml'}: 14 tests, 5 passed, 9 failed\n")
+    assert text.endswith(f"{tmp_path / 'p.yaml'}: 15 tests, 5 passed, 10 failed\n")
     assert "ok    " in format_report(report, verbose=True)
 
 

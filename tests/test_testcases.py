@@ -99,7 +99,8 @@ ERRORS = [
     ("tests:\n  - name: t\n    request: {path: /a}\n    expect: {rule: a}\n", 8,
      "test 't' expect needs 'status'"),
     ("tests:\n  - name: t\n    request: {path: /a}\n    expect: {status: 0}\n", 8,
-     "status must be one of 200, 303, 400, 401, 403, 404, 429, 500, 503 (200: forwarded), not 0"),
+     "status must be one of 200, 303, 400, 401, 403, 404, 405, 429, 500, 503 (200: forwarded), "
+     "not 0"),
     ("tests:\n  - name: t\n    request: {path: /a}\n    expect: {status: '200'}\n", 8,
      "status must be one of"),
     ("tests:\n  - name: t\n    request: {path: /a}\n    expect: {status: 200, rule: c}\n", 8,
@@ -108,6 +109,10 @@ ERRORS = [
      8, "expected header X must be a string (or null: absent)"),
     ("tests:\n  - name: t\n    request: {path: /a}\n    repeat: 0\n    expect: {status: 200}\n",
      8, "repeat must be a whole number from 1 to 10000"),
+    ("tests:\n  - name: t\n    request: {path: /a}\n    token: {sub: a}\n    session: {sub: a}\n"
+     "    expect: {status: 200}\n", 9, "a token or a session, not both"),
+    ("tests:\n  - name: t\n    request: {path: /a}\n    session: {roles: admin}\n"
+     "    expect: {status: 200}\n", 8, "test 't' session roles must be a list of strings"),
 ]  # fmt: skip
 
 

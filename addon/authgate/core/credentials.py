@@ -1,5 +1,6 @@
 """Finding and verifying credentials: bearer JWTs (header, cookie, query),
-API keys, Basic and TLS client certificates (mTLS).
+API keys, Basic, TLS client certificates (mTLS), and the sessions of an OpenID
+Connect login.
 
 `find()` locates the credential a request presents; one `Verifier` per kind
 describes, challenges and checks it, and names the slow work (a bcrypt check,
@@ -21,6 +22,8 @@ from urllib.parse import parse_qsl
 
 import bcrypt
 
+from authgate.core import cookies as cookie_fields
+from authgate.core import oidc
 from authgate.core.clientcert import ClientCert
 from authgate.core.identity import Identity
 from authgate.core.introspection import (
@@ -30,6 +33,8 @@ from authgate.core.introspection import (
     introspection_work,
 )
 from authgate.core.keyset import RemoteKeys
+from authgate.core.oidc import OIDC as OIDC
+from authgate.core.oidc import CodeExchange, SessionRefresh
 from authgate.core.tokens import (
     Issuer,
     TokenCache,
@@ -44,7 +49,7 @@ JWT = "jwt"
 API_KEY = "api_key"
 BASIC = "basic"
 MTLS = "mtls"
-KINDS = (JWT, API_KEY, BASIC, MTLS)
+KINDS = (JWT, API_KEY, BASIC, MTLS, OIDC)
 
 MIN_BCRYPT_COST = 4  # bcrypt's own minimum; htpasswd -B writes 5 by default
 WEAK_BCRYPT_COST = 10  # below this, `check` and the start-up log warn
@@ -250,34 +255,16 @@ class ClientCerts:
 
 @dataclass(frozen=True, slots=True)
 class Presented:
-    kind: str  # JWT | API_KEY | BASIC | MTLS
+    kind: str  # JWT | API_KEY | BASIC | MTLS | OIDC
     via: str  # "authorization", "cookie", "query", the API key header, or "tls"
-    value: str  # the token, the key, "user:password", or a certificate's fingerprint
+    # the token, the key, "user:password", a certificate's fingerprint, or the sealed session
+    value: str
     issuers: tuple[Issuer, ...] = ()  # for JWTs: the issuers that may have signed it
     cert: ClientCert | None = None  # for MTLS: what the handshake verified
 
 
 class Ambiguous(Exception):
     """Credentials sent two ways at once, or repeated: 400 invalid_request."""
-
-
-def _cookies(values: Sequence[str], names: set[str]) -> dict[str, list[str]]:
-    """Values of the wanted cookies, in every Cookie field (RFC 6265 §5.4).
-
-    Lenient on purpose: one odd cookie elsewhere on the domain (a space, JSON)
-    must not hide the session cookie.
-    """
-    found: dict[str, list[str]] = {}
-    for value in values:
-        for pair in value.split(";"):
-            name, sep, cookie = pair.partition("=")
-            name = name.strip()
-            if sep and name in names:
-                cookie = cookie.strip()
-                if len(cookie) >= 2 and cookie[0] == cookie[-1] == '"':
-                    cookie = cookie[1:-1]
-                found.setdefault(name, []).append(cookie)
-    return found
 
 
 def issuers_by(issuers: tuple[Issuer, ...], attr: str) -> dict[str, tuple[Issuer, ...]]:
@@ -301,6 +288,7 @@ def find(
     cookies: dict[str, tuple[Issuer, ...]] | None = None,
     params: dict[str, tuple[Issuer, ...]] | None = None,
     client_cert: ClientCert | None = None,
+    login: oidc.Login | None = None,
 ) -> tuple[Presented | None, Presented | None]:
     """-> (the credential to use, a malformed one). Raises Ambiguous.
 
@@ -312,6 +300,7 @@ def find(
     accepts one), used only when the request itself carries no credential:
     the TLS stack presents it for every request on the connection, the
     request's own credential is the more specific statement.
+    `login`: the OpenID Connect login whose session cookie counts.
     """
     if cookies is None:
         cookies = issuers_by(issuers, "cookie")
@@ -354,19 +343,35 @@ def find(
         raise Ambiguous("credentials sent in more than one way")
     if explicit or malformed:
         return (explicit[0] if explicit else None), malformed
-    fields = [v for k, v in headers if k == "cookie"] if cookies else []
+    fields = [v for k, v in headers if k == "cookie"] if cookies or login else []
     if fields:
-        found = _cookies(fields, set(cookies))
+        found = cookie_fields.read(fields, set(cookies))
         for name, values in found.items():
             if len(values) > 1:
                 raise Ambiguous(f"more than one {name} cookie")
-        if len(found) > 1:
-            raise Ambiguous(f"more than one token cookie: {', '.join(sorted(found))}")
+        session = _session(login, fields) if login is not None else None
+        if len(found) + (session is not None) > 1:
+            names = sorted(found) + ([login.session_cookie] if session and login else [])
+            raise Ambiguous(f"more than one token cookie: {', '.join(names)}")
+        if session is not None:
+            return session, None
         for name, (token,) in found.items():
             return Presented(JWT, "cookie", token, cookies[name]), None
     if client_cert is not None:
         return Presented(MTLS, "tls", client_cert.sha256, cert=client_cert), None
     return None, None
+
+
+def _session(login: oidc.Login, fields: Sequence[str]) -> Presented | None:
+    """The session cookie (its pieces joined), if the request carries one."""
+    name = login.session_cookie
+    if not any(name in f for f in fields):
+        return None  # the common case without a session: no parsing
+    try:
+        value = oidc.find_session(login, fields)
+    except ValueError as e:
+        raise Ambiguous(str(e)) from None
+    return Presented(OIDC, "cookie", value) if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +381,9 @@ class Outcome:
     reason: str = ""  # client-safe
     code: str = ""  # machine-readable: expired, bad_signature, unknown_api_key, ...
     detail: str = ""  # internal
-    unavailable: Unavailable | None = None  # keys or introspection: 503
+    unavailable: Unavailable | None = None  # keys, introspection or the provider: 503
+    cookies: tuple[str, ...] = ()  # Set-Cookie values for the answer (sessions)
+    forward: tuple[tuple[str, str], ...] = ()  # fields for the backend (an access token)
 
 
 # --- verifiers: one per credential kind -------------------------------------------------
@@ -401,7 +408,7 @@ class KeyFetch:
     reason: str  # "cold start" or "unknown kid"
 
 
-Work = PasswordCheck | KeyFetch | Introspect
+Work = PasswordCheck | KeyFetch | Introspect | CodeExchange | SessionRefresh
 
 
 class Verifier(Protocol):
@@ -608,6 +615,58 @@ class MtlsVerifier:
         return Outcome(who)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionVerifier:
+    """The sessions of the policy's OpenID Connect login (`authn.oidc`)."""
+
+    login: oidc.Login
+    kind: str = OIDC
+    label: str = "session"
+
+    def challenge(self) -> Challenge:
+        # The Cookie scheme of draft-broyer-http-cookie-auth: where a person
+        # signs in, and the cookie that carries the session.
+        login = self.login
+        return (
+            "Cookie",
+            (("form-action", login.start_path), ("cookie-name", login.session_cookie)),
+        )
+
+    def describe(self, presented: Presented) -> str:
+        return f"session cookie ({len(presented.value)} characters)"
+
+    def slow_work(self, presented: Presented, now: float) -> Work | None:
+        return oidc.refresh_work(self.login, presented.value, now)
+
+    def check(self, presented: Presented, now: float) -> Outcome:
+        checked = oidc.check_session(self.login, presented.value, now)
+        if checked.identity is not None:
+            return Outcome(
+                checked.identity,
+                detail=checked.detail,
+                cookies=checked.cookies,
+                forward=checked.forward,
+            )
+        if checked.retry_after is not None:
+            unavailable = oidc.ProviderUnavailable(
+                self.login.issuer.issuer, checked.retry_after, checked.detail
+            )
+            return Outcome(
+                failed=OIDC,
+                reason="The sign-in service cannot be reached",
+                code=checked.code,
+                detail=checked.detail,
+                unavailable=unavailable,
+            )
+        return Outcome(
+            failed=OIDC,
+            reason="The session is not valid",
+            code=checked.code,
+            detail=checked.detail,
+            cookies=checked.cookies,
+        )
+
+
 # The order challenges are listed in a 401 (RFC 9110 §11.6.1: Basic first, as
 # some clients read only the first).
-CHALLENGE_ORDER = (BASIC, JWT, API_KEY, MTLS)
+CHALLENGE_ORDER = (BASIC, JWT, API_KEY, MTLS, OIDC)

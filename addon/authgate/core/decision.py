@@ -26,6 +26,7 @@ from types import MappingProxyType
 from urllib.parse import quote, unquote_plus
 
 from authgate.core import conditions as c
+from authgate.core import oidc
 from authgate.core.clientcert import ClientCert
 from authgate.core.clientip import ClientIP, resolve
 from authgate.core.credentials import (
@@ -33,8 +34,10 @@ from authgate.core.credentials import (
     BASIC,
     JWT,
     MTLS,
+    OIDC,
     Ambiguous,
     Challenge,
+    KeyFetch,
     Presented,
     Work,
     find,
@@ -43,7 +46,16 @@ from authgate.core.identity import Identity
 from authgate.core.ipset import parse_ip
 from authgate.core.model import Ban, LimitSpec, Policy, Rule, challenges_for, normalize_host
 from authgate.core.negotiation import is_browser_navigation
-from authgate.core.paths import AmbiguousPath, CanonicalPath, canonicalize
+from authgate.core.oidc import (
+    CROSS_SITE,
+    LOGGED_OUT,
+    LOGIN_COMPLETE,
+    LOGIN_FAILED,
+    LOGIN_START,
+    METHOD_NOT_ALLOWED,
+    CodeExchange,
+)
+from authgate.core.paths import AmbiguousPath, CanonicalPath, PathPattern, canonicalize
 from authgate.core.ratelimit import Limiter, Recorder, Store, Verdict
 
 
@@ -115,6 +127,9 @@ class Decision:
     # The subject key (`sub:basic:USER`) that failed Basic credentials named,
     # unproven: what a `watch:` keyed by subject counts a guess against.
     claimed: str = ""
+    # Set-Cookie values for the client, on whatever answer it gets (the
+    # gateway's, or the backend's): a session issued, refreshed or removed.
+    cookies: tuple[str, ...] = ()
 
     @property
     def forwarded(self) -> bool:
@@ -132,8 +147,12 @@ BAD_HEADER = "bad_header"
 BAD_TARGET = "bad_target"
 BAD_HOST = "bad_host"
 # Refused in every mode: forwarding them would let the backend read a request
-# other than the one judged.
-NEVER_REPORTED = frozenset({BAD_HEADER, BAD_HOST})
+# other than the one judged; the login's own endpoints are the gateway's
+# answers, never the backend's.
+_LOGIN_REASONS = frozenset(
+    {LOGIN_START, LOGIN_COMPLETE, LOGIN_FAILED, LOGGED_OUT, CROSS_SITE, METHOD_NOT_ALLOWED}
+)
+NEVER_REPORTED = frozenset({BAD_HEADER, BAD_HOST}) | _LOGIN_REASONS
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: a reg-name or IPv4 address, or an IP literal,
 # and an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{1,5})?")
@@ -345,6 +364,11 @@ class Prepared:
     work: Work | None
     t: _Trace
     bans: Bans = field(default_factory=lambda: NO_BANS)
+    step: str | None = None  # a login endpoint: "start", "callback" or "logout"
+
+
+# The rule a login endpoint's Prepared carries: it never decides anything.
+_LOGIN_RULE = Rule("(login)", 0, PathPattern.parse("/**"), None, None, c.Nobody(), False, ())
 
 
 def _finish(policy: Policy, rule: Rule | None, d: Decision, raw_target: str) -> Decision:
@@ -522,6 +546,10 @@ def prepare(
             )
             return _early(policy, request, d)
         t("client certificate: required, presented and valid")
+    # The login's own endpoints (authn.oidc): answered by the gateway.
+    login = policy.login
+    if login is not None and (step := login.step_for(path.path)) is not None:
+        return _login_step(policy, request, path, ip, step, now, t)
 
     # 4. The first matching rule.
     host = normalize_host(request.host) if request.host is not None else None
@@ -576,6 +604,7 @@ def prepare(
             cookies=policy.cookie_issuers if jwt else {},
             params=policy.query_issuers if jwt else {},
             client_cert=request.client_cert if MTLS in accept else None,
+            login=policy.login if OIDC in accept else None,
         )
     except Ambiguous as e:
         if t.on:
@@ -612,6 +641,77 @@ def prepare(
     )
 
 
+def _login_step(
+    policy: Policy,
+    request: RequestView,
+    path: CanonicalPath,
+    ip: ClientIP,
+    step: str,
+    now: float,
+    t: _Trace,
+) -> Prepared | Decision:
+    """A login endpoint, up to its slow work: the provider's metadata for
+    START and LOGOUT (when not loaded yet), the code exchange for CALLBACK
+    (once the callback proved to belong to this browser's login)."""
+    login = policy.login
+    assert login is not None
+    t(f"login endpoint: {step} ({path.path})")
+    work: Work | None = None
+    if step == "callback":
+        if request.method != "GET":  # not even HEAD: it would spend the code
+            return _answered(oidc.not_allowed("GET"), ip, path, t)
+        cookie_fields = request.header_all("cookie")
+        exchange = oidc.callback(login, path.query, cookie_fields, now)
+        if isinstance(exchange, oidc.Answer):
+            return _answered(exchange, ip, path, t)
+        work = exchange
+    else:
+        remote = login.issuer.remote
+        if remote is not None and not remote.loaded and remote.due():
+            work = KeyFetch(remote, None, "cold start")
+    return Prepared(policy, request, path, ip, _LOGIN_RULE, {}, None, False, work, t, step=step)
+
+
+def _answered(answer: oidc.Answer, ip: ClientIP, path: CanonicalPath, t: _Trace) -> Decision:
+    """A login endpoint's answer as a Decision (never forwarded, in any mode)."""
+    headers = answer.headers
+    if answer.location is not None:
+        headers = (("Location", answer.location), *headers)
+    if t.on:
+        t.lines.extend(answer.detail.splitlines())
+        t(f"answered {answer.status} ({answer.reason})")
+    return Decision(
+        False,
+        answer.status,
+        answer.reason,
+        client_ip=ip.address,
+        path=path,
+        identity=answer.identity,
+        headers=headers,
+        detail=answer.detail,
+        trace=t.done(),
+        cookies=answer.cookies,
+    )
+
+
+def _login_decide(p: Prepared, now: float) -> Decision:
+    """A login endpoint, after its slow work."""
+    login = p.policy.login
+    assert login is not None and p.step is not None
+    request = p.request
+    if p.step == "callback":
+        assert isinstance(p.work, CodeExchange)
+        answer = oidc.finish(p.work, now)
+    elif p.step == "start":
+        if request.method not in ("GET", "HEAD"):
+            answer = oidc.not_allowed("GET")
+        else:
+            answer = oidc.start(login, p.path.query, now)
+    else:
+        answer = oidc.logout(login, request.method, request.headers, now)
+    return _answered(answer, p.ip, p.path, p.t)
+
+
 def _denial(
     policy: Policy,
     request: RequestView,
@@ -630,6 +730,7 @@ def _denial(
     claimed: str = "",
     condition: str = "",
     failed: bool = False,
+    cookies: tuple[str, ...] = (),
 ) -> Decision:
     """A denial by a rule: a hidden rule answers as an unknown path. `failed`:
     the credential presented failed verification (the log fingerprints it).
@@ -669,6 +770,7 @@ def _denial(
             claimed=claimed,
             condition=condition,
             rejected=rejected,
+            cookies=cookies,
         )
     return _finish(policy, rule, d, request.target)
 
@@ -676,6 +778,8 @@ def _denial(
 def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = True) -> Decision:
     """Phase two: verify the credential, evaluate the rule, its late limits."""
     p = prepared
+    if p.step is not None:
+        return _login_decide(p, now)
     policy, request, rule, params, path, ip, t = (
         p.policy, p.request, p.rule, p.params, p.path, p.ip, p.t,
     )  # fmt: skip
@@ -685,6 +789,9 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
     deny = functools.partial(_denial, policy, request, rule, ip, path, presented, t)
 
     who: Identity | None = None
+    set_cookies: tuple[str, ...] = ()
+    forward: tuple[tuple[str, str], ...] = ()
+    note = ""  # what became of a session that goes on (refreshed, resealed)
     if p.malformed:
         t("credentials: Basic credentials that do not decode to user:password")
         return deny(
@@ -707,16 +814,14 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
         if t.on:
             t(f"credentials: {verifier.describe(presented)}")
         outcome = verifier.check(presented, now)
+        set_cookies, forward = outcome.cookies, outcome.forward
+        note = outcome.detail if outcome.identity is not None else ""
         if outcome.unavailable is not None:
             if t.on:
                 t(f"credentials: cannot verify, {outcome.detail}")
             retry = str(outcome.unavailable.retry_after)
-            reason = (
-                INTROSPECTION_UNAVAILABLE
-                if outcome.code == INTROSPECTION_UNAVAILABLE
-                else KEYS_UNAVAILABLE
-            )
-            return deny(503, reason, headers=(("Retry-After", retry),), detail=outcome.detail)
+            why = outcome.unavailable.code  # keys_unavailable, provider_unavailable
+            return deny(503, why, headers=(("Retry-After", retry),), detail=outcome.detail)
         if outcome.failed is not None:
             if t.on:
                 t(f"credentials: {verifier.label} rejected: {outcome.reason} ({outcome.detail})")
@@ -727,7 +832,11 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 assert rule.login_url is not None
                 location = _login_location(rule.login_url, path.target)
                 return deny(
-                    303, LOGIN_REDIRECT, headers=(("Location", location),), detail=outcome.code
+                    303,
+                    LOGIN_REDIRECT,
+                    headers=(("Location", location),),
+                    detail=outcome.code,
+                    cookies=set_cookies,
                 )
             if outcome.failed == JWT:
                 bearer = (("error", "invalid_token"), ("error_description", outcome.reason))
@@ -746,6 +855,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 challenges=rule.challenges,
                 claimed=subject_key(BASIC, presented.value.partition(":")[0]) if basic else "",
                 failed=True,
+                cookies=set_cookies,
             )
         who = outcome.identity
         assert who is not None
@@ -791,7 +901,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 challenges=(("Bearer", bearer),),
                 condition=failing,
             )
-        return deny(403, FORBIDDEN, identity=who, condition=failing)
+        return deny(403, FORBIDDEN, identity=who, condition=failing, cookies=set_cookies)
     if t.on:
         t(f"condition: {describe(rule.allow, who, params)} is true")
         t.lines.extend(c.condition_tree(rule.allow, who, params))
@@ -817,6 +927,7 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
                 headers=_rate_limited(spec, verdict),
                 detail=spec.name,
                 trace=t.done(),
+                cookies=set_cookies,
             )
             return _finish(policy, rule, d, request.target)
 
@@ -830,10 +941,12 @@ def decide(prepared: Prepared, now: float, limiter: Limiter, *, consume: bool = 
         client_ip=ip.address,
         path=path,
         identity=who,
-        upstream_headers=identity_headers(who),
+        upstream_headers=identity_headers(who) + forward,
         target=target,
         via=via,
+        detail=note,
         trace=t.done(),
+        cookies=set_cookies,
     )
 
 

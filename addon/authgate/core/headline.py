@@ -36,6 +36,15 @@ from authgate.core.decision import (
 )
 from authgate.core.identity import Identity
 from authgate.core.model import Policy
+from authgate.core.oidc import (
+    CROSS_SITE,
+    LOGGED_OUT,
+    LOGIN_COMPLETE,
+    LOGIN_FAILED,
+    LOGIN_START,
+    METHOD_NOT_ALLOWED,
+    PROVIDER_UNAVAILABLE,
+)
 
 # Reasons told in words; the others are the reason with spaces.
 _WORDS = {
@@ -50,6 +59,13 @@ _WORDS = {
     KEYS_UNAVAILABLE: "keys unavailable",
     INTROSPECTION_UNAVAILABLE: "introspection unavailable",
     LOGIN_REDIRECT: "to login",
+    LOGIN_START: "login: to the provider",
+    LOGIN_COMPLETE: "login: session issued",
+    LOGIN_FAILED: "login failed",
+    PROVIDER_UNAVAILABLE: "provider unavailable",
+    LOGGED_OUT: "logout",
+    CROSS_SITE: "cross-site logout",
+    METHOD_NOT_ALLOWED: "method not allowed",
 }
 _PERIODS = {1: "s", 60: "min", 3600: "h", 86400: "day"}
 MAX_WHY = 60  # the headline is one short line; the Comment tab has the rest

@@ -40,7 +40,7 @@ from authgate.core.tokens import (
     _check_times,
     _json_depth,
     _not_json,
-    _string_set,
+    string_set,
     unverified_kid,
 )
 
@@ -229,8 +229,8 @@ def identity_of(answer: dict[str, Any], issuer: Issuer, now: float) -> Identity:
         sub = answer.get("client_id")
     if not isinstance(sub, str) or not _HEADER_SAFE.match(sub):
         raise TokenRejected("missing_claim" if sub is None else "malformed_claim", "no usable sub")
-    roles = _string_set(claim_at(answer, issuer.roles_claim), split=False)
-    scopes = _string_set(claim_at(answer, issuer.scope_claim), split=True)
+    roles = string_set(claim_at(answer, issuer.roles_claim), split=False)
+    scopes = string_set(claim_at(answer, issuer.scope_claim), split=True)
     return Identity(sub, issuer.issuer, "jwt", roles, scopes, answer)
 
 

@@ -87,6 +87,7 @@ class RemoteKeys:
         allow_http: bool = False,
         timeout: float = 5,
         clock: Callable[[], float] = time.monotonic,
+        parse_metadata: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         self.issuer = issuer
         self.url = url
@@ -108,6 +109,10 @@ class RemoteKeys:
         self.fetches = 0  # HTTP requests made (for tests and metrics)
         self.last_error: str | None = None
         self._unknown: dict[str, float] = {}  # kid -> remembered until
+        # For an OpenID provider (discovery): what to make of its metadata
+        # document (raises ValueError), and what it made of the last one.
+        self.parse_metadata = parse_metadata
+        self.metadata: Any = None
 
     # --- what the decision reads ----------------------------------------------------
 
@@ -125,7 +130,7 @@ class RemoteKeys:
             other.discovery,
             other.pinned,
             other.allow_http,
-        )
+        ) and (self.parse_metadata is None) == (other.parse_metadata is None)
 
     def adopt_settings(self, other: RemoteKeys) -> None:
         """Take the cache, cooldown and timeout settings of a reloaded policy."""
@@ -158,7 +163,9 @@ class RemoteKeys:
         age = max_age(cache_control)
         return self.min_ttl if age is None else min(max(age, self.min_ttl), self.max_ttl)
 
-    def apply(self, keys: tuple[VerifyKey, ...], ttl: float) -> None:
+    def apply(self, keys: tuple[VerifyKey, ...], ttl: float, metadata: Any = None) -> None:
+        if metadata is not None:
+            self.metadata = metadata  # before the keys: a reader sees both or the old
         # A key served again (same kid, material and algorithms) keeps its object.
         before = {k.kid: k for k in self.keys}  # kids are unique within a set
         keys = tuple(k if (old := before.get(k.kid)) is None or old != k else old for k in keys)

@@ -15,6 +15,7 @@ from authgate.core.credentials import (
     CHALLENGE_ORDER,
     JWT,
     MTLS,
+    OIDC,
     ApiKeys,
     ApiKeyVerifier,
     BasicUsers,
@@ -23,10 +24,13 @@ from authgate.core.credentials import (
     ClientCerts,
     JwtVerifier,
     MtlsVerifier,
+    SessionVerifier,
     Verifier,
     issuers_by,
 )
 from authgate.core.ipset import IPSet, is_loopback_host
+from authgate.core.keyset import RemoteKeys
+from authgate.core.oidc import Login
 from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
 from authgate.core.routing import Router
@@ -197,6 +201,7 @@ class Policy:
     api_keys: ApiKeys | None = None
     basic: BasicUsers | None = field(default=None, compare=False)
     mtls: ClientCerts | None = None  # client certificates (authn.mtls)
+    login: Login | None = field(default=None, compare=False)  # authn.oidc
     mode: str = "enforce"  # "report": decide and log, but forward everything
     client_ip_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
     # Lower-case names of the client's fields the backend never receives
@@ -260,11 +265,15 @@ class Policy:
             verifiers[MTLS] = MtlsVerifier(self.mtls)
             if self.mtls.required:
                 object.__setattr__(self, "cert_required", (verifiers[MTLS].challenge(),))
+        if self.login is not None:
+            verifiers[OIDC] = SessionVerifier(self.login)
         object.__setattr__(self, "verifiers", verifiers)
         object.__setattr__(self, "cookie_issuers", issuers_by(self.issuers, "cookie"))
         object.__setattr__(self, "query_issuers", issuers_by(self.issuers, "query_param"))
-        slow = self.basic is not None or any(
-            i.remote is not None or i.introspection is not None for i in self.issuers
+        slow = (
+            self.basic is not None
+            or self.login is not None
+            or any(i.remote is not None or i.introspection is not None for i in self.issuers)
         )
         object.__setattr__(self, "slow_credentials", slow)
         object.__setattr__(self, "ip_limits", tuple(x for x in self.limits if x.key == "ip"))
@@ -282,6 +291,15 @@ class Policy:
         specs = {x.limiter_id: x for x in self.limits}
         specs.update((x.limiter_id, x) for r in self.rules for x in r.limits)
         object.__setattr__(self, "limit_specs", specs)
+
+    @property
+    def remote_keys(self) -> tuple[tuple[str, RemoteKeys], ...]:
+        """(issuer, key set) of every issuer whose keys are fetched: the JWT
+        issuers with jwks_url or discovery, and the OpenID provider of the login."""
+        out = [(i.issuer, i.remote) for i in self.issuers if i.remote is not None]
+        if self.login is not None and self.login.issuer.remote is not None:
+            out.append((self.login.issuer.issuer, self.login.issuer.remote))
+        return tuple(out)
 
 
 def challenges_for(
@@ -323,6 +341,8 @@ def credentials_in_clear(policy: Policy, listen: str) -> list[tuple[str, int | N
     for issuer in policy.issuers:
         if issuer.query_param:
             out.append((f"query-string tokens ({issuer.query_param})", issuer.line or None))
+    if policy.login is not None and not policy.login.secure:
+        out.append(("session cookies (an http:// redirect_uri)", policy.login.line or None))
     return out
 
 

@@ -16,6 +16,14 @@ from email.utils import formatdate
 
 from authgate.core.decision import INSUFFICIENT_SCOPE, INVALID_CREDENTIALS, INVALID_TOKEN, Decision
 from authgate.core.negotiation import HTML, JSON, TEXT, body_form
+from authgate.core.oidc import (
+    CROSS_SITE,
+    LOGGED_OUT,
+    LOGIN_COMPLETE,
+    LOGIN_FAILED,
+    LOGIN_START,
+    PROVIDER_UNAVAILABLE,
+)
 
 # status -> (title, what happened, what to do)
 _TEXTS: dict[int, tuple[str, str, str]] = {
@@ -36,6 +44,11 @@ _TEXTS: dict[int, tuple[str, str, str]] = {
         "Ask whoever manages access to this service if you think you should be.",
     ),
     404: ("Not Found", "There is nothing at this address.", "Check the address."),
+    405: (
+        "Method Not Allowed",
+        "This address does not take this method.",
+        "Check the method the page or client uses.",
+    ),
     429: (
         "Too Many Requests",
         "Too many requests. Retry after the time in Retry-After.",
@@ -68,6 +81,17 @@ _DETAILS: dict[str, str] = {
     INVALID_TOKEN: "The credentials sent are not valid.",
     INVALID_CREDENTIALS: "The credentials sent are not valid.",
     INSUFFICIENT_SCOPE: "The access token lacks the scope this resource needs.",
+    LOGIN_START: "You are being sent to the sign-in service.",
+    LOGIN_COMPLETE: "You are signed in; on to the page you asked for.",
+    LOGIN_FAILED: "The sign-in could not be completed. Open the page again to sign in anew.",
+    PROVIDER_UNAVAILABLE: "The sign-in service cannot be reached right now. Retry later.",
+    LOGGED_OUT: "You are signed out.",
+    CROSS_SITE: "Signing out takes a request from this site itself.",
+}
+# ...and a few their own advice.
+_ADVICE: dict[str, str] = {
+    LOGIN_COMPLETE: "Your browser goes on to it by itself.",
+    LOGGED_OUT: "Your browser goes on by itself.",
 }
 PROBLEM_JSON = "application/problem+json"
 _CONTENT_TYPES = {
@@ -102,9 +126,10 @@ p {{ margin: .5rem 0; }}
 """
 
 
-def _body(status: int, form: str, detail: str | None) -> bytes:
-    title, default, advice = _TEXTS[status]
+def _body(status: int, form: str, detail: str | None, advice: str | None = None) -> bytes:
+    title, default, usual = _TEXTS[status]
     text = detail or default
+    advice = advice or usual
     if form == HTML:
         page = _PAGE.format(
             status=status,
@@ -120,7 +145,9 @@ def _body(status: int, form: str, detail: str | None) -> bytes:
 
 
 _BODIES = {
-    (status, form, reason): _body(status, form, _DETAILS.get(reason or ""))
+    (status, form, reason): _body(
+        status, form, _DETAILS.get(reason or ""), _ADVICE.get(reason or "")
+    )
     for status in _TEXTS
     for form in (JSON, HTML, TEXT)
     for reason in (None, *_DETAILS)
@@ -186,6 +213,7 @@ def render(
     for scheme, params in decision.challenges:
         headers.append(("WWW-Authenticate", challenge(realm, scheme, params)))
     headers.extend(decision.headers)
+    headers.extend(("Set-Cookie", cookie) for cookie in decision.cookies)
     if request_id:
         headers.append(("X-Request-Id", request_id))
     body = b"" if method == "HEAD" else _BODIES[(status, form, reason)]

@@ -268,7 +268,9 @@ _HEADER_SAFE = re.compile(r"^[^\x00-\x1f\x7f]+$")
 _LIST_ITEM_SAFE = re.compile(r"^[^\x00-\x20\x7f,]+$")
 
 
-def _string_set(value: Any, split: bool) -> frozenset[str]:
+def string_set(value: Any, split: bool) -> frozenset[str]:
+    """A roles or scope claim's strings (`split`: one space-separated string
+    allowed). Raises TokenRejected for another type or unsafe characters."""
     if value is None:
         return frozenset()
     if isinstance(value, str):
@@ -473,8 +475,8 @@ def verify(
     sub = claims.get("sub")
     if not isinstance(sub, str) or not _HEADER_SAFE.match(sub):
         raise TokenRejected("malformed_claim", "sub is not a plain string")
-    roles = _string_set(claim_at(claims, issuer.roles_claim), split=False)
-    scopes = _string_set(claim_at(claims, issuer.scope_claim), split=True)
+    roles = string_set(claim_at(claims, issuer.roles_claim), split=False)
+    scopes = string_set(claim_at(claims, issuer.scope_claim), split=True)
     who = Identity(sub, issuer.issuer, "jwt", roles, scopes, claims)
     if cache is not None:
         cache.put(token, Verified(who, issuer, kid, key))

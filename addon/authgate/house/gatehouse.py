@@ -52,6 +52,7 @@ from authgate.core.model import (
     credentials_in_clear,
     secrets_readable_by_others,
 )
+from authgate.core.oidc import CodeExchange, SessionRefresh
 from authgate.core.ratelimit import ALLOWED, Hit, Recorder, Verdict
 from authgate.core.watch import Observation, observations, stronger
 from authgate.house.admin import AdminServer, Readiness
@@ -61,6 +62,7 @@ from authgate.policy.marks import PolicyError
 from authgate.runtime.introspection import Introspector
 from authgate.runtime.jwks import Fetcher
 from authgate.runtime.metrics import Metrics
+from authgate.runtime.oidc import LoginClient
 from authgate.runtime.reload import Fingerprint, carry_over, fingerprint
 from authgate.runtime.stores import Counted, MemoryStore, MemoryWatch, SharedStore, StoreUnavailable
 from authgate.runtime.tracing import Attributes, open_tracing, traced, traces_url
@@ -221,6 +223,7 @@ class Gatehouse:
         self._meanwhile: list[tuple[str, Ban | None]] | None = None
         self._watch_alone = False  # the shared store cannot answer: counting here
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.logins = LoginClient(self.fetcher)  # the OpenID Connect login's calls
         self.introspector = Introspector(clock, shared=lambda: self.shared)
         self.tracing: Tracing | None = None  # None: no traces, nothing of OpenTelemetry imported
         self.metrics = Metrics(lambda: self.policy, lambda: self.bans)
@@ -395,10 +398,10 @@ class Gatehouse:
         if policy is None:
             return Readiness(False, ("no policy loaded",))
         reasons = [
-            f"no keys yet for issuer {i.issuer}"
-            + (f" ({i.remote.last_error})" if i.remote.last_error else "")
-            for i in policy.issuers
-            if i.remote is not None and not i.remote.keys
+            f"no keys yet for issuer {issuer}"
+            + (f" ({remote.last_error})" if remote.last_error else "")
+            for issuer, remote in policy.remote_keys
+            if not remote.keys
         ]
         if self.draining:
             reasons.append("draining: shutting down")
@@ -507,7 +510,7 @@ class Gatehouse:
         a failure, when the backoff says). Off the request path."""
         while True:
             policy = self.policy
-            sources = [i.remote for i in policy.issuers if i.remote] if policy else []
+            sources = [remote for _, remote in policy.remote_keys] if policy else []
             # Not held across the sleep below: after a reload it would keep the
             # old policy, block list and all, alive for up to a minute.
             del policy
@@ -520,13 +523,12 @@ class Gatehouse:
     def status(self) -> dict[str, Any]:
         policy = self.policy
         keys = {
-            i.issuer: {
-                "keys": len(i.remote.keys),
-                "last_error": i.remote.last_error,
-                "fetches": i.remote.fetches,
+            issuer: {
+                "keys": len(remote.keys),
+                "last_error": remote.last_error,
+                "fetches": remote.fetches,
             }
-            for i in (policy.issuers if policy else ())
-            if i.remote is not None
+            for issuer, remote in (policy.remote_keys if policy else ())
         }
         introspection = {
             i.issuer: {
@@ -620,10 +622,10 @@ class Gatehouse:
             decision = first
         else:
             if first.work is not None:
-                if seen.hits and isinstance(first.work, PasswordCheck | Introspect):
+                if seen.hits and isinstance(first.work, PasswordCheck | Introspect | CodeExchange):
                     # Read the IP limits before spending a bcrypt or a call to
-                    # the provider on the request: a client over its limit
-                    # costs no hash and makes no introspection call.
+                    # a provider on the request: a client over its limit costs
+                    # no hash, no introspection call and no code exchange.
                     told, note = await self._count(policy, seen.hits, now, consume=False)
                     if told is not None:
                         again = await self._again(policy, view, now, told)
@@ -908,8 +910,9 @@ class Gatehouse:
     async def _slow_work(self, prepared: Prepared) -> None:
         """What the credential needs before `decide`: a bcrypt check (in a
         thread, two at a time), a key fetch (joined, waited on at most about
-        a second), or an introspection call (joined, waited on at most its
-        timeout)."""
+        a second), an introspection call (joined, waited on at most its
+        timeout), or a call to the OpenID provider (a login's code exchange,
+        a session's refresh: bounded by the login's timeout)."""
         work = prepared.work
         tracing = self.tracing
         if isinstance(work, PasswordCheck) and prepared.policy.basic is not None:
@@ -932,6 +935,12 @@ class Gatehouse:
             # The call itself runs in a thread the span's context follows.
             with traced(tracing, "authgate.introspection", {"authgate.issuer": work.issuer.issuer}):
                 await self.introspector.join(work)
+        elif isinstance(work, CodeExchange):
+            with traced(tracing, "authgate.login.code_exchange"):
+                await self.logins.exchange(work)
+        elif isinstance(work, SessionRefresh):
+            with traced(tracing, "authgate.login.refresh"):
+                await self.logins.refresh(work, self.clock)
 
     # --- the record ------------------------------------------------------------------
 

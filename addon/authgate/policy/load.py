@@ -26,6 +26,7 @@ from authgate.core.credentials import (
     JWT,
     KINDS,
     MTLS,
+    OIDC,
     ApiKey,
     ApiKeys,
     BasicUser,
@@ -56,8 +57,10 @@ from authgate.core.model import (
     WatchSpec,
     normalize_host,
 )
+from authgate.core.oidc import Login, ProviderMetadata, origin_of, safe_return
 from authgate.core.paths import PathPattern
 from authgate.core.ratelimit import Rate
+from authgate.core.sealing import Sealer, parse_keys
 from authgate.core.tokens import (
     HMAC_ALGS,
     SUPPORTED_ALGS,
@@ -131,6 +134,7 @@ class _Builder:
         self.limit_names: set[str] = set()
         self.configured: frozenset[str] = frozenset()
         self.default_login_url: str | None = None
+        self.start_path: str | None = None  # the OpenID Connect login's START
 
     def error(self, line: int | None, message: str) -> PolicyError:
         return PolicyError(self.file, line, message)
@@ -701,6 +705,199 @@ class _Builder:
         )
         return Introspected(config)
 
+    def secret(self, d: MarkedDict, where: str, file_key: str, env_key: str, what: str) -> str:
+        """A secret from a file (read at load, watched) or an environment
+        variable: never from the policy itself."""
+        present = [k for k in (file_key, env_key) if k in d]
+        if len(present) != 1:
+            raise self.error(d.line, f"{where} needs exactly one of {file_key}, {env_key}")
+        key = present[0]
+        name = self.get(d, key, str, where)
+        line = self.line_of(d, key)
+        if key == env_key:
+            text = os.environ.get(name)
+            if text is None:
+                raise self.error(line, f"environment variable {name} ({what}) is not set")
+        else:
+            data = self.read(name, line, what)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self.error(line, f"{what} {name!r} is not UTF-8 text") from None
+        if not text.strip():
+            raise self.error(line, f"the {what} in {name} is empty")
+        return text
+
+    def oidc(self, value: Any, line: int) -> Login:
+        """`authn.oidc`: the OpenID Connect login (docs/login.md)."""
+        where = "authn.oidc"
+        d = self.mapping(value, where, line)
+        allowed = {
+            "issuer", "client_id", "client_secret_file", "client_secret_env", "client_auth",
+            "redirect_uri", "scopes", "algorithms", "roles_claim", "userinfo",
+            "forward_access_token", "allow_http", "leeway", "timeout", "refresh_before",
+            "start_path", "logout_path", "post_logout_redirect", "session",
+            "jwks_refresh_cooldown",
+        }  # fmt: skip
+        self.keys(d, allowed, where, {"issuer", "client_id", "redirect_uri", "session"})
+        iss = self.get(d, "issuer", str, where)
+        allow_http = self.get(d, "allow_http", bool, where, False)
+        try:
+            check_url(iss, allow_http)
+        except ValueError as e:
+            raise self.error(self.line_of(d, "issuer"), str(e)) from None
+        client_id = self.get(d, "client_id", str, where)
+        if not client_id or _CONTROL_OR_COMMA.sub("", client_id) != client_id:
+            raise self.error(self.line_of(d, "client_id"), "client_id must be plain text")
+        secret = self.secret(d, where, "client_secret_file", "client_secret_env", "client secret")
+        secret = secret.strip()
+        auth = self.get(d, "client_auth", str, where, "client_secret_basic")
+        if auth not in ("client_secret_basic", "client_secret_post"):
+            raise self.error(
+                self.line_of(d, "client_auth"),
+                f"client_auth must be client_secret_basic or client_secret_post, not {auth!r}",
+            )
+        redirect = self.get(d, "redirect_uri", str, where)
+        redirect_line = self.line_of(d, "redirect_uri")
+        parts = urllib.parse.urlsplit(redirect)
+        try:
+            check_url(redirect, allow_http)
+        except ValueError as e:
+            raise self.error(redirect_line, f"redirect_uri: {e}") from None
+        if parts.query or parts.fragment or not parts.path.startswith("/"):
+            raise self.error(
+                redirect_line, "redirect_uri is the callback's full URL, without query or fragment"
+            )
+        callback = parts.path
+        if safe_return(callback) != callback:
+            raise self.error(redirect_line, f"redirect_uri: {callback!r} is not a plain path")
+        paths = {}
+        for key, default in (("start_path", "/oauth2/start"), ("logout_path", "/oauth2/logout")):
+            text = self.get(d, key, str, where, default)
+            if safe_return(text) != text or "?" in text:
+                raise self.error(self.line_of(d, key), f"{key} must be a plain path, not {text!r}")
+            paths[key] = text
+        if len({callback, *paths.values()}) != 3:
+            raise self.error(
+                d.line, "the callback (redirect_uri), start_path and logout_path must differ"
+            )
+        origin = origin_of(redirect)
+        after = self.get(d, "post_logout_redirect", str, where, "/")
+        after_path = after[len(origin) :] if after.lower().startswith(origin + "/") else after
+        if safe_return(after_path) is None:
+            raise self.error(
+                self.line_of(d, "post_logout_redirect"),
+                f"post_logout_redirect must be a path on {origin}, not {after!r}",
+            )
+        scopes = tuple(v for _, v in self.strings(d, "scopes", where)) or ("openid",)
+        for s_line, scope in self.strings(d, "scopes", where):
+            if not _SCOPE_TOKEN.match(scope):
+                raise self.error(s_line, f"scope {scope!r} is not a valid scope token")
+        if "openid" not in scopes:
+            raise self.error(self.line_of(d, "scopes"), "scopes must include openid")
+        alg_items = self.strings(d, "algorithms", where) or [(d.line, "RS256")]
+        algorithms = frozenset(a for _, a in alg_items)
+        for a_line, a in alg_items:
+            if a not in SUPPORTED_ALGS or a in HMAC_ALGS:
+                raise self.error(
+                    a_line,
+                    f"algorithm {a!r} is not a public-key algorithm authgate supports "
+                    f"({', '.join(sorted(SUPPORTED_ALGS - HMAC_ALGS))})",
+                )
+        leeway = self.duration(d.get("leeway", "30s"), self.line_of(d, "leeway"), f"{where}.leeway")
+        timeout = self.duration(
+            d.get("timeout", "5s"), self.line_of(d, "timeout"), f"{where}.timeout"
+        )
+        if not 0 < timeout <= 60:
+            raise self.error(self.line_of(d, "timeout"), "timeout must be from 1s to 60s")
+        before = self.duration(
+            d.get("refresh_before", "60s"),
+            self.line_of(d, "refresh_before"),
+            f"{where}.refresh_before",
+        )
+        roles_claim = self.get(d, "roles_claim", str, where, "roles")
+        session = self.get(d, "session", dict, where)
+        self.keys(
+            session, {"cookie", "keys_file", "keys_env", "idle", "absolute"}, f"{where}.session"
+        )
+        cookie = self.get(session, "cookie", str, f"{where}.session", "authgate_session")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie) or cookie.startswith("__"):
+            raise self.error(
+                self.line_of(session, "cookie"),
+                f"session.cookie {cookie!r}: letters, digits, _ and - (the __Host- prefix "
+                "is added behind TLS)",
+            )
+        key_text = self.secret(session, f"{where}.session", "keys_file", "keys_env", "session keys")
+        key_line = self.line_of(session, "keys_file" if "keys_file" in session else "keys_env")
+        try:
+            sealer = Sealer(parse_keys(key_text))
+        except ValueError as e:
+            raise self.error(key_line, f"session keys: {e}") from None
+        idle = self.duration(
+            session.get("idle", "1h"), self.line_of(session, "idle"), f"{where}.session.idle"
+        )
+        absolute = self.duration(
+            session.get("absolute", "12h"),
+            self.line_of(session, "absolute"),
+            f"{where}.session.absolute",
+        )
+        if not 0 < idle <= absolute:
+            raise self.error(
+                self.line_of(session, "idle"), "session.idle must be above 0 and at most absolute"
+            )
+        remote = RemoteKeys(
+            issuer=iss,
+            url=None,
+            discovery=True,
+            pinned=algorithms,
+            allow_http=allow_http,
+            timeout=timeout,
+            cooldown=self.duration(
+                d.get("jwks_refresh_cooldown", "30s"),
+                self.line_of(d, "jwks_refresh_cooldown"),
+                f"{where}.jwks_refresh_cooldown",
+            ),
+            parse_metadata=lambda doc: ProviderMetadata.parse(doc, allow_http),
+        )
+        issuer = Issuer(
+            "oidc",
+            iss,
+            (client_id,),
+            algorithms,
+            (),
+            leeway,
+            tuple(roles_claim.split(".")),
+            ("scope",),
+            True,
+            remote=remote,
+            required_claims=("iat",),
+            line=d.line,
+        )
+        self.start_path = paths["start_path"]
+        return Login(
+            issuer,
+            client_id,
+            secret,
+            client_auth=auth,
+            redirect_uri=redirect,
+            origin=origin,
+            callback_path=callback,
+            start_path=paths["start_path"],
+            logout_path=paths["logout_path"],
+            post_logout=origin + after_path,
+            scopes=scopes,
+            secure=parts.scheme == "https",
+            cookie=cookie,
+            sealer=sealer,
+            idle=idle,
+            absolute=absolute,
+            userinfo=self.get(d, "userinfo", bool, where, False),
+            forward_access_token=self.get(d, "forward_access_token", bool, where, False),
+            timeout=timeout,
+            refresh_before=before,
+            line=d.line,
+        )
+
     def string_set(self, d: MarkedDict, key: str, where: str) -> frozenset[str]:
         return frozenset(v for _, v in self.strings(d, key, where))
 
@@ -943,7 +1140,13 @@ class _Builder:
                 if kind not in self.configured:
                     raise self.error(a_line, f"accept: {kind!r} is not configured under authn")
             accept = frozenset(k for _, k in items)
-        login_url = self.login_url(d, where) or self.default_login_url
+        # A page load without credentials goes to the rule's login_url, else to
+        # the OpenID Connect login when the rule accepts its sessions.
+        login_url = (
+            self.login_url(d, where)
+            or (self.start_path if OIDC in accept else None)
+            or self.default_login_url
+        )
         cors = self.get(d, "cors", dict, where, MarkedDict())
         self.keys(cors, {"preflight"}, f"{where} cors")
         preflight = self.get(cors, "preflight", str, f"{where} cors", "authorize")
@@ -1086,7 +1289,9 @@ class _Builder:
         authn = attempt(
             lambda: self.get(top, "authn", dict, "the policy", MarkedDict()), MarkedDict()
         )
-        attempt(lambda: self.keys(authn, {"jwt", "api_keys", "basic", "mtls"}, "authn"), None)
+        attempt(
+            lambda: self.keys(authn, {"jwt", "api_keys", "basic", "mtls", "oidc"}, "authn"), None
+        )
         jwt_items = attempt(lambda: self.get(authn, "jwt", list, "authn", MarkedList()), None)
         jwt_items = jwt_items if jwt_items is not None else MarkedList()
         read: list[Issuer | None] = []
@@ -1122,6 +1327,17 @@ class _Builder:
             if "mtls" in authn
             else None
         )
+        login = (
+            attempt(lambda: self.oidc(authn["oidc"], authn.key_lines["oidc"]), None)
+            if "oidc" in authn
+            else None
+        )
+        if login is not None and any(i.cookie == login.session_cookie for i in issuers):
+            problems.append(
+                self.error(
+                    authn.key_lines["oidc"], "an issuer's cookie has the session cookie's name"
+                )
+            )
         # What the rules may accept: the kinds the file configures, even one
         # whose section is wrong (its problem is reported once, not per rule).
         self.configured = frozenset(
@@ -1131,6 +1347,7 @@ class _Builder:
                 (API_KEY, "api_keys" in authn),
                 (BASIC, "basic" in authn),
                 (MTLS, "mtls" in authn),
+                (OIDC, "oidc" in authn),
             )
             if present
         )
@@ -1175,6 +1392,7 @@ class _Builder:
             api_keys=api_keys,
             basic=basic,
             mtls=mtls,
+            login=login,
             file=self.file,
             realm=realm,
             trusted_proxies=trusted,

@@ -24,6 +24,16 @@ from authgate.core.explanation import explain as explain_request
 from authgate.core.headline import failed, headline
 from authgate.core.ipset import normalize_ip, parse_ip
 from authgate.core.model import CERT_HEADERS, IDENTITY_HEADERS, Policy, Rule
+from authgate.core.oidc import (
+    CROSS_SITE,
+    LOGGED_OUT,
+    LOGIN_COMPLETE,
+    LOGIN_FAILED,
+    LOGIN_START,
+    METHOD_NOT_ALLOWED,
+    OIDC,
+    PROVIDER_UNAVAILABLE,
+)
 from authgate.core.responses import Rendered, challenge, render, render_error
 from authgate.house.admin import Readiness
 from authgate.house.gatehouse import Gatehouse, WatchEvent, request_id
@@ -43,6 +53,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("authgate")
 METADATA_KEY = "authgate"
 REQUEST_ID_KEY = "authgate_request_id"
+COOKIES_KEY = "authgate_cookies"  # Set-Cookie values for the backend's answer
 EXPLAINED = "\n\n-- authgate.explain --\n"  # what follows a flow's decision line
 # Flow markers, by the names mitmproxy's views know: symbols that stock fonts
 # (DejaVu) draw (✖, ⚠, ‼), not pictographs that a machine without an emoji
@@ -62,6 +73,11 @@ _SURROGATE = "surrogateescape"
 # with the flow): see `Traced`.
 TRACED = "_authgate_traced"
 _TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
+
+# The answers of the OpenID Connect login's endpoints, commented step by step.
+LOGIN_STEPS = frozenset(
+    {LOGIN_START, LOGIN_COMPLETE, LOGIN_FAILED, LOGGED_OUT, CROSS_SITE, METHOD_NOT_ALLOWED}
+)
 
 
 def request_view(flow: http.HTTPFlow) -> RequestView:
@@ -169,12 +185,15 @@ class Forwarding:
     def of(cls, policy: Policy) -> Forwarding:
         drop = _DROP | {name.encode() for name in policy.strip_headers}
         cookies: frozenset[bytes] = frozenset()
+        if policy.login is not None:
+            # The gateway's own session cookies: the backend has nothing to do with them.
+            cookies = frozenset(name.encode() for name in policy.login.session_cookies)
         if not policy.forward_credentials:
             # Whatever can carry a credential the policy checks.
             drop |= {b"authorization"}
             if policy.api_keys is not None:
                 drop |= {policy.api_keys.header.encode()}
-            cookies = frozenset(name.encode() for name in policy.cookie_issuers)
+            cookies |= frozenset(name.encode() for name in policy.cookie_issuers)
         return cls({True: drop, False: drop | _PROXY_SAYS}, cookies)
 
 
@@ -469,6 +488,9 @@ class Gateway:
         entry = flow.metadata.get(METADATA_KEY)
         if flow.response is None or not isinstance(entry, dict) or not entry.get("forwarded"):
             return
+        for cookie in flow.metadata.get(COOKIES_KEY, ()):
+            # A session refreshed or touched on the way in goes back with the answer.
+            flow.response.headers.add("Set-Cookie", cookie)
         # RFC 6750 §2.3: a response to a request authenticated by a query
         # token must not be stored by shared caches.
         if entry.get("via") == "query" and "cache-control" not in flow.response.headers:
@@ -599,6 +621,9 @@ class Gateway:
             # Report mode too: forwarded as if allowed, and nothing of the
             # would-be denial reaches the client.
             self._forward(flow, policy, view.peer, decision)
+            if decision.cookies and decision.allowed:
+                # (Report mode's would-be denials change nothing for the client.)
+                flow.metadata[COOKIES_KEY] = decision.cookies
         else:
             accept = flow.request.headers.get("accept")
             rid = flow.metadata[REQUEST_ID_KEY]
@@ -623,6 +648,10 @@ class Gateway:
             forwarding = self._forwarding = (policy, Forwarding.of(policy))
         how = forwarding[1]
         drop = how.drop[policy.trusted_proxies.contains(*parse_ip(peer))]
+        login = policy.login
+        who = d.identity
+        if login is not None and login.forward_access_token and who and who.method == OIDC:
+            drop = drop | {b"authorization"}  # the session's access token stands in for it
         chain: list[str] = []
         fields: list[tuple[bytes, bytes]] = []
         options: list[bytes] = []  # the Connection options that go on
@@ -692,10 +721,18 @@ class Gateway:
         # The first line in a few words, for mitmweb's narrow Comment column
         # ("403 user-record: sub≠{id}"); the second for filters.
         head = headline(d, self.policy) if outcome != "allow" else headline(d)
+        if d.reason in LOGIN_STEPS or (d.reason == PROVIDER_UNAVAILABLE and d.rule is None):
+            # A step of an OpenID Connect login: what happened, the tokens
+            # decoded (never a token, a code or a secret).
+            flow.comment = f"{head}\nauthgate: {d.status} ({d.reason})\n{d.detail}"
+            flow.marked = "" if d.status in (303, 405) else DENIED_MARKER
+            return
         if outcome == "allow":
             # "allowed by rule R (allowed)", "allowed by rule R (preflight)": every
             # comment names its rule followed by a space, so one filter finds them.
             flow.comment = f"{head}\nauthgate: allowed{rule} ({d.reason})"
+            if d.detail:
+                flow.comment += f"\n{d.detail}"  # a session refreshed on the way
         elif outcome == "would_deny":
             flow.comment = f"{head}\nauthgate: would deny: {d.status}{rule} ({d.reason})"
             flow.marked = WOULD_DENY_MARKER

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from authgate.core.keyset import RemoteKeys, VerifyKey, check_url
 from authgate.core.tokens import load_jwks
@@ -48,7 +48,7 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects())
+OPENER = urllib.request.build_opener(_NoRedirects())
 
 
 def http_get(url: str, timeout: float) -> tuple[bytes, str | None]:
@@ -57,7 +57,7 @@ def http_get(url: str, timeout: float) -> tuple[bytes, str | None]:
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with OPENER.open(request, timeout=timeout) as response:
             chunks: list[bytes] = []
             size = 0
             while size <= MAX_BODY:
@@ -76,8 +76,12 @@ def http_get(url: str, timeout: float) -> tuple[bytes, str | None]:
     return b"".join(chunks), cache_control
 
 
-def fetch(source: RemoteKeys, get: Get = http_get) -> tuple[tuple[VerifyKey, ...], float]:
-    """One fetch of the key set (discovery first, if configured) -> (keys, ttl).
+Fetched = tuple[tuple[VerifyKey, ...], float, Any]
+
+
+def fetch(source: RemoteKeys, get: Get = http_get) -> Fetched:
+    """One fetch of the key set (discovery first, if configured) -> (keys, ttl,
+    the provider's metadata as `source.parse_metadata` makes it, or None).
     Blocking. Raises FetchError."""
 
     def fetched(url: str) -> tuple[bytes, str | None]:
@@ -85,6 +89,7 @@ def fetch(source: RemoteKeys, get: Get = http_get) -> tuple[tuple[VerifyKey, ...
         return get(url, source.timeout)
 
     url = source.url
+    metadata: Any = None
     if source.discovery:
         config_url = source.issuer.rstrip("/") + "/.well-known/openid-configuration"
         body, _ = fetched(config_url)
@@ -101,6 +106,11 @@ def fetch(source: RemoteKeys, get: Get = http_get) -> tuple[tuple[VerifyKey, ...
             check_url(url, source.allow_http)
         except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise FetchError(f"{config_url}: no usable jwks_uri ({e})") from None
+        if source.parse_metadata is not None:
+            try:
+                metadata = source.parse_metadata(doc)
+            except ValueError as e:
+                raise FetchError(f"{config_url}: {e}") from None
     assert url is not None
     body, cache_control = fetched(url)
     try:
@@ -109,10 +119,10 @@ def fetch(source: RemoteKeys, get: Get = http_get) -> tuple[tuple[VerifyKey, ...
         raise FetchError(f"{url}: {e}") from None
     if not keys:
         raise FetchError(f"{url}: no key usable with {sorted(source.pinned)} ({'; '.join(notes)})")
-    return tuple(keys), source.ttl_for(cache_control)
+    return tuple(keys), source.ttl_for(cache_control), metadata
 
 
-def _record(source: RemoteKeys, result: tuple[tuple[VerifyKey, ...], float] | str) -> None:
+def _record(source: RemoteKeys, result: Fetched | str) -> None:
     if isinstance(result, str):
         backoff = source.failed(result)
         if source.loaded:
@@ -125,15 +135,15 @@ def _record(source: RemoteKeys, result: tuple[tuple[VerifyKey, ...], float] | st
                 f"authgate: no keys for {source.issuer} yet (next try in {backoff:g}s): {result}"
             )
         return
-    keys, ttl = result
-    source.apply(keys, ttl)
+    keys, ttl, metadata = result
+    source.apply(keys, ttl, metadata)
     logger.info(f"authgate: {len(keys)} keys for {source.issuer} (cached {int(ttl)}s)")
 
 
 def refresh_sync(source: RemoteKeys, get: Get = http_get) -> None:
     """For the command line (explain, test, replay): fetch now, blocking."""
     try:
-        result: tuple[tuple[VerifyKey, ...], float] | str = fetch(source, get)
+        result: Fetched | str = fetch(source, get)
     except FetchError as e:
         result = str(e)
     _record(source, result)
@@ -189,9 +199,7 @@ class Fetcher:
         tracing = self.tracing
         with traced(tracing, "authgate.key_set.fetch", attributes) as span:
             try:
-                result: tuple[tuple[VerifyKey, ...], float] | str = await asyncio.to_thread(
-                    fetch, source, self.get
-                )
+                result: Fetched | str = await asyncio.to_thread(fetch, source, self.get)
             except FetchError as e:
                 result = str(e)
                 if tracing is not None:

@@ -31,11 +31,10 @@ class _KeySets(Collector):
         )
         keys = GaugeMetricFamily("authgate_jwks_keys", "Usable keys per issuer", labels=["issuer"])
         policy = self.policy()
-        for issuer in policy.issuers if policy is not None else ():
-            if issuer.remote is not None:
-                fetches.add_metric([issuer.issuer], issuer.remote.fetches)
-                failures.add_metric([issuer.issuer], issuer.remote.failures_total)
-                keys.add_metric([issuer.issuer], len(issuer.remote.keys))
+        for issuer, remote in policy.remote_keys if policy is not None else ():
+            fetches.add_metric([issuer], remote.fetches)
+            failures.add_metric([issuer], remote.failures_total)
+            keys.add_metric([issuer], len(remote.keys))
         yield fetches
         yield failures
         yield keys

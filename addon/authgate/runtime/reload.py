@@ -38,7 +38,10 @@ def carry_over(old: Policy, new: Policy) -> Policy:
     its introspection answers where the issuer asks and reads them alike (a
     reload while the provider is down keeps serving the tokens it knew).
     Verified tokens are not carried: the new policy's token cache starts
-    empty, so a key that left a `jwks_file` verifies nothing after the swap."""
+    empty, so a key that left a `jwks_file` verifies nothing after the swap.
+    The OpenID Connect login keeps its provider's keys and metadata and what
+    it learnt (nonces used, sessions just refreshed) while its provider and
+    client stay the same; sessions opened are opened again, with the new keys."""
     previous = {i.issuer: i for i in old.issuers}
     issuers = []
     changed = False
@@ -60,6 +63,23 @@ def carry_over(old: Policy, new: Policy) -> Policy:
             issuer = dataclasses.replace(issuer, introspection=asked)
             changed = True
         issuers.append(issuer)
+    login = new.login
+    if (
+        login is not None
+        and old.login is not None
+        and (old.login.issuer.issuer, old.login.client_id) == (login.issuer.issuer, login.client_id)
+        and login.issuer.remote is not None
+        and old.login.issuer.remote is not None
+        and old.login.issuer.remote.same_source(login.issuer.remote)
+    ):
+        kept = old.login.issuer.remote
+        kept.adopt_settings(login.issuer.remote)
+        login = dataclasses.replace(
+            login,
+            issuer=dataclasses.replace(login.issuer, remote=kept),
+            state=old.login.state,
+        )
+        return dataclasses.replace(new, issuers=tuple(issuers), login=login)
     return dataclasses.replace(new, issuers=tuple(issuers)) if changed else new
 
 

@@ -119,6 +119,13 @@ def answer(check: Check, d: Decision, realm: str, request_id: str) -> Rendered:
         given = dict(d.upstream_headers)
         headers = [(DECISION, "allow"), ("X-Request-Id", request_id)]
         headers += [(name, given.get(name, "")) for name in IDENTITY]
+        if "Authorization" in given:
+            # A login's access token for the backend (forward_access_token).
+            headers.append(("Authorization", given["Authorization"]))
+        # A session refreshed or resealed: for the proxy to hand the browser
+        # (never a would-be denial's removal in report mode).
+        if d.allowed:
+            headers += [("Set-Cookie", cookie) for cookie in d.cookies]
         if d.report:
             headers.append(("X-Authgate-Report", f"would deny: {d.status} {d.reason}"))
         headers.append(("Cache-Control", "no-store"))

@@ -59,15 +59,14 @@ def _with_keys(policy: Policy, command: str) -> Policy:
     """Fetch the keys of issuers whose keys come from a JWKS address or
     discovery, as the gateway does at start (same timeouts); say so when a
     fetch fails (the requests needing those keys are then judged 503)."""
-    for issuer in policy.issuers:
-        if issuer.remote is not None:
-            refresh_sync(issuer.remote)
-            if not issuer.remote.loaded:
-                print(
-                    f"authgate {command}: cannot fetch the keys of {issuer.issuer}: "
-                    f"{issuer.remote.last_error}; its tokens are judged 503 keys_unavailable",
-                    file=sys.stderr,
-                )
+    for issuer, remote in policy.remote_keys:
+        refresh_sync(remote)
+        if not remote.loaded:
+            print(
+                f"authgate {command}: cannot fetch the keys of {issuer}: "
+                f"{remote.last_error}; its tokens are judged 503 keys_unavailable",
+                file=sys.stderr,
+            )
     return policy
 
 

@@ -6,6 +6,7 @@ key is ever committed.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -24,7 +25,12 @@ DEMO_ISSUER = "https://issuer.example"
 DEMO_AUDIENCE = "api"
 PRIVATE_NAME = "demo-private.pem"
 JWKS_NAME = "jwks.json"
-CLIENT_SECRET_NAME = "introspection-client.secret"
+# Stand-ins for the secrets a provider gives its clients: the introspecting
+# client of policies/opaque-tokens.yaml, and the login of
+# policies/oidc-login.yaml (with the keys that seal its sessions).
+INTROSPECTION_SECRET_NAME = "introspection-client.secret"
+OIDC_SECRET_NAME = "oidc-client-secret"
+SESSION_KEYS_NAME = "session-keys"
 
 
 def demo_key_path() -> Path:
@@ -55,15 +61,21 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def ensure_demo_keys(folder: Path) -> Path:
-    """Create the demo key pair in `folder` unless it exists, and a stand-in
-    introspection client secret (policies/opaque-tokens.yaml reads it); return
-    the private key path."""
+    """Create the demo key pair in `folder` unless it exists, and stand-ins
+    for the introspection client's secret (policies/opaque-tokens.yaml), the
+    login's client secret and its session key (policies/oidc-login.yaml);
+    return the private key path."""
     folder.mkdir(parents=True, exist_ok=True)
     private = folder / PRIVATE_NAME
     jwks = folder / JWKS_NAME
-    secret = folder / CLIENT_SECRET_NAME
-    if not secret.exists():
-        _write_atomic(secret, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
+    made = {
+        INTROSPECTION_SECRET_NAME: secrets.token_urlsafe(32),
+        OIDC_SECRET_NAME: secrets.token_urlsafe(32),
+        SESSION_KEYS_NAME: base64.b64encode(secrets.token_bytes(32)).decode(),
+    }
+    for name, text in made.items():
+        if not (folder / name).exists():
+            _write_atomic(folder / name, (text + "\n").encode(), 0o600)
     if private.exists() and jwks.exists():
         return private
     key = new_rsa_key()

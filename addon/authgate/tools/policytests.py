@@ -19,17 +19,26 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from authgate.core import oidc
 from authgate.core.clientcert import ClientCert, sf_binary
 from authgate.core.decision import Decision, RequestView, judge
 from authgate.core.explanation import Explanation, explain
 from authgate.core.introspection import Introspected, entry_for, token_digest
 from authgate.core.keyset import VerifyKey
 from authgate.core.model import Policy
+from authgate.core.sealing import Sealer
 from authgate.core.tokens import Issuer
 from authgate.policy.marks import PolicyError
 from authgate.runtime.stores import MemoryStore
 from authgate.tools.keys import mint
-from authgate.tools.testcases import Case, CaseCert, CaseToken, load_beside, parse_cases
+from authgate.tools.testcases import (
+    Case,
+    CaseCert,
+    CaseSession,
+    CaseToken,
+    load_beside,
+    parse_cases,
+)
 
 __all__ = [
     "Outcome",
@@ -114,7 +123,11 @@ def with_test_keys(policy: Policy) -> tuple[Policy, dict[str, SigningKey]]:
         )
         issuers.append(swapped)
         signing[issuer.name] = SigningKey(swapped, alg, private)
-    return dataclasses.replace(policy, issuers=tuple(issuers)), signing
+    login = policy.login
+    if login is not None:
+        # Sessions sealed and opened with a throwaway key, never the real ones.
+        login = dataclasses.replace(login, sealer=Sealer([secrets.token_bytes(32)]))
+    return dataclasses.replace(policy, issuers=tuple(issuers), login=login), signing
 
 
 def _put(claims: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -221,8 +234,36 @@ def load_cases(policy: Policy) -> tuple[Case, ...]:
     return own + beside
 
 
-def _request(case: Case, keys: dict[str, SigningKey], now: float) -> RequestView:
+def session_cookie(login: oidc.Login | None, spec: CaseSession, now: float) -> str:
+    """The Cookie field value of a session with the case's claims, sealed for
+    `login` (from `with_test_keys`). `sub` defaults to test-user; `roles` go
+    where roles_claim says, `scopes` are the scopes granted. Raises ValueError
+    without a login."""
+    if login is None:
+        raise ValueError("the policy has no OpenID Connect login (authn.oidc) for a session")
+    claims: dict[str, Any] = {k: v for k, v in spec.claims if k not in ("roles", "scopes")}
+    granted = login.scopes
+    for claim, value in spec.claims:
+        if claim == "roles":
+            _put(claims, login.issuer.roles_claim, list(value))
+        elif claim == "scopes":
+            granted = tuple(value)
+    claims.setdefault("sub", DEFAULT_SUBJECT)
+    claims.setdefault("iss", login.issuer.issuer)
+    session = oidc.Session(
+        sub=str(claims["sub"]), claims=claims, scopes=granted, login_at=now, seen_at=now,
+        access_token="test", access_issued=now, access_expires=None, refresh_token=None,
+        id_token=None,
+    )  # fmt: skip
+    return oidc.cookie_for(login, session)
+
+
+def _request(
+    case: Case, keys: dict[str, SigningKey], now: float, login: oidc.Login | None = None
+) -> RequestView:
     headers = [(name.lower(), value) for name, value in case.request.headers]
+    if case.session is not None:
+        headers.append(("cookie", session_cookie(login, case.session, now)))
     target = case.request.target
     if case.token is not None:
         token = sign(keys, case.token, now)
@@ -297,12 +338,12 @@ def _check(case: Case, e: Explanation) -> list[str]:
 def run_case(policy: Policy, keys: dict[str, SigningKey], case: Case, now: float) -> Outcome:
     """One case against a policy from `with_test_keys`."""
     try:
-        request = _request(case, keys, now)
-    except ValueError as e:
+        request = _request(case, keys, now, policy.login)
+    except (ValueError, oidc.LoginRejected) as e:
         empty = RequestView.build(case.request.method, case.request.target, (), case.request.ip)
-        return Outcome(
-            case, explain(policy, empty, now, MemoryStore()), (f"cannot sign the token: {e}",)
-        )
+        what = "seal the session" if case.session is not None else "sign the token"
+        why = e.detail if isinstance(e, oidc.LoginRejected) else str(e)
+        return Outcome(case, explain(policy, empty, now, MemoryStore()), (f"cannot {what}: {why}",))
     limiter = MemoryStore()
     earlier = tuple(
         judge(policy, request, now, limiter, trace=True) for _ in range(case.repeat - 1)

@@ -66,6 +66,7 @@ ANSWER_FIELDS = (
     "ratelimit-policy",
     "ratelimit",
     "location",
+    "set-cookie",  # the login's cookies (authn.oidc)
     "content-type",
     "cache-control",
     "x-content-type-options",

@@ -12,6 +12,8 @@ Only the format lives here (parsed once into frozen values, every problem a
 `client_cert: {san_dns: [billing.internal]}` describes the certificate the
 connection's TLS handshake presented (authn.mtls); `problem: expired` one
 that did not verify.
+`session:` instead of `token:` sends the session cookie of a login
+(`authn.oidc`) whose claims are the ones given.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "Case",
     "CaseCert",
     "CaseRequest",
+    "CaseSession",
     "CaseToken",
     "Expectation",
     "STATUSES",
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 # The answers a test can expect: 200 stands for "forwarded to the backend".
-STATUSES = frozenset({200, 303, 400, 401, 403, 404, 429, 500, 503})
+STATUSES = frozenset({200, 303, 400, 401, 403, 404, 405, 429, 500, 503})
 MAX_REPEAT = 10_000
 
 
@@ -81,6 +84,14 @@ class CaseCert:
 
 
 @dataclass(frozen=True, slots=True)
+class CaseSession:
+    """A session of the policy's OpenID Connect login, described by its claims;
+    the runner seals it with a throwaway key."""
+
+    claims: tuple[tuple[str, Any], ...]  # as written; `roles`/`scopes` are placed by the runner
+
+
+@dataclass(frozen=True, slots=True)
 class Expectation:
     status: int  # 200 for forwarded
     rule: str | None
@@ -99,6 +110,7 @@ class Case:
     expect: Expectation
     repeat: int  # send the request this many times; `expect` is about the last one
     client_cert: CaseCert | None = None
+    session: CaseSession | None = None
 
     @property
     def where(self) -> str:
@@ -163,7 +175,8 @@ class _Parser:
 
     def case(self, value: Any, line: int) -> Case:
         d = self.mapping(value, line, "a test")
-        self.keys(d, {"name", "request", "token", "client_cert", "expect", "repeat"}, "a test")
+        keys = {"name", "request", "token", "client_cert", "session", "expect", "repeat"}
+        self.keys(d, keys, "a test")
         for key in ("name", "request", "expect"):
             if key not in d:
                 raise self.error(d.line, f"a test needs {key!r}")
@@ -176,6 +189,11 @@ class _Parser:
         cert = None
         if d.get("client_cert") is not None:
             cert = self.cert(d["client_cert"], d.key_lines["client_cert"], f"{where} client_cert")
+        session = None
+        if d.get("session") is not None:
+            if token is not None:
+                raise self.error(d.key_lines["session"], f"{where}: a token or a session, not both")
+            session = self.session(d["session"], d.key_lines["session"], f"{where} session")
         expect = self.expect(d["expect"], d.key_lines["expect"], f"{where} expect")
         repeat = d.get("repeat", 1)
         if type(repeat) is not int or not 1 <= repeat <= MAX_REPEAT:
@@ -183,7 +201,7 @@ class _Parser:
                 d.key_lines.get("repeat", d.line),
                 f"{where} repeat must be a whole number from 1 to {MAX_REPEAT}",
             )
-        return Case(name, self.file, d.line, request, token, expect, repeat, cert)
+        return Case(name, self.file, d.line, request, token, expect, repeat, cert, session)
 
     def cert(self, value: Any, line: int, where: str) -> CaseCert:
         d = self.mapping(value, line, where)
@@ -271,6 +289,20 @@ class _Parser:
                 raise self.error(d.key_lines[key], f"{where} {key} must be a list of strings")
             claims.append((key, _plain(claim)))
         return CaseToken(issuer, ttl, tuple(claims), send_as, opaque)
+
+    def session(self, value: Any, line: int, where: str) -> CaseSession:
+        d = self.mapping(value, line, where)
+        claims = []
+        for key, claim in d.items():
+            problem = _not_json(claim)
+            if problem:
+                raise self.error(d.key_lines[key], f"{where} claim {key!r}: {problem}")
+            if key in ("roles", "scopes") and not (
+                isinstance(claim, list) and all(isinstance(x, str) for x in claim)
+            ):
+                raise self.error(d.key_lines[key], f"{where} {key} must be a list of strings")
+            claims.append((key, _plain(claim)))
+        return CaseSession(tuple(claims))
 
     def expect(self, value: Any, line: int, where: str) -> Expectation:
         d = self.mapping(value, line, where)
