@@ -154,6 +154,19 @@ def backend() -> Iterator[Backend]:
 # --- the gateway ----------------------------------------------------------------
 
 
+class Recording(Gateway):
+    """The real addon, keeping the flows it judged (for their comments and
+    marks, or to filter them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flows: list[Any] = []
+
+    def _record(self, flow: Any, d: Any, without_store: str, events: Any = ()) -> None:
+        super()._record(flow, d, without_store, events)
+        self.flows.append(flow)
+
+
 class RunningGateway:
     """The real lean mitmproxy master that `authgate run` builds, in a thread."""
 

@@ -78,6 +78,7 @@ PROBES: dict[str, list[tuple[str, str, int]]] = {
     "example.yaml": [("GET", "/health", 200), ("GET", "/api/profile", 401)],
     "rate-limits.yaml": [("POST", "/login", 200), ("GET", "/api/search", 401)],
     "identity-provider.yaml": [("GET", "/api/x", 401), ("GET", "/health", 404)],
+    "watch.yaml": [("GET", "/health", 200), ("GET", "/admin/users", 401)],
 }
 # Gateway defaults a command leaves out, which the test must move too.
 DEFAULT_LISTEN, DEFAULT_BACKEND, DEFAULT_IDP = 8080, 9000, 8999

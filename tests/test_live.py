@@ -19,8 +19,16 @@ import pytest
 from mitmproxy import flowfilter
 from prometheus_client.parser import text_string_to_metric_families
 
-from authgate.proxy.addon import Gateway
-from conftest import REQUEST_SECONDS, Answer, Backend, RunningGateway, Seen, send, wait_until
+from conftest import (
+    REQUEST_SECONDS,
+    Answer,
+    Backend,
+    Recording,
+    RunningGateway,
+    Seen,
+    send,
+    wait_until,
+)
 
 Start = Callable[..., RunningGateway]
 
@@ -392,18 +400,6 @@ def test_metrics_endpoint(
 
 
 # --- what a mitmweb user sees and filters on ------------------------------------------------------
-
-
-class Recording(Gateway):
-    """The real addon, keeping the flows it judged so the test can filter them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flows: list[Any] = []
-
-    def _record(self, flow: Any, d: Any, without_store: str, events: Any = ()) -> None:
-        super()._record(flow, d, without_store, events)
-        self.flows.append(flow)
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 
 from authgate.core.sealing import Sealer
-from authgate.proxy.addon import Gateway
-from conftest import POLICIES, Backend, RunningGateway, _handler, send
+from conftest import POLICIES, Backend, Recording, RunningGateway, _handler, send
 from oidc_provider import Browser, OpenIDProvider
 from redis_server import free_port
 
@@ -132,18 +131,6 @@ def backend(shared: Backend) -> Backend:
     """The module's backend, with nothing seen yet."""
     shared.clear()
     return shared
-
-
-class Recording(Gateway):
-    """The real addon, keeping the flows it judged (for their comments)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flows: list[Any] = []
-
-    def _record(self, flow: Any, d: Any, without_store: str) -> None:
-        super()._record(flow, d, without_store)
-        self.flows.append(flow)
 
 
 @pytest.fixture(scope="module")

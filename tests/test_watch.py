@@ -29,13 +29,14 @@ from authgate.core.model import Ban, Policy
 from authgate.core.watch import Window, observations, stronger
 from authgate.policy.load import parse_policy
 from authgate.policy.marks import PolicyError
-from authgate.proxy.addon import WATCH_MARKER, Gateway
+from authgate.proxy.addon import WATCH_MARKER
 from authgate.runtime.stores import MemoryStore, MemoryWatch
 from authgate.tools.lint import lint
 from conftest import (
     POLICIES,
     REQUEST_SECONDS,
     Backend,
+    Recording,
     Reply,
     RunningGateway,
     send,
@@ -434,18 +435,6 @@ def write_policy(folder: Path, ban: str = "3s", mode: str = "") -> Path:
     path = folder / "watch.yaml"
     path.write_text(POLICY.replace("BAN", ban) + (f"mode: {mode}\n" if mode else ""))
     return path
-
-
-class Recording(Gateway):
-    """The real addon, keeping the flows it judged (their marks and comments)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flows: list[Any] = []
-
-    def _record(self, flow: Any, d: Any, without_store: str, events: Any = ()) -> None:
-        super()._record(flow, d, without_store, events)
-        self.flows.append(flow)
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ from authgate.core.introspection import (
 )
 from authgate.core.keyset import check_url
 from authgate.core.tokens import Issuer
-from authgate.runtime.jwks import FetchError, Get, http_get
+from authgate.runtime.jwks import FetchError, Get, http_get, http_send
 from authgate.runtime.stores import SharedStore, StoreUnavailable
 
 logger = logging.getLogger("authgate")
@@ -72,49 +72,13 @@ class Busy(Exception):
     was made (the provider is not to blame; the request gets its 503)."""
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirects())
-
-
 def http_post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
     """POST -> (status, body), within `timeout` seconds in all, any status
     (a 401 is an answer too). Blocking: call it in a thread."""
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        refused: urllib.error.HTTPError | None = None
-        try:
-            response = _OPENER.open(request, timeout=timeout)
-            status = int(response.status)
-        except urllib.error.HTTPError as e:
-            # An answer with a status that is not 2xx: read it all the same (held
-            # here: the error closes its response when it is collected).
-            refused = e
-            response, status = e.fp, e.code
-        chunks: list[bytes] = []
-        size = 0
-        if response is not None:
-            with response:
-                while size <= MAX_ANSWER:
-                    if time.monotonic() > deadline:
-                        raise IntrospectionFailed(
-                            f"POST {url}: no complete answer within {timeout:g}s"
-                        )
-                    chunk = response.read1(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    size += len(chunk)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise IntrospectionFailed(f"POST {url}: {e}") from None
-    del refused
-    if size > MAX_ANSWER:
-        raise IntrospectionFailed(f"POST {url}: the answer is larger than {MAX_ANSWER} bytes")
-    return status, b"".join(chunks)
+        return http_send("POST", url, body, headers, timeout, MAX_ANSWER)
+    except FetchError as e:
+        raise IntrospectionFailed(str(e)) from None
 
 
 def request_for(config: IntrospectionConfig, token: str) -> tuple[bytes, dict[str, str]]:

@@ -51,29 +51,64 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 OPENER = urllib.request.build_opener(_NoRedirects())
 
 
+def read_bounded(response: Any, what: str, limit: int, deadline: float, timeout: float) -> bytes:
+    """A response's body, read until `deadline` (a server that trickles its
+    answer gets no longer) and up to `limit` bytes; FetchError past either."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        if time.monotonic() > deadline:
+            raise FetchError(f"{what}: no complete answer within {timeout:g}s")
+        chunk = response.read1(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise FetchError(f"{what}: larger than {limit} bytes")
+    return b"".join(chunks)
+
+
 def http_get(url: str, timeout: float) -> tuple[bytes, str | None]:
-    """GET -> (body, Cache-Control), within `timeout` seconds in all (a server
-    that trickles its answer gets no longer). Blocking: call it in a thread."""
+    """GET -> (body, Cache-Control), within `timeout` seconds in all; a status
+    other than 2xx is a FetchError. Blocking: call it in a thread."""
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
         with OPENER.open(request, timeout=timeout) as response:
-            chunks: list[bytes] = []
-            size = 0
-            while size <= MAX_BODY:
-                if time.monotonic() > deadline:
-                    raise FetchError(f"GET {url}: no complete answer within {timeout:g}s")
-                chunk = response.read1(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            cache_control = response.headers.get("Cache-Control")
+            body = read_bounded(response, f"GET {url}", MAX_BODY, deadline, timeout)
+            return body, response.headers.get("Cache-Control")
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise FetchError(f"GET {url}: {e}") from None
-    if size > MAX_BODY:
-        raise FetchError(f"GET {url}: larger than {MAX_BODY} bytes")
-    return b"".join(chunks), cache_control
+
+
+def http_send(
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    timeout: float,
+    limit: int = MAX_BODY,
+) -> tuple[int, bytes]:
+    """One request -> (status, body), within `timeout` seconds in all and
+    `limit` bytes: any status is an answer (a 4xx or 5xx is read too, a
+    redirect is not followed). FetchError when there is none. Blocking: call
+    it in a thread (the login's calls, introspection)."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    what = f"{method} {url}"
+    try:
+        try:
+            response = OPENER.open(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            with e:
+                if e.fp is None:
+                    return e.code, b""
+                return e.code, read_bounded(e, what, limit, deadline, timeout)
+        with response:
+            return int(response.status), read_bounded(response, what, limit, deadline, timeout)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise FetchError(f"{what}: {e}") from None
 
 
 Fetched = tuple[tuple[VerifyKey, ...], float, Any]

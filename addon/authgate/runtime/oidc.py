@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 from authgate.core import oidc
 from authgate.core.oidc import CodeExchange, HttpRequest, SessionRefresh
 from authgate.core.tokens import unverified_kid
-from authgate.runtime.jwks import MAX_BODY, OPENER, Fetcher, FetchError
+from authgate.runtime import jwks
+from authgate.runtime.jwks import MAX_BODY, Fetcher, FetchError
 
 logger = logging.getLogger("authgate")
 
@@ -35,37 +33,9 @@ Send = Callable[[HttpRequest, float], tuple[int, bytes]]
 def http_send(request: HttpRequest, timeout: float) -> tuple[int, bytes]:
     """Send -> (status, body), within `timeout` seconds in all. Blocking: call
     it in a thread. Raises FetchError when there is no answer at all."""
-    deadline = time.monotonic() + timeout
-    req = urllib.request.Request(
-        request.url, data=request.body, headers=dict(request.headers), method=request.method
+    return jwks.http_send(
+        request.method, request.url, request.body, dict(request.headers), timeout, MAX_BODY
     )
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        try:
-            response = OPENER.open(req, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            # 4xx, 5xx and the redirects not followed: the answer is still read.
-            with e:
-                body = e.read(MAX_BODY + 1)
-            if len(body) > MAX_BODY:
-                raise FetchError(f"{request.url}: larger than {MAX_BODY} bytes") from None
-            return e.code, body
-        with response:
-            status = response.status
-            while size <= MAX_BODY:
-                if time.monotonic() > deadline:
-                    raise FetchError(f"{request.url}: no complete answer within {timeout:g}s")
-                chunk = response.read1(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise FetchError(f"{request.method} {request.url}: {e}") from None
-    if size > MAX_BODY:
-        raise FetchError(f"{request.url}: larger than {MAX_BODY} bytes")
-    return int(status), b"".join(chunks)
 
 
 class LoginClient:
