@@ -66,6 +66,11 @@ SKIPPED = {
     "--upstream-ca /etc/authgate/backend-ca.pem":
     # tests/test_tls.py covers --upstream-ca against an HTTPS backend of its own
     "the reader's CA file (/etc/authgate/backend-ca.pem)",
+    "authgate run --policy policy.yaml --upstream http://127.0.0.1:9000 "
+    "--tls-cert server.crt --tls-key server.key --tls-client-ca clients-ca.crt":
+    # docs/credentials.md: tests/test_mtls.py runs these options with openssl-made
+    # CAs, server and client certificates
+    "the reader's policy, certificates and client CA",
     "AUTHGATE_REDIS_PASSWORD=secret authgate run --policy policies/rate-limits.yaml "
     "--upstream http://127.0.0.1:9000 --store rediss://redis.internal:6380/0":
     # a TLS Redis with a password: tests/test_production_redis.py's business

@@ -461,7 +461,15 @@ class Gateway:
             if house.tracing is not None:
                 await self._judge_traced(flow, house.tracing, policy, view)
                 return
-            decision, without_store, events = await house.judge(policy, view, self.clock())
+            # Most requests need no waiting (limits in this process's memory, no
+            # slow work): judged in place; the rest wait for the store or the work.
+            now = self.clock()
+            judged = house.judge_now(policy, view, now)
+            if judged is not None:
+                decision, events = judged
+                self._apply(flow, policy, view, decision, "", events)
+                return
+            decision, without_store, events = await house.judge(policy, view, now)
             self._apply(flow, policy, view, decision, without_store, events)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
             logger.exception("authgate: error while judging a request; answering 500")
