@@ -276,9 +276,20 @@ class _Parser:
         opaque = d.get("opaque", False)
         if not isinstance(opaque, bool):
             raise self.error(d.key_lines["opaque"], f"{where} opaque must be true or false")
+        claims = self.claims(d, where, skip=("issuer", "ttl", "send_as", "opaque"))
+        return CaseToken(issuer, ttl, claims, send_as, opaque)
+
+    def session(self, value: Any, line: int, where: str) -> CaseSession:
+        return CaseSession(self.claims(self.mapping(value, line, where), where))
+
+    def claims(
+        self, d: MarkedDict, where: str, skip: tuple[str, ...] = ()
+    ) -> tuple[tuple[str, Any], ...]:
+        """A token's or a session's claims: JSON values; roles and scopes lists
+        of strings."""
         claims = []
         for key, claim in d.items():
-            if key in ("issuer", "ttl", "send_as", "opaque"):
+            if key in skip:
                 continue
             problem = _not_json(claim)
             if problem:
@@ -288,21 +299,7 @@ class _Parser:
             ):
                 raise self.error(d.key_lines[key], f"{where} {key} must be a list of strings")
             claims.append((key, _plain(claim)))
-        return CaseToken(issuer, ttl, tuple(claims), send_as, opaque)
-
-    def session(self, value: Any, line: int, where: str) -> CaseSession:
-        d = self.mapping(value, line, where)
-        claims = []
-        for key, claim in d.items():
-            problem = _not_json(claim)
-            if problem:
-                raise self.error(d.key_lines[key], f"{where} claim {key!r}: {problem}")
-            if key in ("roles", "scopes") and not (
-                isinstance(claim, list) and all(isinstance(x, str) for x in claim)
-            ):
-                raise self.error(d.key_lines[key], f"{where} {key} must be a list of strings")
-            claims.append((key, _plain(claim)))
-        return CaseSession(tuple(claims))
+        return tuple(claims)
 
     def expect(self, value: Any, line: int, where: str) -> Expectation:
         d = self.mapping(value, line, where)
