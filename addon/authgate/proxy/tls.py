@@ -38,6 +38,7 @@ import logging
 import os
 import ssl
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,10 @@ POLL_SECONDS = 1.0
 # with the `problem` found when it did not verify.
 CLIENT_CERT = "_authgate_client_cert"
 _CHECK = "_authgate_cert_check"  # on the Client: its handshake's _ChainCheck
+
+
+# Contexts whose store holds the client CAs, and which (mitmproxy 12 shares one).
+_PREPARED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 class CertError(ValueError):
@@ -327,15 +332,25 @@ class TlsListener:
         # The CA file's certificates in the store the chain is built from (as
         # trust anchors even when they are intermediates: PARTIAL_CHAIN), and
         # named in the CertificateRequest so that a client with several
-        # certificates presents the right one. The context is this
-        # connection's own: TlsConfig makes one per connection.
+        # certificates presents the right one. mitmproxy 11 makes a context
+        # per connection; mitmproxy 12 shares one (cached) between connections,
+        # and pyOpenSSL 25+ refuses to change a context once a connection uses
+        # it: there the store still takes the CAs (a store is not the
+        # context's setting), but the request names none (a client with one
+        # certificate presents it all the same).
         context = conn.get_context()
-        store = context.get_cert_store()
-        assert store is not None
-        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
-        for ca in cas.certs:
-            store.add_cert(ca)
-            context.add_client_ca(ca)
+        if _PREPARED.get(context) is not cas:  # new, or the CA file changed
+            store = context.get_cert_store()
+            assert store is not None
+            store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+            for ca in cas.certs:
+                store.add_cert(ca)  # a certificate already there is ignored
+            try:
+                for ca in cas.certs:
+                    context.add_client_ca(ca)
+            except ValueError:
+                pass  # in use already (see above)
+            _PREPARED[context] = cas
         setattr(data.conn, _CHECK, check)
 
     def tls_established_client(self, data: mtls.TlsData) -> None:

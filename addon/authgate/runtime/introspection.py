@@ -123,11 +123,17 @@ def discover(config: IntrospectionConfig, get: Get = http_get) -> str:
     return endpoint
 
 
-def call(config: IntrospectionConfig, endpoint: str, token: str, post: Post) -> dict[str, Any]:
-    """One introspection request, blocking -> the answer's members. Raises
-    IntrospectionFailed."""
+def call(
+    config: IntrospectionConfig,
+    endpoint: str,
+    token: str,
+    post: Post,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """One introspection request, blocking -> the answer's members, within
+    `timeout` (the config's by default). Raises IntrospectionFailed."""
     body, headers = request_for(config, token)
-    status, answer = post(endpoint, body, headers, config.timeout)
+    status, answer = post(endpoint, body, headers, timeout or config.timeout)
     try:
         return read_answer(status, answer)
     except ProviderBroken as e:
@@ -280,14 +286,22 @@ class Introspector:
         endpoint = source.endpoint or await self._discover(source)
         slots = self._slots.setdefault(source, asyncio.Semaphore(MAX_CALLS))
         # Waiting no longer than the request does: a call nobody waits for any
-        # more is not made later (no backlog behind a slow provider).
+        # more is not made later (no backlog behind a slow provider). The wait
+        # for a slot and the call share the timeout: a slot found with less
+        # than a tenth of it left makes no call either.
+        timeout = source.config.timeout
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
-            await asyncio.wait_for(slots.acquire(), source.config.timeout)
+            await asyncio.wait_for(slots.acquire(), timeout)
         except TimeoutError:
             raise Busy from None
         try:
+            left = timeout - (loop.time() - began)
+            if left < timeout / 10:
+                raise Busy
             source.calls += 1
-            return await self._in_thread(call, source.config, endpoint, token, self.post)
+            return await self._in_thread(call, source.config, endpoint, token, self.post, left)
         finally:
             slots.release()
 
