@@ -144,6 +144,9 @@ class Site:
     # Token cookies that forward_credentials: false would take out of Cookie:
     # no proxy here removes one cookie, so the configuration says so.
     cookies: tuple[str, ...] = ()
+    # The policy signs people in (authn.oidc): an allowed check may carry the
+    # session's Set-Cookie (refreshed or resealed) for the browser.
+    sessions: bool = False
 
 
 def from_policy(policy: Policy | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -270,6 +273,14 @@ def _nginx(site: Site) -> str:
     for name, var in captured:
         upstream_var = "$upstream_http_" + name.lower().replace("-", "_")
         out.append(f"        auth_request_set ${var} {upstream_var};")
+    if site.sessions:
+        out += [
+            "        # The login's session, refreshed or resealed on an allowed request,",
+            "        # to the browser (its first Set-Cookie: the session while it fits",
+            "        # one cookie; an empty value sends nothing).",
+            "        auth_request_set $authgate_cookie $upstream_http_set_cookie;",
+            "        add_header Set-Cookie $authgate_cookie always;",
+        ]
     out += [
         "        # 403: a denial, sealed; 401: not authgate's (it never answers 401 here);",
         "        # 500: auth_request's word for anything else (authgate down, slow, 5xx).",
@@ -642,6 +653,7 @@ def site(authgate: str, upstream: str, listen: str, policy: Policy | None = None
         cookies=tuple(sorted(policy.cookie_issuers))
         if policy is not None and not policy.forward_credentials
         else (),
+        sessions=policy is not None and policy.login is not None,
     )
 
 
