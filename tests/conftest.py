@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -137,18 +138,27 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
     return Recorder
 
 
-@pytest.fixture
-def backend() -> Iterator[Backend]:
-    """A real HTTP server on 127.0.0.1 that records every request reaching it."""
+@contextlib.contextmanager
+def recording_server() -> Iterator[Backend]:
+    """A real HTTP server on a free loopback port that records every request
+    reaching it, for as long as the block runs."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
     b = Backend(server)
     server.RequestHandlerClass = _handler(b)
     server.daemon_threads = True
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield b
-    server.shutdown()
-    server.server_close()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield b
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    """A real HTTP server on 127.0.0.1 that records every request reaching it."""
+    with recording_server() as b:
+        yield b
 
 
 # --- the gateway ----------------------------------------------------------------

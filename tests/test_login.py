@@ -11,18 +11,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from authgate.core.sealing import Sealer
-from conftest import POLICIES, Backend, Recording, RunningGateway, _handler, send
+from conftest import POLICIES, Backend, Recording, RunningGateway, recording_server, send
 from oidc_provider import Browser, OpenIDProvider
 from redis_server import free_port
 
@@ -116,14 +114,8 @@ authn:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     """One recording backend for the module's one gateway."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    recorder = Backend(server)
-    server.RequestHandlerClass = _handler(recorder)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield recorder
-    server.shutdown()
-    server.server_close()
+    with recording_server() as backend:
+        yield backend
 
 
 @pytest.fixture

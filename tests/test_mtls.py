@@ -20,10 +20,8 @@ import http.client
 import re
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ from authgate.policy.marks import PolicyError
 from authgate.proxy import runner, tls, views
 from authgate.runtime.stores import MemoryStore
 from authgate.tools.policytests import run_policy
-from conftest import REQUEST_SECONDS, ROOT, Backend, _handler, wait_until
+from conftest import REQUEST_SECONDS, ROOT, Backend, recording_server, wait_until
 from test_startup import BIN, authgate_run, free_port, start_logged, stop, wait_started
 
 # --- the PKI, made with openssl ---------------------------------------------------------
@@ -190,14 +188,8 @@ rules:
 
 @pytest.fixture(scope="module")
 def recorder() -> Iterator[Backend]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    b = Backend(server)
-    server.RequestHandlerClass = _handler(b)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield b
-    server.shutdown()
-    server.server_close()
+    with recording_server() as backend:
+        yield backend
 
 
 @dataclass

@@ -6,18 +6,16 @@ and back, and a session resealed on an allowed request reaches the browser
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from authgate.policy.load import load_policy
 from authgate.tools import proxyconfig
-from conftest import Backend, _handler
+from conftest import Backend, recording_server
 from oidc_provider import Browser, OpenIDProvider
 from redis_server import free_port
 from test_login import ACCOUNTS, client, write_policy
@@ -42,14 +40,8 @@ def op(port: int) -> Iterator[OpenIDProvider]:
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[Backend]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    recorder = Backend(server)
-    server.RequestHandlerClass = _handler(recorder)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield recorder
-    server.shutdown()
-    server.server_close()
+    with recording_server() as backend:
+        yield backend
 
 
 @pytest.fixture(scope="module")

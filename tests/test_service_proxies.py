@@ -24,11 +24,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,15 @@ from authgate.core.responses import Rendered
 from authgate.policy.load import load_policy
 from authgate.service import checks
 from authgate.tools import proxyconfig
-from conftest import REQUEST_SECONDS, START_SECONDS, Backend, Reply, _handler, send, wait_until
+from conftest import (
+    REQUEST_SECONDS,
+    START_SECONDS,
+    Backend,
+    Reply,
+    recording_server,
+    send,
+    wait_until,
+)
 
 POLICY = Path(__file__).resolve().parent / "data" / "proxies.yaml"
 KINDS = ("nginx", "caddy")
@@ -155,22 +161,6 @@ def start_proxy(
     argv = [_binary("caddy"), "run", "--config", str(conf), "--adapter", "caddyfile"]
     env = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home), XDG_DATA_HOME=str(home))
     return start(kind, argv, home, port, env=env, cwd=home)
-
-
-@contextlib.contextmanager
-def recording_server() -> Iterator[Backend]:
-    """A recording HTTP server on a free loopback port (conftest's backend)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    b = Backend(server)
-    server.RequestHandlerClass = _handler(b)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield b
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # --- the module's processes ---------------------------------------------------------
