@@ -822,15 +822,17 @@ def test_explain_asks_the_provider(op: OpenIDProvider, tmp_path: Path) -> None:
     authgate = Path(sys.executable).parent / "authgate"
     token = grant(op, "admin-svc", "read")
     before = op.introspections()
-    command = [str(authgate), "explain", str(policy), "GET", "/api/read", "--token"]
-    out = subprocess.run([*command, token], capture_output=True, text=True, timeout=60)
+    command = [str(authgate), "explain", str(policy), "GET", "/api/read"]
+    # --token=VALUE: an opaque token may start with "-" (base64url), which
+    # argparse would take for an option after a bare --token.
+    out = subprocess.run([*command, f"--token={token}"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"opaque bearer token {token[:6]}… ({len(token)} characters)" in out.stdout
     assert "=> 200" in out.stdout or "allowed" in out.stdout
     assert token not in out.stdout  # never the whole token
     assert op.introspections() == before + 1
-    unknown = subprocess.run([*command, "unknown-token-xyz"], capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+    unknown = subprocess.run([*command, "--token=unknown-token-xyz"], capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
     assert "=> 401" in unknown.stdout and "not active" in unknown.stdout
 
 
