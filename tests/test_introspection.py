@@ -886,20 +886,26 @@ def test_at_most_max_calls_at_once_and_no_backlog(tmp_path: Path) -> None:
             received.append(self.rfile.read(int(self.headers["Content-Length"])))
             release.wait(30)
             body = b'{"active": false}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                pass  # the gateway gave up at its timeout and closed the connection
 
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hanging)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 64  # every call the gateway makes is accepted at once
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Hanging)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}/introspect"
     policy = load(tmp_path, GOOD.replace("https://login.example/introspect", endpoint)
-                  + "        timeout: 1s\n")  # fmt: skip
+                  + "        timeout: 2s\n")  # fmt: skip
     [iss] = policy.issuers
     source = iss.introspection
     assert source is not None
@@ -920,7 +926,10 @@ def test_at_most_max_calls_at_once_and_no_backlog(tmp_path: Path) -> None:
         introspector.close()
         server.shutdown()
         server.server_close()
-    assert len(received) == source.calls == MAX_CALLS
+    # the gateway started exactly MAX_CALLS calls; a loaded machine may not have read
+    # every one of them before its timeout, but none beyond MAX_CALLS ever arrived
+    assert source.calls == MAX_CALLS
+    assert 0 < len(received) <= MAX_CALLS
 
 
 def test_a_client_over_its_ip_limit_makes_no_call(
