@@ -18,16 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port
+
 MISSING = (
     "redis-server is not installed; `make test` installs it "
     "(Debian package redis-server: apt-get install -y redis-server)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def answers_ping(port: int, timeout: float = 1.0, password: str | None = None) -> bool:

@@ -27,6 +27,7 @@ from mitmproxy.test import tflow
 
 from authgate.proxy import guard
 from conftest import EXAMPLE, REQUEST_SECONDS, Backend, RunningGateway, Seen, send, wait_until
+from ports import free_port
 
 BIG = 50 * 1024 * 1024
 
@@ -420,9 +421,8 @@ def test_a_flood_of_empty_lines_closes_the_connection(
 
 
 def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on (below the ephemeral range: no connection takes it)."""
+    return free_port()
 
 
 def assert_the_gateways_own(r: Raw, status: int, phrase: str, port: int) -> None:

@@ -46,6 +46,7 @@ from conftest import (
     send,
     wait_until,
 )
+from ports import free_port
 
 DEMO_KID = "demo-1"
 ISSUER = "https://issuer.example"
@@ -1042,10 +1043,8 @@ def test_429_status_line_has_its_reason_phrase(
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port nothing listens on (below the ephemeral range: no connection takes it)."""
+    return free_port()
 
 
 @pytest.fixture(scope="module")

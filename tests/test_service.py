@@ -46,16 +46,11 @@ from conftest import (
     send,
     wait_until,
 )
+from ports import free_port
 
 BIN = Path(sys.executable).parent
 JWKS = POLICIES / "keys" / "jwks.json"
 LISTENING = re.compile(r"decision service on https?://127\.0\.0\.1:(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- a policy, and the service as a process -------------------------------------------

@@ -46,6 +46,7 @@ from conftest import (
     send,
     wait_until,
 )
+from ports import free_port
 
 POLICY = Path(__file__).resolve().parent / "data" / "proxies.yaml"
 KINDS = ("nginx", "caddy")
@@ -65,12 +66,6 @@ def _binary(name: str) -> str:
             pytrace=False,
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:

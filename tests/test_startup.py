@@ -26,15 +26,10 @@ from conftest import (
     send,
     wait_until,
 )
+from ports import free_port
 
 BIN = Path(sys.executable).parent
 BROKEN = "version: 1\nrules:\n  - name: a\n    match: {path: /x, methods: GET}\n    allow: anyone\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[str], seconds: float = START_SECONDS) -> None:

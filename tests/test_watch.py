@@ -766,7 +766,7 @@ def test_the_decision_service_enforces_bans_too(tmp_path: Path, demo_key: Any) -
 
 
 def free_port() -> int:
-    from test_startup import free_port as free
+    from ports import free_port as free
 
     return free()
 
