@@ -643,7 +643,7 @@ class Gatehouse:
         return self._judged(decision, start), note, events
 
     def _judged(self, decision: Decision, start: float) -> Decision:
-        self.metrics.decision_seconds.observe(time.perf_counter() - start)
+        self.metrics.decision_seconds(time.perf_counter() - start)
         if decision.report:
             # Report mode: judged and logged, forwarded as if allowed.
             key = decision.rule or "-"

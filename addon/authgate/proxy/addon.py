@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from mitmproxy import command, exceptions, flow, http
 from authgate.core.decision import Decision, RequestView
 from authgate.core.explanation import explain as explain_request
 from authgate.core.headline import failed, headline
-from authgate.core.ipset import normalize_ip, parse_ip
+from authgate.core.ipset import IPSet, format_ip, parse_ip
 from authgate.core.model import CERT_HEADERS, IDENTITY_HEADERS, Policy, Rule
 from authgate.core.oidc import (
     CROSS_SITE,
@@ -68,6 +68,8 @@ WATCH_MARKER = ":crossed_swords:"  # ⚔: the flow that took a key to a watch's 
 # before mitmproxy's reverse mode rewrites it to the backend's address: (HTTP/2's
 # :authority or b"", the Host field values). Judged in every mode.
 CLIENT_HOST = "_authgate_client_host"
+# On a client connection: (trusted proxies, peer, whether trusted, its normal form).
+_PEER = "_authgate_peer"
 _SURROGATE = "surrogateescape"
 # A traced request's spans, on the flow (not in flow.metadata, which is saved
 # with the flow): see `Traced`.
@@ -225,6 +227,7 @@ class Gateway:
         self.lint = upstream_lint.Ledger()
         self._forwarding: tuple[Policy, Forwarding] | None = None  # for the policy in force
         self.master: Any = None  # set in load()
+        self._lint_mode = "warn"  # authgate_lint_upstream, kept by configure
 
     # What the house keeps, by the names tests and tools read.
     @property
@@ -356,6 +359,8 @@ class Gateway:
             house.set_mode(opts.authgate_mode)
         if "authgate_watch" in updated:
             house.watch = bool(opts.authgate_watch)
+        if "authgate_lint_upstream" in updated:
+            self._lint_mode = opts.authgate_lint_upstream
         if "authgate_log" in updated:
             try:
                 house.open_log(opts.authgate_log)
@@ -442,38 +447,47 @@ class Gateway:
 
     # --- hooks -------------------------------------------------------------
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        # Not `async def`: most requests are judged in place (limits in this
+        # process's memory, no slow work), with no coroutine made for them;
+        # the rest return one, which mitmproxy awaits.
         if flow.response is not None or flow.error is not None:
-            return
+            return None
         house = self.house
         try:
             policy = house.policy  # this request's policy, even if a reload swaps it
-            incoming = flow.request.headers.get_all("x-request-id")
+            view = request_view(flow)
             flow.metadata[REQUEST_ID_KEY] = request_id(
-                policy, incoming, flow.client_conn.peername[0]
+                policy, view.header_all("x-request-id"), view.peer
             )
             house.in_flight.add(flow.id)
             if policy is None:
                 self._fail(flow, 503, "no_policy")
-                return
-            view = request_view(flow)
+                return None
             setattr(flow, views.JUDGED, view)  # for the content view: as judged
             if house.tracing is not None:
-                await self._judge_traced(flow, house.tracing, policy, view)
-                return
-            # Most requests need no waiting (limits in this process's memory, no
-            # slow work): judged in place; the rest wait for the store or the work.
+                return self._judge_traced(flow, house.tracing, policy, view)
             now = self.clock()
             judged = house.judge_now(policy, view, now)
             if judged is not None:
                 decision, events = judged
                 self._apply(flow, policy, view, decision, "", events)
-                return
-            decision, without_store, events = await house.judge(policy, view, now)
+                return None
+        except Exception:  # noqa: BLE001 - the one place that must catch everything
+            self._crashed(flow)
+            return None
+        return self._judge_waiting(flow, policy, view, now)
+
+    async def _judge_waiting(
+        self, flow: http.HTTPFlow, policy: Policy, view: RequestView, now: float
+    ) -> None:
+        """requestheaders for a request that waits: for the shared store, or for
+        slow work (bcrypt, a key set, introspection, the login's provider)."""
+        try:
+            decision, without_store, events = await self.house.judge(policy, view, now)
             self._apply(flow, policy, view, decision, without_store, events)
         except Exception:  # noqa: BLE001 - the one place that must catch everything
-            logger.exception("authgate: error while judging a request; answering 500")
-            self._fail(flow, 500, "internal_error")
+            self._crashed(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         # Fail closed: a request that reaches here unjudged is never forwarded.
@@ -503,7 +517,7 @@ class Gateway:
         # token must not be stored by shared caches.
         if entry.get("via") == "query" and "cache-control" not in flow.response.headers:
             flow.response.headers["Cache-Control"] = "private"
-        mode = self.master.options.authgate_lint_upstream
+        mode = self._lint_mode  # (an option read deep-copies its value: read in configure)
         if mode != "off":
             self._lint(flow, entry, repair=mode == "repair")
 
@@ -533,6 +547,14 @@ class Gateway:
     # --- traces (authgate_otlp) -----------------------------------------------
 
     async def _judge_traced(
+        self, flow: http.HTTPFlow, tracing: Tracing, policy: Policy, view: RequestView
+    ) -> None:
+        try:
+            await self._traced(flow, tracing, policy, view)
+        except Exception:  # noqa: BLE001 - the one place that must catch everything
+            self._crashed(flow)
+
+    async def _traced(
         self, flow: http.HTTPFlow, tracing: Tracing, policy: Policy, view: RequestView
     ) -> None:
         """requestheaders with traces: the request's server span, the decision's
@@ -603,6 +625,11 @@ class Gateway:
 
     # --- the work ------------------------------------------------------------
 
+    def _crashed(self, flow: http.HTTPFlow) -> None:
+        """Called from an `except` around judging: log it, answer 500, never forward."""
+        logger.exception("authgate: error while judging a request; answering 500")
+        self._fail(flow, 500, "internal_error")
+
     def _fail(self, flow: http.HTTPFlow, status: int, reason: str) -> None:
         """The gateway itself cannot judge: answer 500/503, never forward."""
         retry = 60 if status == 503 else None
@@ -655,7 +682,15 @@ class Gateway:
         if forwarding is None or forwarding[0] is not policy:
             forwarding = self._forwarding = (policy, Forwarding.of(policy))
         how = forwarding[1]
-        drop = how.drop[policy.trusted_proxies.contains(*parse_ip(peer))]
+        # The peer is the same for every request of a connection: looked at once.
+        conn = flow.client_conn
+        seen: tuple[IPSet, str, bool, str] | None = getattr(conn, _PEER, None)
+        if seen is None or seen[0] is not policy.trusted_proxies or seen[1] != peer:
+            family, value = parse_ip(peer)
+            trusted = policy.trusted_proxies.contains(family, value)
+            seen = (policy.trusted_proxies, peer, trusted, format_ip(family, value))
+            setattr(conn, _PEER, seen)
+        drop = how.drop[seen[2]]
         login = policy.login
         who = d.identity
         if login is not None and login.forward_access_token and who and who.method == OIDC:
@@ -708,7 +743,7 @@ class Gateway:
         for name_s, value_s in d.upstream_headers:
             fields.append((name_s.encode(), value_s.encode("utf-8", "surrogateescape")))
         fields.append((b"X-Request-Id", flow.metadata[REQUEST_ID_KEY].encode()))
-        chain.append(normalize_ip(peer))
+        chain.append(seen[3])
         fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
         req.headers.fields = tuple(fields)
 
