@@ -124,12 +124,26 @@ def note_client_host(request: http.Request) -> None:
     setattr(request, CLIENT_HOST, (h2_authority, hosts))
 
 
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
 def _respond(flow: http.HTTPFlow, r: Rendered) -> None:
-    flow.response = http.Response.make(
-        r.status, r.body, [(k.encode(), v.encode()) for k, v in r.headers]
+    # The constructor, not Response.make: the body and its Content-Length in
+    # one step (make sets the body afterwards, looking up headers to do it).
+    fields = [(k.encode(), v.encode()) for k, v in r.headers]
+    fields.append((b"Content-Length", str(len(r.body)).encode()))
+    now = time.time()
+    flow.response = http.Response(
+        b"HTTP/1.1",
+        r.status,
+        # mitmproxy 11's table lacks some phrases (429): never a bare "HTTP/1.1 429 ".
+        _PHRASES[r.status],
+        tuple(fields),
+        r.body,
+        None,
+        now,
+        now,
     )
-    # mitmproxy 11's table lacks some phrases (429): never a bare "HTTP/1.1 429 ".
-    flow.response.reason = HTTPStatus(r.status).phrase
     # mitmproxy would still send "100 Continue" and read the body we refuse.
     flow.request.headers.pop("expect", None)
     # Setting a response on a streamed request crashes mitmproxy (see
