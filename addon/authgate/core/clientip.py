@@ -11,12 +11,12 @@ Forwarded header that is malformed as a whole is not used at all.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from authgate.core.ipset import IPSet, format_ip, parse_ip
+from authgate.core.records import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ClientIP:
     address: str  # canonical text form
     family: int

@@ -35,6 +35,7 @@ from authgate.core.introspection import (
 from authgate.core.keyset import RemoteKeys
 from authgate.core.oidc import OIDC as OIDC
 from authgate.core.oidc import CodeExchange, SessionRefresh
+from authgate.core.records import record
 from authgate.core.tokens import (
     Issuer,
     TokenCache,
@@ -253,7 +254,7 @@ class ClientCerts:
 # --- what the request carries ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Presented:
     kind: str  # JWT | API_KEY | BASIC | MTLS | OIDC
     via: str  # "authorization", "cookie", "query", the API key header, or "tls"
@@ -374,7 +375,7 @@ def _session(login: oidc.Login, fields: Sequence[str]) -> Presented | None:
     return Presented(OIDC, "cookie", value) if value is not None else None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Outcome:
     identity: Identity | None = None
     failed: str | None = None  # kind of the credential that failed

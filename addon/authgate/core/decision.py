@@ -57,9 +57,10 @@ from authgate.core.oidc import (
 )
 from authgate.core.paths import AmbiguousPath, CanonicalPath, PathPattern, canonicalize
 from authgate.core.ratelimit import Limiter, Recorder, Store, Verdict
+from authgate.core.records import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestView:
     """What the core needs to know of a request, independent of mitmproxy."""
 
@@ -97,7 +98,7 @@ class RequestView:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Decision:
     allowed: bool
     status: int  # the status the gateway answers with; 0 when forwarded

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from authgate.core.records import record
+
 UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 HEX = frozenset("0123456789abcdefABCDEF")
 # Octets that must never appear percent-encoded: "/", "\" and NUL.
@@ -23,7 +25,7 @@ class AmbiguousPath(ValueError):
     """The request target cannot be given one meaning; the answer is 400."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CanonicalPath:
     path: str  # what the backend receives, without the query
     query: str  # the query as the client sent it, without "?" ("" if none)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from authgate.core.records import record
+
 NS = 1_000_000_000
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _RATE = re.compile(
@@ -71,7 +73,7 @@ class Rate:
         return f"{self.count}/{name}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Verdict:
     allowed: bool
     remaining: int
@@ -104,7 +106,7 @@ class Limiter(Protocol):
     ) -> Verdict: ...
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Hit:
     """One limit a request is counted against: the limit's identity, the key
     value (`ip:...`, `sub:...`, `hdr:...`) and its rate."""

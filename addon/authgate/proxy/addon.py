@@ -700,9 +700,9 @@ class Gateway:
         conn = flow.client_conn
         seen: tuple[IPSet, str, bool, str] | None = getattr(conn, _PEER, None)
         if seen is None or seen[0] is not policy.trusted_proxies or seen[1] != peer:
-            family, value = parse_ip(peer)
-            trusted = policy.trusted_proxies.contains(family, value)
-            seen = (policy.trusted_proxies, peer, trusted, format_ip(family, value))
+            family, number = parse_ip(peer)
+            trusted = policy.trusted_proxies.contains(family, number)
+            seen = (policy.trusted_proxies, peer, trusted, format_ip(family, number))
             setattr(conn, _PEER, seen)
         drop = how.drop[seen[2]]
         login = policy.login
