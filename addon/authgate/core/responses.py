@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
 from email.utils import formatdate
 
 from authgate.core.decision import INSUFFICIENT_SCOPE, INVALID_CREDENTIALS, INVALID_TOKEN, Decision
@@ -24,6 +23,7 @@ from authgate.core.oidc import (
     LOGIN_START,
     PROVIDER_UNAVAILABLE,
 )
+from authgate.core.records import record
 
 # status -> (title, what happened, what to do)
 _TEXTS: dict[int, tuple[str, str, str]] = {
@@ -154,7 +154,7 @@ _BODIES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rendered:
     status: int
     headers: tuple[tuple[str, str], ...]
