@@ -289,15 +289,7 @@ def _login_location(login_url: str, target: str) -> str:
 
 
 def identity_headers(who: Identity | None) -> tuple[tuple[str, str], ...]:
-    if who is None:
-        return ()
-    return (
-        ("X-Auth-Subject", who.subject),
-        ("X-Auth-Roles", ",".join(sorted(who.roles))),
-        ("X-Auth-Scopes", ",".join(sorted(who.scopes))),
-        ("X-Auth-Issuer", who.issuer),
-        *who.forward,
-    )
+    return () if who is None else who.headers
 
 
 def _match(

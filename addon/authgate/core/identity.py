@@ -18,6 +18,21 @@ class Identity:
     # Fields the credential sends the backend besides the identity headers
     # (a client certificate: RFC 9440 Client-Cert, when the policy asks).
     forward: tuple[tuple[str, str], ...] = ()
+    # The fields the backend gets for this identity, made once (an identity
+    # lives as long as its cached token or its API key, not one request).
+    headers: tuple[tuple[str, str], ...] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        headers = (
+            ("X-Auth-Subject", self.subject),
+            ("X-Auth-Roles", ",".join(sorted(self.roles))),
+            ("X-Auth-Scopes", ",".join(sorted(self.scopes))),
+            ("X-Auth-Issuer", self.issuer),
+            *self.forward,
+        )
+        object.__setattr__(self, "headers", headers)
 
     def with_scopes(self, scopes: frozenset[str]) -> Identity:
         return dataclasses.replace(self, scopes=scopes)

@@ -91,19 +91,25 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
     if sent is None:
         host = req.host_header
         fields = tuple(
-            (k.decode("utf-8", _SURROGATE).lower(), v.decode("utf-8", _SURROGATE))
-            for k, v in req.headers.fields
+            [
+                (k.decode("utf-8", _SURROGATE).lower(), v.decode("utf-8", _SURROGATE))
+                for k, v in req.headers.fields
+            ]
         )
     else:
         # The client's own Host fields in place of mitmproxy's rewrite.
         h2_authority, hosts = sent
         first = h2_authority or (hosts[0] if hosts else None)
         host = first.decode("utf-8", _SURROGATE) if first is not None else None
+        # (List comprehensions: a generator into tuple() costs a frame switch a field.)
         fields = tuple(
-            (name, v.decode("utf-8", _SURROGATE))
-            for k, v in req.headers.fields
-            if (name := k.decode("utf-8", _SURROGATE).lower()) != "host"
-        ) + tuple(("host", v.decode("utf-8", _SURROGATE)) for v in hosts)
+            [
+                (name, v.decode("utf-8", _SURROGATE))
+                for k, v in req.headers.fields
+                if (name := k.decode("utf-8", _SURROGATE).lower()) != "host"
+            ]
+            + [("host", v.decode("utf-8", _SURROGATE)) for v in hosts]
+        )
     return RequestView(
         req.method.upper(),
         req.path,
@@ -186,6 +192,9 @@ _PROXY_SAYS = frozenset(
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # Fields the gateway writes itself, whose underscore spellings go too.
 _OWN_ALIASES = frozenset({b"x-forwarded-for", b"connection", b"upgrade"})
+# The fields `_forward` looks into; every other one is kept or dropped by name.
+_SPECIAL = _OWN_ALIASES | {b"cookie"}
+_WIRE_KEEP = 4096  # encoded identity headers kept (one per identity in use)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -242,6 +251,7 @@ class Gateway:
         self._forwarding: tuple[Policy, Forwarding] | None = None  # for the policy in force
         self.master: Any = None  # set in load()
         self._lint_mode = "warn"  # authgate_lint_upstream, kept by configure
+        self._encoded: dict[int, tuple[tuple[tuple[str, str], ...], list[tuple[bytes, bytes]]]] = {}
 
     # What the house keeps, by the names tests and tools read.
     @property
@@ -722,7 +732,10 @@ class Gateway:
                 alias = lower.replace(b"_", b"-")
                 if alias in drop or alias in _OWN_ALIASES:
                     continue
-            if lower == b"x-forwarded-for":
+            if lower not in _SPECIAL:
+                if lower not in drop:
+                    fields.append((name, value))
+            elif lower == b"x-forwarded-for":
                 chain.append(value.decode("latin-1"))
             elif lower == b"connection":
                 # RFC 9110 §7.6.1: the fields it names end at this hop; only
@@ -754,12 +767,25 @@ class Gateway:
             kept = [o for o in dict.fromkeys(options) if o != b"upgrade" or upgrade]
             if kept:
                 fields.append((b"Connection", b", ".join(kept)))
-        for name_s, value_s in d.upstream_headers:
-            fields.append((name_s.encode(), value_s.encode("utf-8", "surrogateescape")))
+        fields.extend(self._wire(d.upstream_headers))
         fields.append((b"X-Request-Id", flow.metadata[REQUEST_ID_KEY].encode()))
         chain.append(seen[3])
         fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
         req.headers.fields = tuple(fields)
+
+    def _wire(self, headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
+        """The identity's fields as bytes. An identity's tuple is made once
+        (a cached token's is the same object request after request), so its
+        encoding is kept by the tuple's id, the tuple itself kept beside it so
+        that the id cannot be reused while the entry lives."""
+        seen = self._encoded.get(id(headers))
+        if seen is not None and seen[0] is headers:
+            return seen[1]
+        wire = [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in headers]
+        if len(self._encoded) >= _WIRE_KEEP:
+            self._encoded.clear()
+        self._encoded[id(headers)] = (headers, wire)
+        return wire
 
     def _record(
         self,
