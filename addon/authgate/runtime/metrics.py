@@ -4,6 +4,7 @@ one process (the tests run many)."""
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import accumulate
@@ -105,7 +106,8 @@ class _Decisions(Collector):
     """What every request updates, counted as plain integers and turned into
     metric families at scrape time: a prometheus_client Counter or Histogram
     takes a lock on every update (the two cost about 1 us of each request).
-    Only the event loop writes; a scrape (another thread) reads a snapshot."""
+    Only the event loop writes; a scrape (another thread) reads a snapshot.
+    Not in a worker of `--workers N` (see Metrics)."""
 
     DOC = (
         "Decisions by outcome (allow, deny, would_deny), status (the answer, or the "
@@ -147,11 +149,29 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._decisions = _Decisions(
-            (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
-        )
-        r.register(self._decisions)
-        self.decision_seconds = self._decisions.timed  # the time to decide one request
+        buckets = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+        self.decision_seconds: Callable[[float], None]  # the time to decide one request
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # A worker of `authgate run --workers N`: its counts must go to the
+            # files the supervisor's /metrics sums, which only the library's
+            # own Counter and Histogram write.
+            self._decisions: _Decisions | None = None
+            self._by_labels = Counter(
+                "authgate_decisions",
+                _Decisions.DOC,
+                ["decision", "status", "rule", "reason"],
+                registry=r,
+            )
+            self.decision_seconds = Histogram(
+                "authgate_decision_seconds",
+                "Time to decide one request",
+                buckets=buckets,
+                registry=r,
+            ).observe
+        else:
+            self._decisions = _Decisions(buckets)
+            r.register(self._decisions)
+            self.decision_seconds = self._decisions.timed
         self.would_deny = Counter(
             "authgate_would_deny",
             "Denials not enforced (report mode), by rule and status",
@@ -209,14 +229,22 @@ class Metrics:
         if bans is not None:
             r.register(_Bans(bans))
         r.register(_Introspection(policy))
-        # Label children by their label values: looked up once, then reused.
+        # Label children by their label values: looked up once, then reused
+        # (a policy has few rules and reasons, so these stay small).
+        self._children: dict[tuple[str, str, str, str], Any] = {}
         self._near: dict[str, Any] = {}
         self._server: Any = None
 
     def decided(self, outcome: str, status: int, rule: str, reason: str) -> None:
-        counts = self._decisions.counts
         key = (outcome, str(status), rule, reason)
-        counts[key] = counts.get(key, 0) + 1
+        if self._decisions is not None:
+            counts = self._decisions.counts
+            counts[key] = counts.get(key, 0) + 1
+            return
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._by_labels.labels(*key)
+        child.inc()
 
     def watch_event(self, watch: str, action: str) -> None:
         self.watch_events.labels(watch, action).inc()
