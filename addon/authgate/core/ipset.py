@@ -26,7 +26,6 @@ INDEX_BITS = 16  # the bucket index splits IPv4 space by /16
 INDEX_MIN = 4096  # ranges; below this, a plain bisect is as fast as the index
 _MAGIC = b"authgate-ipset-1\n"
 _CHUNK = 1 << 20  # characters of a block list parsed at a time (bounds the peak)
-_HOST_MASKS = [(1 << (32 - p)) - 1 for p in range(33)]
 _HOST_MASKS_BY_BITS = [(1 << b) - 1 for b in range(33)]
 _Seq = TypeVar("_Seq", "array[int]", "list[int]")
 
@@ -412,7 +411,11 @@ def _bulk_v4(chunk: str, lines: list[str], out: array[float]) -> bool:
         return False  # IPv6: the careful path
     if "#" in chunk:
         lines = [line.split("#", 1)[0] if "#" in line else line for line in lines]
-    entries = [e for e in map(str.strip, lines) if e]
+    if chunk.isascii() and " " not in chunk and "\t" not in chunk and "\x1f" not in chunk:
+        # Nothing to strip: of ASCII whitespace, splitlines leaves only these.
+        entries = list(filter(None, lines))
+    else:
+        entries = [e for e in map(str.strip, lines) if e]
     if "/" in chunk:
         nets = [e for e in entries if "/" in e]
         plain = [e for e in entries if "/" not in e]
@@ -425,28 +428,27 @@ def _bulk_v4(chunk: str, lines: list[str], out: array[float]) -> bool:
         if len(parts) != 2 * len(nets):
             return False
         net_addresses, prefix_texts = parts[0::2], parts[1::2]
-    pton4 = partial(inet_pton, AF_INET)
     try:
-        addresses = _u32_be(b"".join(map(pton4, plain)))
+        addresses = _u32_be(b"".join(map(inet_pton, repeat(AF_INET), plain)))
         if nets:
-            starts = _u32_be(b"".join(map(pton4, net_addresses)))
+            starts = _u32_be(b"".join(map(inet_pton, repeat(AF_INET), net_addresses)))
     except OSError:
         return False
     keys = list(map((64.0).__mul__, addresses))
     if nets:
         # The line-by-line reader's fast path: one or two ASCII digits, <= 32.
-        joined = "".join(prefix_texts)
-        if not (joined.isascii() and joined.isdigit()):
-            return False
-        if min(map(len, prefix_texts)) < 1 or max(map(len, prefix_texts)) > 2:
-            return False
-        prefixes = list(map(int, prefix_texts))
-        if max(prefixes) > 32:
-            return False
-        if any(map(operator.and_, starts, map(_HOST_MASKS.__getitem__, prefixes))):
+        # Feeds use a few prefix lengths: each distinct one is checked once.
+        host_bits: dict[str, int] = {}
+        for prefix in set(prefix_texts):
+            if not (prefix.isascii() and prefix.isdigit() and 1 <= len(prefix) <= 2):
+                return False
+            if int(prefix) > 32:
+                return False
+            host_bits[prefix] = 32 - int(prefix)
+        bits = list(map(host_bits.__getitem__, prefix_texts))
+        if any(map(operator.and_, starts, map(_HOST_MASKS_BY_BITS.__getitem__, bits))):
             return False  # host bits set: the careful path names the line
-        host_bits = map(operator.sub, repeat(32), prefixes)
-        keys.extend(map(operator.add, map((64.0).__mul__, starts), host_bits))
+        keys.extend(map(operator.add, map((64.0).__mul__, starts), bits))
     out.extend(keys)
     return True
 
