@@ -63,12 +63,18 @@ def _private(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
-def _ready(where: Path) -> bool:
+def ready(where: Path) -> bool:
+    """The folder exists (made 0700 if need be) and may be used."""
     try:
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
         return False
     return _private(where)
+
+
+def has(name: str, where: Path) -> bool:
+    """Whether a set is stored under `name` (unchecked: `load` checks)."""
+    return (where / (name + _SUFFIX)).is_file()
 
 
 def load(name: str, where: Path | None = None) -> IPSet | None:
@@ -106,7 +112,7 @@ def load(name: str, where: Path | None = None) -> IPSet | None:
 def store(name: str, compiled: IPSet, where: Path | None = None) -> bool:
     """Write the set under `name`, and drop the oldest beyond KEEP. True when written."""
     where = where if where is not None else folder()
-    if where is None or not _ready(where):
+    if where is None or not ready(where):
         return False
     data = _MAGIC + name.encode() + compiled.to_bytes()
     data += hashlib.sha256(data).digest()

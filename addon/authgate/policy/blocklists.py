@@ -1,0 +1,223 @@
+"""Block lists: compiled one way, in the gateway or in a helper process.
+
+`compile_lists` turns `ip.block`'s entries and the bytes of every
+`ip.block_files` list into one `IPSet`, for the policy loader and for the
+helper alike.
+
+A million-line feed takes over a second to compile, and `authgate run`
+spends about half a second importing mitmproxy and building its master
+before it reads the policy. So the command line calls `start(policy)` first
+thing: a helper process (`python -m authgate.policy.blocklists`) reads the
+policy's `ip` section, compiles its lists on another core meanwhile, stores
+the set as a list-cache entry under its content key (`listcache.key`) and
+exits. It stores into the list cache's folder, or, with the cache off, into a
+private temporary folder (0700) that `start` made and `release` removes.
+
+When the loader meets a big list that is not in the cache, `take(key)` waits
+for the helper to exit (it holds the write end of a pipe: end of file when it
+exits, however it exits), at most `WAIT_FIRST` seconds plus `WAIT_PER_MB` per
+megabyte of lists, then reads the set stored under the key the loader
+computed from the bytes it read itself, with the cache's trust checks
+(`listcache.load`). A set compiled from other content (a list changed in
+between) is never taken. Whatever goes wrong (no helper: `AUTHGATE_LIST_HELPER
+=off` or one core; it crashed, was killed, took too long, met a bad line, left
+garbage), `take` returns None and the loader compiles the lists itself, as it
+would without a helper: the same set, the same errors naming file and line.
+
+The helper's memory is its own; the gateway's peak is that of reading a
+compiled set. With `--workers N` the supervisor starts the one helper, and
+hands its workers the pipe (`for_workers`), so they wait for one compile
+instead of each running their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import selectors
+import sys
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from authgate.core.ipset import IPSet, cidr_key, parse_cidr, read_cidr_text
+from authgate.policy import listcache
+from authgate.policy.marks import PolicyError, load
+
+logger = logging.getLogger("authgate")
+
+BIG_LIST = 100_000  # lines; a list this long says it is loading
+WAIT_FIRST = 2.0  # seconds the loader waits for the helper, at most, plus
+WAIT_PER_MB = 0.5  # this per MB of lists (compiling takes ~0.1 s per MB here)
+
+
+def compile_lists(inline: list[tuple[int, int, int]], sources: list[tuple[str, bytes]]) -> IPSet:
+    """Inline ranges and each (path, content) list as one set, parsed in bulk
+    (a million-entry feed is never a million tuples). Empties `sources` as it
+    goes (the text is not kept while the set is built). Raises PolicyError
+    naming the list's path and line."""
+    v4 = array("d")  # see IPSet.from_cidr_keys
+    v6: list[int] = []
+    for family, first, last in inline:
+        if family == 4:
+            v4.append(cidr_key(first, last))
+        else:
+            v6.append(first << 128 | last)
+    sources.reverse()
+    while sources:
+        path, data = sources.pop()
+        _compile_file(path, data, v4, v6)
+        del data
+    return IPSet.from_cidr_keys(v4, v6)
+
+
+def _compile_file(path: str, data: bytes, v4: array[float], v6: list[int]) -> None:
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError(path, None, "not UTF-8 text") from None
+    lines = data.count(b"\n")  # about: a last line without a newline is not counted
+    big = lines >= BIG_LIST
+    if big:
+        logger.info(f"authgate: loading block list {path} ({lines:,} lines)...")
+    (f4, f6), problem = read_cidr_text(content)
+    if problem is not None:
+        raise PolicyError(path, problem[0], problem[1])
+    if big:
+        logger.info(f"authgate: block list {path}: {len(f4) + len(f6):,} ranges")
+    v4.extend(f4)
+    v6.extend(f6)
+
+
+# --- taking the helper's work ----------------------------------------------
+
+
+@dataclass
+class _Expected:
+    done: int  # a pipe's read end; the helper holds the write end: EOF once it exits
+    folder: Path  # where it stores the compiled set
+    cleanup: Callable[[], None]  # ends the helper, removes a temporary folder
+
+
+_expected: _Expected | None = None
+
+
+def expect(done: int, folder: Path, cleanup: Callable[[], None] = lambda: None) -> None:
+    """A helper compiles the lists into `folder` and holds the write end of the
+    pipe `done` is the read end of (runtime.listhelper starts it)."""
+    global _expected
+    release()
+    _expected = _Expected(done, folder, cleanup)
+
+
+def expected() -> tuple[int, Path] | None:
+    """The pipe and the folder of the helper expected, if any."""
+    return None if _expected is None else (_expected.done, _expected.folder)
+
+
+def take(key: str, size: int) -> IPSet | None:
+    """The set the helper compiled from exactly the content `key` names, once
+    it has exited; None without a helper, when it takes longer than the bound
+    for `size` bytes of lists, or when it left no such set. Releases the
+    helper: only the first load can take its work."""
+    helper = _expected
+    if helper is None:
+        return None
+    began = time.monotonic()
+    bound = WAIT_FIRST + WAIT_PER_MB * size / 2**20
+    said = b""
+    with selectors.DefaultSelector() as waiting:
+        waiting.register(helper.done, selectors.EVENT_READ)
+        while True:
+            left = began + bound - time.monotonic()
+            if left <= 0 or not waiting.select(left):
+                logger.warning(
+                    f"authgate: the block-list helper has not finished after {bound:.1f} s; "
+                    "compiling the lists here"
+                )
+                release()
+                return None
+            chunk = os.read(helper.done, 4096)
+            if not chunk:
+                break
+            said += chunk
+    compiled = listcache.load(key, helper.folder)
+    report = said.decode("utf-8", "replace").strip() or "no report"
+    waited = time.monotonic() - began
+    if compiled is None:
+        logger.info(f"authgate: the block-list helper has no set for these lists ({report})")
+    else:
+        logger.info(
+            f"authgate: block lists compiled by the helper process ({report}; "
+            f"waited {waited:.2f} s for it)"
+        )
+    release()
+    return compiled
+
+
+def release() -> None:
+    """Done with the helper (after the first policy load, or at exit): the
+    pipe closed, and its cleanup run."""
+    global _expected
+    helper, _expected = _expected, None
+    if helper is not None:
+        os.close(helper.done)
+        helper.cleanup()
+
+
+# --- the helper process --------------------------------------------------------
+
+
+def lists_of(text: str, policy: str) -> tuple[list[str], list[str]] | None:
+    """A policy's `ip.block` entries and its `ip.block_files` paths (relative
+    ones taken from the policy's folder, as the loader does), read with the
+    loader's YAML reader; None when it has no lists or they are not lists of
+    strings (the loader will say). Raises PolicyError on bad YAML."""
+    top = load(text, policy)
+    ip = top.get("ip") if isinstance(top, dict) else None
+    block = ip.get("block", []) if isinstance(ip, dict) else []
+    files = ip.get("block_files", []) if isinstance(ip, dict) else []
+    if not (isinstance(block, list) and isinstance(files, list)) or not files:
+        return None
+    if not all(isinstance(x, str) for x in [*block, *files]):
+        return None
+    base = Path(policy).parent
+    return block, [f if Path(f).is_absolute() else str(base / f) for f in files]
+
+
+def _compile_into(folder: Path, block: list[str], files: list[str]) -> str:
+    """Compile the lists into `folder` as the loader would; what was done, in words."""
+    inline = [parse_cidr(text) for text in block]
+    sources = [(path, Path(path).read_bytes()) for path in files]
+    key = listcache.key(inline, (data for _, data in sources))
+    if listcache.has(key, folder):
+        return "in the cache already"
+    compiled = compile_lists(inline, sources)
+    if not listcache.store(key, compiled, folder):
+        return "could not store the set"
+    return f"{compiled.entries:,} entries"
+
+
+def main(argv: list[str]) -> int:
+    """`python -m authgate.policy.blocklists FOLDER FD JOB`: compile the lists
+    JOB names (JSON: {"block": [entry, ...], "files": [path, ...]}) into FOLDER,
+    say what was done (time, peak memory) on FD, exit."""
+    folder, fd, job = Path(argv[0]), int(argv[1]), json.loads(argv[2])
+    began = time.perf_counter()
+    try:
+        what = _compile_into(folder, job["block"], job["files"])
+    except (OSError, ValueError) as e:  # a bad line (PolicyError): the loader will say
+        what = f"gave up: {type(e).__name__}"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes there, KiB here
+    took = time.perf_counter() - began
+    os.write(fd, f"{what}, {took:.2f} s, peak {peak_mb:.0f} MB".encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,110 @@
+"""The block-list helper process: started by `authgate run` before it imports
+mitmproxy, so that a big block list compiles on another core meanwhile.
+
+What the helper does and how the loader takes its work (or, whatever goes
+wrong, compiles the lists itself): `authgate.policy.blocklists`. Here: starting
+it, ending it, and handing it to the workers of `--workers N`, which then wait
+for this one compile instead of each running their own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from authgate.policy import blocklists, listcache
+
+ENV = "AUTHGATE_LIST_HELPER"  # `off`: no helper process
+HANDED = "AUTHGATE_LIST_HELPER_PIPE"  # "FD FOLDER": a supervisor's helper, for its workers
+MAX_JOB = 100_000  # characters of the helper's job on its command line (Linux: 128 KiB an argument)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def start(policy: str) -> None:
+    """Start compiling the policy's block lists in a helper process, or, in a
+    worker, expect the supervisor's. Does nothing when it is off, on one core,
+    or when no process can be started."""
+    handed = os.environ.pop(HANDED, None)  # for this process, not its children
+    if handed is not None:
+        fd, _, where = handed.partition(" ")
+        try:
+            os.set_inheritable(int(fd), False)
+        except (ValueError, OSError):
+            return
+        blocklists.expect(int(fd), Path(where))
+        return
+    if os.environ.get(ENV, "").strip().lower() == "off" or _cores() < 2 or not sys.executable:
+        return
+    try:
+        text = Path(policy).read_bytes()
+        if b"block_files" not in text:
+            return  # no lists (a key spelled with escapes: the loader compiles them)
+        found = blocklists.lists_of(text.decode("utf-8"), policy)
+        if found is None:
+            return
+        block, files = found
+        if sum(os.stat(f).st_size for f in files) < listcache.MIN_BYTES:
+            return  # compiled in a moment, or cached: no helper needed
+    except (OSError, ValueError):
+        return  # not UTF-8, bad YAML, a list missing: the loader says so
+    job = json.dumps({"block": block, "files": files})
+    if len(job) > MAX_JOB:
+        return  # a huge inline list: more than a command line may carry
+    folder = listcache.folder()
+    temporary = folder is None
+    try:
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="authgate-lists-"))  # 0700
+        elif not listcache.ready(folder):
+            return  # a folder the cache may not use (the loader says so)
+    except OSError:
+        return
+    done, write_end = os.pipe()
+    try:
+        # -P: nothing from the working directory on the module path.
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-P", "-m", blocklists.__name__, str(folder), str(write_end), job],
+            pass_fds=(write_end,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        os.close(done)
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    finally:
+        os.close(write_end)
+
+    def cleanup() -> None:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    blocklists.expect(done, folder, cleanup)
+    atexit.register(blocklists.release)  # when the first load never came
+
+
+def for_workers() -> tuple[dict[str, str], tuple[int, ...]]:
+    """What a supervisor's workers need to take this process's helper: the
+    environment to add and the file descriptor to pass."""
+    expected = blocklists.expected()
+    if expected is None:
+        return {}, ()
+    fd, folder = expected
+    return {HANDED: f"{fd} {folder}"}, (fd,)
