@@ -311,16 +311,14 @@ class IPSet:
             v6.append([int.from_bytes(chunk[i : i + 16], "big") for i in range(0, 16 * n6, 16)])
             at += 16 * n6
         starts, ends = arrays
-        # Sorted and disjoint, or bisect would answer wrongly: one pass in C
-        # (a start after the previous end + 1, each start at most its end).
+        # Sorted and disjoint, or bisect would answer wrongly: two passes in C
+        # (each start at most its end, each end before the next start).
         if n4 and not (
-            all(map(operator.le, starts, ends))
-            and all(map(operator.lt, map(operator.add, ends, repeat(1)), starts[1:]))
+            all(map(operator.le, starts, ends)) and all(map(operator.lt, ends, starts[1:]))
         ):
             raise ValueError("a compiled IP set out of order")
         if n6 and not (
-            all(map(operator.le, v6[0], v6[1]))
-            and all(map(operator.lt, map(operator.add, v6[1], repeat(1)), v6[0][1:]))
+            all(map(operator.le, v6[0], v6[1])) and all(map(operator.lt, v6[1], v6[0][1:]))
         ):
             raise ValueError("a compiled IP set out of order")
         return cls._make((starts, ends), (v6[0], v6[1]), entries, index_min)
