@@ -286,16 +286,17 @@ class IPSet:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, index_min: int = INDEX_MIN) -> IPSet:
-        """The set `to_bytes` wrote. Raises ValueError on anything else: a
-        wrong magic or length, or ranges that are not sorted and disjoint."""
-        head = len(_MAGIC) + 24
-        if len(data) < head or not data.startswith(_MAGIC):
-            raise ValueError("not a compiled IP set")
-        entries, n4, n6 = struct.unpack_from("<QQQ", data, len(_MAGIC))
-        if len(data) != head + 8 * n4 + 32 * n6:
-            raise ValueError("a compiled IP set of the wrong length")
+    def from_bytes(cls, data: bytes | memoryview, *, index_min: int = INDEX_MIN) -> IPSet:
+        """The set `to_bytes` wrote (bytes, or a view of them: not copied).
+        Raises ValueError on anything else: a wrong magic or length, or ranges
+        that are not sorted and disjoint."""
         view = memoryview(data)
+        head = len(_MAGIC) + 24
+        if len(view) < head or view[: len(_MAGIC)] != _MAGIC:
+            raise ValueError("not a compiled IP set")
+        entries, n4, n6 = struct.unpack_from("<QQQ", view, len(_MAGIC))
+        if len(view) != head + 8 * n4 + 32 * n6:
+            raise ValueError("a compiled IP set of the wrong length")
         arrays = []
         at = head
         for _ in range(2):

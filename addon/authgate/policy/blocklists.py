@@ -1,33 +1,28 @@
-"""Block lists: compiled one way, in the gateway or in a helper process.
+"""Block lists: compiled one way, by the loader or by a helper process.
 
 `compile_lists` turns `ip.block`'s entries and the bytes of every
-`ip.block_files` list into one `IPSet`, for the policy loader and for the
-helper alike.
+`ip.block_files` list into one `IPSet`, for the loader and the helper alike.
 
-A million-line feed takes over a second to compile, and `authgate run`
-spends about half a second importing mitmproxy and building its master
-before it reads the policy. So the command line calls `start(policy)` first
-thing: a helper process (`python -m authgate.policy.blocklists`) reads the
-policy's `ip` section, compiles its lists on another core meanwhile, stores
-the set as a list-cache entry under its content key (`listcache.key`) and
-exits. It stores into the list cache's folder, or, with the cache off, into a
-private temporary folder (0700) that `start` made and `release` removes.
+A million-line feed takes about a second to compile, and `authgate run`
+spends over half a second importing mitmproxy and building its master before
+it reads the policy. So its command line starts a helper process first thing
+(`authgate.runtime.listhelper`): `python -m authgate.policy.blocklists FOLDER
+FD JOB` compiles the lists JOB names on another core meanwhile, stores the set
+as a list-cache entry under its content key (`listcache.key`) in FOLDER (the
+list cache's folder, or with the cache off a private temporary one), says
+what it did on FD and exits.
 
-When the loader meets a big list that is not in the cache, `take(key)` waits
-for the helper to exit (it holds the write end of a pipe: end of file when it
-exits, however it exits), at most `WAIT_FIRST` seconds plus `WAIT_PER_MB` per
-megabyte of lists, then reads the set stored under the key the loader
-computed from the bytes it read itself, with the cache's trust checks
-(`listcache.load`). A set compiled from other content (a list changed in
-between) is never taken. Whatever goes wrong (no helper: `AUTHGATE_LIST_HELPER
-=off` or one core; it crashed, was killed, took too long, met a bad line, left
-garbage), `take` returns None and the loader compiles the lists itself, as it
-would without a helper: the same set, the same errors naming file and line.
-
-The helper's memory is its own; the gateway's peak is that of reading a
-compiled set. With `--workers N` the supervisor starts the one helper, and
-hands its workers the pipe (`for_workers`), so they wait for one compile
-instead of each running their own.
+The gateway `expect`s it. When the loader meets a big list that is not in the
+cache, `take(key)` waits for the helper to exit (it holds the write end of the
+pipe FD: end of file when it exits, however it exits), at most `WAIT_FIRST`
+seconds plus `WAIT_PER_MB` per megabyte of lists, then reads the set stored
+under the key the loader computed from the bytes it read itself, with the
+cache's trust checks (`listcache.load`). A set compiled from other content (a
+list changed in between) is never taken. Whatever goes wrong (it crashed, was
+killed, took too long, met a bad line, left garbage), `take` returns None and
+the loader compiles the lists itself, as it does without a helper: the same
+set, the same errors naming file and line. Only the first load takes the
+helper's work; then it is `release`d.
 """
 
 from __future__ import annotations
@@ -119,11 +114,12 @@ def expected() -> tuple[int, Path] | None:
     return None if _expected is None else (_expected.done, _expected.folder)
 
 
-def take(key: str, size: int) -> IPSet | None:
+def take(key: str, size: int, lists: str) -> IPSet | None:
     """The set the helper compiled from exactly the content `key` names, once
     it has exited; None without a helper, when it takes longer than the bound
-    for `size` bytes of lists, or when it left no such set. Releases the
-    helper: only the first load can take its work."""
+    for `size` bytes of lists, or when it left no such set (each said in the
+    log, naming `lists`). Releases the helper: only the first load can take
+    its work."""
     helper = _expected
     if helper is None:
         return None
@@ -136,8 +132,8 @@ def take(key: str, size: int) -> IPSet | None:
             left = began + bound - time.monotonic()
             if left <= 0 or not waiting.select(left):
                 logger.warning(
-                    f"authgate: the block-list helper has not finished after {bound:.1f} s; "
-                    "compiling the lists here"
+                    f"authgate: block list {lists}: the helper process has not finished "
+                    f"after {bound:.1f} s; compiling it here"
                 )
                 release()
                 return None
@@ -146,14 +142,14 @@ def take(key: str, size: int) -> IPSet | None:
                 break
             said += chunk
     compiled = listcache.load(key, helper.folder)
-    report = said.decode("utf-8", "replace").strip() or "no report"
-    waited = time.monotonic() - began
+    report = said.decode("utf-8", "replace").strip() or "it said nothing"
     if compiled is None:
-        logger.info(f"authgate: the block-list helper has no set for these lists ({report})")
+        logger.info(f"authgate: block list {lists}: no set from the helper process ({report})")
     else:
         logger.info(
-            f"authgate: block lists compiled by the helper process ({report}; "
-            f"waited {waited:.2f} s for it)"
+            f"authgate: block list {lists}: {compiled.entries:,} entries, compiled by the "
+            f"helper process while the gateway started ({report}; waited "
+            f"{time.monotonic() - began:.2f} s for it)"
         )
     release()
     return compiled
@@ -199,7 +195,7 @@ def _compile_into(folder: Path, block: list[str], files: list[str]) -> str:
     compiled = compile_lists(inline, sources)
     if not listcache.store(key, compiled, folder):
         return "could not store the set"
-    return f"{compiled.entries:,} entries"
+    return "compiled"
 
 
 def main(argv: list[str]) -> int:
@@ -211,11 +207,11 @@ def main(argv: list[str]) -> int:
     try:
         what = _compile_into(folder, job["block"], job["files"])
     except (OSError, ValueError) as e:  # a bad line (PolicyError): the loader will say
-        what = f"gave up: {type(e).__name__}"
+        what = f"gave up ({type(e).__name__})"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_mb = peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes there, KiB here
     took = time.perf_counter() - began
-    os.write(fd, f"{what}, {took:.2f} s, peak {peak_mb:.0f} MB".encode())
+    os.write(fd, f"{what} in {took:.2f} s, peak {peak_mb:.0f} MB".encode())
     return 0
 
 

@@ -100,11 +100,11 @@ def load(name: str, where: Path | None = None) -> IPSet | None:
         return None
     if data[len(_MAGIC) : head] != name.encode():
         return None  # a file renamed (or linked) under another key
-    body, digest = data[head:-32], data[-32:]
-    if hashlib.sha256(data[:-32]).digest() != digest:
+    view = memoryview(data)  # slices of a view are not copies (a set is megabytes)
+    if hashlib.sha256(view[:-32]).digest() != data[-32:]:
         return None
     try:
-        return IPSet.from_bytes(body)
+        return IPSet.from_bytes(view[head:-32])
     except ValueError:
         return None
 

@@ -224,18 +224,15 @@ class _Builder:
         cache_key = None
         if size >= listcache.MIN_BYTES:
             cache_key = listcache.key(inline, (data for _, data in sources))
+            lists = ", ".join(p for p, _ in sources)
             cached = listcache.load(cache_key)
-            if cached is None:
-                cached = blocklists.take(cache_key, size)
-                how = "compiled while the gateway started"
-            else:
-                how = "compiled before (cache)"
             if cached is not None:
-                logger.info(
-                    f"authgate: block list {', '.join(p for p, _ in sources)}: "
-                    f"{cached.entries:,} entries, {how}"
-                )
+                logger.info(f"authgate: block list {lists}: {cached.entries:,} entries, "
+                            "compiled before (cache)")  # fmt: skip
                 return cached
+            taken = blocklists.take(cache_key, size, lists)
+            if taken is not None:
+                return taken
         compiled = blocklists.compile_lists(inline, sources)
         if cache_key is not None:
             listcache.store(cache_key, compiled)
