@@ -1,0 +1,322 @@
+"""Block lists compiled by a helper process (policy/blocklists.py): the loader
+takes the helper's set only when it was compiled from exactly the content the
+loader read, and otherwise, whatever went wrong, compiles the lists itself
+with the same result and the same errors.
+
+Real helper processes (`python -m authgate.policy.blocklists`), real pipes,
+real files; `tests/test_listhelper.py` runs them under `authgate run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from authgate.core.ipset import IPSet, parse_cidr, parse_ip
+from authgate.policy import blocklists, listcache
+from authgate.policy.load import load_policy
+from authgate.policy.marks import PolicyError
+from authgate.runtime import listhelper
+
+BLOCKED = ["203.0.113.9", "127.0.0.2", "127.0.1.5", "10.1.2.3", "172.16.0.5", "2001:db8::1"]
+ALLOWED = ["127.0.0.1", "127.0.0.3", "192.0.2.1", "10.200.0.1", "2001:db9::1"]
+
+
+def write_feed(path: Path, extra: str = "") -> None:
+    """Just over listcache.MIN_BYTES: /24 networks and addresses interleaved
+    (both of the bulk reader's shapes), a comment, an IPv6 network, and the
+    loopback addresses the end-to-end tests send from."""
+    lines = ["# a feed", "127.0.0.2", "127.0.1.0/24"]
+    for i in range(45_000):
+        lines.append(f"10.{i >> 8 & 127}.{i & 255}.0/24")
+        lines.append(f"172.{16 + (i >> 16)}.{i >> 8 & 255}.{i & 255}")
+    lines.append("2001:db8::/32")
+    path.write_text("\n".join(lines) + "\n" + extra)
+    assert path.stat().st_size >= listcache.MIN_BYTES
+
+
+POLICY = """version: 1
+ip:
+  block: [203.0.113.0/24]
+  block_files: [feed.txt]
+rules:
+  - {name: all, match: {path: /**}, allow: anyone}
+"""
+
+
+@pytest.fixture
+def policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("AUTHGATE_CACHE_DIR", "off")
+    monkeypatch.delenv(listhelper.HANDED, raising=False)
+    write_feed(tmp_path / "feed.txt")
+    (tmp_path / "p.yaml").write_text(POLICY)
+    yield tmp_path / "p.yaml"
+    blocklists.release()  # a test that failed before its load
+
+
+def answers(s: IPSet) -> dict[str, bool]:
+    return {a: s.contains(*parse_ip(a)) for a in BLOCKED + ALLOWED}
+
+
+def parsed_here(policy: Path) -> IPSet:
+    """The set as the loader compiles it without any helper."""
+    assert blocklists.expected() is None
+    return load_policy(policy).block
+
+
+def job(policy: Path) -> dict[str, list[str]]:
+    found = blocklists.lists_of(policy.read_text(), str(policy))
+    assert found is not None
+    return {"block": found[0], "files": found[1]}
+
+
+def spawn(
+    folder: Path, work: dict[str, list[str]], code: str | None = None, *args: str
+) -> subprocess.Popen[bytes]:
+    """A helper process the loader expects: the real one on `work`, or a
+    Python program `code` in its place (one that misbehaves), given FOLDER FD
+    ARGS."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    done, write_end = os.pipe()
+    if code is None:
+        argv = ["-P", "-m", "authgate.policy.blocklists", str(folder), str(write_end)]
+        argv.append(json.dumps(work))
+    else:
+        argv = ["-c", code, str(folder), str(write_end), *args]
+    process = subprocess.Popen([sys.executable, *argv], pass_fds=(write_end,))
+    os.close(write_end)
+
+    def cleanup() -> None:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+    blocklists.expect(done, folder, cleanup)
+    return process
+
+
+# --- what the helper is given ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(POLICY, (["203.0.113.0/24"], ["DIR/feed.txt"]), id="inline-and-file"),
+        pytest.param(
+            "ip: {block_files: [/abs/list.txt, rel/list.txt]}\n",
+            ([], ["/abs/list.txt", "DIR/rel/list.txt"]),
+            id="absolute-and-relative",
+        ),
+        pytest.param("ip: {block: [192.0.2.1]}\n", None, id="no-files"),
+        pytest.param("rules: []\n", None, id="no-ip"),
+        pytest.param("ip: {block_files: feed.txt}\n", None, id="not-a-list"),
+        pytest.param("ip: {block_files: [1, 2]}\n", None, id="not-strings"),
+        pytest.param("ip: {block: [1], block_files: [a]}\n", None, id="inline-not-strings"),
+        pytest.param("- a list\n", None, id="not-a-mapping"),
+    ],
+)
+def test_lists_of_reads_what_the_loader_reads(
+    tmp_path: Path, text: str, expected: tuple[list[str], list[str]] | None
+) -> None:
+    found = blocklists.lists_of(text, str(tmp_path / "p.yaml"))
+    if expected is not None:
+        expected = (expected[0], [f.replace("DIR", str(tmp_path)) for f in expected[1]])
+    assert found == expected
+
+
+def test_lists_of_refuses_bad_yaml_as_the_loader_does(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="YAML"):
+        blocklists.lists_of("ip: {block_files: [a\n", str(tmp_path / "p.yaml"))
+
+
+# --- taking the helper's set -------------------------------------------------------
+
+
+def test_the_loader_takes_the_set_the_helper_compiled(
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = parsed_here(policy)
+    caplog.set_level(logging.INFO, "authgate")
+    spawn(tmp_path / "handoff", job(policy))
+    taken = load_policy(policy).block
+    assert "compiled by the helper process while the gateway started (compiled in" in caplog.text
+    assert taken.to_bytes() == expected.to_bytes()
+    assert answers(taken) == {a: a in BLOCKED for a in BLOCKED + ALLOWED}
+    assert taken.entries == expected.entries == 90_004
+    assert blocklists.expected() is None  # only the first load takes it
+
+
+def test_a_set_compiled_from_other_content_is_not_taken(
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The helper read a list that has changed since (here: another file that
+    blocks what the policy allows): its set is stored under the key of what it
+    read, which is not the key of what the loader read."""
+    expected = parsed_here(policy)
+    other = tmp_path / "other.txt"
+    write_feed(other, "127.0.0.1\n127.0.0.3\n")
+    work = job(policy)
+    spawn(tmp_path / "handoff", {"block": work["block"], "files": [str(other)]})
+    caplog.set_level(logging.INFO, "authgate")
+    taken = load_policy(policy).block
+    assert "no set from the helper process (compiled in" in caplog.text
+    assert taken.to_bytes() == expected.to_bytes()
+    assert not taken.contains(*parse_ip("127.0.0.1"))
+    assert len(list((tmp_path / "handoff").glob("*.ipset"))) == 1  # the helper's, unused
+
+
+GARBAGE = """
+import os, sys
+from pathlib import Path
+from authgate.core.ipset import IPSet
+from authgate.policy import listcache
+folder, fd, key, how = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+path = folder / (key + ".ipset")
+if how == "garbage":
+    path.write_bytes(b"authgate-ipset-cache-1\\n" + key.encode() + os.urandom(4096))
+else:  # a whole entry, cut short
+    listcache.store(key, IPSet.from_strings(["127.0.0.1"]), folder)
+    path.write_bytes(path.read_bytes()[:-1])
+    os.chmod(path, 0o600)
+os.write(fd, b"wrote " + how.encode())
+"""
+
+
+@pytest.mark.parametrize("how", ["garbage", "cut-short"])
+def test_garbage_under_the_right_key_is_not_taken(
+    policy: Path, tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = parsed_here(policy)
+    work = job(policy)
+    key = listcache.key(
+        [parse_cidr(x) for x in work["block"]], [Path(f).read_bytes() for f in work["files"]]
+    )
+    spawn(tmp_path / "handoff", work, GARBAGE, key, how)
+    caplog.set_level(logging.INFO, "authgate")
+    taken = load_policy(policy).block
+    assert f"no set from the helper process (wrote {how})" in caplog.text
+    assert (tmp_path / "handoff" / f"{key}.ipset").exists()
+    assert taken.to_bytes() == expected.to_bytes()
+
+
+def test_a_killed_helper_is_not_waited_for(
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = parsed_here(policy)
+    process = spawn(tmp_path / "handoff", job(policy))
+    process.send_signal(signal.SIGSTOP)  # long before it could have compiled anything
+    process.kill()
+    caplog.set_level(logging.INFO, "authgate")
+    began = time.monotonic()
+    taken = load_policy(policy).block
+    assert time.monotonic() - began < blocklists.WAIT_FIRST  # no waiting for a bound
+    assert "no set from the helper process (it said nothing)" in caplog.text
+    assert taken.to_bytes() == expected.to_bytes()
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_a_helper_that_hangs_is_waited_for_a_bounded_time_then_ended(
+    policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = parsed_here(policy)
+    monkeypatch.setattr(blocklists, "WAIT_FIRST", 0.5)
+    monkeypatch.setattr(blocklists, "WAIT_PER_MB", 0.0)
+    process = spawn(tmp_path / "handoff", job(policy))
+    process.send_signal(signal.SIGSTOP)  # alive, and never finishing
+    caplog.set_level(logging.INFO, "authgate")
+    began = time.monotonic()
+    taken = load_policy(policy).block
+    assert 0.5 <= time.monotonic() - began < 0.5 + 30  # the bound, then a parse
+    assert "the helper process has not finished after 0.5 s; compiling it here" in caplog.text
+    assert process.returncode == -signal.SIGKILL  # ended, not left behind
+    assert taken.to_bytes() == expected.to_bytes()
+
+
+def test_a_bad_line_is_refused_naming_file_and_line_as_without_a_helper(
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_feed(tmp_path / "feed.txt", "192.0.2.1\n10.0.0.1/8\n")
+    with pytest.raises(PolicyError) as without:
+        load_policy(policy)
+    spawn(tmp_path / "handoff", job(policy))
+    caplog.set_level(logging.INFO, "authgate")
+    with pytest.raises(PolicyError) as helped:
+        load_policy(policy)
+    assert "no set from the helper process (gave up (PolicyError) in" in caplog.text
+    assert str(helped.value) == str(without.value)
+    assert (helped.value.file, helped.value.line) == (str(tmp_path / "feed.txt"), 90_006)
+    assert "has host bits set" in helped.value.message
+    assert blocklists.expected() is None
+
+
+# --- starting it (runtime/listhelper.py), in this process ----------------------------
+
+
+def test_start_runs_the_helper_and_the_loader_takes_its_set(
+    policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where its private folder goes
+    monkeypatch.setattr("tempfile.tempdir", None)
+    expected = parsed_here(policy)
+    listhelper.start(str(policy))
+    pending = blocklists.expected()
+    assert pending is not None
+    folder = pending[1]
+    assert folder.parent == tmp_path and (folder.stat().st_mode & 0o777) == 0o700
+    caplog.set_level(logging.INFO, "authgate")
+    taken = load_policy(policy).block
+    assert "compiled by the helper process" in caplog.text
+    assert taken.to_bytes() == expected.to_bytes()
+    assert not folder.exists()  # removed with the helper, after the first load
+
+
+def test_start_with_the_cache_compiles_into_the_cache(
+    policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = parsed_here(policy)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AUTHGATE_CACHE_DIR", str(cache))
+    listhelper.start(str(policy))
+    caplog.set_level(logging.INFO, "authgate")
+    assert load_policy(policy).block.to_bytes() == expected.to_bytes()
+    assert "compiled by the helper process" in caplog.text
+    assert len(list(cache.glob("*.ipset"))) == 1
+    caplog.clear()
+    listhelper.start(str(policy))  # the next start: in the cache already
+    assert load_policy(policy).block.to_bytes() == expected.to_bytes()
+    assert "compiled before (cache)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "case", ["off", "no-block-files", "small-lists", "a-list-missing", "bad-yaml", "one-core"]
+)
+def test_start_needs_no_helper(
+    policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    if case == "off":
+        monkeypatch.setenv(listhelper.ENV, "off")
+    elif case == "no-block-files":
+        policy.write_text(POLICY.replace("  block_files: [feed.txt]\n", ""))
+    elif case == "small-lists":
+        (tmp_path / "feed.txt").write_text("192.0.2.1\n")
+    elif case == "a-list-missing":
+        (tmp_path / "feed.txt").unlink()
+    elif case == "bad-yaml":
+        policy.write_text(POLICY + "  - [\n")
+    cores = os.sched_getaffinity(0)
+    if case == "one-core":
+        os.sched_setaffinity(0, {min(cores)})
+    try:
+        listhelper.start(str(policy))
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert blocklists.expected() is None
