@@ -214,30 +214,37 @@ class _Builder:
                 raise self.error(line, f"{where}: {e}") from None
         return out
 
-    def block_set(self, inline: list[tuple[int, int, int]], files: list[tuple[int, str]]) -> IPSet:
-        """`ip.block` and every `ip.block_files` list as one set: read compiled
-        from the cache when exactly this content was compiled before, taken
-        from the helper process when it compiled exactly this content while
-        the gateway started (see blocklists.py), else compiled here."""
+    def block_set(
+        self, inline: list[tuple[int, int, int]], files: list[tuple[int, str]]
+    ) -> Callable[[], IPSet]:
+        """`ip.block` and every `ip.block_files` list as one set. The lists are
+        read now; the function returned makes the set: read compiled from the
+        cache when exactly this content was compiled before, taken from the
+        helper process when it compiled exactly this content while the gateway
+        started (see blocklists.py), else compiled here. The loader calls it
+        last, so that the rest of the policy is built while the helper works."""
         sources = [(str(self.path(f, line)), self.read(f, line, "block file")) for line, f in files]
-        size = sum(len(data) for _, data in sources)
-        cache_key = None
-        if size >= listcache.MIN_BYTES:
-            cache_key = listcache.key(inline, (data for _, data in sources))
+
+        def make() -> IPSet:
+            size = sum(len(data) for _, data in sources)
+            if size < listcache.MIN_BYTES:
+                return blocklists.compile_lists(inline, sources)
+            key = listcache.key(inline, (data for _, data in sources))
             lists = ", ".join(p for p, _ in sources)
-            cached = listcache.load(cache_key)
+            cached = listcache.load(key)
             if cached is not None:
                 logger.info(f"authgate: block list {lists}: {cached.entries:,} entries, "
                             "compiled before (cache)")  # fmt: skip
                 return cached
-            taken = blocklists.take(cache_key, size, lists)
+            taken = blocklists.take(key, size, lists)
             if taken is not None:
                 return taken
-        compiled = blocklists.compile_lists(inline, sources)
-        if cache_key is not None:
-            listcache.store(cache_key, compiled)
+            compiled = blocklists.compile_lists(inline, sources)
+            listcache.store(key, compiled)
             _give_back_memory()
-        return compiled
+            return compiled
+
+        return make
 
     def duration(self, value: Any, line: int, where: str) -> float:
         try:
@@ -1247,19 +1254,19 @@ class _Builder:
 
         ip_header, trusted = attempt(read_client_ip, ("x-forwarded-for", IPSet.build([])))
 
-        def read_ip() -> tuple[IPSet, IPSet | None]:
+        def read_ip() -> tuple[Callable[[], IPSet], IPSet | None]:
             ip = self.get(top, "ip", dict, "the policy", MarkedDict())
             self.keys(ip, {"block", "block_files", "allow"}, "ip")
-            blocked = self.block_set(
+            make_block = self.block_set(
                 self.cidrs(self.strings(ip, "block", "ip"), "ip.block"),
                 self.strings(ip, "block_files", "ip"),
             )
             allow_entries = self.strings(ip, "allow", "ip")
             allow = IPSet.build(self.cidrs(allow_entries, "ip.allow")) if allow_entries else None
-            return blocked, allow
+            return make_block, allow
 
-        no_ip: tuple[IPSet, IPSet | None] = (IPSet.build([]), None)
-        blocked, allow_set = attempt(read_ip, no_ip)
+        no_ip: tuple[Callable[[], IPSet], IPSet | None] = (IPSet.empty, None)
+        make_block, allow_set = attempt(read_ip, no_ip)
         authn = attempt(
             lambda: self.get(top, "authn", dict, "the policy", MarkedDict()), MarkedDict()
         )
@@ -1353,6 +1360,9 @@ class _Builder:
         strip = attempt(lambda: self.strip_headers(top), frozenset(TRUSTED_BY_BACKENDS))
         no_watch: tuple[WatchSpec, ...] = ()
         watch = attempt(lambda: self.watch(top), no_watch)
+        # The block set last: a big list may still be compiling in the helper
+        # process (blocklists.py), and the rest was built meanwhile.
+        blocked = attempt(make_block, IPSet.empty())
         if problems:
             problems.sort(key=lambda e: (e.file != self.file, e.line or 0))
             problems[0].more = tuple(problems[1:])
