@@ -286,10 +286,12 @@ class IPSet:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes | memoryview, *, index_min: int = INDEX_MIN) -> IPSet:
+    def from_bytes(
+        cls, data: bytes | memoryview, *, index_min: int = INDEX_MIN, checked: bool = True
+    ) -> IPSet:
         """The set `to_bytes` wrote (bytes, or a view of them: not copied).
-        Raises ValueError on anything else: a wrong magic or length, or ranges
-        that are not sorted and disjoint."""
+        Raises ValueError on anything else: a wrong magic or length, or
+        (`checked`) ranges that are not sorted and disjoint."""
         view = memoryview(data)
         head = len(_MAGIC) + 24
         if len(view) < head or view[: len(_MAGIC)] != _MAGIC:
@@ -314,12 +316,20 @@ class IPSet:
         starts, ends = arrays
         # Sorted and disjoint, or bisect would answer wrongly: two passes in C
         # (each start at most its end, each end before the next start).
-        if n4 and not (
-            all(map(operator.le, starts, ends)) and all(map(operator.lt, ends, starts[1:]))
+        if (
+            checked
+            and n4
+            and not (
+                all(map(operator.le, starts, ends)) and all(map(operator.lt, ends, starts[1:]))
+            )
         ):
             raise ValueError("a compiled IP set out of order")
-        if n6 and not (
-            all(map(operator.le, v6[0], v6[1])) and all(map(operator.lt, v6[1], v6[0][1:]))
+        if (
+            checked
+            and n6
+            and not (
+                all(map(operator.le, v6[0], v6[1])) and all(map(operator.lt, v6[1], v6[0][1:]))
+            )
         ):
             raise ValueError("a compiled IP set out of order")
         return cls._make((starts, ends), (v6[0], v6[1]), entries, index_min)
