@@ -5,8 +5,9 @@ helper, the gateway answers the same.
 Real `authgate run` processes in front of the recording backend, real clients
 sending from loopback addresses on the list and off it. To count helpers or
 kill one, the gateway's environment puts a `sitecustomize` on the module
-path that acts only in the helper process (`python -m
-authgate.policy.blocklists`): the helper itself is the real one.
+path that acts only in the helper process, before its work (blocklists.work,
+in a process forked from the gateway, or `python -m authgate.policy.blocklists`):
+the helper itself is the real one.
 """
 
 from __future__ import annotations
@@ -28,13 +29,29 @@ HELPER_SAYS = "compiled by the helper process while the gateway started"
 
 SITECUSTOMIZE = """
 import os, sys
-if "authgate.policy.blocklists" in sys.orig_argv:
-    mode, _, arg = os.environ.get("LISTHELPER_TEST", "").partition(":")
+mode, _, arg = os.environ.get("LISTHELPER_TEST", "").partition(":")
+
+
+def act():
     if mode == "count":
         with open(arg, "a") as f:
             f.write(f"{os.getpid()}\\n")
     elif mode == "die":
         os.kill(os.getpid(), 9)
+
+
+if mode and "authgate.policy.blocklists" in sys.orig_argv:
+    act()  # a helper started as a new interpreter
+elif mode:
+    from authgate.policy import blocklists  # a helper forked from the gateway
+
+    real = blocklists.work
+
+    def work(*args):
+        act()
+        real(*args)
+
+    blocklists.work = work
 """
 
 

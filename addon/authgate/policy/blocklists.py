@@ -203,18 +203,23 @@ def _compile_into(folder: Path, block: list[str], files: list[str]) -> str:
     return COMPILED
 
 
-def main(argv: list[str]) -> int:
-    """`python -m authgate.policy.blocklists FOLDER FD JOB`: compile the lists
-    JOB names (JSON: {"block": [entry, ...], "files": [path, ...]}) into FOLDER,
-    say what was done (time, peak memory) on FD, exit."""
-    folder, fd, job = Path(argv[0]), int(argv[1]), json.loads(argv[2])
+def work(folder: Path, block: list[str], files: list[str], fd: int) -> None:
+    """The helper's work: compile the lists into `folder`, say what was done
+    (and its time and peak memory) on `fd`."""
     began = time.perf_counter()
     try:
-        what = _compile_into(folder, job["block"], job["files"])
+        what = _compile_into(folder, block, files)
     except (OSError, ValueError) as e:  # a bad line (PolicyError): the loader will say
         what = f"gave up ({type(e).__name__})"
     took = time.perf_counter() - began
     os.write(fd, f"{what} in {took:.2f} s, peak {_peak_mb():.0f} MB".encode())
+
+
+def main(argv: list[str]) -> int:
+    """`python -m authgate.policy.blocklists FOLDER FD JOB`: `work` on the lists
+    JOB names (JSON: {"block": [entry, ...], "files": [path, ...]})."""
+    folder, fd, job = Path(argv[0]), int(argv[1]), json.loads(argv[2])
+    work(folder, job["block"], job["files"], fd)
     return 0
 
 

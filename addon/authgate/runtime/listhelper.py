@@ -13,9 +13,12 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from authgate.policy import blocklists, listcache
@@ -59,8 +62,7 @@ def start(policy: str) -> None:
             return  # compiled in a moment, or cached: no helper needed
     except (OSError, ValueError):
         return  # not UTF-8, bad YAML, a list missing: the loader says so
-    job = json.dumps({"block": block, "files": files})
-    if len(job) > MAX_JOB:
+    if len(json.dumps({"block": block, "files": files})) > MAX_JOB:
         return  # a huge inline list: more than a command line may carry
     folder = listcache.folder()
     temporary = folder is None
@@ -73,14 +75,7 @@ def start(policy: str) -> None:
         return
     done, write_end = os.pipe()
     try:
-        # -P: nothing from the working directory on the module path.
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-P", "-m", blocklists.__name__, str(folder), str(write_end), job],
-            pass_fds=(write_end,),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        end = _spawn(folder, block, files, write_end)
     except OSError:
         os.close(done)
         if temporary:
@@ -90,14 +85,58 @@ def start(policy: str) -> None:
         os.close(write_end)
 
     def cleanup() -> None:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        end()
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
 
     blocklists.expect(done, folder, cleanup)
     atexit.register(blocklists.release)  # when the first load never came
+
+
+def _spawn(folder: Path, block: list[str], files: list[str], write_end: int) -> Callable[[], None]:
+    """Start the helper (blocklists.work) with the pipe's write end; a function
+    that ends it (killed if still running) and reaps it. Raises OSError."""
+    if hasattr(os, "fork") and threading.active_count() == 1:
+        # A fork: everything the helper runs is imported already (a new
+        # interpreter spends ~0.1 s importing it). Only in a process with no
+        # other thread, whose locks a fork could copy held.
+        pid = os.fork()
+        if pid == 0:  # the helper: never returns
+            code = 1
+            try:
+                quiet = os.open(os.devnull, os.O_RDWR)
+                for std in (0, 1, 2):
+                    os.dup2(quiet, std)
+                blocklists.work(folder, block, files, write_end)
+                code = 0
+            finally:
+                os._exit(code)
+
+        def end_fork() -> None:
+            try:
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # reaped already
+
+        return end_fork
+    job = json.dumps({"block": block, "files": files})
+    # -P: nothing from the working directory on the module path.
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-P", "-m", blocklists.__name__, str(folder), str(write_end), job],
+        pass_fds=(write_end,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def end_process() -> None:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+    return end_process
 
 
 def for_workers() -> tuple[dict[str, str], tuple[int, ...]]:
