@@ -9,7 +9,6 @@ real files; `tests/test_listhelper.py` runs them under `authgate run`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -73,23 +72,16 @@ def parsed_here(policy: Path) -> IPSet:
     return load_policy(policy).block
 
 
-def job(policy: Path) -> dict[str, list[str]]:
-    found = blocklists.lists_of(policy.read_text(), str(policy))
-    assert found is not None
-    return {"block": found[0], "files": found[1]}
-
-
 def spawn(
-    folder: Path, work: dict[str, list[str]], code: str | None = None, *args: str
+    folder: Path, policy: Path, code: str | None = None, *args: str
 ) -> subprocess.Popen[bytes]:
-    """A helper process the loader expects: the real one on `work`, or a
+    """A helper process the loader expects: the real one on `policy`, or a
     Python program `code` in its place (one that misbehaves), given FOLDER FD
     ARGS."""
     folder.mkdir(mode=0o700, exist_ok=True)
     done, write_end = os.pipe()
     if code is None:
-        argv = ["-P", "-m", "authgate.policy.blocklists", str(folder), str(write_end)]
-        argv.append(json.dumps(work))
+        argv = ["-P", "-m", "authgate.policy.blocklists", str(policy), str(folder), str(write_end)]
     else:
         argv = ["-c", code, str(folder), str(write_end), *args]
     process = subprocess.Popen([sys.executable, *argv], pass_fds=(write_end,))
@@ -146,7 +138,7 @@ def test_the_loader_takes_the_set_the_helper_compiled(
 ) -> None:
     expected = parsed_here(policy)
     caplog.set_level(logging.INFO, "authgate")
-    spawn(tmp_path / "handoff", job(policy))
+    spawn(tmp_path / "handoff", policy)
     taken = load_policy(policy).block
     assert "compiled by the helper process while the gateway started (compiled in" in caplog.text
     assert taken.to_bytes() == expected.to_bytes()
@@ -162,10 +154,9 @@ def test_a_set_compiled_from_other_content_is_not_taken(
     blocks what the policy allows): its set is stored under the key of what it
     read, which is not the key of what the loader read."""
     expected = parsed_here(policy)
-    other = tmp_path / "other.txt"
-    write_feed(other, "127.0.0.1\n127.0.0.3\n")
-    work = job(policy)
-    spawn(tmp_path / "handoff", {"block": work["block"], "files": [str(other)]})
+    write_feed(tmp_path / "other.txt", "127.0.0.1\n127.0.0.3\n")
+    (tmp_path / "other.yaml").write_text(POLICY.replace("feed.txt", "other.txt"))
+    spawn(tmp_path / "handoff", tmp_path / "other.yaml")
     caplog.set_level(logging.INFO, "authgate")
     taken = load_policy(policy).block
     assert "no set from the helper process (compiled in" in caplog.text
@@ -196,11 +187,8 @@ def test_garbage_under_the_right_key_is_not_taken(
     policy: Path, tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     expected = parsed_here(policy)
-    work = job(policy)
-    key = listcache.key(
-        [parse_cidr(x) for x in work["block"]], [Path(f).read_bytes() for f in work["files"]]
-    )
-    spawn(tmp_path / "handoff", work, GARBAGE, key, how)
+    key = listcache.key([parse_cidr("203.0.113.0/24")], [(tmp_path / "feed.txt").read_bytes()])
+    spawn(tmp_path / "handoff", policy, GARBAGE, key, how)
     caplog.set_level(logging.INFO, "authgate")
     taken = load_policy(policy).block
     assert f"no set from the helper process (compiled, it says ({how}))" in caplog.text
@@ -212,7 +200,7 @@ def test_a_killed_helper_is_not_waited_for(
     policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     expected = parsed_here(policy)
-    process = spawn(tmp_path / "handoff", job(policy))
+    process = spawn(tmp_path / "handoff", policy)
     process.send_signal(signal.SIGSTOP)  # long before it could have compiled anything
     process.kill()
     caplog.set_level(logging.INFO, "authgate")
@@ -230,7 +218,7 @@ def test_a_helper_that_hangs_is_waited_for_a_bounded_time_then_ended(
     expected = parsed_here(policy)
     monkeypatch.setattr(blocklists, "WAIT_FIRST", 0.5)
     monkeypatch.setattr(blocklists, "WAIT_PER_MB", 0.0)
-    process = spawn(tmp_path / "handoff", job(policy))
+    process = spawn(tmp_path / "handoff", policy)
     process.send_signal(signal.SIGSTOP)  # alive, and never finishing
     caplog.set_level(logging.INFO, "authgate")
     began = time.monotonic()
@@ -247,7 +235,7 @@ def test_a_bad_line_is_refused_naming_file_and_line_as_without_a_helper(
     write_feed(tmp_path / "feed.txt", "192.0.2.1\n10.0.0.1/8\n")
     with pytest.raises(PolicyError) as without:
         load_policy(policy)
-    spawn(tmp_path / "handoff", job(policy))
+    spawn(tmp_path / "handoff", policy)
     caplog.set_level(logging.INFO, "authgate")
     with pytest.raises(PolicyError) as helped:
         load_policy(policy)
@@ -296,9 +284,7 @@ def test_start_with_the_cache_compiles_into_the_cache(
     assert "compiled before (cache)" in caplog.text
 
 
-@pytest.mark.parametrize(
-    "case", ["off", "no-block-files", "small-lists", "a-list-missing", "bad-yaml", "one-core"]
-)
+@pytest.mark.parametrize("case", ["off", "no-block-files", "one-core"])
 def test_start_needs_no_helper(
     policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
@@ -306,12 +292,6 @@ def test_start_needs_no_helper(
         monkeypatch.setenv(listhelper.ENV, "off")
     elif case == "no-block-files":
         policy.write_text(POLICY.replace("  block_files: [feed.txt]\n", ""))
-    elif case == "small-lists":
-        (tmp_path / "feed.txt").write_text("192.0.2.1\n")
-    elif case == "a-list-missing":
-        (tmp_path / "feed.txt").unlink()
-    elif case == "bad-yaml":
-        policy.write_text(POLICY + "  - [\n")
     cores = os.sched_getaffinity(0)
     if case == "one-core":
         os.sched_setaffinity(0, {min(cores)})
@@ -320,3 +300,46 @@ def test_start_needs_no_helper(
     finally:
         os.sched_setaffinity(0, cores)
     assert blocklists.expected() is None
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("small-lists", "lists too small to need it"),
+        ("a-list-missing", "gave up (FileNotFoundError)"),
+        ("bad-yaml", "gave up (PolicyError)"),
+        ("not-a-list", "no block lists"),
+    ],
+)
+def test_a_helper_with_nothing_to_do_leaves_the_loader_as_it_was(
+    policy: Path, tmp_path: Path, case: str, says: str
+) -> None:
+    """The helper reads the policy itself: what it cannot compile, the loader
+    compiles or refuses as without it."""
+    if case == "small-lists":
+        (tmp_path / "feed.txt").write_text("192.0.2.1\n")
+    elif case == "a-list-missing":
+        (tmp_path / "feed.txt").unlink()
+    elif case == "bad-yaml":
+        policy.write_text(POLICY + "  - [\n")
+    elif case == "not-a-list":
+        policy.write_text(POLICY.replace("[feed.txt]", "feed.txt"))
+    expected: IPSet | PolicyError
+    try:
+        expected = parsed_here(policy)
+    except PolicyError as e:
+        expected = e
+    done, write_end = os.pipe()
+    blocklists.work(str(policy), tmp_path, write_end)  # what the helper would say
+    os.close(write_end)
+    assert os.read(done, 4096).decode().startswith(says + " in ")
+    os.close(done)
+    listhelper.start(str(policy))
+    assert blocklists.expected() is not None
+    if isinstance(expected, IPSet):
+        assert load_policy(policy).block.to_bytes() == expected.to_bytes()
+    else:
+        with pytest.raises(PolicyError) as got:
+            load_policy(policy)
+        assert str(got.value) == str(expected)
+    assert blocklists.expected() is None  # released after the load, either way

@@ -27,7 +27,6 @@ helper's work; then it is `release`d.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -190,10 +189,16 @@ def lists_of(text: str, policy: str) -> tuple[list[str], list[str]] | None:
     return block, [f if Path(f).is_absolute() else str(base / f) for f in files]
 
 
-def _compile_into(folder: Path, block: list[str], files: list[str]) -> str:
-    """Compile the lists into `folder` as the loader would; what was done, in words."""
-    inline = [parse_cidr(text) for text in block]
-    sources = [(path, Path(path).read_bytes()) for path in files]
+def _compile_policy_lists(policy: str, folder: Path) -> str:
+    """Compile the block lists `policy` names into `folder`, as the loader
+    would (when they are big enough to be cached); what was done, in words."""
+    found = lists_of(Path(policy).read_text(encoding="utf-8"), policy)
+    if found is None:
+        return "no block lists"
+    inline = [parse_cidr(text) for text in found[0]]
+    sources = [(path, Path(path).read_bytes()) for path in found[1]]
+    if sum(len(data) for _, data in sources) < listcache.MIN_BYTES:
+        return "lists too small to need it"
     key = listcache.key(inline, (data for _, data in sources))
     if listcache.has(key, folder):
         return "in the cache already"
@@ -203,23 +208,21 @@ def _compile_into(folder: Path, block: list[str], files: list[str]) -> str:
     return COMPILED
 
 
-def work(folder: Path, block: list[str], files: list[str], fd: int) -> None:
-    """The helper's work: compile the lists into `folder`, say what was done
-    (and its time and peak memory) on `fd`."""
+def work(policy: str, folder: Path, fd: int) -> None:
+    """The helper's work: compile the block lists of `policy` into `folder`,
+    say what was done (and its time and peak memory) on `fd`."""
     began = time.perf_counter()
     try:
-        what = _compile_into(folder, block, files)
-    except (OSError, ValueError) as e:  # a bad line (PolicyError): the loader will say
+        what = _compile_policy_lists(policy, folder)
+    except (OSError, ValueError) as e:  # PolicyError too (bad YAML, a bad line): the loader says
         what = f"gave up ({type(e).__name__})"
     took = time.perf_counter() - began
     os.write(fd, f"{what} in {took:.2f} s, peak {_peak_mb():.0f} MB".encode())
 
 
 def main(argv: list[str]) -> int:
-    """`python -m authgate.policy.blocklists FOLDER FD JOB`: `work` on the lists
-    JOB names (JSON: {"block": [entry, ...], "files": [path, ...]})."""
-    folder, fd, job = Path(argv[0]), int(argv[1]), json.loads(argv[2])
-    work(folder, job["block"], job["files"], fd)
+    """`python -m authgate.policy.blocklists POLICY FOLDER FD`: `work`."""
+    work(argv[0], Path(argv[1]), int(argv[2]))
     return 0
 
 

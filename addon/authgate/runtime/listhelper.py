@@ -10,7 +10,6 @@ for this one compile instead of each running their own.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import signal
@@ -25,7 +24,6 @@ from authgate.policy import blocklists, listcache
 
 ENV = "AUTHGATE_LIST_HELPER"  # `off`: no helper process
 HANDED = "AUTHGATE_LIST_HELPER_PIPE"  # "FD FOLDER": a supervisor's helper, for its workers
-MAX_JOB = 100_000  # characters of the helper's job on its command line (Linux: 128 KiB an argument)
 
 
 def _cores() -> int:
@@ -51,31 +49,20 @@ def start(policy: str) -> None:
     if os.environ.get(ENV, "").strip().lower() == "off" or _cores() < 2 or not sys.executable:
         return
     try:
-        text = Path(policy).read_bytes()
-        if b"block_files" not in text:
+        if b"block_files" not in Path(policy).read_bytes():
             return  # no lists (a key spelled with escapes: the loader compiles them)
-        found = blocklists.lists_of(text.decode("utf-8"), policy)
-        if found is None:
-            return
-        block, files = found
-        if sum(os.stat(f).st_size for f in files) < listcache.MIN_BYTES:
-            return  # compiled in a moment, or cached: no helper needed
-    except (OSError, ValueError):
-        return  # not UTF-8, bad YAML, a list missing: the loader says so
-    if len(json.dumps({"block": block, "files": files})) > MAX_JOB:
-        return  # a huge inline list: more than a command line may carry
-    folder = listcache.folder()
-    temporary = folder is None
-    try:
-        if folder is None:
-            folder = Path(tempfile.mkdtemp(prefix="authgate-lists-"))  # 0700
-        elif not listcache.ready(folder):
-            return  # a folder the cache may not use (the loader says so)
     except OSError:
-        return
+        return  # the loader says why
+    folder = listcache.folder()  # the helper makes it, if it has anything to store
+    temporary = folder is None
+    if folder is None:
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="authgate-lists-"))  # 0700
+        except OSError:
+            return
     done, write_end = os.pipe()
     try:
-        end = _spawn(folder, block, files, write_end)
+        end = _spawn(policy, folder, write_end)
     except OSError:
         os.close(done)
         if temporary:
@@ -93,7 +80,7 @@ def start(policy: str) -> None:
     atexit.register(blocklists.release)  # when the first load never came
 
 
-def _spawn(folder: Path, block: list[str], files: list[str], write_end: int) -> Callable[[], None]:
+def _spawn(policy: str, folder: Path, write_end: int) -> Callable[[], None]:
     """Start the helper (blocklists.work) with the pipe's write end; a function
     that ends it (killed if still running) and reaps it. Raises OSError."""
     if hasattr(os, "fork") and threading.active_count() == 1:
@@ -107,7 +94,7 @@ def _spawn(folder: Path, block: list[str], files: list[str], write_end: int) -> 
                 quiet = os.open(os.devnull, os.O_RDWR)
                 for std in (0, 1, 2):
                     os.dup2(quiet, std)
-                blocklists.work(folder, block, files, write_end)
+                blocklists.work(policy, folder, write_end)
                 code = 0
             finally:
                 os._exit(code)
@@ -121,10 +108,9 @@ def _spawn(folder: Path, block: list[str], files: list[str], write_end: int) -> 
                 pass  # reaped already
 
         return end_fork
-    job = json.dumps({"block": block, "files": files})
     # -P: nothing from the working directory on the module path.
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-P", "-m", blocklists.__name__, str(folder), str(write_end), job],
+        [sys.executable, "-P", "-m", blocklists.__name__, policy, str(folder), str(write_end)],
         pass_fds=(write_end,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
