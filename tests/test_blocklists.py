@@ -343,3 +343,44 @@ def test_a_helper_with_nothing_to_do_leaves_the_loader_as_it_was(
             load_policy(policy)
         assert str(got.value) == str(expected)
     assert blocklists.expected() is None  # released after the load, either way
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "files", "cores"),
+    [
+        pytest.param("0::/\n", {"cpu.max": "max 100000\n"}, None, id="v2-no-limit"),
+        pytest.param("0::/\n", {"cpu.max": "100000 100000\n"}, 1.0, id="v2-container-1-cpu"),
+        pytest.param(
+            "0::/system.slice/a.service\n",
+            {"system.slice/a.service/cpu.max": "150000 100000\n"},
+            1.5,
+            id="v2-service-quota",
+        ),
+        pytest.param(
+            "1:cpu,cpuacct:/docker/x\n0::/\n",
+            {
+                "cpu/docker/x/cpu.cfs_quota_us": "50000\n",
+                "cpu/docker/x/cpu.cfs_period_us": "100000",
+            },
+            0.5,
+            id="v1-quota",
+        ),
+        pytest.param(
+            "1:cpu:/\n",
+            {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+            None,
+            id="v1-no-limit",
+        ),
+        pytest.param("0::/\n", {"unified/cpu.max": "300000 100000\n"}, 3.0, id="hybrid"),
+        pytest.param("0::/\n", {"cpu.max": "lots 0\n"}, None, id="garbage"),
+        pytest.param("0::/\n", {}, None, id="no-files"),
+    ],
+)
+def test_cpu_quota(tmp_path: Path, cgroup: str, files: dict[str, str], cores: float | None) -> None:
+    """A container's or a service's CPU limit counts as the cores there are:
+    with less than two, no helper is started."""
+    (tmp_path / "cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    assert listhelper.cpu_quota(tmp_path / "cgroup", tmp_path / "fs") == cores

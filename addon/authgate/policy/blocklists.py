@@ -6,11 +6,13 @@
 A million-line feed takes about a second to compile, and `authgate run`
 spends over half a second importing mitmproxy and building its master before
 it reads the policy. So its command line starts a helper process first thing
-(`authgate.runtime.listhelper`): `python -m authgate.policy.blocklists FOLDER
-FD JOB` compiles the lists JOB names on another core meanwhile, stores the set
-as a list-cache entry under its content key (`listcache.key`) in FOLDER (the
-list cache's folder, or with the cache off a private temporary one), says
-what it did on FD and exits.
+(`authgate.runtime.listhelper`: a fork, or `python -m
+authgate.policy.blocklists POLICY FOLDER FD`). The helper (`work`) reads the
+policy's `ip` section as the loader does, compiles its lists on another core
+meanwhile if they are big enough to be cached, stores the set as a list-cache
+entry under its content key (`listcache.key`) in FOLDER (the list cache's
+folder, or with the cache off a private temporary one), says what it did on
+FD and exits.
 
 The gateway `expect`s it. When the loader meets a big list that is not in the
 cache, `take(key)` waits for the helper to exit (it holds the write end of the
@@ -18,11 +20,11 @@ pipe FD: end of file when it exits, however it exits), at most `WAIT_FIRST`
 seconds plus `WAIT_PER_MB` per megabyte of lists, then reads the set stored
 under the key the loader computed from the bytes it read itself, with the
 cache's trust checks (`listcache.load`). A set compiled from other content (a
-list changed in between) is never taken. Whatever goes wrong (it crashed, was
-killed, took too long, met a bad line, left garbage), `take` returns None and
-the loader compiles the lists itself, as it does without a helper: the same
-set, the same errors naming file and line. Only the first load takes the
-helper's work; then it is `release`d.
+list or the policy changed in between) is never taken. Whatever goes wrong
+(it crashed, was killed, took too long, met a bad line, left garbage), `take`
+returns None and the loader compiles the lists itself, as it does without a
+helper: the same set, the same errors naming file and line. Only the first
+load takes the helper's work; then it is `release`d.
 """
 
 from __future__ import annotations

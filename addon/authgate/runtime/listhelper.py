@@ -24,19 +24,66 @@ from authgate.policy import blocklists, listcache
 
 ENV = "AUTHGATE_LIST_HELPER"  # `off`: no helper process
 HANDED = "AUTHGATE_LIST_HELPER_PIPE"  # "FD FOLDER": a supervisor's helper, for its workers
+CGROUPS = Path("/sys/fs/cgroup")
 
 
-def _cores() -> int:
+def cores() -> float:
+    """The cores this process may use: its CPU affinity, or a cgroup's CPU
+    quota (a container's or a service's CPU limit) when that is lower."""
     try:
-        return len(os.sched_getaffinity(0))
+        usable = float(len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        usable = float(os.cpu_count() or 1)
+    quota = cpu_quota()
+    return usable if quota is None else min(usable, quota)
+
+
+def cpu_quota(proc: Path = Path("/proc/self/cgroup"), root: Path = CGROUPS) -> float | None:
+    """The CPU quota on this process's own cgroup, in cores (cgroup v2's
+    `cpu.max`, v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None without one."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    found: list[float] = []
+    for line in lines:
+        fields = line.split(":", 2)  # ID:CONTROLLERS:PATH
+        if len(fields) != 3:
+            continue
+        controllers, where = fields[1], fields[2].strip().lstrip("/")
+        if not controllers:  # v2 (hybrid systems mount it at unified/)
+            for f in (root / where / "cpu.max", root / "unified" / where / "cpu.max"):
+                words = _read(f).split()
+                if len(words) == 2 and words[0] != "max":
+                    found.append(_ratio(words[0], words[1]))
+        elif "cpu" in controllers.split(","):
+            folder = root / "cpu" / where
+            quota = _read(folder / "cpu.cfs_quota_us").strip()
+            if quota and not quota.startswith("-"):
+                found.append(_ratio(quota, _read(folder / "cpu.cfs_period_us").strip()))
+    found = [f for f in found if f > 0]
+    return min(found) if found else None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _ratio(quota: str, period: str) -> float:
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return 0.0  # unreadable: no quota
 
 
 def start(policy: str) -> None:
     """Start compiling the policy's block lists in a helper process, or, in a
-    worker, expect the supervisor's. Does nothing when it is off, on one core,
-    or when no process can be started."""
+    worker, expect the supervisor's. Does nothing when it is off, with less
+    than two cores to use (the helper would only take the gateway's), when the
+    policy names no `block_files`, or when no process can be started."""
     handed = os.environ.pop(HANDED, None)  # for this process, not its children
     if handed is not None:
         fd, _, where = handed.partition(" ")
@@ -46,7 +93,7 @@ def start(policy: str) -> None:
             return
         blocklists.expect(int(fd), Path(where))
         return
-    if os.environ.get(ENV, "").strip().lower() == "off" or _cores() < 2 or not sys.executable:
+    if os.environ.get(ENV, "").strip().lower() == "off" or cores() < 2:
         return
     try:
         if b"block_files" not in Path(policy).read_bytes():
