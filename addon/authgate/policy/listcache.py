@@ -63,8 +63,7 @@ def _private(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
-def ready(where: Path) -> bool:
-    """The folder exists (made 0700 if need be) and may be used."""
+def _ready(where: Path) -> bool:
     try:
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
@@ -115,7 +114,7 @@ def load(name: str, where: Path | None = None, *, checked: bool = True) -> IPSet
 def store(name: str, compiled: IPSet, where: Path | None = None) -> bool:
     """Write the set under `name`, and drop the oldest beyond KEEP. True when written."""
     where = where if where is not None else folder()
-    if where is None or not ready(where):
+    if where is None or not _ready(where):
         return False
     data = _MAGIC + name.encode() + compiled.to_bytes()
     data += hashlib.sha256(data).digest()
