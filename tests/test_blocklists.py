@@ -25,6 +25,7 @@ from authgate.policy import blocklists, listcache
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
 from authgate.runtime import listhelper
+from conftest import START_SECONDS, wait_until
 
 BLOCKED = ["203.0.113.9", "127.0.0.2", "127.0.1.5", "10.1.2.3", "172.16.0.5", "2001:db8::1"]
 ALLOWED = ["127.0.0.1", "127.0.0.3", "192.0.2.1", "10.200.0.1", "2001:db9::1"]
@@ -82,6 +83,7 @@ def spawn(
     done, write_end = os.pipe()
     if code is None:
         argv = ["-P", "-m", "authgate.policy.blocklists", str(policy), str(folder), str(write_end)]
+        argv.append(str(os.getpid()))
     else:
         argv = ["-c", code, str(folder), str(write_end), *args]
     process = subprocess.Popen([sys.executable, *argv], pass_fds=(write_end,))
@@ -330,7 +332,7 @@ def test_a_helper_with_nothing_to_do_leaves_the_loader_as_it_was(
     except PolicyError as e:
         expected = e
     done, write_end = os.pipe()
-    blocklists.work(str(policy), tmp_path, write_end)  # what the helper would say
+    blocklists.work(str(policy), tmp_path, write_end, os.getppid())  # what the helper says
     os.close(write_end)
     assert os.read(done, 4096).decode().startswith(says + " in ")
     os.close(done)
@@ -384,3 +386,23 @@ def test_cpu_quota(tmp_path: Path, cgroup: str, files: dict[str, str], cores: fl
         (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "fs" / name).write_text(text)
     assert listhelper.cpu_quota(tmp_path / "cgroup", tmp_path / "fs") == cores
+
+
+ORPHANING = """
+import os, subprocess, sys
+done, write_end = os.pipe()
+helper = [sys.executable, "-P", "-m", "authgate.policy.blocklists", *sys.argv[1:]]
+helper += [str(write_end), str(os.getpid())]
+subprocess.Popen(helper, pass_fds=(write_end,))
+"""  # and gone at once, as a gateway killed while starting: its helper is orphaned
+
+
+def test_a_helper_whose_gateway_is_gone_stores_nothing(policy: Path, tmp_path: Path) -> None:
+    """Killed while starting (SIGTERM before its handlers, SIGKILL), a gateway
+    never takes the set, nor removes its private folder: the helper leaves
+    nothing behind (not 8 MB in /tmp)."""
+    folder = tmp_path / "private"
+    folder.mkdir(mode=0o700)
+    subprocess.run([sys.executable, "-c", ORPHANING, str(policy), str(folder)], check=True)
+    wait_until(lambda: not folder.exists(), START_SECONDS, what="the helper's folder removed")
+    assert list(tmp_path.rglob("*.ipset")) == []

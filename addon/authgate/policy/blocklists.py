@@ -7,7 +7,7 @@ A million-line feed takes about a second to compile, and `authgate run`
 spends over half a second importing mitmproxy and building its master before
 it reads the policy. So its command line starts a helper process first thing
 (`authgate.runtime.listhelper`: a fork, or `python -m
-authgate.policy.blocklists POLICY FOLDER FD`). The helper (`work`) reads the
+authgate.policy.blocklists POLICY FOLDER FD PID`). The helper (`work`) reads the
 policy's `ip` section as the loader does, compiles its lists on another core
 meanwhile if they are big enough to be cached, stores the set as a list-cache
 entry under its content key (`listcache.key`) in FOLDER (the list cache's
@@ -191,9 +191,10 @@ def lists_of(text: str, policy: str) -> tuple[list[str], list[str]] | None:
     return block, [f if Path(f).is_absolute() else str(base / f) for f in files]
 
 
-def _compile_policy_lists(policy: str, folder: Path) -> str:
+def _compile_policy_lists(policy: str, folder: Path, wanted: Callable[[], bool]) -> str:
     """Compile the block lists `policy` names into `folder`, as the loader
-    would (when they are big enough to be cached); what was done, in words."""
+    would (when they are big enough to be cached) and while `wanted()`; what
+    was done, in words."""
     found = lists_of(Path(policy).read_text(encoding="utf-8"), policy)
     if found is None:
         return "no block lists"
@@ -205,26 +206,37 @@ def _compile_policy_lists(policy: str, folder: Path) -> str:
     if listcache.has(key, folder):
         return "in the cache already"
     compiled = compile_lists(inline, sources)
+    if not wanted():
+        try:
+            folder.rmdir()  # a private folder made for this gateway: empty, gone
+        except OSError:
+            pass  # not empty (a cache), or gone already
+        return "the gateway is gone"
     if not listcache.store(key, compiled, folder):
         return "could not store the set"
     return COMPILED
 
 
-def work(policy: str, folder: Path, fd: int) -> None:
+def work(policy: str, folder: Path, fd: int, gateway: int) -> None:
     """The helper's work: compile the block lists of `policy` into `folder`,
-    say what was done (and its time and peak memory) on `fd`."""
+    say what was done (and its time and peak memory) on `fd`. Stores nothing
+    once `gateway` (its parent) is gone, killed while starting: nothing would
+    take the set, nor remove a private folder."""
     began = time.perf_counter()
     try:
-        what = _compile_policy_lists(policy, folder)
+        what = _compile_policy_lists(policy, folder, lambda: os.getppid() == gateway)
     except (OSError, ValueError) as e:  # PolicyError too (bad YAML, a bad line): the loader says
         what = f"gave up ({type(e).__name__})"
     took = time.perf_counter() - began
-    os.write(fd, f"{what} in {took:.2f} s, peak {_peak_mb():.0f} MB".encode())
+    try:
+        os.write(fd, f"{what} in {took:.2f} s, peak {_peak_mb():.0f} MB".encode())
+    except OSError:
+        pass  # nobody reads it (the gateway is gone)
 
 
 def main(argv: list[str]) -> int:
-    """`python -m authgate.policy.blocklists POLICY FOLDER FD`: `work`."""
-    work(argv[0], Path(argv[1]), int(argv[2]))
+    """`python -m authgate.policy.blocklists POLICY FOLDER FD GATEWAY_PID`: `work`."""
+    work(argv[0], Path(argv[1]), int(argv[2]), int(argv[3]))
     return 0
 
 

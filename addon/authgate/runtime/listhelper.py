@@ -130,6 +130,7 @@ def start(policy: str) -> None:
 def _spawn(policy: str, folder: Path, write_end: int) -> Callable[[], None]:
     """Start the helper (blocklists.work) with the pipe's write end; a function
     that ends it (killed if still running) and reaps it. Raises OSError."""
+    gateway = os.getpid()
     if hasattr(os, "fork") and threading.active_count() == 1:
         # A fork: everything the helper runs is imported already (a new
         # interpreter spends ~0.1 s importing it). Only in a process with no
@@ -141,7 +142,7 @@ def _spawn(policy: str, folder: Path, write_end: int) -> Callable[[], None]:
                 quiet = os.open(os.devnull, os.O_RDWR)
                 for std in (0, 1, 2):
                     os.dup2(quiet, std)
-                blocklists.work(policy, folder, write_end)
+                blocklists.work(policy, folder, write_end, gateway)
                 code = 0
             finally:
                 os._exit(code)
@@ -157,7 +158,16 @@ def _spawn(policy: str, folder: Path, write_end: int) -> Callable[[], None]:
         return end_fork
     # -P: nothing from the working directory on the module path.
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-P", "-m", blocklists.__name__, policy, str(folder), str(write_end)],
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            blocklists.__name__,
+            policy,
+            str(folder),
+            str(write_end),
+            str(gateway),
+        ],  # fmt: skip
         pass_fds=(write_end,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
