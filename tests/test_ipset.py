@@ -570,6 +570,10 @@ def test_compiled_bytes_refuse_anything_else() -> None:
     ]:
         with pytest.raises(ValueError, match=problem):
             IPSet.from_bytes(bad)
+        if problem != "out of order":  # unchecked: only the order goes unchecked
+            with pytest.raises(ValueError, match=problem):
+                IPSet.from_bytes(memoryview(bad), checked=False)
+    assert IPSet.from_bytes(bytes(unsorted), checked=False).entries == 2
 
 
 # --- read_cidr_text: the bulk reader against the line-by-line one -------------

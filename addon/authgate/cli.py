@@ -14,8 +14,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from authgate.tools.keys import DEMO_AUDIENCE, DEMO_ISSUER, DEMO_KID
-
 
 def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
     """Dispatch to authgate.tools.commands.NAME, imported only when used (so
@@ -104,6 +102,8 @@ def _describe(subs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def parser() -> argparse.ArgumentParser:
+    from authgate.tools.keys import DEMO_AUDIENCE, DEMO_ISSUER, DEMO_KID  # (imports jwt)
+
     p = argparse.ArgumentParser(prog="authgate", description=DESCRIPTION)
     p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
@@ -460,8 +460,30 @@ def _negative_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _start_compiling(argv: Sequence[str]) -> None:
+    """`authgate run ... --policy FILE`: have the policy's block lists compile
+    in a helper process from now on, while jwt and mitmproxy are imported
+    (authgate.runtime.listhelper). Reads `--policy FILE` or `--policy=FILE`
+    only; anything else (an abbreviation) means no helper, never a failure."""
+    if not argv or argv[0] != "run":
+        return
+    for i, arg in enumerate(argv):
+        if arg == "--policy" and i + 1 < len(argv):
+            policy = argv[i + 1]
+        elif arg.startswith("--policy="):
+            policy = arg.removeprefix("--policy=")
+        else:
+            continue
+        from authgate.runtime import listhelper
+
+        listhelper.start(policy)
+        return
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(_negative_values(sys.argv[1:] if argv is None else argv))
+    words = _negative_values(sys.argv[1:] if argv is None else argv)
+    _start_compiling(words)
+    args = parser().parse_args(words)
     code: int = args.func(args)
     return code
 

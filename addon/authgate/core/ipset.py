@@ -26,7 +26,6 @@ INDEX_BITS = 16  # the bucket index splits IPv4 space by /16
 INDEX_MIN = 4096  # ranges; below this, a plain bisect is as fast as the index
 _MAGIC = b"authgate-ipset-1\n"
 _CHUNK = 1 << 20  # characters of a block list parsed at a time (bounds the peak)
-_HOST_MASKS = [(1 << (32 - p)) - 1 for p in range(33)]
 _HOST_MASKS_BY_BITS = [(1 << b) - 1 for b in range(33)]
 _Seq = TypeVar("_Seq", "array[int]", "list[int]")
 
@@ -287,16 +286,19 @@ class IPSet:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, index_min: int = INDEX_MIN) -> IPSet:
-        """The set `to_bytes` wrote. Raises ValueError on anything else: a
-        wrong magic or length, or ranges that are not sorted and disjoint."""
-        head = len(_MAGIC) + 24
-        if len(data) < head or not data.startswith(_MAGIC):
-            raise ValueError("not a compiled IP set")
-        entries, n4, n6 = struct.unpack_from("<QQQ", data, len(_MAGIC))
-        if len(data) != head + 8 * n4 + 32 * n6:
-            raise ValueError("a compiled IP set of the wrong length")
+    def from_bytes(
+        cls, data: bytes | memoryview, *, index_min: int = INDEX_MIN, checked: bool = True
+    ) -> IPSet:
+        """The set `to_bytes` wrote (bytes, or a view of them: not copied).
+        Raises ValueError on anything else: a wrong magic or length, or
+        (`checked`) ranges that are not sorted and disjoint."""
         view = memoryview(data)
+        head = len(_MAGIC) + 24
+        if len(view) < head or view[: len(_MAGIC)] != _MAGIC:
+            raise ValueError("not a compiled IP set")
+        entries, n4, n6 = struct.unpack_from("<QQQ", view, len(_MAGIC))
+        if len(view) != head + 8 * n4 + 32 * n6:
+            raise ValueError("a compiled IP set of the wrong length")
         arrays = []
         at = head
         for _ in range(2):
@@ -312,16 +314,22 @@ class IPSet:
             v6.append([int.from_bytes(chunk[i : i + 16], "big") for i in range(0, 16 * n6, 16)])
             at += 16 * n6
         starts, ends = arrays
-        # Sorted and disjoint, or bisect would answer wrongly: one pass in C
-        # (a start after the previous end + 1, each start at most its end).
-        if n4 and not (
-            all(map(operator.le, starts, ends))
-            and all(map(operator.lt, map(operator.add, ends, repeat(1)), starts[1:]))
+        # Sorted and disjoint, or bisect would answer wrongly: two passes in C
+        # (each start at most its end, each end before the next start).
+        if (
+            checked
+            and n4
+            and not (
+                all(map(operator.le, starts, ends)) and all(map(operator.lt, ends, starts[1:]))
+            )
         ):
             raise ValueError("a compiled IP set out of order")
-        if n6 and not (
-            all(map(operator.le, v6[0], v6[1]))
-            and all(map(operator.lt, map(operator.add, v6[1], repeat(1)), v6[0][1:]))
+        if (
+            checked
+            and n6
+            and not (
+                all(map(operator.le, v6[0], v6[1])) and all(map(operator.lt, v6[1], v6[0][1:]))
+            )
         ):
             raise ValueError("a compiled IP set out of order")
         return cls._make((starts, ends), (v6[0], v6[1]), entries, index_min)
@@ -412,7 +420,11 @@ def _bulk_v4(chunk: str, lines: list[str], out: array[float]) -> bool:
         return False  # IPv6: the careful path
     if "#" in chunk:
         lines = [line.split("#", 1)[0] if "#" in line else line for line in lines]
-    entries = [e for e in map(str.strip, lines) if e]
+    if chunk.isascii() and " " not in chunk and "\t" not in chunk and "\x1f" not in chunk:
+        # Nothing to strip: of ASCII whitespace, splitlines leaves only these.
+        entries = list(filter(None, lines))
+    else:
+        entries = [e for e in map(str.strip, lines) if e]
     if "/" in chunk:
         nets = [e for e in entries if "/" in e]
         plain = [e for e in entries if "/" not in e]
@@ -425,28 +437,27 @@ def _bulk_v4(chunk: str, lines: list[str], out: array[float]) -> bool:
         if len(parts) != 2 * len(nets):
             return False
         net_addresses, prefix_texts = parts[0::2], parts[1::2]
-    pton4 = partial(inet_pton, AF_INET)
     try:
-        addresses = _u32_be(b"".join(map(pton4, plain)))
+        addresses = _u32_be(b"".join(map(inet_pton, repeat(AF_INET), plain)))
         if nets:
-            starts = _u32_be(b"".join(map(pton4, net_addresses)))
+            starts = _u32_be(b"".join(map(inet_pton, repeat(AF_INET), net_addresses)))
     except OSError:
         return False
     keys = list(map((64.0).__mul__, addresses))
     if nets:
         # The line-by-line reader's fast path: one or two ASCII digits, <= 32.
-        joined = "".join(prefix_texts)
-        if not (joined.isascii() and joined.isdigit()):
-            return False
-        if min(map(len, prefix_texts)) < 1 or max(map(len, prefix_texts)) > 2:
-            return False
-        prefixes = list(map(int, prefix_texts))
-        if max(prefixes) > 32:
-            return False
-        if any(map(operator.and_, starts, map(_HOST_MASKS.__getitem__, prefixes))):
+        # Feeds use a few prefix lengths: each distinct one is checked once.
+        host_bits: dict[str, int] = {}
+        for prefix in set(prefix_texts):
+            if not (prefix.isascii() and prefix.isdigit() and 1 <= len(prefix) <= 2):
+                return False
+            if int(prefix) > 32:
+                return False
+            host_bits[prefix] = 32 - int(prefix)
+        bits = list(map(host_bits.__getitem__, prefix_texts))
+        if any(map(operator.and_, starts, map(_HOST_MASKS_BY_BITS.__getitem__, bits))):
             return False  # host bits set: the careful path names the line
-        host_bits = map(operator.sub, repeat(32), prefixes)
-        keys.extend(map(operator.add, map((64.0).__mul__, starts), host_bits))
+        keys.extend(map(operator.add, map((64.0).__mul__, starts), bits))
     out.extend(keys)
     return True
 

@@ -44,6 +44,7 @@ from types import FrameType
 from typing import Any
 
 from authgate.house.admin import AdminServer, Readiness
+from authgate.runtime import listhelper
 
 STATUS_STALE_SECONDS = 5.0  # a worker whose status is older is not ready
 BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 0.5, 30.0, 60.0
@@ -151,9 +152,13 @@ class Supervisor:
             AUTHGATE_SHARE_PORT="1",
             PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         )
+        # The block-list helper `authgate run` started: the workers take its
+        # work rather than each compiling the same lists (listhelper.py).
+        helper_env, helper_fds = listhelper.for_workers()
+        env.update(helper_env)
         w.status_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "authgate.cli", self.command, *self.argv]
-        w.process = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter and module
+        w.process = subprocess.Popen(cmd, env=env, pass_fds=helper_fds)  # noqa: S603 - our own interpreter and module
         w.started = time.monotonic()
 
     def _tend(self, metrics_dir: Path) -> int | None:

@@ -71,8 +71,16 @@ def _ready(where: Path) -> bool:
     return _private(where)
 
 
-def load(name: str, where: Path | None = None) -> IPSet | None:
-    """The compiled set stored under `name`, or None (missing or untrusted)."""
+def has(name: str, where: Path) -> bool:
+    """Whether a set is stored under `name` (unchecked: `load` checks)."""
+    return (where / (name + _SUFFIX)).is_file()
+
+
+def load(name: str, where: Path | None = None, *, checked: bool = True) -> IPSet | None:
+    """The compiled set stored under `name`, or None (missing or untrusted).
+    `checked=False` skips checking the set's order (IPSet.from_bytes) for one
+    this process knows was just compiled by the loader's own code; every
+    other check stays."""
     where = where if where is not None else folder()
     if where is None or not _private(where):
         return None
@@ -94,11 +102,11 @@ def load(name: str, where: Path | None = None) -> IPSet | None:
         return None
     if data[len(_MAGIC) : head] != name.encode():
         return None  # a file renamed (or linked) under another key
-    body, digest = data[head:-32], data[-32:]
-    if hashlib.sha256(data[:-32]).digest() != digest:
+    view = memoryview(data)  # slices of a view are not copies (a set is megabytes)
+    if hashlib.sha256(view[:-32]).digest() != data[-32:]:
         return None
     try:
-        return IPSet.from_bytes(body)
+        return IPSet.from_bytes(view[head:-32], checked=checked)
     except ValueError:
         return None
 

@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import urllib.parse
-from array import array
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -44,7 +43,7 @@ from authgate.core.introspection import (
     Introspected,
     IntrospectionConfig,
 )
-from authgate.core.ipset import IPSet, cidr_key, parse_cidr, read_cidr_text
+from authgate.core.ipset import IPSet, parse_cidr
 from authgate.core.keyset import RemoteKeys, VerifyKey, check_url
 from authgate.core.model import (
     TRUSTED_BY_BACKENDS,
@@ -68,7 +67,7 @@ from authgate.core.tokens import (
     load_jwks,
     load_public_key_pem,
 )
-from authgate.policy import listcache
+from authgate.policy import blocklists, listcache
 from authgate.policy.marks import MarkedDict, MarkedList, PolicyError, load
 from authgate.policy.marks import describe_value as _kind
 from authgate.policy.values import HEADER_NAME, METHOD, parse_duration
@@ -107,7 +106,6 @@ MAX_WATCH_SECONDS = 7 * 86400  # a window or an action, at most a week
 
 
 logger = logging.getLogger("authgate")
-BIG_LIST = 100_000  # lines; a list this long says it is loading
 
 T = TypeVar("T")
 
@@ -216,54 +214,37 @@ class _Builder:
                 raise self.error(line, f"{where}: {e}") from None
         return out
 
-    def block_set(self, inline: list[tuple[int, int, int]], files: list[tuple[int, str]]) -> IPSet:
-        """`ip.block` and every `ip.block_files` list as one set, parsed in
-        bulk (a million-entry feed is never a million tuples), or read
-        compiled from the cache when exactly this content was parsed before."""
+    def block_set(
+        self, inline: list[tuple[int, int, int]], files: list[tuple[int, str]]
+    ) -> Callable[[], IPSet]:
+        """`ip.block` and every `ip.block_files` list as one set. The lists are
+        read now; the function returned makes the set: read compiled from the
+        cache when exactly this content was compiled before, taken from the
+        helper process when it compiled exactly this content while the gateway
+        started (see blocklists.py), else compiled here. The loader calls it
+        last, so that the rest of the policy is built while the helper works."""
         sources = [(str(self.path(f, line)), self.read(f, line, "block file")) for line, f in files]
-        cache_key = None
-        if sum(len(data) for _, data in sources) >= listcache.MIN_BYTES:
-            cache_key = listcache.key(inline, (data for _, data in sources))
-            cached = listcache.load(cache_key)
-            if cached is not None:
-                logger.info(
-                    f"authgate: block list {', '.join(p for p, _ in sources)}: "
-                    f"{cached.entries:,} entries, compiled before (cache)"
-                )
-                return cached
-        v4 = array("d")  # see IPSet.from_cidr_keys
-        v6: list[int] = []
-        for family, first, last in inline:
-            if family == 4:
-                v4.append(cidr_key(first, last))
-            else:
-                v6.append(first << 128 | last)
-        for path, data in sources:
-            self.block_file(path, data, v4, v6)
-        del sources  # the files' text: not needed while the set is built
-        compiled = IPSet.from_cidr_keys(v4, v6)
-        if cache_key is not None:
-            listcache.store(cache_key, compiled)
-            _give_back_memory()
-        return compiled
 
-    def block_file(self, path: str, data: bytes, v4: array[float], v6: list[int]) -> None:
-        """Parse one list file into v4 and v6 (see IPSet.from_cidr_keys)."""
-        try:
-            content = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PolicyError(path, None, "not UTF-8 text") from None
-        lines = data.count(b"\n")  # about: a last line without a newline is not counted
-        big = lines >= BIG_LIST
-        if big:
-            logger.info(f"authgate: loading block list {path} ({lines:,} lines)...")
-        (f4, f6), problem = read_cidr_text(content)
-        if problem is not None:
-            raise PolicyError(path, problem[0], problem[1])
-        if big:
-            logger.info(f"authgate: block list {path}: {len(f4) + len(f6):,} ranges")
-        v4.extend(f4)
-        v6.extend(f6)
+        def make() -> IPSet:
+            size = sum(len(data) for _, data in sources)
+            if size < listcache.MIN_BYTES:
+                return blocklists.compile_lists(inline, sources)
+            key = listcache.key(inline, (data for _, data in sources))
+            lists = ", ".join(p for p, _ in sources)
+            cached = listcache.load(key)
+            if cached is not None:
+                logger.info(f"authgate: block list {lists}: {cached.entries:,} entries, "
+                            "compiled before (cache)")  # fmt: skip
+                return cached
+            taken = blocklists.take(key, size, lists)
+            if taken is not None:
+                return taken
+            compiled = blocklists.compile_lists(inline, sources)
+            listcache.store(key, compiled)
+            _give_back_memory()
+            return compiled
+
+        return make
 
     def duration(self, value: Any, line: int, where: str) -> float:
         try:
@@ -1273,19 +1254,19 @@ class _Builder:
 
         ip_header, trusted = attempt(read_client_ip, ("x-forwarded-for", IPSet.build([])))
 
-        def read_ip() -> tuple[IPSet, IPSet | None]:
+        def read_ip() -> tuple[Callable[[], IPSet], IPSet | None]:
             ip = self.get(top, "ip", dict, "the policy", MarkedDict())
             self.keys(ip, {"block", "block_files", "allow"}, "ip")
-            blocked = self.block_set(
+            make_block = self.block_set(
                 self.cidrs(self.strings(ip, "block", "ip"), "ip.block"),
                 self.strings(ip, "block_files", "ip"),
             )
             allow_entries = self.strings(ip, "allow", "ip")
             allow = IPSet.build(self.cidrs(allow_entries, "ip.allow")) if allow_entries else None
-            return blocked, allow
+            return make_block, allow
 
-        no_ip: tuple[IPSet, IPSet | None] = (IPSet.build([]), None)
-        blocked, allow_set = attempt(read_ip, no_ip)
+        no_ip: tuple[Callable[[], IPSet], IPSet | None] = (IPSet.empty, None)
+        make_block, allow_set = attempt(read_ip, no_ip)
         authn = attempt(
             lambda: self.get(top, "authn", dict, "the policy", MarkedDict()), MarkedDict()
         )
@@ -1379,6 +1360,9 @@ class _Builder:
         strip = attempt(lambda: self.strip_headers(top), frozenset(TRUSTED_BY_BACKENDS))
         no_watch: tuple[WatchSpec, ...] = ()
         watch = attempt(lambda: self.watch(top), no_watch)
+        # The block set last: a big list may still be compiling in the helper
+        # process (blocklists.py), and the rest was built meanwhile.
+        blocked = attempt(make_block, IPSet.empty())
         if problems:
             problems.sort(key=lambda e: (e.file != self.file, e.line or 0))
             problems[0].more = tuple(problems[1:])
@@ -1469,4 +1453,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         raise PolicyError(str(p), None, f"cannot read the policy: {e.strerror}") from None
     except UnicodeDecodeError:
         raise PolicyError(str(p), None, "the policy is not UTF-8 text") from None
-    return parse_policy(text, str(p), p.parent)
+    try:
+        return parse_policy(text, str(p), p.parent)
+    finally:
+        blocklists.release()  # the helper's work was for the first load only

@@ -4,10 +4,14 @@ and how much memory it holds, at start and across a reload.
 Generates a 1,000-rule policy with a 1,000,000-entry block list in a temporary
 folder, starts `authgate run` as a real subprocess in front of a trivial
 backend, and times launch to the first request served (a real HTTP request,
-polled). Memory is the child's own account in /proc/PID/status: VmHWM (peak
+polled). Memory is the gateway's own account in /proc/PID/status: VmHWM (peak
 resident) at serving, then, after resetting the peak, across a reload that a
-changed block list triggers. Figures, never assertions: `make bench` prints
-them and docs/ records them.
+changed block list triggers; the block-list helper process says its own peak
+in the gateway's log. Three ways to start, alternating, medians of `rounds`:
+cold (no list cache: the helper compiles the list), cold without the helper
+(AUTHGATE_LIST_HELPER=off: the gateway compiles it), warm (from the list
+cache). Figures, never assertions: `make bench` prints them and docs/ records
+them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import http.client
 import os
 import random
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,10 +167,13 @@ def _authgate() -> list[str]:
     return [sys.executable, "-c", "import sys; from authgate.cli import main; sys.exit(main())"]
 
 
-def measure(folder: Path, timeout: float = 120.0, cache: Path | None = None) -> dict[str, float]:
+def measure(
+    folder: Path, timeout: float = 120.0, cache: Path | str | None = None, helper: bool = True
+) -> dict[str, float]:
     """Start `authgate run` on the policy in `folder` (see make_policy), wait
     until it serves, then reload it; the figures in seconds and MB. `cache`:
-    the block-list cache folder for the child (AUTHGATE_CACHE_DIR)."""
+    the block-list cache folder for the gateway (AUTHGATE_CACHE_DIR: `off` for
+    none); `helper`: whether a helper process may compile the list."""
     backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     port = _free_port()
@@ -180,6 +189,8 @@ def measure(folder: Path, timeout: float = 120.0, cache: Path | None = None) -> 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if cache is not None:
         env["AUTHGATE_CACHE_DIR"] = str(cache)
+    if not helper:
+        env["AUTHGATE_LIST_HELPER"] = "off"
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder
@@ -196,6 +207,9 @@ def measure(folder: Path, timeout: float = 120.0, cache: Path | None = None) -> 
         # CPU time too: on a shared machine, wall time also counts the waiting.
         figures["cpu_to_serving_s"] = _cpu_seconds(proc.pid)
         figures["peak_rss_start_mb"] = _status_kb(proc.pid, "VmHWM") / 1024
+        said = _HELPER.search("\n".join(out.lines))
+        figures["helper_peak_mb"] = float(said.group(2)) if said else 0.0
+        figures["helper_s"] = float(said.group(1)) if said else 0.0
         time.sleep(1.0)  # settle: what it holds while serving
         figures["rss_serving_mb"] = _status_kb(proc.pid, "VmRSS") / 1024
         figures.update(_reload(proc, out, folder, port, timeout))
@@ -209,6 +223,10 @@ def measure(folder: Path, timeout: float = 120.0, cache: Path | None = None) -> 
         backend.shutdown()
         backend.server_close()
     return figures
+
+
+# The helper's report in the gateway's log (policy/blocklists.py).
+_HELPER = re.compile(r"compiled by the helper process .*\(compiled in ([\d.]+) s, peak (\d+) MB")
 
 
 def _reload(
@@ -244,40 +262,58 @@ def _reload(
     return figures
 
 
-def run(rules: int = RULES, entries: int = ENTRIES) -> dict[str, Any]:
-    """Generate the policy and measure twice: with an empty block-list cache
-    (`cold`: the list is parsed) and again (`warm`: read compiled). The
-    figures as a dict: {"rules", "entries", "cold": {...}, "warm": {...}}."""
+WAYS = ("cold", "cold, no helper", "warm")
+
+
+def run(rules: int = RULES, entries: int = ENTRIES, rounds: int = 1) -> dict[str, Any]:
+    """Generate the policy and start it `rounds` times each way (WAYS, in
+    turn): cold (AUTHGATE_CACHE_DIR=off, the helper process compiles the
+    list), cold without the helper (the gateway compiles it), warm (read
+    compiled from a filled cache). The medians as a dict: {"rules",
+    "entries", "rounds", "cold": {...}, "cold, no helper": {...}, "warm": {...}}."""
     with tempfile.TemporaryDirectory(prefix="authgate-bench-") as d:
         folder = Path(d)
         make_policy(folder, rules, entries)
-        figures: dict[str, Any] = {"rules": rules, "entries": entries}
         cache = folder / "cache"
-        for name in ("cold", "warm"):
-            if name == "warm":
-                write_block_list(folder / "block.txt", entries)  # as it was before the reload
-            figures[name] = measure(folder, cache=cache)
+        measure(folder, cache=cache)  # fills the cache for "warm"
+        runs: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
+        for _ in range(rounds):
+            for way in WAYS:
+                write_block_list(folder / "block.txt", entries)  # as before the reload
+                if way == "warm":
+                    runs[way].append(measure(folder, cache=cache))
+                else:
+                    runs[way].append(measure(folder, cache="off", helper=way == "cold"))
+        figures: dict[str, Any] = {"rules": rules, "entries": entries, "rounds": rounds}
+        for way, measured in runs.items():
+            figures[way] = {k: statistics.median(m[k] for m in measured) for k in measured[0]}
         return figures
 
 
-def main() -> None:
-    f = run()
-    print(f"start-up, {f['rules']:,} rules + {f['entries']:,}-entry block list (authgate run):")
+def main(rounds: int = 1) -> None:
+    f = run(rounds=rounds)
+    print(
+        f"start-up, {f['rules']:,} rules + {f['entries']:,}-entry block list (authgate run), "
+        f"median of {f['rounds']}:"
+    )
     rows = [
         ("launch to first request served", "serving_s", "s"),
         ("CPU time used until then", "cpu_to_serving_s", "s"),
         ("peak resident at serving", "peak_rss_start_mb", "MB"),
+        ("the helper: compiling", "helper_s", "s"),
+        ("the helper: its peak resident", "helper_peak_mb", "MB"),
         ("resident while serving", "rss_serving_mb", "MB"),
         ("reload (list changed to swapped)", "reload_s", "s"),
         ("peak resident during the reload", "peak_rss_reload_mb", "MB"),
         ("resident after the reload", "rss_after_reload_mb", "MB"),
     ]
-    print(f"  {'':38s} {'cold cache':>11s} {'warm cache':>11s}")
+    print(f"  {'':38s}" + "".join(f" {way:>16s}" for way in WAYS))
     for label, key, unit in rows:
-        print(f"  {label:38s} {f['cold'][key]:8.2f} {unit:2s} {f['warm'][key]:8.2f} {unit:2s}")
-    print("  (cold: the list parsed; warm: read compiled from the cache; a reload")
-    print("   after the list changed always parses it, in a thread, while serving)")
+        print(f"  {label:38s}" + "".join(f" {f[way][key]:13.2f} {unit:2s}" for way in WAYS))
+    print("  (cold: no list cache, the helper process compiles the list while mitmproxy")
+    print("   is imported; no helper: the gateway compiles it; warm: read compiled from")
+    print("   the cache; a reload after the list changed parses it, in a thread)")
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
