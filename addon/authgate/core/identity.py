@@ -20,9 +20,7 @@ class Identity:
     forward: tuple[tuple[str, str], ...] = ()
     # The fields the backend gets for this identity, made once (an identity
     # lives as long as its cached token or its API key, not one request).
-    headers: tuple[tuple[str, str], ...] = dataclasses.field(
-        init=False, repr=False, compare=False
-    )
+    headers: tuple[tuple[str, str], ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         headers = (
