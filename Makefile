@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test redis-server proxies oidc-provider chromium lint fix typecheck check bench bench-instructions screenshots clean
+.PHONY: install run test redis-server proxies oidc-provider chromium lint fix typecheck check bench bench-workers bench-instructions screenshots clean
 
 install: $(STAMP) policies/keys/jwks.json policies/keys/session-keys
 
@@ -97,6 +97,10 @@ check: lint test
 # make bench ARGS="--rounds 5 --duration 10" (all options: ARGS=--help)
 bench: install
 	$(BIN)/python -m authgate.tools.bench $(ARGS)
+
+# --workers 2 beside --workers 1 under wrk: req/s and CPU per request (needs wrk).
+bench-workers: install
+	$(BIN)/python -m authgate.tools.bench_workers $(ARGS)
 
 # Instructions per request under valgrind: steady on a busy machine (needs valgrind).
 bench-instructions: install

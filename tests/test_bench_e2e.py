@@ -199,3 +199,27 @@ def test_no_latency_distribution_is_an_error() -> None:
 
     with pytest.raises(ValueError, match="no latency distribution"):
         parse_latency("Requests/sec: 10\n")
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"
+)
+def test_bench_workers_prints_both_and_their_ratios() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "authgate.tools.bench_workers", "--rounds", "1", "--duration", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    for n in (1, 2):
+        assert re.search(
+            rf"^  --workers {n}: [\d,]+ req/s, [\d,]+ us CPU per request "
+            rf"\(backend [\d,]+ us\), machine \d+% busy$",
+            out.stdout,
+            re.M,
+        ), out.stdout
+    assert re.search(r"^  2 workers / 1, req/s: \d+\.\d\dx \(rounds", out.stdout, re.M)
+    assert re.search(r"^  2 workers / 1, CPU per request: \d+\.\d\dx", out.stdout, re.M)
