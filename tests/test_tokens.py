@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import math
 import re
 import socket
 import time
@@ -20,6 +21,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from authgate.core import tokens
 from authgate.core.identity import Identity
@@ -1000,3 +1003,51 @@ def _segment(value: object) -> str:
 def test_describe_token_shows_the_start_and_the_header_only(token: str, text: str) -> None:
     assert describe_token(token) == text
     assert token[10:] not in describe_token(token) or len(token) <= 10
+
+
+# A cache hit checks the time claims on numbers read once at insert
+# (Verified.in_time): at every moment it must answer as a full check does.
+_T0 = 1_800_000_000
+
+
+@given(
+    exp=st.one_of(st.none(), st.integers(-100, 100)),
+    nbf=st.one_of(st.none(), st.integers(-100, 100)),
+    iat=st.integers(-100, 100),
+    max_age=st.one_of(st.none(), st.integers(0, 100)),
+    at=st.lists(st.floats(-200, 200, allow_nan=False), min_size=1, max_size=5),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_cache_hit_answers_as_a_full_check_at_every_moment(
+    exp: int | None, nbf: int | None, iat: int, max_age: int | None, at: list[float]
+) -> None:
+    issuer = dataclasses.replace(ISSUER_A_NO_EXP, max_token_age=max_age)
+    token = sign(
+        claims(
+            _T0,
+            exp=None if exp is None else _T0 + exp,
+            nbf=None if nbf is None else _T0 + nbf,
+            iat=_T0 + iat,
+        )
+    )
+
+    def outcome(now: float, cache: TokenCache | None) -> str:
+        try:
+            verify((issuer,), token, now, cache)
+        except TokenRejected as e:
+            return e.reason
+        return "ok"
+
+    # Each claim's own edges, exactly and a hair either side, among the moments.
+    edges = [_T0 + exp + LEEWAY] if exp is not None else []
+    edges += [_T0 + nbf - LEEWAY] if nbf is not None else []
+    edges += [_T0 + iat + max_age + LEEWAY] if max_age is not None else []
+    moments = [_T0 + offset for offset in at]
+    moments += [
+        m for e in edges for m in (math.nextafter(e, -math.inf), e, math.nextafter(e, math.inf))
+    ]
+    cache = TokenCache()
+    # Twice over: the first accepted moment caches it, so that the second pass
+    # asks the cache at every moment, before that one as well as after.
+    for now in moments + moments:
+        assert outcome(now, cache) == outcome(now, None), (now - _T0, len(cache))

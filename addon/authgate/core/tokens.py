@@ -340,12 +340,43 @@ def _check_times(claims: dict[str, Any], now: float, issuer: Issuer) -> None:
 
 class Verified(NamedTuple):
     """A cache entry: who the token proved, and the issuer, `kid` header and
-    key it was verified with."""
+    key it was verified with; and its time claims as `_check_times` tests
+    them, read once (see `in_time`)."""
 
     who: Identity
     issuer: Issuer
     kid: Any
     key: VerifyKey
+    exp_limit: float = math.inf  # exp + leeway
+    nbf: float = -math.inf
+    iat: float = 0.0
+    age_limit: float = math.inf  # max_token_age + leeway
+
+    @classmethod
+    def of(cls, who: Identity, issuer: Issuer, kid: Any, key: VerifyKey) -> Verified:
+        """For claims `_check_times` has accepted (so each is a number or absent)."""
+        claims, leeway = who.claims, issuer.leeway
+        exp, nbf, iat = (_numeric(claims, n) for n in ("exp", "nbf", "iat"))
+        age = issuer.max_token_age
+        return cls(
+            who,
+            issuer,
+            kid,
+            key,
+            math.inf if exp is None else exp + leeway,
+            -math.inf if nbf is None else nbf,
+            0.0 if iat is None else iat,
+            math.inf if age is None else age + leeway,
+        )
+
+    def in_time(self, now: float) -> bool:
+        """`_check_times`' own comparisons on the numbers read at insert: True
+        when it would accept the token at `now` (False: let it say why not)."""
+        return (
+            now < self.exp_limit
+            and now + self.issuer.leeway >= self.nbf
+            and now - self.iat <= self.age_limit
+        )
 
 
 class TokenCache:
@@ -413,7 +444,8 @@ def verify(
             # Identity, not equality: a refresh keeps the objects of keys it
             # serves again (keyset.RemoteKeys.apply); anything else verifies anew.
             if known.issuer.key_for(known.kid) is known.key:
-                _check_times(known.who.claims, now, known.issuer)
+                if not known.in_time(now):
+                    _check_times(known.who.claims, now, known.issuer)  # raises, saying why
                 return known.who
             cache.drop(token)  # its key left the set (or the kid names another)
     if len(token) > MAX_TOKEN_LENGTH:
@@ -479,7 +511,7 @@ def verify(
     scopes = string_set(claim_at(claims, issuer.scope_claim), split=True)
     who = Identity(sub, issuer.issuer, "jwt", roles, scopes, claims)
     if cache is not None:
-        cache.put(token, Verified(who, issuer, kid, key))
+        cache.put(token, Verified.of(who, issuer, kid, key))
     return who
 
 
