@@ -24,6 +24,13 @@ class ClientIP:
     via: str  # "peer", or the header it was taken from
 
 
+# Peers seen lately, as the peer itself (parse and format are pure: a cache
+# changes no answer). A client's connection brings the same peer text for every
+# request; bounded, cleared when full (addresses rotating through an IPv6 /64).
+_PEERS: dict[str, ClientIP] = {}
+_PEERS_KEPT = 4096
+
+
 def _parse_xff_item(item: str) -> tuple[int, int]:
     item = item.strip()
     if item.startswith("["):  # "[2001:db8::1]:443"
@@ -94,13 +101,20 @@ def resolve(
 ) -> ClientIP:
     """Derive the client IP. `peer` must be an IP address (mitmproxy's peername);
     `header_lines` are the lines of `header` (x-forwarded-for or forwarded)."""
-    family, value = parse_ip(peer)
+    seen = _PEERS.get(peer)
+    if seen is None:
+        family, value = parse_ip(peer)
+        seen = ClientIP(format_ip(family, value), family, value, "peer")
+        if len(_PEERS) >= _PEERS_KEPT:
+            _PEERS.clear()
+        _PEERS[peer] = seen
+    family, value = seen.family, seen.value
     if not trusted or not trusted.contains(family, value) or not header_lines:
-        return ClientIP(format_ip(family, value), family, value, "peer")
+        return seen
     if header == "forwarded":
         nodes = forwarded_for(header_lines)
         if nodes is None:
-            return ClientIP(format_ip(family, value), family, value, "peer")
+            return seen
         items = nodes
     else:
         # Empty list elements ("a,,b", a trailing comma) are ignored (RFC 9110 §5.6.1).
