@@ -117,6 +117,7 @@ class Hit:
 
 
 ALLOWED = Verdict(True, 0, 0, 0)
+_NO_VERDICTS: dict[tuple[str, str], Verdict] = {}
 
 
 class Recorder:
@@ -130,7 +131,7 @@ class Recorder:
 
     def __init__(self, verdicts: dict[tuple[str, str], Verdict] | None = None) -> None:
         self.hits: list[Hit] = []
-        self.verdicts = verdicts or {}
+        self.verdicts = verdicts or _NO_VERDICTS  # only read
 
     @classmethod
     def told(cls, hits: Sequence[Hit], verdicts: Sequence[Verdict]) -> Recorder:

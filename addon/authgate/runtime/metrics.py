@@ -115,7 +115,7 @@ class _Decisions(Collector):
     )
 
     def __init__(self, buckets: Sequence[float]) -> None:
-        self.counts: dict[tuple[str, str, str, str], int] = {}
+        self.counts: dict[tuple[str, int, str, str], int] = {}
         self.bounds = tuple(buckets)
         self.in_bucket = [0] * (len(self.bounds) + 1)  # the last: above every bound
         self.seconds = 0.0
@@ -128,8 +128,8 @@ class _Decisions(Collector):
         decisions = CounterMetricFamily(
             "authgate_decisions", self.DOC, labels=["decision", "status", "rule", "reason"]
         )
-        for key, n in list(self.counts.items()):
-            decisions.add_metric(list(key), n)
+        for (outcome, status, rule, reason), n in list(self.counts.items()):
+            decisions.add_metric([outcome, str(status), rule, reason], n)
         yield decisions
         cumulative = list(accumulate(self.in_bucket))
         bounds = [*(f"{b:g}" for b in self.bounds), "+Inf"]
@@ -236,14 +236,15 @@ class Metrics:
         self._server: Any = None
 
     def decided(self, outcome: str, status: int, rule: str, reason: str) -> None:
-        key = (outcome, str(status), rule, reason)
         if self._decisions is not None:
             counts = self._decisions.counts
+            key = (outcome, status, rule, reason)  # the status a label at scrape time
             counts[key] = counts.get(key, 0) + 1
             return
-        child = self._children.get(key)
+        labels = (outcome, str(status), rule, reason)
+        child = self._children.get(labels)
         if child is None:
-            child = self._children[key] = self._by_labels.labels(*key)
+            child = self._children[labels] = self._by_labels.labels(*labels)
         child.inc()
 
     def watch_event(self, watch: str, action: str) -> None:
