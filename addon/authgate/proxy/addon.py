@@ -68,7 +68,8 @@ WATCH_MARKER = ":crossed_swords:"  # ⚔: the flow that took a key to a watch's 
 # before mitmproxy's reverse mode rewrites it to the backend's address: (HTTP/2's
 # :authority or b"", the Host field values). Judged in every mode.
 CLIENT_HOST = "_authgate_client_host"
-# On a client connection: (trusted proxies, peer, whether trusted, its normal form).
+# On a client connection: (trusted proxies, peer, whether trusted, its normal form,
+# that as bytes).
 _PEER = "_authgate_peer"
 _SURROGATE = "surrogateescape"
 # A traced request's spans, on the flow (not in flow.metadata, which is saved
@@ -694,9 +695,10 @@ class Gateway:
 
     def _forward(self, flow: http.HTTPFlow, policy: Policy, peer: str, d: Decision) -> None:
         req = flow.request
+        data = req.data  # (mitmproxy's properties decode on every read)
         if req.path != d.target:
             req.path = d.target
-        if req.authority and req.http_version.startswith("HTTP/1"):
+        if data.authority and data.http_version.startswith(b"HTTP/1"):
             req.authority = ""  # absolute-form: forward as origin-form, judged path only
         # The headers are rebuilt in one assignment (mitmproxy's per-header
         # operations are comparatively slow): client-sent identity headers,
@@ -708,11 +710,12 @@ class Gateway:
         how = forwarding[1]
         # The peer is the same for every request of a connection: looked at once.
         conn = flow.client_conn
-        seen: tuple[IPSet, str, bool, str] | None = getattr(conn, _PEER, None)
+        seen: tuple[IPSet, str, bool, str, bytes] | None = getattr(conn, _PEER, None)
         if seen is None or seen[0] is not policy.trusted_proxies or seen[1] != peer:
             family, number = parse_ip(peer)
             trusted = policy.trusted_proxies.contains(family, number)
-            seen = (policy.trusted_proxies, peer, trusted, format_ip(family, number))
+            text = format_ip(family, number)
+            seen = (policy.trusted_proxies, peer, trusted, text, text.encode("latin-1"))
             setattr(conn, _PEER, seen)
         drop = how.drop[seen[2]]
         login = policy.login
@@ -769,8 +772,11 @@ class Gateway:
                 fields.append((b"Connection", b", ".join(kept)))
         fields.extend(self._wire(d.upstream_headers))
         fields.append((b"X-Request-Id", flow.metadata[REQUEST_ID_KEY].encode()))
-        chain.append(seen[3])
-        fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
+        if chain:
+            chain.append(seen[3])
+            fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
+        else:
+            fields.append((b"X-Forwarded-For", seen[4]))  # the peer alone
         req.headers.fields = tuple(fields)
 
     def _wire(self, headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
