@@ -172,8 +172,8 @@ class Recording(Gateway):
         super().__init__()
         self.flows: list[Any] = []
 
-    def _record(self, flow: Any, d: Any, without_store: str, events: Any = ()) -> None:
-        super()._record(flow, d, without_store, events)
+    def _record(self, flow: Any, view: Any, d: Any, without_store: str, events: Any = ()) -> None:
+        super()._record(flow, view, d, without_store, events)
         self.flows.append(flow)
 
 

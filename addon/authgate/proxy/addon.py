@@ -85,7 +85,9 @@ LOGIN_STEPS = frozenset(
 
 def request_view(flow: http.HTTPFlow) -> RequestView:
     req = flow.request
-    authority = req.authority if req.authority and req.http_version.startswith("HTTP/1") else ""
+    data = req.data  # the raw request: mitmproxy's properties decode on every read
+    origin_form = not data.authority or not data.http_version.startswith(b"HTTP/1")
+    authority = "" if origin_form else req.authority
     sent: tuple[bytes, tuple[bytes, ...]] | None = getattr(req, CLIENT_HOST, None)
     # The fields decoded as mitmproxy's Headers decode them (UTF-8 with
     # surrogateescape), the names lower-cased, in one pass over the raw fields.
@@ -112,8 +114,8 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
             + [("host", v.decode("utf-8", _SURROGATE)) for v in hosts]
         )
     return RequestView(
-        req.method.upper(),
-        req.path,
+        data.method.decode("utf-8", _SURROGATE).upper(),  # as Request.method reads it
+        data.path.decode("utf-8", _SURROGATE),  # as Request.path reads it
         fields,
         flow.client_conn.peername[0],
         host,
@@ -691,7 +693,7 @@ class Gateway:
                 decision, policy.realm, flow.request.method, accept=accept, request_id=rid
             )
             _respond(flow, rendered)
-        self._record(flow, decision, without_store, events)
+        self._record(flow, view, decision, without_store, events)
 
     def _forward(self, flow: http.HTTPFlow, policy: Policy, peer: str, d: Decision) -> None:
         req = flow.request
@@ -796,14 +798,14 @@ class Gateway:
     def _record(
         self,
         flow: http.HTTPFlow,
+        view: RequestView,
         d: Decision,
         without_store: str,
         events: tuple[WatchEvent, ...] = (),
     ) -> None:
         rid = flow.metadata.get(REQUEST_ID_KEY)
-        entry = self.house.record(
-            d, rid, flow.request.method, flow.request.path, without_store, events
-        )
+        # The request as judged (the view), not as forwarded.
+        entry = self.house.record(d, rid, view.method, view.target, without_store, events)
         flow.metadata[METADATA_KEY] = entry
         rule = f" by rule {d.rule}" if d.rule else ""
         outcome = d.outcome
