@@ -203,4 +203,6 @@ class PathPattern:
         for literal, seg in zip(self.parts, segments, strict=False):
             if literal is not None and literal != seg:
                 return None
+        if not self.params:
+            return {}  # (a comprehension would cost a frame for nothing)
         return {name: segments[i] for i, name in self.params}

@@ -44,6 +44,9 @@ class MemoryStore:
 
     def hit_all(self, hits: Sequence[Hit], now: float, consume: bool = True) -> list[Verdict]:
         """All of a request's limits at once; nothing counted if one denies."""
+        if len(hits) == 1:  # the common case (one IP limit): `hit` is the same
+            h = hits[0]
+            return [self.hit(h.limit_id, h.key, h.rate, now, consume)]
         t = round(now * NS)
         keys = [(h.limit_id, h.key) for h in hits]
         verdicts, new = gcra_all([self._tat.get(k) for k in keys], t, [h.rate for h in hits])
