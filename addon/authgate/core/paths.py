@@ -107,7 +107,9 @@ def canonicalize(target: str) -> CanonicalPath:
         raise AmbiguousPath("character not allowed in the query")
     trailing_slash = len(path) > 1 and path.endswith("/")
     if _PLAIN_PATH.fullmatch(path):
-        plain = [seg for seg in path.split("/") if seg]
+        plain = path[1:].split("/")
+        if "" in plain:  # "//", a trailing slash, the root: empty segments go
+            plain = [seg for seg in plain if seg]
         if "." not in plain and ".." not in plain:
             canonical = "/" + "/".join(plain)
             if trailing_slash and plain:
