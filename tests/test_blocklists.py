@@ -26,6 +26,7 @@ from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
 from authgate.runtime import listhelper
 from conftest import START_SECONDS, wait_until
+from test_listcache import POLICY  # the same one-list policy
 
 BLOCKED = ["203.0.113.9", "127.0.0.2", "127.0.1.5", "10.1.2.3", "172.16.0.5", "2001:db8::1"]
 ALLOWED = ["127.0.0.1", "127.0.0.3", "192.0.2.1", "10.200.0.1", "2001:db9::1"]
@@ -42,15 +43,6 @@ def write_feed(path: Path, extra: str = "") -> None:
     lines.append("2001:db8::/32")
     path.write_text("\n".join(lines) + "\n" + extra)
     assert path.stat().st_size >= listcache.MIN_BYTES
-
-
-POLICY = """version: 1
-ip:
-  block: [203.0.113.0/24]
-  block_files: [feed.txt]
-rules:
-  - {name: all, match: {path: /**}, allow: anyone}
-"""
 
 
 @pytest.fixture
