@@ -31,6 +31,19 @@ _PEERS: dict[str, ClientIP] = {}
 _PEERS_KEPT = 4096
 
 
+def peer_ip(peer: str) -> ClientIP:
+    """The socket peer as a client address (its canonical text, family and
+    value). Raises ValueError for anything but an IP address."""
+    seen = _PEERS.get(peer)
+    if seen is None:
+        family, value = parse_ip(peer)
+        seen = ClientIP(format_ip(family, value), family, value, "peer")
+        if len(_PEERS) >= _PEERS_KEPT:
+            _PEERS.clear()
+        _PEERS[peer] = seen
+    return seen
+
+
 def _parse_xff_item(item: str) -> tuple[int, int]:
     item = item.strip()
     if item.startswith("["):  # "[2001:db8::1]:443"
@@ -101,13 +114,7 @@ def resolve(
 ) -> ClientIP:
     """Derive the client IP. `peer` must be an IP address (mitmproxy's peername);
     `header_lines` are the lines of `header` (x-forwarded-for or forwarded)."""
-    seen = _PEERS.get(peer)
-    if seen is None:
-        family, value = parse_ip(peer)
-        seen = ClientIP(format_ip(family, value), family, value, "peer")
-        if len(_PEERS) >= _PEERS_KEPT:
-            _PEERS.clear()
-        _PEERS[peer] = seen
+    seen = peer_ip(peer)
     family, value = seen.family, seen.value
     if not trusted or not trusted.contains(family, value) or not header_lines:
         return seen

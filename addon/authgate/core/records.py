@@ -8,9 +8,11 @@ verification's outcome, the decision: some 50 fields, 2.5 us for `Decision`
 alone against 0.5 us for a plain slotted one). `record` is a slotted
 dataclass that mypy holds to frozen (PEP 681 `frozen_default`: an assignment
 to a field is a type error, and `make lint` runs mypy), hashable as a frozen
-one is, but built at run time without the frozen `__init__`. Only for values
-that live for one request: the policy and everything shared between requests
-stay `frozen=True`.
+one is, but built at run time without the frozen `__init__`. For the kinds
+of value a request makes; a few of their instances are shared all the same
+(`ratelimit.ALLOWED`, a peer's `ClientIP` kept by `clientip.peer_ip`), which
+only the type check keeps unchanged. The policy and what it holds stay
+`frozen=True`.
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import command, exceptions, flow, http
 
+from authgate.core.clientip import peer_ip
 from authgate.core.decision import Decision, RequestView
 from authgate.core.explanation import explain as explain_request
 from authgate.core.headline import failed, headline
-from authgate.core.ipset import IPSet, format_ip, parse_ip
 from authgate.core.model import CERT_HEADERS, IDENTITY_HEADERS, Policy, Rule
 from authgate.core.oidc import (
     CROSS_SITE,
@@ -68,9 +68,6 @@ WATCH_MARKER = ":crossed_swords:"  # ⚔: the flow that took a key to a watch's 
 # before mitmproxy's reverse mode rewrites it to the backend's address: (HTTP/2's
 # :authority or b"", the Host field values). Judged in every mode.
 CLIENT_HOST = "_authgate_client_host"
-# On a client connection: (trusted proxies, peer, whether trusted, its normal form,
-# that as bytes).
-_PEER = "_authgate_peer"
 _SURROGATE = "surrogateescape"
 # A traced request's spans, on the flow (not in flow.metadata, which is saved
 # with the flow): see `Traced`.
@@ -592,7 +589,8 @@ class Gateway:
         req = flow.request
         peer = view.peer
         try:
-            trusted = policy.trusted_proxies.contains(*parse_ip(peer))
+            client = peer_ip(peer)
+            trusted = policy.trusted_proxies.contains(client.family, client.value)
         except ValueError:
             trusted = False
         server = tracing.server(
@@ -711,16 +709,8 @@ class Gateway:
         if forwarding is None or forwarding[0] is not policy:
             forwarding = self._forwarding = (policy, Forwarding.of(policy))
         how = forwarding[1]
-        # The peer is the same for every request of a connection: looked at once.
-        conn = flow.client_conn
-        seen: tuple[IPSet, str, bool, str, bytes] | None = getattr(conn, _PEER, None)
-        if seen is None or seen[0] is not policy.trusted_proxies or seen[1] != peer:
-            family, number = parse_ip(peer)
-            trusted = policy.trusted_proxies.contains(family, number)
-            text = format_ip(family, number)
-            seen = (policy.trusted_proxies, peer, trusted, text, text.encode("latin-1"))
-            setattr(conn, _PEER, seen)
-        drop = how.drop[seen[2]]
+        client = peer_ip(peer)
+        drop = how.drop[policy.trusted_proxies.contains(client.family, client.value)]
         login = policy.login
         who = d.identity
         if login is not None and login.forward_access_token and who and who.method == OIDC:
@@ -775,11 +765,8 @@ class Gateway:
                 fields.append((b"Connection", b", ".join(kept)))
         fields.extend(self._wire(d.upstream_headers))
         fields.append((b"X-Request-Id", flow.metadata[REQUEST_ID_KEY].encode()))
-        if chain:
-            chain.append(seen[3])
-            fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
-        else:
-            fields.append((b"X-Forwarded-For", seen[4]))  # the peer alone
+        chain.append(client.address)
+        fields.append((b"X-Forwarded-For", ", ".join(chain).encode("latin-1")))
         req.headers.fields = tuple(fields)
 
     def _wire(self, headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
