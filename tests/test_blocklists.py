@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
-from authgate.core.ipset import IPSet, parse_cidr, parse_ip
+from authgate.core.ipset import IPSet, cidr_key, merge_sorted_cidr_keys, parse_cidr, parse_ip
 from authgate.policy import blocklists, listcache
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
@@ -122,6 +124,42 @@ def test_lists_of_reads_what_the_loader_reads(
 def test_lists_of_refuses_bad_yaml_as_the_loader_does(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="YAML"):
         blocklists.lists_of("ip: {block_files: [a\n", str(tmp_path / "p.yaml"))
+
+
+# --- the helper's merge, shared with a fork ------------------------------------------
+
+
+@pytest.mark.parametrize("way", ["forked", "the-fork-fails", "no-fork"])
+def test_the_helper_merges_in_two_as_in_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, way: str
+) -> None:
+    rng = random.Random(7)
+    nets = [(rng.getrandbits(32) >> p << p, p) for p in rng.choices([0, 4, 8, 24], k=3000)]
+    keys = [cidr_key(a, a | (1 << p) - 1) for a, p in nets]
+    expected = merge_sorted_cidr_keys(sorted(keys))
+    assert len(expected[0]) < len(keys)  # some overlap: there is merging to do
+    monkeypatch.setattr(blocklists, "SPLIT_MIN", 100)
+    parent = os.getpid()
+    real = merge_sorted_cidr_keys
+    calls: list[int] = []
+
+    def merging(part: Iterable[float]) -> tuple[array[int], array[int]]:
+        if os.getpid() != parent:
+            if way == "the-fork-fails":
+                raise MemoryError  # the fork dies: writes nothing
+            (tmp_path / "the-fork-merged").touch()
+        calls.append(os.getpid())
+        return real(part)
+
+    monkeypatch.setattr(blocklists, "merge_sorted_cidr_keys", merging)
+    if way == "no-fork":
+        monkeypatch.delattr(os, "fork")
+    given = array("d", keys)
+    assert blocklists.merge_in_two(given) == expected
+    assert len(given) == 0  # consumed
+    # Here: both halves when the fork failed, one when it worked, all without.
+    assert len(calls) == {"forked": 1, "the-fork-fails": 2, "no-fork": 1}[way]
+    assert (tmp_path / "the-fork-merged").exists() is (way == "forked")
 
 
 # --- taking the helper's set -------------------------------------------------------
@@ -302,6 +340,7 @@ def test_start_needs_no_helper(
         ("small-lists", "lists too small to need it"),
         ("a-list-missing", "gave up (FileNotFoundError)"),
         ("bad-yaml", "gave up (PolicyError)"),
+        ("bad-yaml-elsewhere", "compiled"),  # the ip section parses alone
         ("not-a-list", "no block lists"),
     ],
 )
@@ -309,12 +348,15 @@ def test_a_helper_with_nothing_to_do_leaves_the_loader_as_it_was(
     policy: Path, tmp_path: Path, case: str, says: str
 ) -> None:
     """The helper reads the policy itself: what it cannot compile, the loader
-    compiles or refuses as without it."""
+    compiles or refuses as without it (and what it compiles from a policy
+    the loader refuses, nobody takes)."""
     if case == "small-lists":
         (tmp_path / "feed.txt").write_text("192.0.2.1\n")
     elif case == "a-list-missing":
         (tmp_path / "feed.txt").unlink()
     elif case == "bad-yaml":
+        policy.write_text(POLICY.replace("[feed.txt]", "[feed.txt"))
+    elif case == "bad-yaml-elsewhere":
         policy.write_text(POLICY + "  - [\n")
     elif case == "not-a-list":
         policy.write_text(POLICY.replace("[feed.txt]", "feed.txt"))

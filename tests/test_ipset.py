@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 from authgate.core.ipset import (
     IPSet,
     cidr_key,
+    join_merged,
+    merge_sorted_cidr_keys,
     normalize_ip,
     parse_cidr,
     parse_ip,
@@ -551,6 +554,74 @@ def test_compiled_bytes_round_trip(rs: list[Range]) -> None:
     back = IPSet.from_bytes(s.to_bytes())
     assert (list(back.v4_starts), list(back.v4_ends)) == (list(s.v4_starts), list(s.v4_ends))
     assert (back.v6_starts, back.v6_ends, back.entries) == (s.v6_starts, s.v6_ends, s.entries)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(rs=st.lists(ranges(), max_size=30))
+def test_compiled_bytes_keep_the_bucket_index(rs: list[Range]) -> None:
+    s = IPSet.build(rs, index_min=0)
+    for checked in (True, False):
+        back = IPSet.from_bytes(s.to_bytes(), index_min=0, checked=checked)
+        assert back.v4_index == s.v4_index
+
+
+def test_a_wrong_bucket_index_is_refused_when_checked() -> None:
+    s = IPSet.build([(4, 0x0A000000, 0x0A0000FF), (4, 0x0B000000, 0x0B000000)], index_min=0)
+    data = bytearray(s.to_bytes())
+    # The index follows the two 2-entry arrays; its /16 for 10.0.0.0 is entry 0x0A00.
+    at = len(data) - 4 * ((1 << 16) + 1) + 4 * 0x0A01
+    assert int.from_bytes(data[at : at + 4], "little") == 1
+    data[at : at + 4] = (0).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="wrong bucket index"):
+        IPSet.from_bytes(bytes(data), index_min=0)
+    # Unchecked (a set this process just compiled) it is taken as written.
+    assert IPSet.from_bytes(bytes(data), index_min=0, checked=False).v4_index[0x0A01] == 0
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(nets=st.lists(networks(), max_size=30), data=st.data())
+def test_merged_halves_joined_are_the_whole_merged(
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network], data: st.DataObject
+) -> None:
+    """What the helper process does in two (keys below a pivot here, the rest
+    in a fork) is what one merge of them all does."""
+    keys = sorted(
+        cidr_key(int(n.network_address), int(n.broadcast_address)) for n in nets if n.version == 4
+    )
+    pivot = data.draw(st.sampled_from([*keys, 0.0, 2.0**40]))
+    low = merge_sorted_cidr_keys([k for k in keys if k < pivot])
+    high = merge_sorted_cidr_keys([k for k in keys if k >= pivot])
+    assert join_merged(low, high) == merge_sorted_cidr_keys(keys)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "starts", "ends"),
+    [
+        P(
+            ["10.0.0.0/8"],
+            ["10.1.0.0/16", "10.2.0.1", "11.0.0.0/8"],
+            ["10.0.0.0"],
+            ["11.255.255.255"],
+            id="the-last-low-swallows-and-touches",
+        ),
+        P(
+            ["10.0.0.0/8"],
+            ["12.0.0.0/8"],
+            ["10.0.0.0", "12.0.0.0"],
+            ["10.255.255.255", "12.255.255.255"],
+            id="apart",
+        ),
+        P([], ["10.0.0.0/8"], ["10.0.0.0"], ["10.255.255.255"], id="no-low"),
+        P(["10.0.0.0/8"], [], ["10.0.0.0"], ["10.255.255.255"], id="no-high"),
+    ],
+)
+def test_join_merged(low: list[str], high: list[str], starts: list[str], ends: list[str]) -> None:
+    def merged(nets: list[str]) -> tuple[array[int], array[int]]:
+        return merge_sorted_cidr_keys(sorted(cidr_key(*parse_cidr(n)[1:]) for n in nets))
+
+    got_starts, got_ends = join_merged(merged(low), merged(high))
+    assert list(got_starts) == [v4(a) for a in starts]
+    assert list(got_ends) == [v4(a) for a in ends]
 
 
 def test_compiled_bytes_refuse_anything_else() -> None:

@@ -24,7 +24,8 @@ V4_MAPPED_MASK = ((1 << 96) - 1) << 32
 
 INDEX_BITS = 16  # the bucket index splits IPv4 space by /16
 INDEX_MIN = 4096  # ranges; below this, a plain bisect is as fast as the index
-_MAGIC = b"authgate-ipset-1\n"
+_INDEX_LEN = (1 << INDEX_BITS) + 1  # a bucket index's entries
+_MAGIC = b"authgate-ipset-2\n"
 _CHUNK = 1 << 20  # characters of a block list parsed at a time (bounds the peak)
 _HOST_MASKS_BY_BITS = [(1 << b) - 1 for b in range(33)]
 _Seq = TypeVar("_Seq", "array[int]", "list[int]")
@@ -134,6 +135,13 @@ def cidr_key(first: int, last: int) -> float:
 def _merge_cidr_keys(keys: list[float]) -> tuple[array[int], array[int]]:
     """`_merge` for IPv4 networks as `cidr_key`s. Consumes `keys`."""
     keys.sort()
+    merged = merge_sorted_cidr_keys(keys)
+    del keys[:]
+    return merged
+
+
+def merge_sorted_cidr_keys(keys: Iterable[float]) -> tuple[array[int], array[int]]:
+    """Sorted `cidr_key`s as merged ranges: (starts, ends)."""
     masks = _HOST_MASKS_BY_BITS
     starts = _u32()
     ends = _u32()
@@ -151,7 +159,27 @@ def _merge_cidr_keys(keys: list[float]) -> tuple[array[int], array[int]]:
             add_start(first)
             add_end(last)
             last_end = last
-    del keys[:]
+    return starts, ends
+
+
+def join_merged(
+    low: tuple[array[int], array[int]], high: tuple[array[int], array[int]]
+) -> tuple[array[int], array[int]]:
+    """Two tables of merged ranges as one, when no start in `high` comes
+    before a start in `low` (the halves of sorted keys, merged apart): the
+    ranges of `high` that overlap or touch the last of `low` are folded into
+    it. Extends and returns `low`'s arrays."""
+    starts, ends = low
+    high_starts, high_ends = high
+    skip = 0
+    if starts:
+        last_end = ends[-1]
+        while skip < len(high_starts) and high_starts[skip] <= last_end + 1:
+            last_end = max(last_end, high_ends[skip])
+            skip += 1
+        ends[-1] = last_end
+    starts.extend(high_starts[skip:])
+    ends.extend(high_ends[skip:])
     return starts, ends
 
 
@@ -194,10 +222,13 @@ class IPSet:
         v6: tuple[list[int], list[int]],
         entries: int,
         index_min: int,
+        index: array[int] | None = None,
     ) -> IPSet:
         starts, ends = v4
         if len(starts) >= index_min:
-            return cls(starts, ends, v6[0], v6[1], entries, _bucket_index(starts))
+            if not index:
+                index = _bucket_index(starts)
+            return cls(starts, ends, v6[0], v6[1], entries, index)
         # A few ranges (trusted proxies, an allow list): lists, whose items
         # bisect reads without making an int each time (measured ~30% faster).
         return cls(starts.tolist(), ends.tolist(), v6[0], v6[1], entries, _u32())
@@ -230,13 +261,21 @@ class IPSet:
         entries: int | None = None,
         *,
         index_min: int = INDEX_MIN,
+        merge: Callable[[array[float] | list[float]], tuple[array[int], array[int]]] | None = None,
     ) -> IPSet:
         """From IPv4 networks as `cidr_key`s and IPv6 ranges packed as
-        `first << 128 | last` (what `read_cidr_text` gives). Consumes both."""
+        `first << 128 | last` (what `read_cidr_text` gives). Consumes both.
+        `merge`: what makes the keys, in any order, merged ranges (starts,
+        ends), if not a sort and `merge_sorted_cidr_keys` here (the helper
+        process shares it with a fork: `blocklists.merge_in_two`)."""
         count = len(v4) + len(v6) if entries is None else entries
-        keys = v4.tolist() if isinstance(v4, array) else list(v4)
-        del v4[:]  # 8 bytes a key while parsing, 32 as the list that sorts
-        return cls._make(_merge_cidr_keys(keys), _merge(v6, 128, list), count, index_min)
+        if merge is not None:
+            merged = merge(v4)
+        else:
+            keys = v4.tolist() if isinstance(v4, array) else list(v4)
+            del v4[:]  # 8 bytes a key while parsing, 32 as the list that sorts
+            merged = _merge_cidr_keys(keys)
+        return cls._make(merged, _merge(v6, 128, list), count, index_min)
 
     @classmethod
     def from_strings(cls, items: Iterable[str]) -> IPSet:
@@ -273,10 +312,11 @@ class IPSet:
 
     def to_bytes(self) -> bytes:
         """The set as bytes for `from_bytes`: a header of counts, the IPv4
-        arrays little-endian, the IPv6 values as 16 big-endian bytes each."""
-        n4, n6 = len(self.v4_starts), len(self.v6_starts)
-        parts = [_MAGIC, struct.pack("<QQQ", self.entries, n4, n6)]
-        for arr in (self.v4_starts, self.v4_ends):
+        arrays and the bucket index (if any) little-endian, the IPv6 values as
+        16 big-endian bytes each."""
+        n4, n6, ni = len(self.v4_starts), len(self.v6_starts), len(self.v4_index)
+        parts = [_MAGIC, struct.pack("<QQQQ", self.entries, n4, n6, ni)]
+        for arr in (self.v4_starts, self.v4_ends, self.v4_index):
             a = _u32(arr)
             if sys.byteorder == "big":
                 a.byteswap()
@@ -291,29 +331,30 @@ class IPSet:
     ) -> IPSet:
         """The set `to_bytes` wrote (bytes, or a view of them: not copied).
         Raises ValueError on anything else: a wrong magic or length, or
-        (`checked`) ranges that are not sorted and disjoint."""
+        (`checked`) ranges that are not sorted and disjoint or a bucket index
+        that does not fit them."""
         view = memoryview(data)
-        head = len(_MAGIC) + 24
+        head = len(_MAGIC) + 32
         if len(view) < head or view[: len(_MAGIC)] != _MAGIC:
             raise ValueError("not a compiled IP set")
-        entries, n4, n6 = struct.unpack_from("<QQQ", view, len(_MAGIC))
-        if len(view) != head + 8 * n4 + 32 * n6:
+        entries, n4, n6, ni = struct.unpack_from("<QQQQ", view, len(_MAGIC))
+        if ni not in (0, _INDEX_LEN) or len(view) != head + 8 * n4 + 4 * ni + 32 * n6:
             raise ValueError("a compiled IP set of the wrong length")
         arrays = []
         at = head
-        for _ in range(2):
+        for count in (n4, n4, ni):
             a = _u32()
-            a.frombytes(view[at : at + 4 * n4])
+            a.frombytes(view[at : at + 4 * count])
             if sys.byteorder == "big":
                 a.byteswap()
             arrays.append(a)
-            at += 4 * n4
+            at += 4 * count
         v6 = []
         for _ in range(2):
             chunk = view[at : at + 16 * n6]
             v6.append([int.from_bytes(chunk[i : i + 16], "big") for i in range(0, 16 * n6, 16)])
             at += 16 * n6
-        starts, ends = arrays
+        starts, ends, index = arrays
         # Sorted and disjoint, or bisect would answer wrongly: two passes in C
         # (each start at most its end, each end before the next start).
         if (
@@ -332,7 +373,23 @@ class IPSet:
             )
         ):
             raise ValueError("a compiled IP set out of order")
-        return cls._make((starts, ends), (v6[0], v6[1]), entries, index_min)
+        if checked and ni and not _index_fits(index, starts):
+            raise ValueError("a compiled IP set with a wrong bucket index")
+        return cls._make((starts, ends), (v6[0], v6[1]), entries, index_min, index)
+
+
+def _index_fits(index: array[int], starts: array[int]) -> bool:
+    """Whether `index` is `_bucket_index(starts)` for sorted `starts`: each
+    entry is where its /16's first start is (no start before it in that /16 or
+    after, none after it before) — a pass over the index, not a bisect each."""
+    n = len(starts)
+    step = 1 << (32 - INDEX_BITS)
+    bound = 0
+    for i in index:
+        if i > n or (i < n and starts[i] < bound) or (i and starts[i - 1] >= bound):
+            return False
+        bound += step
+    return True
 
 
 def read_cidr_lines(

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import selectors
+import struct
 import sys
 import time
 from array import array
@@ -40,7 +42,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from authgate.core.ipset import IPSet, cidr_key, parse_cidr, read_cidr_text
+from authgate.core.ipset import (
+    IPSet,
+    cidr_key,
+    join_merged,
+    merge_sorted_cidr_keys,
+    parse_cidr,
+    read_cidr_text,
+)
 from authgate.policy import listcache
 from authgate.policy.marks import PolicyError, load
 
@@ -50,13 +59,19 @@ COMPILED = "compiled"  # the helper's report begins so when it compiled the set
 BIG_LIST = 100_000  # lines; a list this long says it is loading
 WAIT_FIRST = 2.0  # seconds the loader waits for the helper, at most, plus
 WAIT_PER_MB = 0.5  # this per MB of lists (compiling takes ~0.1 s per MB here)
+SPLIT_MIN = 200_000  # keys, at least, for merge_in_two to fork
 
 
-def compile_lists(inline: list[tuple[int, int, int]], sources: list[tuple[str, bytes]]) -> IPSet:
+def compile_lists(
+    inline: list[tuple[int, int, int]],
+    sources: list[tuple[str, bytes]],
+    merge: Callable[[array[float] | list[float]], tuple[array[int], array[int]]] | None = None,
+) -> IPSet:
     """Inline ranges and each (path, content) list as one set, parsed in bulk
     (a million-entry feed is never a million tuples). Empties `sources` as it
     goes (the text is not kept while the set is built). Raises PolicyError
-    naming the list's path and line."""
+    naming the list's path and line. `merge`: see IPSet.from_cidr_keys (the
+    helper's is `merge_in_two`)."""
     v4 = array("d")  # see IPSet.from_cidr_keys
     v6: list[int] = []
     for family, first, last in inline:
@@ -69,7 +84,7 @@ def compile_lists(inline: list[tuple[int, int, int]], sources: list[tuple[str, b
         path, data = sources.pop()
         _compile_file(path, data, v4, v6)
         del data
-    return IPSet.from_cidr_keys(v4, v6)
+    return IPSet.from_cidr_keys(v4, v6, merge=merge)
 
 
 def _compile_file(path: str, data: bytes, v4: array[float], v6: list[int]) -> None:
@@ -88,6 +103,63 @@ def _compile_file(path: str, data: bytes, v4: array[float], v6: list[int]) -> No
         logger.info(f"authgate: block list {path}: {len(f4) + len(f6):,} ranges")
     v4.extend(f4)
     v6.extend(f6)
+
+
+def merge_in_two(keys: array[float] | list[float]) -> tuple[array[int], array[int]]:
+    """`cidr_key`s in any order as merged ranges, the upper half (by value)
+    sorted and merged by a forked process: the helper gets here about when
+    the gateway, done with its own start, waits for it, and a core is free.
+    Below `SPLIT_MIN` keys, without fork, or if the fork fails in any way, all
+    done here. Consumes `keys`."""
+    if len(keys) < SPLIT_MIN or not hasattr(os, "fork"):
+        return _merge_here(keys)
+    sample = sorted(keys[:: len(keys) // 1024])
+    pivot = sample[len(sample) // 2]  # about the median: halves of the work
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return _merge_here(keys)
+    if pid == 0:  # the fork: the keys from the pivot up, written, never returns
+        try:
+            os.close(read_end)
+            starts, ends = merge_sorted_cidr_keys(sorted(filter(pivot.__le__, keys)))
+            with open(write_end, "wb") as out:
+                out.write(struct.pack("<Q", len(starts)) + starts.tobytes() + ends.tobytes())
+        finally:
+            os._exit(0)
+    low = merge_sorted_cidr_keys(sorted(filter(pivot.__gt__, keys)))
+    high = _merged_from(pid, read_end, write_end)
+    if high is None:  # the fork failed: its half here
+        high = merge_sorted_cidr_keys(sorted(filter(pivot.__le__, keys)))
+    del keys[:]
+    return join_merged(low, high)
+
+
+def _merge_here(keys: array[float] | list[float]) -> tuple[array[int], array[int]]:
+    sorted_keys = sorted(keys)
+    del keys[:]
+    return merge_sorted_cidr_keys(sorted_keys)
+
+
+def _merged_from(pid: int, read_end: int, write_end: int) -> tuple[array[int], array[int]] | None:
+    """What the fork of `merge_in_two` wrote (starts, ends), once it exited;
+    None if it wrote anything else."""
+    os.close(write_end)
+    with open(read_end, "rb") as got:
+        data = got.read()
+    os.waitpid(pid, 0)
+    if len(data) < 8:
+        return None
+    (n,) = struct.unpack_from("<Q", data)
+    if len(data) != 8 + 8 * n:
+        return None
+    starts, ends = array("I"), array("I")
+    starts.frombytes(data[8 : 8 + 4 * n])
+    ends.frombytes(data[8 + 4 * n :])
+    return starts, ends
 
 
 # --- taking the helper's work ----------------------------------------------
@@ -178,8 +250,16 @@ def lists_of(text: str, policy: str) -> tuple[list[str], list[str]] | None:
     """A policy's `ip.block` entries and its `ip.block_files` paths (relative
     ones taken from the policy's folder, as the loader does), read with the
     loader's YAML reader; None when it has no lists or they are not lists of
-    strings (the loader will say). Raises PolicyError on bad YAML."""
-    top = load(text, policy)
+    strings (the loader will say). Raises PolicyError on bad YAML.
+
+    A big policy's YAML takes a while to parse (50 ms for a thousand rules):
+    when the top-level `ip:` section stands alone on its lines, only it is
+    parsed. Anything that reads differently that way (an alias to an anchor
+    elsewhere, say) names other lists than the loader's, whose set the loader
+    does not take (it is keyed by the lists' content)."""
+    top = _ip_alone(text, policy)
+    if top is None:
+        top = load(text, policy)
     ip = top.get("ip") if isinstance(top, dict) else None
     block = ip.get("block", []) if isinstance(ip, dict) else []
     files = ip.get("block_files", []) if isinstance(ip, dict) else []
@@ -189,6 +269,23 @@ def lists_of(text: str, policy: str) -> tuple[list[str], list[str]] | None:
         return None
     base = Path(policy).parent
     return block, [f if Path(f).is_absolute() else str(base / f) for f in files]
+
+
+# A top-level `ip:` line and the lines under it: indented, blank or comments.
+_IP_SECTION = re.compile(r"^ip[ \t]*:.*\n(?:(?:[ \t].*|#.*)?\n)*", re.MULTILINE)
+
+
+def _ip_alone(text: str, policy: str) -> dict[str, object] | None:
+    """`{"ip": ...}` from the policy's one top-level `ip:` section parsed
+    alone; None when there is not exactly one, or it does not parse alone."""
+    found = _IP_SECTION.findall(text if text.endswith("\n") else text + "\n")
+    if len(found) != 1:
+        return None
+    try:
+        top = load(found[0], policy)
+    except PolicyError:
+        return None
+    return top if isinstance(top, dict) and list(top) == ["ip"] else None
 
 
 def _compile_policy_lists(policy: str, folder: Path, wanted: Callable[[], bool]) -> str:
@@ -205,7 +302,7 @@ def _compile_policy_lists(policy: str, folder: Path, wanted: Callable[[], bool])
     key = listcache.key(inline, (data for _, data in sources))
     if listcache.has(key, folder):
         return "in the cache already"
-    compiled = compile_lists(inline, sources)
+    compiled = compile_lists(inline, sources, merge_in_two)
     if not wanted():
         try:
             folder.rmdir()  # a private folder made for this gateway: empty, gone
