@@ -21,6 +21,7 @@ from redis.crc import key_slot
 
 from authgate.core.ratelimit import Hit, Rate, Verdict, gcra
 from authgate.runtime.redis_store import (
+    MAX_BATCH,
     Breaker,
     RedisStore,
     StoreUnavailable,
@@ -119,6 +120,117 @@ def test_concurrent_requests_from_many_connections_count_exactly(
                 await s.close()
 
     assert sum(run(body)) == 50
+
+
+def evalsha_calls(admin: Any) -> int:
+    return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_requests_asking_together_share_one_round_trip_judged_in_turn(
+    redis_server: RedisServer, admin: Any
+) -> None:
+    """Ten requests in one turn of the event loop: one script run, which
+    judges them in the order they asked, as ten calls would."""
+
+    async def body() -> list[Verdict]:
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
+        try:
+            await store.hit_all(hits(("warm", "k", "1/second")))  # the script loaded
+            admin.config_resetstat()
+            return [v[0] for v in await asyncio.gather(
+                *(store.hit_all(hits(("r", "ip:1", "5/minute"))) for _ in range(10))
+            )]  # fmt: skip
+        finally:
+            await store.close()
+
+    got = run(body)
+    assert evalsha_calls(admin) == 1
+    assert [v.allowed for v in got] == [True] * 5 + [False] * 5
+    assert [v.remaining for v in got[:5]] == [4, 3, 2, 1, 0]
+
+
+def test_in_one_run_each_request_is_all_or_nothing_on_its_own(
+    redis_server: RedisServer, admin: Any
+) -> None:
+    """A request of the batch that is refused counts nothing; the requests
+    before and after it in the same run count as they would alone."""
+    both = hits(("per-ip", "ip:1", "10/minute"), ("per-sub", "sub:bob", "1/minute"))
+    ip_only = hits(("per-ip", "ip:1", "10/minute"))
+
+    async def body() -> list[list[Verdict]]:
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
+        try:
+            admin.config_resetstat()
+            batch = [store.hit_all(both), store.hit_all(both), store.hit_all(ip_only)]
+            return list(await asyncio.gather(*batch))
+        finally:
+            await store.close()
+
+    first, refused, after = run(body)
+    assert evalsha_calls(admin) == 1
+    assert [v.allowed for v in first] == [True, True]
+    assert [v.allowed for v in refused] == [True, False]
+    assert refused[0].remaining == 8  # judged, not counted
+    assert after[0].allowed and after[0].remaining == 8  # the refused one used nothing
+
+
+def test_a_big_batch_is_split_and_counts_exactly(redis_server: RedisServer, admin: Any) -> None:
+    n = 2 * MAX_BATCH + 1
+
+    async def body() -> list[bool]:
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
+        try:
+            await store.hit_all(hits(("warm", "k", "1/second")))
+            admin.config_resetstat()
+            calls = [store.hit_all(hits(("r", "ip:4", f"{MAX_BATCH}/hour"))) for _ in range(n)]
+            return [v[0].allowed for v in await asyncio.gather(*calls)]
+        finally:
+            await store.close()
+
+    assert run(body) == [True] * MAX_BATCH + [False] * (MAX_BATCH + 1)
+    assert evalsha_calls(admin) == 3
+
+
+def test_a_request_that_goes_away_leaves_its_batch_answered(
+    redis_server: RedisServer, admin: Any
+) -> None:
+    """A client that disconnects cancels its own wait; the requests that
+    asked with it get their answers."""
+
+    async def body() -> list[object]:
+        store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
+        try:
+            calls = [
+                asyncio.ensure_future(store.hit_all(hits(("r", f"ip:{i}", "5/minute"))))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0)  # all three asked
+            calls[1].cancel()
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await store.close()
+
+    first, gone, last = run(body)
+    assert isinstance(gone, asyncio.CancelledError)
+    assert isinstance(first, list) and first[0].allowed and first[0].remaining == 4
+    assert isinstance(last, list) and last[0].allowed and last[0].remaining == 4
+
+
+def test_a_failed_run_fails_each_request_of_it_once(admin: Any) -> None:
+    breaker = Breaker(threshold=3)
+
+    async def body() -> list[object]:
+        store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=TIMEOUT, breaker=breaker)
+        try:
+            calls = [store.hit_all(hits(("r", f"ip:{i}", "5/minute"))) for i in range(3)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await store.close()
+
+    got = run(body)
+    assert all(isinstance(e, StoreUnavailable) and "cannot connect" in str(e) for e in got)
+    assert breaker.errors == 1  # one attempt at Redis
+    assert breaker.state == "closed"
 
 
 def test_a_denied_request_consumes_nothing(redis_server: RedisServer, admin: Any) -> None:
@@ -425,7 +537,7 @@ def test_first_request_after_a_restart_succeeds(redis_server: RedisServer, admin
     async def body() -> list[int]:
         store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         try:
-            await asyncio.gather(*(store.hit_all(h) for _ in range(4)))  # 4 pooled connections
+            await asyncio.gather(*(store.hit_all(h) for _ in range(4)))  # a pooled connection
             redis_server.kill()
             redis_server.start()
             out = [(await store.hit_all(h))[0].remaining for _ in range(2)]

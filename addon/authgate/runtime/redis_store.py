@@ -1,12 +1,16 @@
 """The Redis rate-limit store: the GCRA state of `authgate.core.ratelimit`
 shared by every gateway process and machine that points at one Redis.
 
-One request is one round trip: `RedisStore.hit_all` runs one Lua script
-(EVALSHA, loaded again by redis-py on NOSCRIPT) over all of the request's
-limits. The script reads Redis's own clock (`TIME`), so gateways with skewed
-clocks still agree, applies GCRA exactly as `core.ratelimit.gcra` does, and
-is all or nothing: when any limit denies, nothing is written (a refused
-request uses no quota). Each counted key is stored with a TTL equal to the
+A request is at most one round trip: `RedisStore.hit_all` has one Lua
+script (EVALSHA, loaded again by redis-py on NOSCRIPT) judge all of the
+request's limits, together with those of every other request that asked in
+the same turn of the event loop (up to MAX_BATCH): a busy gateway pays one
+round trip, one connection and one reply for many requests, not one each.
+The script judges the requests one after another, as separate calls would
+be; it reads Redis's own clock (`TIME`), so gateways with skewed clocks still
+agree, applies GCRA exactly as `core.ratelimit.gcra` does, and is all or
+nothing for each request: when any of its limits denies, nothing of it is
+written (a refused request uses no quota). Each counted key is stored with a TTL equal to the
 time until its quota is fully back, so idle keys vanish by themselves.
 
 Times in the script are integer microseconds: Lua numbers are doubles, and a
@@ -32,8 +36,8 @@ texts to the same key.
 
 Failure: every problem (timeout, refused connection, authentication, a reply
 of the wrong shape) raises `stores.StoreUnavailable` with the reason as its
-text, within `timeout` seconds (socket timeouts, and `asyncio.wait_for` as
-the hard bound). A `Breaker` stops calling a Redis that keeps failing:
+text, within `timeout` seconds (socket timeouts, and `asyncio.timeout` as
+the hard bound; a batch fails as one). A `Breaker` stops calling a Redis that keeps failing:
 after `threshold` consecutive failures it opens for a cool-down (1 s,
 doubling to 30 s), during which `hit_all` raises at once; then one probe is
 let through, and its success closes the breaker. What to answer without the store is the
@@ -64,16 +68,23 @@ from authgate.core.ratelimit import Hit, Rate, Verdict
 from authgate.core.watch import Observation
 from authgate.runtime.stores import BanTable, Counted, StoreUnavailable
 
+# A request waiting for a script run: its keys, its part of ARGV, its number
+# of hits, and where its verdicts go.
+_Waiting = tuple[list[bytes], list[str], int, "asyncio.Future[list[Verdict]]"]
+
 __all__ = ["Breaker", "RedisStore", "StoreURL", "StoreUnavailable", "parse_store_url", "store_key"]
 
 PASSWORD_ENV = "AUTHGATE_REDIS_PASSWORD"
 DEFAULT_PORT = 6379
 US = 1_000_000
+MAX_BATCH = 64  # requests judged in one script run, at most
 
-# KEYS: one per hit. ARGV[1]: "1" to count, "0" to only read. ARGV[2]: the
-# time in microseconds, or "" for Redis's clock (the override is for tests
-# and replays). Then per hit: its emission interval and its period, in µs.
-# Reply: per hit allowed (0/1), remaining, retry_after, reset.
+# One run judges a batch of requests, one after another (see `_run`). KEYS:
+# every request's keys, one per hit, in order. ARGV, per request: the time in
+# microseconds, or "" for Redis's clock (the override is for tests and
+# replays); "1" to count, "0" to only read; its number of hits; then per hit
+# its emission interval and its period, in µs. Reply: per hit of every
+# request, allowed (0/1), remaining, retry_after, reset.
 _SCRIPT = """
 local function idiv(a, b)
   -- floor(a / b) for integers, corrected where the double quotient rounds
@@ -83,42 +94,53 @@ local function idiv(a, b)
 end
 local function ceil_s(us) return idiv(us + 999999, 1000000) end
 
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local consume = ARGV[1] == '1'
-local out, new, ok = {}, {}, true
-for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[1 + 2 * i])
-  local period = tonumber(ARGV[2 + 2 * i])
-  local tat = tonumber(redis.call('GET', key) or '') or now
-  if tat < now then tat = now end
-  local new_tat = tat + interval
-  local allow_at = new_tat - period
-  local n = #out
-  if allow_at > now then
-    ok = false
-    out[n + 1] = 0
-    out[n + 2] = 0
-    out[n + 3] = math.max(1, ceil_s(allow_at - now))
-    out[n + 4] = math.max(1, ceil_s(tat - now))
+local clock
+local out = {}
+local k, a = 0, 1
+while a <= #ARGV do
+  local now
+  if ARGV[a] ~= '' then
+    now = tonumber(ARGV[a])
   else
-    out[n + 1] = 1
-    out[n + 2] = idiv(now - allow_at, interval)
-    out[n + 3] = 0
-    out[n + 4] = ceil_s(new_tat - now)
+    if not clock then
+      local t = redis.call('TIME')
+      clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    end
+    now = clock
   end
-  new[i] = new_tat
-end
-if ok and consume then
-  for i, key in ipairs(KEYS) do
-    local ttl = math.max(1, idiv(new[i] - now + 999, 1000))
-    redis.call('SET', key, string.format('%d', new[i]), 'PX', ttl)
+  local consume = ARGV[a + 1] == '1'
+  local n = tonumber(ARGV[a + 2])
+  local new, ok = {}, true
+  for i = 1, n do
+    local interval = tonumber(ARGV[a + 1 + 2 * i])
+    local period = tonumber(ARGV[a + 2 + 2 * i])
+    local tat = tonumber(redis.call('GET', KEYS[k + i]) or '') or now
+    if tat < now then tat = now end
+    local new_tat = tat + interval
+    local allow_at = new_tat - period
+    local m = #out
+    if allow_at > now then
+      ok = false
+      out[m + 1] = 0
+      out[m + 2] = 0
+      out[m + 3] = math.max(1, ceil_s(allow_at - now))
+      out[m + 4] = math.max(1, ceil_s(tat - now))
+    else
+      out[m + 1] = 1
+      out[m + 2] = idiv(now - allow_at, interval)
+      out[m + 3] = 0
+      out[m + 4] = ceil_s(new_tat - now)
+    end
+    new[i] = new_tat
   end
+  if ok and consume then
+    for i = 1, n do
+      local ttl = math.max(1, idiv(new[i] - now + 999, 1000))
+      redis.call('SET', KEYS[k + i], string.format('%d', new[i]), 'PX', ttl)
+    end
+  end
+  k = k + n
+  a = a + 3 + 2 * n
 end
 return out
 """
@@ -453,6 +475,8 @@ class RedisStore:
         self.breaker = breaker or Breaker()
         self.where = where  # the URL without its password, for messages
         self._script = client.register_script(_SCRIPT)
+        self._batch: list[_Waiting] | None = None  # requests for the next script run
+        self._sending: set[asyncio.Task[None]] = set()
         self._watch_script = client.register_script(_WATCH_SCRIPT)
         self._bans_script = client.register_script(_BANS_SCRIPT)
         self._lift_script = client.register_script(_LIFT_SCRIPT)
@@ -521,23 +545,63 @@ class RedisStore:
                 f"circuit open after {self.breaker.consecutive} errors "
                 f"(next try in {self.breaker.retry_in():.1f} s; last: {self.breaker.last_error})"
             )
-        keys = [store_key(self.prefix, h.limit_id, h.key) for h in hits]
-        args: list[str] = ["1" if consume else "0", now]
+        args: list[str] = [now, "1" if consume else "0", str(len(hits))]
         for h in hits:
             interval = max(1, h.rate.period * US // h.rate.count)  # see the module's doc
             args += [str(interval), str(h.rate.period * US)]
+        judged = asyncio.get_running_loop().create_future()
+        batch = self._batch
+        if batch is None or len(batch) >= MAX_BATCH:
+            batch = self._batch = []
+            sending = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
+        batch.append(
+            (
+                [store_key(self.prefix, h.limit_id, h.key) for h in hits],
+                args,
+                len(hits),
+                judged,
+            )
+        )
+        verdicts: list[Verdict] = await judged
+        return [_own_count(v, h.rate) for v, h in zip(verdicts, hits, strict=True)]
+
+    async def _send(self, batch: list[_Waiting]) -> None:
+        """Judge the requests of `batch` in one script run: those that asked
+        while this task waited to start (one turn of the event loop), up to
+        MAX_BATCH. Each gets its verdicts, or StoreUnavailable."""
+        if self._batch is batch:
+            self._batch = None  # closed: the next request starts another
+        keys: list[bytes] = []
+        args: list[str] = []
+        for request_keys, request_args, _, _ in batch:
+            keys += request_keys
+            args += request_args
         try:
-            reply = await asyncio.wait_for(self._script(keys=keys, args=args), self.timeout)
-            verdicts = _verdicts(reply, len(hits))
+            async with asyncio.timeout(self.timeout):
+                reply = await self._script(keys=keys, args=args)
+            verdicts = _verdicts(reply, len(keys))
         except asyncio.CancelledError:
             self.breaker.abandon()
+            for _, _, _, judged in batch:
+                judged.cancel()
             raise
         except Exception as e:  # noqa: BLE001 - the contract: any failure is StoreUnavailable
             reason = self._reason(e)
             self.breaker.failure(reason)
-            raise StoreUnavailable(reason) from e
+            for _, _, _, judged in batch:
+                if not judged.done():  # not cancelled (its client went away)
+                    failed = StoreUnavailable(reason)
+                    failed.__cause__ = e
+                    judged.set_exception(failed)
+            return
         self.breaker.success()
-        return [_own_count(v, h.rate) for v, h in zip(verdicts, hits, strict=True)]
+        at = 0
+        for _, _, n, judged in batch:
+            if not judged.done():
+                judged.set_result(verdicts[at : at + n])
+            at += n
 
     # --- the watch ----------------------------------------------------------------
 
@@ -651,7 +715,8 @@ class RedisStore:
                 f"(next try in {self.breaker.retry_in():.1f} s; last: {self.breaker.last_error})"
             )
         try:
-            reply = await asyncio.wait_for(command, self.timeout)
+            async with asyncio.timeout(self.timeout):
+                reply = await command
         except asyncio.CancelledError:
             self.breaker.abandon()
             raise
@@ -688,6 +753,8 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        if self._sending:  # script runs under way: each ends within the timeout
+            await asyncio.gather(*self._sending, return_exceptions=True)
         await self.client.aclose()
 
     def health(self) -> dict[str, object]:

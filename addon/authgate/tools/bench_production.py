@@ -45,7 +45,7 @@ def parse_latency(out: str) -> Latency:
     return Latency(found[50], found[99])
 
 
-def _redis(folder: Path) -> tuple[subprocess.Popen[bytes], str] | None:
+def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str] | None:
     binary = shutil.which("redis-server")
     if binary is None:
         return None
@@ -81,7 +81,7 @@ def _wrk_latency(bench: Bench, case: Case, opts: Options) -> Latency:
 def bench_production(small: Path, token: str, folder: Path, opts: Options) -> None:
     bearer = (("Authorization", f"Bearer {token}"),)
     bench = Bench(folder, None, None)  # not pinned: the workers need both cores
-    redis = _redis(folder)
+    redis = start_redis(folder)
     try:
         upstream = bench.backend()
         bench.authgate("w1", small, upstream)
