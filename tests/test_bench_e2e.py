@@ -204,7 +204,7 @@ def test_no_latency_distribution_is_an_error() -> None:
 @pytest.mark.skipif(
     shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"
 )
-def test_bench_workers_prints_both_and_their_ratios() -> None:
+def test_bench_workers_prints_all_three_and_their_ratios() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "authgate.tools.bench_workers", "--rounds", "1", "--duration", "1"],
         cwd=ROOT,
@@ -223,3 +223,11 @@ def test_bench_workers_prints_both_and_their_ratios() -> None:
         ), out.stdout
     assert re.search(r"^  2 workers / 1, req/s: \d+\.\d\dx \(rounds", out.stdout, re.M)
     assert re.search(r"^  2 workers / 1, CPU per request: \d+\.\d\dx", out.stdout, re.M)
+    # `make test` installs redis-server: the third gateway, on Redis.
+    assert re.search(
+        r"^  --workers 2, Redis: [\d,]+ req/s, [\d,]+ us CPU per request "
+        r"\(backend [\d,]+ us, redis-server [\d,]+ us\), machine \d+% busy$",
+        out.stdout,
+        re.M,
+    ), out.stdout
+    assert re.search(r"^  2 workers, Redis / memory, req/s: \d+\.\d\dx \(rounds", out.stdout, re.M)
