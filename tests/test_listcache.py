@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,19 @@ def test_only_the_newest_are_kept(tmp_path: Path) -> None:
     listcache.store(names[-1], SET, tmp_path)  # evicts after writing
     kept = sorted(p.name for p in tmp_path.glob("*.ipset"))
     assert kept == sorted(f"{n}.ipset" for n in names[-listcache.KEEP :])
+
+
+def test_a_writer_that_died_leaves_no_temporary_file_for_long(tmp_path: Path) -> None:
+    died = tmp_path / f".{KEY}.4242.tmp"  # what a helper killed mid-store leaves
+    died.write_bytes(b"half a set")
+    old = time.time() - listcache.STALE_TMP - 1
+    os.utime(died, (old, old))
+    writing = tmp_path / f".{KEY}.4343.tmp"  # another process writing right now
+    writing.write_bytes(b"a set on its way")
+    assert listcache.store(KEY, SET, tmp_path)
+    assert not died.exists()
+    assert writing.exists()
+    assert listcache.load(KEY, tmp_path) is not None
 
 
 def test_where_it_lives(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

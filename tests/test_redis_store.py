@@ -187,7 +187,10 @@ def test_a_big_batch_is_split_and_counts_exactly(redis_server: RedisServer, admi
         finally:
             await store.close()
 
-    assert run(body) == [True] * MAX_BATCH + [False] * (MAX_BATCH + 1)
+    got = run(body)
+    # Three runs, on up to three connections: exactly the limit allowed, in
+    # whichever order Redis took them.
+    assert len(got) == n and sum(got) == MAX_BATCH
     assert evalsha_calls(admin) == 3
 
 

@@ -13,7 +13,7 @@ Trust: the folder is used only if it is a real directory owned by this user
 and writable by nobody else (created 0700), each file only if opened without
 following a symlink, owned by this user and writable by nobody else, and only
 if it names the key it was asked for and its checksum matches; the set itself
-is then checked (sorted, disjoint) by `IPSet.from_bytes`. Anything else is a
+is then checked (sorted, disjoint, its index right) by `IPSet.from_bytes`. Anything else is a
 miss, and the list is parsed. Writing is best effort (temporary file, then
 rename); a failure to write never fails a load.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from authgate.core.ipset import IPSet
 
 MIN_BYTES = 1 << 20  # smaller lists parse in well under 0.1 s: not worth a file
 KEEP = 4  # compiled sets kept; the oldest go first
+STALE_TMP = 600  # seconds: a temporary file this old was left by a writer that died
 _MAGIC = b"authgate-ipset-cache-1\n"
 _SUFFIX = ".ipset"
 
@@ -132,9 +134,15 @@ def store(name: str, compiled: IPSet, where: Path | None = None) -> bool:
 
 
 def _evict(where: Path) -> None:
+    """Drop the oldest sets beyond KEEP, and the temporary files of writers
+    that died writing (a process killed mid-store leaves its `.tmp`)."""
     try:
         files = sorted(where.glob("*" + _SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in files[KEEP:]:
             old.unlink()
+        stale = time.time() - STALE_TMP
+        for tmp in where.glob(".*.tmp"):
+            if tmp.stat().st_mtime < stale:
+                tmp.unlink()
     except OSError:
         pass  # another gateway evicting the same folder at the same time
