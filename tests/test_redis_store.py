@@ -197,8 +197,8 @@ def test_a_big_batch_is_split_and_counts_exactly(redis_server: RedisServer, admi
 def test_a_request_that_goes_away_leaves_its_batch_answered(
     redis_server: RedisServer, admin: Any
 ) -> None:
-    """A client that disconnects cancels its own wait; the requests that
-    asked with it get their answers."""
+    """A client that disconnects cancels its own wait (and, gone before the
+    run, is not counted); the requests that asked with it get their answers."""
 
     async def body() -> list[object]:
         store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
@@ -215,6 +215,7 @@ def test_a_request_that_goes_away_leaves_its_batch_answered(
 
     first, gone, last = run(body)
     assert isinstance(gone, asyncio.CancelledError)
+    assert not admin.exists(store_key("authgate", "r", "ip:1"))  # gone before the run: not counted
     assert isinstance(first, list) and first[0].allowed and first[0].remaining == 4
     assert isinstance(last, list) and last[0].allowed and last[0].remaining == 4
 

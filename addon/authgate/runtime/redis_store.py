@@ -573,6 +573,9 @@ class RedisStore:
         MAX_BATCH. Each gets its verdicts, or StoreUnavailable."""
         if self._batch is batch:
             self._batch = None  # closed: the next request starts another
+        batch = [waiting for waiting in batch if not waiting[3].done()]  # gone: not counted
+        if not batch:
+            return
         keys: list[bytes] = []
         args: list[str] = []
         for request_keys, request_args, _, _ in batch:
