@@ -316,3 +316,55 @@ def test_run_with_an_https_upstream_exits_0_on_sigterm_every_time(tmp_path: Path
         assert send(("127.0.0.1", port), "GET", "/api/profile").status == 401
         stop(proc)
         assert proc.returncode == 0, (proc.returncode, log.read_text())
+
+
+# --- the commands that never proxy start without mitmproxy ------------------------
+
+_NO_MITMPROXY = """
+import sys
+from authgate.cli import main
+code = main(sys.argv[1:])
+loaded = sorted(m for m in sys.modules if m == "mitmproxy" or m.startswith("mitmproxy."))
+print("mitmproxy modules:", len(loaded), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check", "policies/example.yaml"],
+        ["test", "policies/example.yaml"],
+        ["explain", "policies/example.yaml", "GET", "/api/profile"],
+        ["token", "--sub", "alice"],
+    ],
+    ids=["check", "test", "explain", "token"],
+)
+def test_a_command_that_never_proxies_never_imports_mitmproxy(argv: list[str]) -> None:
+    """mitmproxy takes half a second to import: the policy tools (and the
+    decision service, below) do without it."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_MITMPROXY, *argv],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "mitmproxy modules: 0" in out.stderr, out.stderr[-2000:]
+    assert out.returncode in (0, 1), out.stderr[-2000:]  # explain's 401 is 1
+
+
+def test_the_decision_service_never_imports_mitmproxy() -> None:
+    code = (
+        "import sys\n"
+        "from authgate.tools import commands\n"
+        "from authgate.service import server\n"
+        "from authgate.house import workers\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mitmproxy'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"

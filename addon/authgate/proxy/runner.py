@@ -10,14 +10,13 @@ flow saving (`-w` / `save_stream_file`) and the terminal log.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import ipaddress
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from mitmproxy import exceptions, master, options
 from mitmproxy.addons import (
@@ -252,18 +251,6 @@ def web_url(m: master.Master, web: str) -> str:
     has no password."""
     url = getattr(m, "web_url", None)  # mitmproxy 12's WebMaster
     return url if isinstance(url, str) else f"http://{web}/"
-
-
-def exit_now(code: int) -> NoReturn:
-    """End a gateway process that has stopped: exit handlers run, output is
-    flushed, and the interpreter's own teardown is skipped. With an https://
-    upstream that teardown crashed now and then (SIGSEGV while finalizing,
-    after the gateway had stopped cleanly: 1 exit in 10 to 20 here, never
-    with an http:// one); nothing in it matters once the gateway is done."""
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 # How long SIGTERM waits for requests in flight before the gateway exits.

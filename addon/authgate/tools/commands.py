@@ -24,8 +24,8 @@ from authgate.core.model import Policy
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
 from authgate.policy.values import parse_duration
-from authgate.proxy.runner import exit_now, serve
 from authgate.runtime.jwks import refresh_sync
+from authgate.runtime.process import exit_now
 from authgate.runtime.stores import MemoryStore
 from authgate.tools import demo
 from authgate.tools.keys import demo_key_path, ensure_demo_keys, load_private_key, mint
@@ -296,6 +296,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sets.append(f"authgate_admin={args.admin}")
     if args.otlp:
         sets.append(f"authgate_otlp={args.otlp}")
+    from authgate.proxy.runner import serve  # mitmproxy: only for the commands that proxy
+
     exit_now(
         serve(
             args.policy,
@@ -459,6 +461,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
             return 2
         issuer = f"http://{args.idp}{demo.IDP_REALM}"
+    from authgate.proxy.runner import serve
+
     try:
         base = f"http://{args.listen}"
         code = serve(
