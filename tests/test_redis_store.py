@@ -126,13 +126,30 @@ def evalsha_calls(admin: Any) -> int:
     return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
 
 
+EAGER = getattr(asyncio, "eager_task_factory", None)  # Python 3.12+
+
+
+@pytest.mark.parametrize(
+    "eager",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif(EAGER is None, reason="no eager tasks before 3.12")
+        ),
+    ],
+    ids=["tasks", "eager-tasks"],
+)
 def test_requests_asking_together_share_one_round_trip_judged_in_turn(
-    redis_server: RedisServer, admin: Any
+    redis_server: RedisServer, admin: Any, eager: bool
 ) -> None:
     """Ten requests in one turn of the event loop: one script run, which
-    judges them in the order they asked, as ten calls would."""
+    judges them in the order they asked, as ten calls would; also under an
+    eager task factory, which mitmproxy 12 sets (a regression: there the run
+    started before the first request joined it, and every request hung)."""
 
     async def body() -> list[Verdict]:
+        if eager:
+            asyncio.get_running_loop().set_task_factory(EAGER)
         store = RedisStore.from_url(redis_server.url, timeout=TIMEOUT)
         try:
             await store.hit_all(hits(("warm", "k", "1/second")))  # the script loaded
@@ -218,6 +235,64 @@ def test_a_request_that_goes_away_leaves_its_batch_answered(
     assert not admin.exists(store_key("authgate", "r", "ip:1"))  # gone before the run: not counted
     assert isinstance(first, list) and first[0].allowed and first[0].remaining == 4
     assert isinstance(last, list) and last[0].allowed and last[0].remaining == 4
+
+
+def test_a_run_that_never_answers_fails_its_requests_not_hangs_them(
+    redis_server: RedisServer, admin: Any
+) -> None:
+    """A fault in the batching (a run that ends without answering, as under
+    the eager-task regression) gives its requests StoreUnavailable after
+    twice the timeout, never a hang."""
+
+    async def body() -> tuple[list[object], float]:
+        store = RedisStore.from_url(redis_server.url, timeout=0.2)
+
+        async def answers_nothing(batch: object) -> None:
+            return None
+
+        store._run_batch = answers_nothing  # type: ignore[method-assign]
+        try:
+            start = time.monotonic()
+            calls = [store.hit_all(hits(("r", f"ip:{i}", "5/minute"))) for i in range(3)]
+            got = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+            return got, time.monotonic() - start
+        finally:
+            await store.close()
+
+    got, took = run(body)
+    assert all(isinstance(e, StoreUnavailable) and "no answer" in str(e) for e in got), got
+    assert took < 2
+
+
+def test_a_request_that_joins_a_run_that_never_starts_fails_in_twice_the_timeout(
+    redis_server: RedisServer, admin: Any
+) -> None:
+    """The watchdog: a run that never answers (here: its task never runs)
+    fails its requests after twice the timeout."""
+
+    async def body() -> tuple[object, float]:
+        store = RedisStore.from_url(redis_server.url, timeout=0.2)
+
+        async def never(batch: object) -> None:
+            await asyncio.Event().wait()
+
+        store._send = never  # type: ignore[method-assign]
+        try:
+            start = time.monotonic()
+            got = await asyncio.wait_for(
+                asyncio.gather(store.hit_all(hits(("r", "k", "5/minute"))), return_exceptions=True),
+                5,
+            )
+            return got[0], time.monotonic() - start
+        finally:
+            for task in store._sending:
+                task.cancel()
+            store._sending.clear()
+            await store.close()
+
+    got, took = run(body)
+    assert isinstance(got, StoreUnavailable) and "no answer from the script run" in str(got)
+    assert 0.35 <= took < 2
 
 
 def test_a_failed_run_fails_each_request_of_it_once(admin: Any) -> None:

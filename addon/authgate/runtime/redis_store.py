@@ -549,11 +549,21 @@ class RedisStore:
         for h in hits:
             interval = max(1, h.rate.period * US // h.rate.count)  # see the module's doc
             args += [str(interval), str(h.rate.period * US)]
-        judged = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        judged = loop.create_future()
         batch = self._batch
         if batch is None or len(batch) >= MAX_BATCH:
             batch = self._batch = []
-            sending = asyncio.get_running_loop().create_task(self._send(batch))
+            # A Task made directly starts at the loop's next turn, with the
+            # requests of this one in its batch. loop.create_task would not
+            # wait under an eager task factory (mitmproxy 12 sets one): the
+            # batch would run, empty, before this request joined it.
+            # And a watchdog: the run answers within the timeout; this is for a
+            # fault here (a run that ends, or never starts, without answering),
+            # so that no request ever hangs on it. It fires whatever happened
+            # (answered requests are skipped): cheaper than tracking it.
+            loop.call_at(loop.time() + 2 * self.timeout, _expire, batch, self.where)
+            sending = asyncio.Task(self._send(batch), loop=loop)
             self._sending.add(sending)
             sending.add_done_callback(self._sending.discard)
         batch.append(
@@ -568,6 +578,12 @@ class RedisStore:
         return [_own_count(v, h.rate) for v, h in zip(verdicts, hits, strict=True)]
 
     async def _send(self, batch: list[_Waiting]) -> None:
+        try:
+            await self._run_batch(batch)
+        finally:
+            _expire(batch, self.where)  # what the run left unanswered: a fault
+
+    async def _run_batch(self, batch: list[_Waiting]) -> None:
         """Judge the requests of `batch` in one script run: those that asked
         while this task waited to start (one turn of the event loop), up to
         MAX_BATCH. Each gets its verdicts, or StoreUnavailable."""
@@ -763,6 +779,14 @@ class RedisStore:
     def health(self) -> dict[str, object]:
         """For /status: the address (no password), the prefix and the breaker."""
         return {"url": self.where, "prefix": self.prefix, **self.breaker.snapshot()}
+
+
+def _expire(batch: list[_Waiting], where: str) -> None:
+    """The watchdog of a script run that has not answered in twice the
+    timeout: its requests get StoreUnavailable."""
+    for _, _, _, judged in batch:
+        if not judged.done():
+            judged.set_exception(StoreUnavailable(f"{where}: no answer from the script run"))
 
 
 def _text(value: object) -> str:
