@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test redis-server proxies oidc-provider chromium lint fix typecheck check bench bench-workers bench-instructions screenshots clean
+.PHONY: install run test test-mitmproxy12 redis-server proxies oidc-provider chromium lint fix typecheck check bench bench-workers bench-instructions screenshots clean
 
 install: $(STAMP) policies/keys/jwks.json policies/keys/session-keys
 
@@ -26,6 +26,30 @@ run: install
 
 test: install redis-server proxies oidc-provider chromium
 	$(BIN)/python -m pytest
+	@$(MAKE) --no-print-directory test-mitmproxy12
+
+# mitmproxy 12 needs Python 3.12: when one is here (python3.12 on the PATH, or a
+# pyenv 3.12), the whole suite runs again on it, in .venv312. Without one, this
+# says so and the suite has run on mitmproxy 11 alone.
+VENV312 ?= .venv312
+test-mitmproxy12:
+	@py=""; \
+	  if python3.12 -c "" 2>/dev/null; then py="python3.12"; \
+	  elif command -v pyenv >/dev/null; then \
+	    v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$$' | tail -1); \
+	    if [ -n "$$v" ]; then py="$$(pyenv prefix $$v)/bin/python3"; fi; \
+	  fi; \
+	  if [ -z "$$py" ]; then \
+	    echo "authgate: no Python 3.12 here: the suite ran on mitmproxy 11 only"; exit 0; \
+	  fi; \
+	  if [ ! -f $(VENV312)/.installed ] || [ pyproject.toml -nt $(VENV312)/.installed ]; then \
+	    echo "authgate: installing into $(VENV312) for mitmproxy 12 ($$py)..."; \
+	    test -x $(VENV312)/bin/python || $$py -m venv $(VENV312); \
+	    $(VENV312)/bin/python -m pip install -q --upgrade pip && \
+	    $(VENV312)/bin/python -m pip install -q -e '.[dev]' && touch $(VENV312)/.installed; \
+	  fi; \
+	  echo "authgate: the suite again, on $$($(VENV312)/bin/python -c 'import sys, mitmproxy.version as v; print(f"mitmproxy {v.VERSION}, Python {sys.version.split()[0]}")')"; \
+	  $(VENV312)/bin/python -m pytest
 
 # The tests start their own redis-server (Debian package redis-server) on a free
 # loopback port; install it when missing (as root), else say how.
@@ -111,4 +135,4 @@ screenshots: install
 	bash docs/images/make.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info addon/*.egg-info
+	rm -rf $(VENV) $(VENV312) .pytest_cache .mypy_cache .ruff_cache build *.egg-info addon/*.egg-info
