@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from authgate.core.ipset import IPSet, cidr_key, merge_sorted_cidr_keys, parse_cidr, parse_ip
+from authgate.core.ipset import (
+    IPSet,
+    cidr_key,
+    merge_cidr_keys,
+    merge_sorted_cidr_keys,
+    parse_cidr,
+    parse_ip,
+)
 from authgate.policy import blocklists, listcache
 from authgate.policy.load import load_policy
 from authgate.policy.marks import PolicyError
@@ -141,24 +148,30 @@ def test_the_helper_merges_in_two_as_in_one(
     monkeypatch.setattr(blocklists, "SPLIT_MIN", 100)
     parent = os.getpid()
     real = merge_sorted_cidr_keys
-    calls: list[int] = []
+    calls: list[str] = []
 
     def merging(part: Iterable[float]) -> tuple[array[int], array[int]]:
         if os.getpid() != parent:
             if way == "the-fork-fails":
                 raise MemoryError  # the fork dies: writes nothing
             (tmp_path / "the-fork-merged").touch()
-        calls.append(os.getpid())
+        calls.append("half")
         return real(part)
 
+    def all_here(keys: array[float] | list[float]) -> tuple[array[int], array[int]]:
+        calls.append("all")
+        return merge_cidr_keys(keys)
+
     monkeypatch.setattr(blocklists, "merge_sorted_cidr_keys", merging)
+    monkeypatch.setattr(blocklists, "merge_cidr_keys", all_here)
     if way == "no-fork":
         monkeypatch.delattr(os, "fork")
     given = array("d", keys)
     assert blocklists.merge_in_two(given) == expected
     assert len(given) == 0  # consumed
     # Here: both halves when the fork failed, one when it worked, all without.
-    assert len(calls) == {"forked": 1, "the-fork-fails": 2, "no-fork": 1}[way]
+    expected_calls = {"forked": ["half"], "the-fork-fails": ["half", "half"], "no-fork": ["all"]}
+    assert calls == expected_calls[way]
     assert (tmp_path / "the-fork-merged").exists() is (way == "forked")
 
 

@@ -132,12 +132,12 @@ def cidr_key(first: int, last: int) -> float:
     return first * 64.0 + host_bits
 
 
-def _merge_cidr_keys(keys: list[float]) -> tuple[array[int], array[int]]:
-    """`_merge` for IPv4 networks as `cidr_key`s. Consumes `keys`."""
-    keys.sort()
-    merged = merge_sorted_cidr_keys(keys)
-    del keys[:]
-    return merged
+def merge_cidr_keys(keys: array[float] | list[float]) -> tuple[array[int], array[int]]:
+    """`_merge` for IPv4 networks as `cidr_key`s, in any order. Consumes `keys`."""
+    listed = keys.tolist() if isinstance(keys, array) else list(keys)
+    del keys[:]  # 8 bytes a key while parsing, 32 as the list that sorts
+    listed.sort()
+    return merge_sorted_cidr_keys(listed)
 
 
 def merge_sorted_cidr_keys(keys: Iterable[float]) -> tuple[array[int], array[int]]:
@@ -265,16 +265,11 @@ class IPSet:
     ) -> IPSet:
         """From IPv4 networks as `cidr_key`s and IPv6 ranges packed as
         `first << 128 | last` (what `read_cidr_text` gives). Consumes both.
-        `merge`: what makes the keys, in any order, merged ranges (starts,
-        ends), if not a sort and `merge_sorted_cidr_keys` here (the helper
-        process shares it with a fork: `blocklists.merge_in_two`)."""
+        `merge`: what makes the keys merged ranges, if not `merge_cidr_keys`
+        (the helper process shares the work with a fork:
+        `blocklists.merge_in_two`)."""
         count = len(v4) + len(v6) if entries is None else entries
-        if merge is not None:
-            merged = merge(v4)
-        else:
-            keys = v4.tolist() if isinstance(v4, array) else list(v4)
-            del v4[:]  # 8 bytes a key while parsing, 32 as the list that sorts
-            merged = _merge_cidr_keys(keys)
+        merged = (merge or merge_cidr_keys)(v4)
         return cls._make(merged, _merge(v6, 128, list), count, index_min)
 
     @classmethod

@@ -46,6 +46,7 @@ from authgate.core.ipset import (
     IPSet,
     cidr_key,
     join_merged,
+    merge_cidr_keys,
     merge_sorted_cidr_keys,
     parse_cidr,
     read_cidr_text,
@@ -112,7 +113,7 @@ def merge_in_two(keys: array[float] | list[float]) -> tuple[array[int], array[in
     Below `SPLIT_MIN` keys, without fork, or if the fork fails in any way, all
     done here. Consumes `keys`."""
     if len(keys) < SPLIT_MIN or not hasattr(os, "fork"):
-        return _merge_here(keys)
+        return merge_cidr_keys(keys)
     sample = sorted(keys[:: len(keys) // 1024])
     pivot = sample[len(sample) // 2]  # about the median: halves of the work
     read_end, write_end = os.pipe()
@@ -121,7 +122,7 @@ def merge_in_two(keys: array[float] | list[float]) -> tuple[array[int], array[in
     except OSError:
         os.close(read_end)
         os.close(write_end)
-        return _merge_here(keys)
+        return merge_cidr_keys(keys)
     if pid == 0:  # the fork: the keys from the pivot up, written, never returns
         try:
             os.close(read_end)
@@ -136,12 +137,6 @@ def merge_in_two(keys: array[float] | list[float]) -> tuple[array[int], array[in
         high = merge_sorted_cidr_keys(sorted(filter(pivot.__le__, keys)))
     del keys[:]
     return join_merged(low, high)
-
-
-def _merge_here(keys: array[float] | list[float]) -> tuple[array[int], array[int]]:
-    sorted_keys = sorted(keys)
-    del keys[:]
-    return merge_sorted_cidr_keys(sorted_keys)
 
 
 def _merged_from(pid: int, read_end: int, write_end: int) -> tuple[array[int], array[int]] | None:
