@@ -458,3 +458,21 @@ def test_the_judged_path_is_the_forwarded_path(t: str, auth: list[tuple[str, str
 def test_invalid_utf8_examples_are_bad_paths(target: str) -> None:
     d = check(POLICY, RequestView.build("GET", target, [], "127.0.0.1"))
     assert (d.status, d.reason) == (400, "bad_path")
+
+
+@pytest.mark.parametrize(
+    "sub", ["0\n", "alice\n", "alice\r\n"], ids=["digit-lf", "name-lf", "crlf"]
+)
+def test_a_subject_ending_in_a_newline_is_refused(sub: str) -> None:
+    """Regression (found by the property test above): `$` in a pattern matches
+    before a final newline, so "0\\n" passed as a header-safe subject and
+    reached X-Auth-Subject."""
+    token = mint(KEY, sub=sub, now=NOW)
+    d = check(
+        POLICY,
+        RequestView.build(
+            "GET", "/api/profile", [("authorization", f"Bearer {token}")], "127.0.0.1"
+        ),
+    )
+    assert not d.forwarded
+    assert d.status == 401

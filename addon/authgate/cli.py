@@ -28,7 +28,7 @@ def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
     return call
 
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
 
 
 def host_port(text: str) -> str:

@@ -54,7 +54,7 @@ KINDS = (JWT, API_KEY, BASIC, MTLS, OIDC)
 
 MIN_BCRYPT_COST = 4  # bcrypt's own minimum; htpasswd -B writes 5 by default
 WEAK_BCRYPT_COST = 10  # below this, `check` and the start-up log warn
-_BCRYPT = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+_BCRYPT = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

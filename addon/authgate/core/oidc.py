@@ -72,7 +72,7 @@ MAX_PIECES = 3  # cookies a session may take (about 11 KB)
 REFRESHED_FOR = 60.0  # seconds an old cookie still finds its refreshed session
 RETRY_AFTER = 5  # seconds, when the provider cannot be reached
 MAX_RETURN = 2048  # characters of a path to return to
-_STATE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_STATE = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
 # Claims that describe the ID token rather than the person: not kept.
 _TOKEN_CLAIMS = frozenset(
     {"nonce", "at_hash", "c_hash", "s_hash", "aud", "azp", "exp", "iat", "nbf", "jti"}

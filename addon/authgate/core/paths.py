@@ -141,7 +141,7 @@ def canonicalize(target: str) -> CanonicalPath:
 
 # --- patterns -------------------------------------------------------------
 
-_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ _FINGERPRINT = 4
 _NONCE = 12
 _TAG = 16
 _HEAD = len(VERSION) + _FINGERPRINT + _NONCE
-_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
+_B64URL = re.compile(r"^[A-Za-z0-9_-]+\Z")
 _SEPARATORS = re.compile(r"[\s,]+")
 
 

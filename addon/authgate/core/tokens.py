@@ -35,7 +35,7 @@ EC_CURVE_NAMES = {
 }
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 SUPPORTED_ALGS = RSA_ALGS | HMAC_ALGS | frozenset(EC_ALGS_BY_CURVE.values()) | {"EdDSA"}
-B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*\Z")
 # What is parsed of a token before its signature is checked is bounded: a
 # header or payload nested thousands deep would exhaust the parser's stack.
 MAX_TOKEN_LENGTH = 16 * 1024
@@ -264,8 +264,8 @@ def _unverified_part(token: str, index: int) -> dict[str, Any]:
 # Subjects, roles and scopes travel to the backend in headers: no control
 # characters (header injection), and no commas inside a role or scope
 # (X-Auth-Roles is a comma-separated list).
-_HEADER_SAFE = re.compile(r"^[^\x00-\x1f\x7f]+$")
-_LIST_ITEM_SAFE = re.compile(r"^[^\x00-\x20\x7f,]+$")
+_HEADER_SAFE = re.compile(r"^[^\x00-\x1f\x7f]+\Z")
+_LIST_ITEM_SAFE = re.compile(r"^[^\x00-\x20\x7f,]+\Z")
 
 
 def string_set(value: Any, split: bool) -> frozenset[str]:

@@ -75,7 +75,7 @@ logger = logging.getLogger("authgate")
 _LINE = json.JSONEncoder(separators=(",", ":"))
 # A limit with `on_store_error: deny` while the shared store is away.
 STORE_DENIED = Verdict(False, 0, 1, 1)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 # How often a gateway reads the bans from a shared store (one small script;
 # the whole table only when it changed): a ban set by another gateway is
 # enforced here within about this long.

@@ -73,13 +73,13 @@ from authgate.policy.marks import describe_value as _kind
 from authgate.policy.values import HEADER_NAME, METHOD, parse_duration
 
 # Characters allowed inside a quoted-string realm that we generate ourselves.
-_SAFE_REALM = re.compile(r"^[\x20\x21\x23-\x5B\x5D-\x7E]+$")
+_SAFE_REALM = re.compile(r"^[\x20\x21\x23-\x5B\x5D-\x7E]+\Z")
 # Names that appear in response headers must need no quoting or escaping:
 # limit names in RateLimit-Policy (RFC 9651 sf-string), scopes in the
 # insufficient_scope challenge (RFC 6749 scope-token).
-_LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
 _CONTROL_OR_COMMA = re.compile(r"[\x00-\x1f\x7f,]")
-_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
+_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+\Z")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Issuer keys about verifying JWT signatures: meaningless for an issuer whose

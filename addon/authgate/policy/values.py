@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
-HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an RFC 9110 token
-_DURATION = re.compile(r"^\s*(-)?\s*(\d+)\s*(s|m|h|d)?\s*$")
+METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*\Z")
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # an RFC 9110 token
+_DURATION = re.compile(r"^\s*(-)?\s*(\d+)\s*(s|m|h|d)?\s*\Z")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

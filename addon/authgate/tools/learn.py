@@ -66,10 +66,10 @@ __all__ = ["MAX_LITERALS", "Learnt", "id_kind", "learn", "main"]
 MAX_LITERALS = 10  # more distinct sibling values than this: a parameter
 PARAM = "\x00"  # the trie key of a parameter: no canonical segment holds NUL
 
-_DIGITS = re.compile(r"^[0-9]+$")
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
-_HEX = re.compile(r"^(?=.*[0-9])[0-9a-fA-F]{8,}$")
-_TOKEN = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_-]{16,}$")
+_DIGITS = re.compile(r"^[0-9]+\Z")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
+_HEX = re.compile(r"^(?=.*[0-9])[0-9a-fA-F]{8,}\Z")
+_TOKEN = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_-]{16,}\Z")
 
 
 def id_kind(segment: str, subjects: AbstractSet[str] = frozenset()) -> str | None:

@@ -41,7 +41,7 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 FILL = "FILL-IN"
 _OIDC_SUFFIX = "/.well-known/openid-configuration"
 # Plain YAML scalars that stay strings; anything else is written quoted.
-_PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./-]*$")
+_PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./-]*\Z")
 _YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
 # Methods tried, in order, for a request that a path does not declare.
 _UNDECLARED = ("DELETE", "PUT", "POST", "PATCH", "GET", "OPTIONS", "TRACE", "HEAD")

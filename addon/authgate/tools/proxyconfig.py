@@ -73,7 +73,7 @@ ANSWER_FIELDS = (
     "x-request-id",
     "x-authgate-decision",
 )
-_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
 
 
 @dataclass(frozen=True, slots=True)
